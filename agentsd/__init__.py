@@ -1,0 +1,21 @@
+"""agentsd: training-free agent attention for diffusers Stable Diffusion UNets.
+
+>>> import agentsd
+>>> agentsd.patch(pipe)  # doctest: +SKIP
+"""
+
+from .config import AgentSDConfig
+from .patch import current_phase, is_patched, patch, patched, patched_config, unpatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentSDConfig",
+    "__version__",
+    "current_phase",
+    "is_patched",
+    "patch",
+    "patched",
+    "patched_config",
+    "unpatch",
+]

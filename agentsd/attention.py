@@ -1,0 +1,64 @@
+"""Agent attention as two fused attention calls.
+
+Tensors are laid out (batch, heads, tokens, head_dim), as diffusers' SDPA processor does.
+Neither the agents x tokens nor the tokens x agents weight matrix is ever materialised:
+each step is one call to a fused kernel with an explicit scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "xformers")
+
+
+def attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, backend: str = "sdpa"
+) -> torch.Tensor:
+    """softmax(scale * query @ key^T) @ value through a fused kernel.
+
+    Args:
+        query: (B, H, Lq, D).
+        key: (B, H, Lk, D).
+        value: (B, H, Lk, D).
+        scale: the softmax scale, applied as given.
+        backend: `"sdpa"` (torch's scaled_dot_product_attention) or `"xformers"`
+            (`xformers.ops.memory_efficient_attention`, CUDA only).
+    """
+    if backend == "xformers":
+        import xformers.ops
+
+        out = xformers.ops.memory_efficient_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
+        )
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(query, key, value, scale=scale)
+
+
+def agent_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    agents: torch.Tensor,
+    scale: float,
+    k_scale2: float,
+    k_shortcut: float,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """Attention through a few agent tokens.
+
+    The agents first gather from all tokens, then broadcast back to every query:
+    `softmax(scale**k_scale2 * Q @ A^T) @ (softmax(scale * A @ K^T) @ V) + k_shortcut * V`.
+
+    Args:
+        query, key, value: (B, H, N, D).
+        agents: (B, H, n, D), the agent tokens projected with the query projection.
+        scale: the layer's attention scale (`head_dim ** -0.5`).
+        k_scale2: exponent of `scale` in the broadcast step.
+        k_shortcut: weight of the value shortcut.
+        backend: see `attend`.
+    """
+    agent_values = attend(agents, key, value, scale, backend)
+    out = attend(query, agents, agent_values, scale**k_scale2, backend)
+    return out.add_(value, alpha=k_shortcut)

@@ -1,0 +1,112 @@
+"""The configuration of agent attention: one validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+ATTN_PRECISIONS = (None, "fp32")
+
+
+@dataclass(frozen=True)
+class AgentSDConfig:
+    """How and where agent attention replaces the UNet's self-attention.
+
+    The defaults are the published Stable Diffusion 1.5 recipe: agent attention through
+    256 merged agents for the first 40 % of the trajectory, then ToMe at 2x2 strides.
+
+    Args:
+        ratio: fraction of the tokens merged away (ToMe) before attention in the agent
+            phase, in [0, 1).
+        agent_ratio: fraction of the tokens merged away to form the agents, in [0, 1).
+            Agents are used only when twice their count is below the merged token count;
+            otherwise the layer runs exact attention over the merged tokens.
+        sx: destination-cell width in tokens (one destination per sx x sy cell), >= 1.
+        sy: destination-cell height in tokens, >= 1.
+        max_downsample: patch only levels downsampled at most this many times relative to
+            the latent: 1, 2, 4 or 8. SD 1.x/2.x: 1; SDXL has no attention at 1 and needs 2.
+        k_scale2: exponent of the attention scale in the broadcast step (temperature
+            `d ** (-0.5 * k_scale2)`), > 0.
+        k_shortcut: weight of the value shortcut added to the agent output, >= 0.
+        use_rand: draw the destination inside each cell at random (off for odd batches).
+        seed: seed of the library's own generator for the destination draws, >= 0.
+        attn_precision: `"fp32"` computes both softmaxes in float32; `None` chooses fp32
+            for layers whose diffusers `Attention` upcasts (SD 2.x) and the model dtype
+            elsewhere.
+        agent_steps: fraction of the denoising trajectory, from the noisiest end, that runs
+            the agent phase, in [0, 1]: 1.0 always, 0.0 never. Measured as
+            `1 - t / num_train_timesteps`, so it does not depend on the sampler.
+        late_ratio: merge ratio of the ToMe-only phase after the agent phase, in [0, 1);
+            0 runs exact attention (the layer's original processor) there.
+        late_sx: destination-cell width of the late phase, >= 1.
+        late_sy: destination-cell height of the late phase, >= 1.
+
+    Example:
+        >>> from agentsd import AgentSDConfig
+        >>> AgentSDConfig(ratio=0.5).agent_ratio
+        0.95
+        >>> AgentSDConfig(sx=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: AgentSDConfig.sx=0 is out of range: use an integer >= 1.
+    """
+
+    ratio: float = 0.4
+    agent_ratio: float = 0.95
+    sx: int = 4
+    sy: int = 4
+    max_downsample: int = 1
+    k_scale2: float = 0.3
+    k_shortcut: float = 0.075
+    use_rand: bool = True
+    seed: int = 0
+    attn_precision: str | None = None
+    agent_steps: float = 0.4
+    late_ratio: float = 0.4
+    late_sx: int = 2
+    late_sy: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("ratio", "agent_ratio", "late_ratio"):
+            _check_real(name, getattr(self, name), "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+        _check_real("agent_steps", self.agent_steps, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _check_real("k_scale2", self.k_scale2, "a number > 0", lambda v: v > 0.0)
+        _check_real("k_shortcut", self.k_shortcut, "a number >= 0", lambda v: v >= 0.0)
+        for name in ("sx", "sy", "late_sx", "late_sy"):
+            _check_int(name, getattr(self, name), "an integer >= 1", lambda v: v >= 1)
+        _check_int("seed", self.seed, "an integer >= 0", lambda v: v >= 0)
+        _check_int("max_downsample", self.max_downsample, "one of 1, 2, 4, 8", lambda v: v in (1, 2, 4, 8))
+        if not isinstance(self.use_rand, bool):
+            raise ValueError(f"AgentSDConfig.use_rand={self.use_rand!r} is not a bool: use True or False.")
+        if self.attn_precision not in ATTN_PRECISIONS:
+            raise ValueError(
+                f"AgentSDConfig.attn_precision={self.attn_precision!r} is not supported: "
+                "use None (automatic) or 'fp32'."
+            )
+
+    def replace(self, **overrides: Any) -> AgentSDConfig:
+        """A copy with the given fields changed (validated); unknown names raise `TypeError`."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            known = ", ".join(f.name for f in dataclasses.fields(self))
+            raise TypeError(f"AgentSDConfig has no field {', '.join(unknown)}: the fields are {known}.")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_real(name: str, value: Any, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"AgentSDConfig.{name}={value!r} is not a finite number: use {allowed}.")
+    if not ok(value):
+        raise ValueError(f"AgentSDConfig.{name}={value!r} is out of range: use {allowed}.")
+
+
+def _check_int(name: str, value: Any, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"AgentSDConfig.{name}={value!r} is not an integer: use {allowed}.")
+    if not ok(value):
+        raise ValueError(f"AgentSDConfig.{name}={value!r} is out of range: use {allowed}.")

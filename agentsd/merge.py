@@ -1,0 +1,116 @@
+"""Token merging by bipartite matching on a 2-D token grid.
+
+A merge is one index map: for each of the N tokens, the slot it occupies in the merged
+sequence. Merging averages the tokens that share a slot (a destination and every source
+merged into it); unmerging gives every token its slot's value. The same map serves both,
+so merge and unmerge never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def destination_indices(h: int, w: int, sx: int, sy: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flat (row-major) positions of the destination tokens of an h x w grid.
+
+    One destination per whole sy x sx cell: its top-left token when `generator` is None,
+    otherwise a uniformly drawn token of the cell (one draw per cell). Tokens of partial
+    cells at the bottom and right edges are never destinations.
+
+    Returns:
+        A CPU int64 tensor of `(h // sy) * (w // sx)` positions in increasing cell order.
+    """
+    gh, gw = h // sy, w // sx
+    if generator is None:
+        offset = torch.zeros(gh, gw, dtype=torch.long)
+    else:
+        offset = torch.randint(sy * sx, (gh, gw), generator=generator, device=generator.device).cpu()
+    rows = torch.arange(gh).view(-1, 1) * sy + offset // sx
+    cols = torch.arange(gw).view(1, -1) * sx + offset % sx
+    return (rows * w + cols).flatten()
+
+
+def source_indices(num_tokens: int, dst: torch.Tensor) -> torch.Tensor:
+    """The positions not in `dst`, in increasing order."""
+    is_src = torch.ones(num_tokens, dtype=torch.bool, device=dst.device)
+    is_src[dst] = False
+    return is_src.nonzero().flatten()
+
+
+@dataclass
+class Matching:
+    """Every source token's most similar destination, and the sources ranked by that score.
+
+    Attributes:
+        dst: (num_dst,) destination positions.
+        src: (num_src,) source positions.
+        best_dst: (B, num_src) index into `dst` of each source's best destination.
+        ranked_src: (B, num_src) indices into `src`, highest similarity first.
+    """
+
+    dst: torch.Tensor
+    src: torch.Tensor
+    best_dst: torch.Tensor
+    ranked_src: torch.Tensor
+
+    @property
+    def num_src(self) -> int:
+        return self.src.numel()
+
+    def merge_count(self, num_tokens: int, ratio: float) -> int:
+        """Sources merged at `ratio`: `min(num_src, floor(num_tokens * ratio))`."""
+        return min(self.num_src, math.floor(num_tokens * ratio))
+
+    def plan(self, r: int) -> TokenMerge:
+        """The merge of the `r` best-matched sources into their destinations.
+
+        Merged order: the unmerged sources (by rank), then the destinations.
+        """
+        batch, num_src = self.best_dst.shape
+        num_dst = self.dst.numel()
+        device = self.best_dst.device
+        rank = torch.arange(num_src, device=device).expand(batch, -1)
+        best_of_ranked = self.best_dst.gather(1, self.ranked_src)
+        slot_of_ranked = torch.where(rank < r, num_src - r + best_of_ranked, rank - r)
+        src_slot = torch.empty_like(slot_of_ranked).scatter_(1, self.ranked_src, slot_of_ranked)
+        index = torch.empty(batch, num_src + num_dst, dtype=torch.long, device=device)
+        index[:, self.src] = src_slot
+        index[:, self.dst] = torch.arange(num_src - r, num_src - r + num_dst, device=device)
+        return TokenMerge(index=index, size=num_src + num_dst - r)
+
+
+def bipartite_matching(x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> Matching:
+    """Match every source token of `x` (B, N, C) to its most cosine-similar destination."""
+    metric = F.normalize(x, dim=-1)
+    scores = metric[:, src] @ metric[:, dst].transpose(1, 2)
+    best_score, best_dst = scores.max(dim=-1)
+    ranked_src = best_score.argsort(dim=-1, descending=True, stable=True)
+    return Matching(dst=dst, src=src, best_dst=best_dst, ranked_src=ranked_src)
+
+
+@dataclass
+class TokenMerge:
+    """A merge of N tokens into `size` slots.
+
+    Attributes:
+        index: (B, N) slot of every token.
+        size: number of slots N'.
+    """
+
+    index: torch.Tensor
+    size: int
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N', C): the mean of the tokens in each slot."""
+        index = self.index.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        out = x.new_zeros(x.shape[0], self.size, x.shape[-1])
+        return out.scatter_reduce_(1, index, x, reduce="mean", include_self=False)
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, N', C) -> (B, N, C): every token gets the value of its slot."""
+        return y.gather(1, self.index.unsqueeze(-1).expand(-1, -1, y.shape[-1]))

@@ -1,0 +1,228 @@
+"""The attention processor that runs agent attention, and the per-UNet state it reads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention, XFormersAttnProcessor
+
+from .attention import agent_attention, attend
+from .config import AgentSDConfig
+from .merge import bipartite_matching, destination_indices, source_indices
+
+AGENT = "agent"
+TOME = "tome"
+
+
+@dataclass(frozen=True)
+class PhaseSettings:
+    """Merge settings of one phase; `agent_ratio` is None in the ToMe-only phase."""
+
+    sx: int
+    sy: int
+    ratio: float
+    agent_ratio: float | None
+
+
+class AgentSDState:
+    """Run-time state shared by every patched layer of one UNet.
+
+    The UNet's forward pre-hook calls `begin_call` with the latent and the timestep; the
+    processors then read the latent size, the phase and the destination generator from
+    here. Nothing else carries over between UNet calls: the generator is reseeded from
+    `config.seed` and the timestep on every call, so a pipeline call is reproducible.
+
+    Args:
+        config: the agent-attention configuration.
+        num_train_timesteps: the scheduler's T; the phase is decided by `1 - t / T`.
+    """
+
+    def __init__(self, config: AgentSDConfig, num_train_timesteps: int = 1000):
+        self.config = config
+        self.num_train_timesteps = num_train_timesteps
+        self.latent_hw: tuple[int, int] | None = None
+        self.agent_phase = False
+        self.generator = torch.Generator()
+        self._fixed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def progress(self, timestep: float) -> float:
+        return 1.0 - timestep / self.num_train_timesteps
+
+    def is_agent_phase(self, timestep: float) -> bool:
+        agent_steps = self.config.agent_steps
+        return agent_steps >= 1.0 or self.progress(timestep) < agent_steps
+
+    @torch.compiler.disable
+    def begin_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
+        """Record the latent size and the phase of the UNet call about to run."""
+        self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        self.agent_phase = self.is_agent_phase(t)
+        self.generator.manual_seed((self.config.seed * 1_000_003 + round(t * 1000)) % (2**63))
+
+    @property
+    def settings(self) -> PhaseSettings:
+        c = self.config
+        if self.agent_phase:
+            return PhaseSettings(c.sx, c.sy, c.ratio, c.agent_ratio)
+        return PhaseSettings(c.late_sx, c.late_sy, c.late_ratio, None)
+
+    def grid(self, num_tokens: int) -> tuple[int, int, int] | None:
+        """(h, w, downsample) of a layer with `num_tokens` tokens, or None if no level fits."""
+        if self.latent_hw is None:
+            return None
+        height, width = self.latent_hw
+        downsample = 1
+        while downsample <= max(height, width):
+            h, w = -(-height // downsample), -(-width // downsample)
+            if h * w == num_tokens:
+                return h, w, downsample
+            downsample *= 2
+        return None
+
+    def destinations(
+        self, h: int, w: int, sx: int, sy: int, randomize: bool, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Destination and source positions on `device`; drawn anew when `randomize`."""
+        if randomize:
+            dst = destination_indices(h, w, sx, sy, self.generator)
+            return dst.to(device), source_indices(h * w, dst).to(device)
+        key = (h, w, sx, sy, device)
+        if key not in self._fixed:
+            dst = destination_indices(h, w, sx, sy)
+            self._fixed[key] = (dst.to(device), source_indices(h * w, dst).to(device))
+        return self._fixed[key]
+
+
+@dataclass
+class LayerPlan:
+    """What one layer call does: the mode, the grid, and the merge sizes."""
+
+    mode: str
+    h: int
+    w: int
+    dst: torch.Tensor
+    src: torch.Tensor
+    r: int
+    r_agent: int
+
+
+class AgentSDProcessor:
+    """Self-attention through merged tokens and agents, for one diffusers `Attention`.
+
+    Runs agent attention (agent phase) or softmax attention over ToMe-merged tokens
+    (ToMe-only phase) on the layer's self-attention, and hands every call it does not act
+    on to the processor it replaced: cross-attention, masked attention, layers whose grid
+    does not fit the latent, and merge settings that leave every token in place.
+
+    Args:
+        original: the processor this one replaced; it keeps serving the other calls.
+        state: the UNet's shared run-time state.
+        name: the layer's processor name in `unet.attn_processors`.
+    """
+
+    def __init__(self, original: Any, state: AgentSDState, name: str):
+        self.original = original
+        self.state = state
+        self.name = name
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        plan = None
+        if encoder_hidden_states is None and attention_mask is None and temb is None:
+            plan = self.plan(attn, hidden_states)
+        if plan is None:
+            if temb is not None:
+                kwargs["temb"] = temb
+            return self.original(
+                attn,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
+        return self._forward(attn, hidden_states, plan)
+
+    @torch.compiler.disable
+    def plan(self, attn: Attention, hidden_states: torch.Tensor) -> LayerPlan | None:
+        """Decide what this call does; None hands it to the original processor."""
+        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+            return None
+        batch, num_tokens, _ = hidden_states.shape
+        grid = self.state.grid(num_tokens)
+        if grid is None or grid[2] > self.state.config.max_downsample:
+            return None
+        h, w, _ = grid
+        s = self.state.settings
+        randomize = self.state.config.use_rand and batch % 2 == 0
+        dst, src = self.state.destinations(h, w, s.sx, s.sy, randomize, hidden_states.device)
+        r = min(src.numel(), math.floor(num_tokens * s.ratio))
+        if s.agent_ratio is not None:
+            r_agent = min(src.numel(), math.floor(num_tokens * s.agent_ratio))
+            if 2 * (num_tokens - r_agent) < num_tokens - r:
+                return LayerPlan(AGENT, h, w, dst, src, r, r_agent)
+        if r == 0:
+            return None
+        return LayerPlan(TOME, h, w, dst, src, r, 0)
+
+    def precision(self, attn: Attention) -> torch.dtype | None:
+        """The dtype both softmaxes run in; None keeps the model's dtype."""
+        wanted = self.state.config.attn_precision
+        if wanted is None and (attn.upcast_attention or attn.upcast_softmax):
+            wanted = "fp32"
+        return torch.float32 if wanted == "fp32" else None
+
+    def backend(self, x: torch.Tensor) -> str:
+        return "xformers" if isinstance(self.original, XFormersAttnProcessor) and x.is_cuda else "sdpa"
+
+    def _forward(self, attn: Attention, hidden_states: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+        config = self.state.config
+        batch = hidden_states.shape[0]
+        matching = bipartite_matching(hidden_states, plan.dst, plan.src)
+        merge = matching.plan(plan.r) if plan.r > 0 else None
+        x = merge.merge(hidden_states) if merge is not None else hidden_states
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+
+        query, key, value = heads(attn.to_q(x)), heads(attn.to_k(x)), heads(attn.to_v(x))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out_dtype = query.dtype
+        dtype = self.precision(attn) or out_dtype
+        backend = self.backend(hidden_states)
+        if plan.mode == AGENT:
+            agents = heads(attn.to_q(matching.plan(plan.r_agent).merge(hidden_states)))
+            if attn.norm_q is not None:
+                agents = attn.norm_q(agents)
+            out = agent_attention(
+                query.to(dtype),
+                key.to(dtype),
+                value.to(dtype),
+                agents.to(dtype),
+                attn.scale,
+                config.k_scale2,
+                config.k_shortcut,
+                backend,
+            )
+        else:
+            out = attend(query.to(dtype), key.to(dtype), value.to(dtype), attn.scale, backend)
+        out = out.to(out_dtype).transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1])
+        out = attn.to_out[1](attn.to_out[0](out))
+        if merge is not None:
+            out = merge.unmerge(out)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor

@@ -1,0 +1,133 @@
+"""Tiny Stable Diffusion pipelines with random weights, built offline in about a second.
+
+They have the real diffusers architectures (SD 1.x, SD 2.x, SDXL) at toy sizes, with
+self-attention at the latent resolution, so tests, examples and the benchmark harness can
+run the whole library without downloading anything.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+KINDS = ("sd15", "sd2", "sdxl")
+TEXT_HIDDEN = 32
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer: 2 special tokens and the 512 byte symbols, no merges."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
+    with tempfile.TemporaryDirectory() as folder:
+        vocab, merges = Path(folder, "vocab.json"), Path(folder, "merges.txt")
+        vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        merges.write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
+
+
+def _text_config(**extra) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=600,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
+    )
+
+
+def tiny_unet(kind: str = "sd15", sample_size: int = 16) -> UNet2DConditionModel:
+    """A toy UNet of the given family: SD 1.x, SD 2.x (linear projection, upcast attention)
+    or SDXL (text-time embedding, no attention at the latent resolution)."""
+    common = dict(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8)
+    if kind in ("sd15", "sd2"):
+        sd2 = dict(attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
+        return UNet2DConditionModel(
+            block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TEXT_HIDDEN,
+            **(sd2 if kind == "sd2" else dict(attention_head_dim=2)),
+            **common,
+        )
+    if kind == "sdxl":
+        return UNet2DConditionModel(
+            block_out_channels=(16, 32, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=2 * TEXT_HIDDEN,
+            attention_head_dim=(2, 2, 4),
+            transformer_layers_per_block=(1, 1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + TEXT_HIDDEN,
+            **common,
+        )
+    raise ValueError(f"unknown tiny pipeline kind {kind!r}: use one of {', '.join(KINDS)}.")
+
+
+def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int = 16):
+    """A tiny StableDiffusionPipeline (`sd15`, `sd2`) or StableDiffusionXLPipeline (`sdxl`).
+
+    The VAE downsamples 4x, so the default 16x16 latent is a 64x64 image.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny pipeline kind {kind!r}: use one of {', '.join(KINDS)}.")
+    torch.manual_seed(seed)
+    unet = tiny_unet(kind, sample_size)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 4,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if kind == "sd2" else "epsilon",
+    )
+    tokenizer = tiny_tokenizer()
+    if kind == "sdxl":
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=CLIPTextModel(_text_config()),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_HIDDEN)),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+        )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(_text_config()),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -1,0 +1,225 @@
+"""patch / unpatch on real (tiny) diffusers pipelines."""
+
+import logging
+import types
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+import agentsd
+from agentsd.patch import PATCH_ATTR
+from agentsd.processor import AgentSDProcessor
+from agentsd.testing import tiny_pipeline
+
+PATCH_ARGS = {"sd15": {}, "sd2": {}, "sdxl": {"max_downsample": 2}}
+EXPECTED_LAYERS = {
+    "sd15": {"down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"},
+    "sd2": {"down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"},
+    "sdxl": {"down_blocks.1.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"},
+}
+
+
+def generate(pipe, steps=5, seed=0, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="a red cube", num_inference_steps=steps, height=64, width=64, output_type="np")
+    args.update(kwargs)
+    return pipe(generator=torch.Generator().manual_seed(seed), **args).images
+
+
+def patched_names(unet):
+    return {name for name, p in unet.attn_processors.items() if isinstance(p, AgentSDProcessor)}
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd2", "sdxl"])
+def test_patch_changes_output_and_unpatch_restores_it_bit_for_bit(kind):
+    pipe = tiny_pipeline(kind)
+    baseline = generate(pipe)
+    assert agentsd.patch(pipe, **PATCH_ARGS[kind]) is pipe
+    assert agentsd.is_patched(pipe)
+    prefixes = {name.split(".transformer_blocks")[0] for name in patched_names(pipe.unet)}
+    assert prefixes == EXPECTED_LAYERS[kind]
+    assert all(name.endswith("attn1.processor") for name in patched_names(pipe.unet))
+    out = generate(pipe)
+    assert np.isfinite(out).all()
+    assert not np.array_equal(out, baseline)
+    agentsd.unpatch(pipe)
+    assert not agentsd.is_patched(pipe)
+    assert np.array_equal(generate(pipe), baseline)
+
+
+def test_only_selected_processors_change_and_unpatch_restores_the_same_objects():
+    pipe = tiny_pipeline("sd15")
+    before = dict(pipe.unet.attn_processors)
+    agentsd.patch(pipe)
+    during = pipe.unet.attn_processors
+    changed = patched_names(pipe.unet)
+    assert len(changed) == 3
+    for name, processor in during.items():
+        if name in changed:
+            assert processor.original is before[name]
+        else:
+            assert processor is before[name]
+    assert len(pipe.unet._forward_pre_hooks) == 1
+    agentsd.unpatch(pipe)
+    assert all(pipe.unet.attn_processors[name] is p for name, p in before.items())
+    assert len(pipe.unet._forward_pre_hooks) == 0
+    assert not hasattr(pipe.unet, PATCH_ATTR)
+
+
+def test_patching_twice_replaces_the_patch_without_chains():
+    pipe = tiny_pipeline("sd15")
+    before = dict(pipe.unet.attn_processors)
+    agentsd.patch(pipe, ratio=0.3)
+    agentsd.patch(pipe.unet, ratio=0.5)
+    assert len(pipe.unet._forward_pre_hooks) == 1
+    for name in patched_names(pipe.unet):
+        processor = pipe.unet.attn_processors[name]
+        assert processor.original is before[name]
+        assert processor.state.config.ratio == 0.5
+    agentsd.unpatch(pipe)
+    agentsd.unpatch(pipe)  # unpatching an unpatched model is a no-op
+    assert all(pipe.unet.attn_processors[name] is p for name, p in before.items())
+    assert len(pipe.unet._forward_pre_hooks) == 0
+
+
+def test_same_generator_gives_the_same_image_with_random_destinations():
+    pipe = agentsd.patch(tiny_pipeline("sd15"), use_rand=True, agent_steps=1.0)
+    first, second = generate(pipe, seed=3), generate(pipe, seed=3)
+    assert np.array_equal(first, second)
+    other_seed = agentsd.patch(pipe, use_rand=True, agent_steps=1.0, seed=1)
+    assert not np.array_equal(generate(other_seed, seed=3), first)
+
+
+def test_global_rng_state_is_neither_used_nor_consumed():
+    pipe = agentsd.patch(tiny_pipeline("sd15"), agent_steps=1.0)
+    torch.manual_seed(123)
+    a = generate(pipe)
+    after_a = torch.rand(1)
+    torch.manual_seed(999)
+    b = generate(pipe)
+    assert np.array_equal(a, b)
+    torch.manual_seed(123)
+    torch.rand(1)  # the pipeline drew only from its own generators
+    torch.manual_seed(123)
+    generate(pipe)
+    assert torch.equal(torch.rand(1), after_a)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (lambda: AutoencoderKL(block_out_channels=(8,), norm_num_groups=8), "AutoencoderKL is neither"),
+        (lambda: torch.nn.Linear(2, 2), "Linear is neither"),
+        (lambda: types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), "transformer-based"),
+        (lambda: "runwayml/stable-diffusion-v1-5", "str is neither"),
+    ],
+)
+def test_unsupported_models_raise_and_are_left_alone(model, message):
+    obj = model()
+    before = dict(obj.attn_processors) if hasattr(obj, "attn_processors") else None
+    with pytest.raises(TypeError, match=message) as err:
+        agentsd.patch(obj)
+    assert "SD 1.x, 2.x, XL" in str(err.value)
+    assert not agentsd.is_patched(obj)
+    if before is not None:
+        assert all(obj.attn_processors[k] is v for k, v in before.items())
+        assert not obj._forward_pre_hooks
+
+
+def test_bad_config_leaves_the_pipeline_unpatched():
+    pipe = tiny_pipeline("sd15")
+    before = dict(pipe.unet.attn_processors)
+    with pytest.raises(ValueError, match="AgentSDConfig.ratio"):
+        agentsd.patch(pipe, ratio=1.5)
+    with pytest.raises(TypeError, match="no field"):
+        agentsd.patch(pipe, ratoi=0.5)
+    with pytest.raises(TypeError, match="AgentSDConfig"):
+        agentsd.patch(pipe, config={"ratio": 0.5})
+    assert not agentsd.is_patched(pipe)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+
+
+def test_sdxl_with_max_downsample_1_warns_that_nothing_is_patched(caplog):
+    pipe = tiny_pipeline("sdxl")
+    with caplog.at_level(logging.WARNING, logger="agentsd"):
+        agentsd.patch(pipe)
+    assert "patched no layer" in caplog.text
+    assert "max_downsample=2" in caplog.text
+    assert not patched_names(pipe.unet)
+
+
+def test_patched_context_manager_restores_what_was_there():
+    pipe = tiny_pipeline("sd15")
+    with agentsd.patched(pipe, ratio=0.5) as p:
+        assert p is pipe and agentsd.patched_config(pipe).ratio == 0.5
+    assert not agentsd.is_patched(pipe)
+    agentsd.patch(pipe, ratio=0.2)
+    with agentsd.patched(pipe, ratio=0.6):
+        assert agentsd.patched_config(pipe).ratio == 0.6
+    assert agentsd.patched_config(pipe).ratio == 0.2
+
+
+class CountingProcessor(AttnProcessor2_0):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+def test_custom_processors_keep_serving_what_agentsd_does_not_handle():
+    pipe = tiny_pipeline("sd15")
+    baseline = generate(pipe, steps=3)
+    counters = {name: CountingProcessor() for name in pipe.unet.attn_processors}
+    pipe.unet.set_attn_processor(dict(counters))
+    # agent_steps=0, late_ratio=0: every call is handed to the original processors.
+    agentsd.patch(pipe, agent_steps=0.0, late_ratio=0.0)
+    assert np.array_equal(generate(pipe, steps=3), baseline)
+    unet_calls = 3  # one UNet call per step (classifier-free guidance batches both halves)
+    assert all(c.calls == unet_calls for c in counters.values())
+    agentsd.unpatch(pipe)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in counters.items())
+
+
+def test_unpatch_keeps_a_processor_the_user_set_after_patching():
+    pipe = agentsd.patch(tiny_pipeline("sd15"))
+    name = sorted(patched_names(pipe.unet))[0]
+    mine = AttnProcessor2_0()
+    pipe.unet.set_attn_processor({**pipe.unet.attn_processors, name: mine})
+    agentsd.unpatch(pipe)
+    assert pipe.unet.attn_processors[name] is mine
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_stays_finite(dtype):
+    pipe = tiny_pipeline("sd2").to(dtype=dtype)
+    baseline = generate(pipe, output_type="latent")
+    assert torch.isfinite(torch.as_tensor(baseline)).all()
+    agentsd.patch(pipe, agent_steps=0.5)
+    out = torch.as_tensor(generate(pipe, output_type="latent"))
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+
+
+def test_pipeline_loaded_with_from_pretrained(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_pipeline("sd15").save_pretrained(tmp_path)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path)
+    baseline = generate(pipe)
+    with agentsd.patched(pipe, agent_steps=1.0):
+        out = generate(pipe)
+    assert np.isfinite(out).all() and not np.array_equal(out, baseline)
+    assert np.array_equal(generate(pipe), baseline)
+
+
+@pytest.mark.parametrize("size", [(72, 40), (56, 104)])
+def test_sizes_that_strides_do_not_divide(size):
+    pipe = agentsd.patch(tiny_pipeline("sd15"), agent_steps=1.0)
+    out = generate(pipe, height=size[0], width=size[1], num_images_per_prompt=3)
+    assert out.shape == (3, size[0], size[1], 3)
+    assert np.isfinite(out).all()

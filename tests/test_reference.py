@@ -1,0 +1,163 @@
+"""The processor computes ALGORITHM.md: compared with the plain reference in reference.py."""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from reference import reference_self_attention
+
+import agentsd.attention
+import agentsd.processor
+from agentsd import AgentSDConfig
+from agentsd.processor import AgentSDProcessor, AgentSDState
+
+AGENT_T, LATE_T = 999, 100  # progress 0.001 (agent phase) and 0.9 (ToMe-only phase)
+
+
+def make_attention(dim=32, heads=2, seed=0):
+    torch.manual_seed(seed)
+    attn = Attention(query_dim=dim, heads=heads, dim_head=dim // heads, out_bias=True)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return attn.eval()
+
+
+def run_processor(attn, x, h, w, config, timestep, monkeypatch):
+    """Run the processor as the patched UNet would, and capture the destinations it used."""
+    drawn = []
+    fixed = agentsd.processor.destination_indices
+
+    def recording(*args, **kwargs):
+        drawn.append(fixed(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(agentsd.processor, "destination_indices", recording)
+    state = AgentSDState(config)
+    state.begin_call(torch.zeros(x.shape[0], 4, h, w), torch.tensor(timestep))
+    attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1"))
+    with torch.no_grad():
+        out = attn(x)
+    assert len(drawn) == 1, "one destination draw per layer call"
+    return out, drawn[0]
+
+
+def relative_error(out, ref):
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+CASES = [
+    # (h, w, sx, sy), divisible and not
+    (16, 16, 4, 4),
+    (10, 13, 4, 4),
+    (9, 7, 2, 2),
+    (6, 17, 3, 2),
+]
+
+
+@pytest.mark.parametrize("grid", CASES)
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("use_rand", [False, True])
+def test_agent_phase_matches_reference(grid, batch, use_rand, monkeypatch):
+    h, w, sx, sy = grid
+    config = AgentSDConfig(sx=sx, sy=sy, use_rand=use_rand, seed=3)
+    attn = make_attention()
+    x = torch.randn(batch, h * w, 32)
+    out, dst = run_processor(attn, x, h, w, config, AGENT_T, monkeypatch)
+    ref, used_agents = reference_self_attention(attn, x, dst, 0.4, 0.95, 0.3, 0.075)
+    assert used_agents
+    assert relative_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("grid", CASES)
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_tome_phase_matches_reference(grid, batch, monkeypatch):
+    h, w, _, _ = grid
+    config = AgentSDConfig(late_sx=2, late_sy=2, late_ratio=0.4)
+    attn = make_attention(seed=1)
+    x = torch.randn(batch, h * w, 32)
+    out, dst = run_processor(attn, x, h, w, config, LATE_T, monkeypatch)
+    ref, used_agents = reference_self_attention(attn, x, dst, 0.4, None, 0.3, 0.075)
+    assert not used_agents
+    assert relative_error(out, ref) <= 1e-5
+
+
+def test_agent_phase_falls_back_to_tome_when_agents_do_not_pay(monkeypatch):
+    # 2x2 cells, agent_ratio 0.5: n = N/2 agents is not under half of N' = 0.6 N.
+    config = AgentSDConfig(sx=2, sy=2, ratio=0.4, agent_ratio=0.5, use_rand=False)
+    attn = make_attention(seed=2)
+    x = torch.randn(2, 64, 32)
+    out, dst = run_processor(attn, x, 8, 8, config, AGENT_T, monkeypatch)
+    ref, used_agents = reference_self_attention(attn, x, dst, 0.4, 0.5, 0.3, 0.075)
+    assert not used_agents
+    assert relative_error(out, ref) <= 1e-5
+
+
+def test_agents_without_merging(monkeypatch):
+    # ratio 0: queries, keys and values are all N tokens; the agents still come from merging.
+    config = AgentSDConfig(ratio=0.0, use_rand=False, k_scale2=0.5, k_shortcut=0.2)
+    attn = make_attention(seed=4)
+    x = torch.randn(2, 144, 32)
+    out, dst = run_processor(attn, x, 12, 12, config, AGENT_T, monkeypatch)
+    ref, used_agents = reference_self_attention(attn, x, dst, 0.0, 0.95, 0.5, 0.2)
+    assert used_agents
+    assert relative_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "precision, upcast, expected",
+    [(None, False, torch.bfloat16), ("fp32", False, torch.float32), (None, True, torch.float32)],
+)
+def test_softmax_precision(precision, upcast, expected, monkeypatch):
+    """fp32 softmaxes when asked, or when the layer upcasts (SD 2.x); bf16 out either way."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(agentsd.attention.F, "scaled_dot_product_attention", spy)
+    config = AgentSDConfig(attn_precision=precision, use_rand=False)
+    attn = make_attention(seed=5).to(torch.bfloat16)
+    attn.upcast_attention = upcast
+    x = torch.randn(2, 256, 32).to(torch.bfloat16)
+    out, dst = run_processor(attn, x, 16, 16, config, AGENT_T, monkeypatch)
+    assert seen and all(dtypes == (expected,) * 3 for dtypes in seen)
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    ref, _ = reference_self_attention(attn.float(), x.float(), dst, 0.4, 0.95, 0.3, 0.075)
+    assert relative_error(out.float(), ref) <= 0.1  # bf16 projections and merges
+
+
+def test_calls_it_does_not_handle_go_to_the_original_processor():
+    torch.manual_seed(0)
+    attn = make_attention(seed=6)
+    x = torch.randn(2, 256, 32)
+    with torch.no_grad():
+        expected_plain = attn(x)
+        mask = torch.zeros(2, 1, 256)
+        expected_masked = attn(x, attention_mask=mask)
+        context = torch.randn(2, 5, 32)
+        expected_cross = attn(x, encoder_hidden_states=context)
+
+    state = AgentSDState(AgentSDConfig(max_downsample=1))
+    # The latent is 32x32, so 256 tokens sit at downsample 2: beyond max_downsample.
+    state.begin_call(torch.zeros(2, 4, 32, 32), torch.tensor(AGENT_T))
+    attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1"))
+    with torch.no_grad():
+        assert torch.equal(attn(x), expected_plain)
+        state.begin_call(torch.zeros(2, 4, 16, 16), torch.tensor(AGENT_T))
+        assert not torch.equal(attn(x), expected_plain)
+        assert torch.equal(attn(x, attention_mask=mask), expected_masked)
+        assert torch.equal(attn(x, encoder_hidden_states=context), expected_cross)
+
+
+def test_late_ratio_zero_runs_exact_attention():
+    attn = make_attention(seed=7)
+    x = torch.randn(2, 256, 32)
+    with torch.no_grad():
+        expected = attn(x)
+    state = AgentSDState(AgentSDConfig(late_ratio=0.0))
+    state.begin_call(torch.zeros(2, 4, 16, 16), torch.tensor(LATE_T))
+    attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1"))
+    with torch.no_grad():
+        assert torch.equal(attn(x), expected)
