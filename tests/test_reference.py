@@ -161,3 +161,27 @@ def test_late_ratio_zero_runs_exact_attention():
     attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1"))
     with torch.no_grad():
         assert torch.equal(attn(x), expected)
+
+
+def test_xformers_backend_gets_its_layout_and_the_explicit_scale(monkeypatch):
+    """xformers takes (B, tokens, heads, dim); a stand-in module checks what it receives."""
+    import sys
+    import types
+
+    received = []
+
+    def memory_efficient_attention(q, k, v, scale):
+        received.append((q.shape, scale))
+        weights = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) * scale, dim=-1)
+        return torch.einsum("bhqk,bkhd->bqhd", weights, v)
+
+    fake = types.ModuleType("xformers")
+    fake.ops = types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention)
+    monkeypatch.setitem(sys.modules, "xformers", fake)
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake.ops)
+    q, k, v, a = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8), torch.randn(2, 3, 5, 8)
+    out = agentsd.attention.agent_attention(q, k, v, a, 8**-0.5, 0.3, 0.075, backend="xformers")
+    expected = agentsd.attention.agent_attention(q, k, v, a, 8**-0.5, 0.3, 0.075, backend="sdpa")
+    assert [shape for shape, _ in received] == [(2, 5, 3, 8), (2, 40, 3, 8)]
+    assert [s for _, s in received] == pytest.approx([8**-0.5, 8**-0.15])
+    assert torch.allclose(out, expected, atol=1e-5)
