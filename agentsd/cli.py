@@ -1,11 +1,28 @@
-"""The `agentsd` command line."""
+"""The `agentsd` command line: thin commands over the library."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
+import logging
 import platform
 import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# AgentSDConfig fields whose flag name differs from the field name.
+FLAG_NAMES = {"seed": "agent-seed"}
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _version(package: str) -> str:
@@ -32,25 +49,164 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _presets(args: argparse.Namespace) -> int:
+    from .presets import describe_presets
+
+    for name, description in describe_presets().items():
+        print(f"{name:10s} {description}")
+    return 0
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    from .config import AgentSDConfig
+
+    group = parser.add_argument_group("agent attention (override the preset's fields)")
+    group.add_argument("--preset", help="preset name (see `agentsd presets`) or a YAML file; default: paper")
+    group.add_argument("--no-agent", action="store_true", help="run the baseline only, without agent attention")
+    for f in dataclasses.fields(AgentSDConfig):
+        flag = "--" + FLAG_NAMES.get(f.name, f.name.replace("_", "-"))
+        if f.type in (bool, "bool"):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "attn_precision":
+            group.add_argument(
+                flag, dest=f.name, choices=["auto", "fp32"], default=None, help="auto: fp32 where upcast"
+            )
+        else:
+            kind = int if isinstance(f.default, int) else float
+            group.add_argument(flag, dest=f.name, type=kind, default=None, help=f"AgentSDConfig.{f.name}")
+
+
+def agent_config(args: argparse.Namespace):
+    """The AgentSDConfig of the command line: the preset, then the per-field flags."""
+    from .config import AgentSDConfig
+    from .presets import load_preset
+
+    if args.no_agent:
+        return None
+    config = load_preset(args.preset) if args.preset else AgentSDConfig()
+    overrides = {}
+    for f in dataclasses.fields(AgentSDConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            overrides[f.name] = None if value == "auto" else value
+    return config.replace(**overrides)
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            lines = Path(args.prompts_file).read_text().splitlines()
+        except OSError as err:
+            raise UsageError(f"cannot read --prompts-file {args.prompts_file!r} ({err.strerror}).") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UsageError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE.")
+    return prompts
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from . import generation as gen
+
+    if args.num_images <= 0:
+        raise UsageError(f"--num-images {args.num_images} must be positive.")
+    prompts = _prompts(args)
+    config = agent_config(args)
+    settings = gen.GenerationSettings(
+        model=args.model,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance=args.guidance,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+    )
+    if args.scheduler is not None and args.scheduler not in gen.SCHEDULERS:
+        raise UsageError(f"unknown scheduler {args.scheduler!r}: use one of {', '.join(gen.SCHEDULERS)}.")
+    out = gen.prepare_folder(Path(args.out))
+    device = gen.resolve_device(args.device)
+    fell_back = device.type == "cpu" and args.device.startswith("cuda")
+    dtype = gen.resolve_dtype(None if fell_back else args.dtype, device)
+    pipe = gen.load_pipeline(args.model, dtype, device)
+    gen.set_scheduler(pipe, args.scheduler)
+    jobs = gen.plan_jobs(prompts, args.num_images, args.seed)
+    runs = []
+    try:
+        runs = gen.generate(
+            pipe, jobs, out, settings, config, compare=args.compare, scheduler_name=args.scheduler, progress=True
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished images are in {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    for run in runs:
+        per_image = run.seconds_per_image
+        timing = f", {per_image:.3f} s/image" if per_image is not None else ""
+        print(f"{run.label}: {len(run.written)} written, {len(run.skipped)} skipped in {run.folder}{timing}")
+    if len(runs) == 2 and all(r.seconds_per_image for r in runs):
+        print(f"speedup: {runs[0].seconds_per_image / runs[1].seconds_per_image:.2f}x (baseline / agentsd)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .generation import DEFAULT_MODEL, SCHEDULERS
+
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = _Parser(
         prog="agentsd",
         description="Training-free agent attention for diffusers Stable Diffusion pipelines.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=formatter,
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    gen = commands.add_parser("generate", help="text-to-image with agent attention", formatter_class=formatter)
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder (SD 1.x, 2.x or XL)")
+    gen.add_argument("--prompt", action="append", help="a prompt; repeat for more")
+    gen.add_argument("--prompts-file", help="a text file with one prompt per line")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--width", type=int, help="multiple of 8; default: the model's")
+    gen.add_argument("--height", type=int, help="multiple of 8; default: the model's")
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
+    gen.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULERS)}; default: the model's own")
+    gen.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    gen.add_argument("--out", default="agentsd-out", help="output folder")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing images instead of skipping them")
+    gen.add_argument("--compare", action="store_true", help="also run the baseline; save both and a side-by-side")
+    gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _config_flags(gen)
+    gen.set_defaults(run=_generate)
+
+    presets = commands.add_parser("presets", help="list the preset configs", formatter_class=formatter)
+    presets.set_defaults(run=_presets)
     env = commands.add_parser("env", help="print versions and the CUDA device, for bug reports")
     env.set_defaults(run=_env)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 1
-    return args.run(args)
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    from .generation import GenerationError
+
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 1
+        return args.run(args)
+    except (UsageError, GenerationError, ValueError) as err:
+        if debug:
+            raise
+        print(f"agentsd: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -1,0 +1,160 @@
+"""`agentsd` as a user runs it: a subprocess against tiny models saved to a folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from agentsd.testing import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    for kind in ("sd15", "sdxl"):
+        tiny_pipeline(kind).save_pretrained(root / kind)
+    return root
+
+
+def agentsd_cli(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "agentsd", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd
+    )
+
+
+def test_generate_writes_images_with_metadata_and_sidecars(models, tmp_path):
+    out = tmp_path / "out"
+    result = agentsd_cli(
+        "generate", "--model", models / "sd15", "--prompt", "a red cube", "--prompt", "a blue ball",
+        "--num-images", "2", "--batch-size", "3", "--steps", "3", "--width", "72", "--height", "56",
+        "--scheduler", "euler", "--ratio", "0.5", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["p0000_s0.png", "p0000_s1.png", "p0001_s0.png", "p0001_s1.png"]
+    image = Image.open(out / "p0001_s1.png")
+    assert image.size == (72, 56)
+    meta = json.loads(image.text["agentsd"])
+    assert image.text["prompt"] == "a blue ball"
+    assert meta["prompt"] == "a blue ball" and meta["seed"] == 1 and meta["steps"] == 3
+    assert meta["scheduler"] == "euler" and meta["model"] == str(models / "sd15")
+    assert meta["agentsd_config"]["ratio"] == 0.5 and meta["method"] == "agentsd"
+    assert meta["seconds"] > 0 and meta["agentsd_version"]
+    assert json.loads((out / "p0001_s1.json").read_text()) == meta
+    assert "agentsd: 4 written" in result.stdout
+
+
+def test_generate_never_overwrites_unless_asked(models, tmp_path):
+    args = ["generate", "--model", models / "sd15", "--prompt", "x", "--steps", "2", "--out", tmp_path]
+    assert agentsd_cli(*args).returncode == 0
+    png = tmp_path / "p0000_s0.png"
+    png.write_bytes(b"mine")
+    result = agentsd_cli(*args)
+    assert result.returncode == 0 and "1 skipped" in result.stdout
+    assert png.read_bytes() == b"mine"
+    assert agentsd_cli(*args, "--overwrite").returncode == 0
+    assert Image.open(png).size == (64, 64)
+
+
+def test_compare_saves_both_a_side_by_side_and_the_speedup(models, tmp_path):
+    result = agentsd_cli(
+        "generate", "--model", models / "sdxl", "--preset", "sdxl", "--prompt", "x", "--steps", "2",
+        "--compare", "--out", tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "p0000_s0.png").exists()
+    baseline = json.loads((tmp_path / "baseline" / "p0000_s0.json").read_text())
+    assert baseline["method"] == "baseline" and baseline["agentsd_config"] is None
+    assert Image.open(tmp_path / "compare" / "p0000_s0.png").size == (128, 64)
+    assert "speedup:" in result.stdout and "s/image" in result.stdout
+
+
+def test_no_agent_and_prompts_file(models, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\n\ntwo\n")
+    result = agentsd_cli(
+        "generate", "--model", models / "sd15", "--prompts-file", prompts, "--no-agent", "--steps", "2",
+        "--out", tmp_path / "o",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    metas = [json.loads(p.read_text()) for p in sorted((tmp_path / "o").glob("*.json"))]
+    assert [m["prompt"] for m in metas] == ["one", "two"]
+    assert all(m["method"] == "baseline" for m in metas)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "{models}/missing"], "does not exist"),
+        (["--model", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
+        (["--width", "100"], "width 100 is not a positive multiple of 8"),
+        (["--steps", "0"], "steps 0 must be positive"),
+        (["--scheduler", "heun9"], "unknown scheduler 'heun9'"),
+        (["--preset", "fastest"], "unknown preset 'fastest'"),
+        (["--ratio", "1.5"], "AgentSDConfig.ratio=1.5 is out of range"),
+        (["--out", "{tmp}/file.txt/sub"], "cannot write to output folder"),
+        (["--model", "{models}/sdxl"], "--preset sdxl or --max-downsample 2"),
+        (["--num-images", "0"], "--num-images 0 must be positive"),
+        (["--sx", "two"], "invalid int value"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(models, tmp_path, args, message):
+    (tmp_path / "file.txt").write_text("")
+    base = {"--model": str(models / "sd15"), "--prompt": "x", "--steps": "2", "--out": str(tmp_path / "o")}
+    given = [a.format(models=models, tmp=tmp_path) for a in args]
+    for flag in given[::2]:
+        base.pop(flag, None)
+    argv = [x for pair in base.items() for x in pair] + given
+    result = agentsd_cli("generate", *argv)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("agentsd: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback(models, tmp_path):
+    result = agentsd_cli("generate", "--model", models / "sd15", "--prompt", "x", "--steps", "0", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_no_subcommand_prints_help_and_exits_1():
+    result = agentsd_cli()
+    assert result.returncode == 1 and "generate" in result.stderr
+
+
+def test_presets_and_env():
+    presets = agentsd_cli("presets")
+    assert presets.returncode == 0
+    assert {line.split()[0] for line in presets.stdout.splitlines()} >= {"paper", "sd21", "sdxl", "highres"}
+    env = agentsd_cli("env")
+    assert env.returncode == 0 and "diffusers:" in env.stdout and "torch:" in env.stdout
+
+
+def test_ctrl_c_keeps_every_finished_image(models, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    argv = ["generate", "--model", models / "sd15", "--prompt", "x", "--num-images", "50", "--steps", "10"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentsd", *map(str, argv), "--out", str(out)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    finished = sorted(out.glob("*.png"))
+    assert 2 <= len(finished) < 50
+    for png in finished:
+        assert Image.open(png).size == (64, 64)
+        assert png.with_suffix(".json").exists()
+    assert not list(out.glob(".*tmp"))

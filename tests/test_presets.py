@@ -1,0 +1,78 @@
+"""Preset files load and validate; the community pipelines load through custom_pipeline."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+import agentsd
+from agentsd import AgentSDConfig
+from agentsd.presets import describe_presets, load_preset, preset_names
+from agentsd.testing import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_preset_loads_validates_and_is_described():
+    assert set(preset_names()) >= {"paper", "sd21", "sdxl", "highres"}
+    for name in preset_names():
+        assert isinstance(load_preset(name), AgentSDConfig)
+        assert describe_presets()[name]
+        assert (ROOT / "configs" / f"{name}.yaml").read_text().startswith("#"), "each file says what it is for"
+
+
+def test_preset_contents():
+    assert load_preset("paper") == AgentSDConfig()
+    assert load_preset("sd21").attn_precision == "fp32"
+    assert load_preset("sdxl").max_downsample == 2
+    assert load_preset("highres").max_downsample >= 2
+
+
+def test_preset_from_a_path_and_its_errors(tmp_path):
+    good = tmp_path / "mine.yaml"
+    good.write_text("config:\n  ratio: 0.25\n")
+    assert load_preset(good).ratio == 0.25
+    cases = {
+        "bad.yaml": ("config:\n  ratio: 3\n", "AgentSDConfig.ratio=3"),
+        "typo.yaml": ("config:\n  raito: 0.3\n", "no field raito"),
+        "flat.yaml": ("ratio: 0.3\n", "`config:` mapping"),
+        "broken.yaml": ("config: [\n", "not valid YAML"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_preset(tmp_path / name)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_preset(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    "kind, file, default", [("sd15", "agentsd_sd.py", "paper"), ("sdxl", "agentsd_sdxl.py", "sdxl")]
+)
+def test_community_pipeline_loads_through_custom_pipeline(kind, file, default, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_pipeline(kind).save_pretrained(tmp_path)
+    pipe = DiffusionPipeline.from_pretrained(
+        tmp_path, custom_pipeline=str(ROOT / "pipelines" / file), trust_remote_code=True
+    )
+    assert type(pipe).__name__.startswith("AgentSD")
+    pipe.set_progress_bar_config(disable=True)
+    run = dict(prompt="x", num_inference_steps=3, output_type="np")
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(agentsd.patched_config(m)))
+
+    def image(**kwargs):
+        return pipe(generator=torch.Generator().manual_seed(0), **run, **kwargs).images
+
+    patched = image()
+    assert seen[-1] == load_preset(default)
+    baseline = image(agentsd_config=False)
+    assert seen[-1] is None
+    assert np.isfinite(patched).all() and not np.array_equal(patched, baseline)
+    assert not agentsd.is_patched(pipe)
+    image(agentsd_config={"ratio": 0.2, "max_downsample": 2})
+    assert seen[-1].ratio == 0.2
+    with pytest.raises(TypeError, match="agentsd_config=3"):
+        image(agentsd_config=3)
