@@ -146,7 +146,7 @@ def test_ctrl_c_keeps_every_finished_image(models, tmp_path):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while len(list(out.glob("*.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+    while len(list(out.glob("*.png"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
