@@ -1,8 +1,8 @@
 """Agent attention as two fused attention calls.
 
 Tensors are laid out (batch, heads, tokens, head_dim), as diffusers' SDPA processor does.
-Neither the agents x tokens nor the tokens x agents weight matrix is ever materialised:
-each step is one call to a fused kernel with an explicit scale.
+With the fused backends neither the agents x tokens nor the tokens x agents weight matrix
+is ever materialised: each step is one call to a fused kernel with an explicit scale.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "xformers")
+BACKENDS = ("sdpa", "xformers", "einsum")
 
 
 def attend(
@@ -23,9 +23,13 @@ def attend(
         key: (B, H, Lk, D).
         value: (B, H, Lk, D).
         scale: the softmax scale, applied as given.
-        backend: `"sdpa"` (torch's scaled_dot_product_attention) or `"xformers"`
-            (`xformers.ops.memory_efficient_attention`, CUDA only).
+        backend: `"sdpa"` (torch's scaled_dot_product_attention), `"xformers"`
+            (`xformers.ops.memory_efficient_attention`, CUDA only) or `"einsum"` (unfused:
+            the Lq x Lk weights are materialised, as in the published AgentSD code).
     """
+    if backend == "einsum":
+        weights = torch.einsum("bhqd,bhkd->bhqk", query, key).mul_(scale).softmax(dim=-1)
+        return torch.einsum("bhqk,bhkd->bhqd", weights, value)
     if backend == "xformers":
         import xformers.ops
 

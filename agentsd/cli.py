@@ -14,6 +14,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # AgentSDConfig fields whose flag name differs from the field name.
 FLAG_NAMES = {"seed": "agent-seed"}
+# AgentSDConfig fields that take a name or None; "auto" on the command line stands for None.
+CHOICE_FLAGS = {"attn_precision": ["auto", "fp32"], "attention_backend": ["auto", "sdpa", "xformers", "einsum"]}
 
 
 class UsageError(Exception):
@@ -67,10 +69,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + FLAG_NAMES.get(f.name, f.name.replace("_", "-"))
         if f.type in (bool, "bool"):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name == "attn_precision":
-            group.add_argument(
-                flag, dest=f.name, choices=["auto", "fp32"], default=None, help="auto: fp32 where upcast"
-            )
+        elif f.name in CHOICE_FLAGS:
+            group.add_argument(flag, dest=f.name, choices=CHOICE_FLAGS[f.name], default=None, help="auto: None")
         else:
             kind = int if isinstance(f.default, int) else float
             group.add_argument(flag, dest=f.name, type=kind, default=None, help=f"AgentSDConfig.{f.name}")
@@ -148,6 +148,42 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from . import benchmark
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+    command = "agentsd " + " ".join(shlex.quote(a) for a in args.argv)
+    rows: list[dict] = []
+
+    def save(new_rows: list[dict]) -> None:  # after every scenario: an interrupted run keeps them
+        rows.extend(new_rows)
+        benchmark.write_results(rows, args.out, command)
+
+    try:
+        benchmark.run_benchmark(
+            archs=args.arch,
+            sizes=args.sizes,
+            batches=args.batches,
+            methods=args.methods,
+            preset=args.preset,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            device=None if args.device == "auto" else args.device,
+            dtype=dtype,
+            on_rows=save,
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(rows)} rows of finished scenarios are in {args.out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(benchmark.markdown_table(rows))
+    print(f"results in {args.out}/results.{{json,csv,md}} and {args.out}/speedup.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .generation import DEFAULT_MODEL, SCHEDULERS
 
@@ -182,6 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(gen)
     gen.set_defaults(run=_generate)
 
+    bench = commands.add_parser(
+        "bench", help="time one denoising step against the baseline and peers", formatter_class=formatter
+    )
+    bench.add_argument("--arch", nargs="+", default=["sd15"], help="sd15, sd21, sdxl (or tiny)")
+    bench.add_argument("--sizes", nargs="+", type=int, default=[512], help="image sides in pixels")
+    bench.add_argument("--batches", nargs="+", type=int, default=[1], help="images per prompt (UNet batch x2)")
+    bench.add_argument("--methods", nargs="+", help="default: every method that runs here")
+    bench.add_argument("--preset", help="agentsd preset; default per arch: paper, sd21, sdxl")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
+    bench.add_argument("--out", default="bench-out", help="output folder")
+    bench.set_defaults(run=_bench)
+
     presets = commands.add_parser("presets", help="list the preset configs", formatter_class=formatter)
     presets.set_defaults(run=_presets)
     env = commands.add_parser("env", help="print versions and the CUDA device, for bug reports")
@@ -198,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = parser.parse_args(argv)
+        args.argv = argv
         if args.command is None:
             parser.print_help(sys.stderr)
             return 1

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ATTN_PRECISIONS = (None, "fp32")
+ATTENTION_BACKENDS = (None, "sdpa", "xformers", "einsum")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class AgentSDConfig:
             0 runs exact attention (the layer's original processor) there.
         late_sx: destination-cell width of the late phase, >= 1.
         late_sy: destination-cell height of the late phase, >= 1.
+        attention_backend: the kernel of both attention products: `"sdpa"` (torch's fused
+            scaled_dot_product_attention), `"xformers"` (CUDA), `"einsum"` (unfused, with
+            materialised weights: the published code's way, for comparison), or None: xformers
+            where the replaced processor was xformers' and the tensors are on CUDA, else SDPA.
 
     Example:
         >>> from agentsd import AgentSDConfig
@@ -67,6 +72,7 @@ class AgentSDConfig:
     late_ratio: float = 0.4
     late_sx: int = 2
     late_sy: int = 2
+    attention_backend: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("ratio", "agent_ratio", "late_ratio"):
@@ -84,6 +90,12 @@ class AgentSDConfig:
             raise ValueError(
                 f"AgentSDConfig.attn_precision={self.attn_precision!r} is not supported: "
                 "use None (automatic) or 'fp32'."
+            )
+
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"AgentSDConfig.attention_backend={self.attention_backend!r} is not supported: "
+                "use None (automatic), 'sdpa', 'xformers' or 'einsum'."
             )
 
     def replace(self, **overrides: Any) -> AgentSDConfig:

@@ -183,6 +183,8 @@ class AgentSDProcessor:
         return torch.float32 if wanted == "fp32" else None
 
     def backend(self, x: torch.Tensor) -> str:
+        if self.state.config.attention_backend is not None:
+            return self.state.config.attention_backend
         return "xformers" if isinstance(self.original, XFormersAttnProcessor) and x.is_cuda else "sdpa"
 
     def _forward(self, attn: Attention, hidden_states: torch.Tensor, plan: LayerPlan) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Save a tiny random-weight Stable Diffusion model folder, for trying the CLI offline.
 
-    python scripts/make_tiny_model.py tiny-sd            # SD 1.x architecture
-    python scripts/make_tiny_model.py tiny-sdxl --kind sdxl
-    agentsd generate --model tiny-sd --prompt "a cat" --compare --out out
+python scripts/make_tiny_model.py tiny-sd            # SD 1.x architecture
+python scripts/make_tiny_model.py tiny-sdxl --kind sdxl
+agentsd generate --model tiny-sd --prompt "a cat" --compare --out out
 """
 
 import argparse

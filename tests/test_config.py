@@ -29,6 +29,7 @@ BAD_VALUES = [
     ("use_rand", 1),
     ("attn_precision", "fp16"),
     ("attn_precision", 32),
+    ("attention_backend", "flash"),
 ]
 
 

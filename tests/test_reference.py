@@ -67,6 +67,17 @@ def test_agent_phase_matches_reference(grid, batch, use_rand, monkeypatch):
     assert relative_error(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "einsum"])
+def test_explicit_backends_match_reference(backend, monkeypatch):
+    config = AgentSDConfig(use_rand=False, attention_backend=backend)
+    attn = make_attention(seed=8)
+    x = torch.randn(2, 160, 32)
+    out, dst = run_processor(attn, x, 10, 16, config, AGENT_T, monkeypatch)
+    ref, used_agents = reference_self_attention(attn, x, dst, 0.4, 0.95, 0.3, 0.075)
+    assert used_agents
+    assert relative_error(out, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("grid", CASES)
 @pytest.mark.parametrize("batch", [1, 2, 3])
 def test_tome_phase_matches_reference(grid, batch, monkeypatch):

@@ -1,0 +1,452 @@
+"""Speed and memory of one denoising step, side by side, on the real SD architectures.
+
+The UNets are built from the published configs with random weights (speed does not depend
+on the weights, and nothing is downloaded). One step is one UNet forward of a
+classifier-free-guidance batch (2 x images). All methods of a scenario run interleaved in
+one process: warm-up rounds first and thrown away, then the repeats cycle through the
+methods, so drift hits them alike. Speedups are against the baseline of the same run.
+
+Methods:
+    baseline          diffusers' default processors (SDPA)
+    xformers          diffusers' xformers processors (when xformers runs here)
+    agentsd-agent     the preset in its agent phase
+    agentsd-tome      the preset in its ToMe-only phase
+    agentsd-schedule  derived: agent_steps x agent + (1 - agent_steps) x tome
+    tomesd            ToMe for SD at the preset's ratio and max_downsample (when installed)
+    reference         the agent phase computed with unfused einsum, as the published code does
+    ceiling           the patched self-attention layers replaced by a zero-cost stand-in: the
+                      bound of any method that changes self-attention only
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from .config import AgentSDConfig
+from .patch import attention_layers, patch, unpatch
+from .presets import load_preset
+
+logger = logging.getLogger(__name__)
+
+# The published UNet configs (diffusers format) of the architectures benchmarked.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "sd15": dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        sample_size=64,
+    ),
+    "sd21": dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        upcast_attention=True,
+        sample_size=96,
+    ),
+    "sdxl": dict(
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        sample_size=128,
+    ),
+}
+DEFAULT_PRESETS = {"sd15": "paper", "sd21": "sd21", "sdxl": "sdxl", "tiny": "paper"}
+METHODS = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "tomesd", "reference", "ceiling")
+LATENT_FACTOR = 8  # image pixels per latent pixel in every SD VAE
+FIELDS = (
+    "arch", "size", "batch", "dtype", "device", "torch", "diffusers", "commit", "method", "preset",
+    "median_ms", "p10_ms", "p90_ms", "peak_mb", "speedup", "ceiling_fraction", "saved_fraction", "repeats",
+)  # fmt: skip
+
+
+def build_unet(arch: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A random-weight UNet of `arch` (`sd15`, `sd21`, `sdxl`, or `tiny` for tests)."""
+    if arch == "tiny":
+        from .testing import tiny_unet
+
+        unet = tiny_unet("sd15")
+    elif arch in ARCHITECTURES:
+        unet = UNet2DConditionModel(**ARCHITECTURES[arch])
+    else:
+        raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join([*ARCHITECTURES, 'tiny'])}.")
+    return unet.to(device=device, dtype=dtype).eval()
+
+
+def unet_inputs(unet: UNet2DConditionModel, size: int, images: int) -> tuple[tuple, dict[str, Any]]:
+    """The UNet's (args, kwargs) for one CFG step of `images` images of `size` x `size` pixels,
+    passed as the pipelines pass them (sample and timestep positional)."""
+    if size % LATENT_FACTOR:
+        raise ValueError(f"size {size} is not a multiple of {LATENT_FACTOR}.")
+    batch, side = 2 * images, size // LATENT_FACTOR
+    generator = torch.Generator().manual_seed(0)
+    config, device, dtype = unet.config, unet.device, unet.dtype
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    args = (randn(batch, config.in_channels, side, side), torch.tensor(500, device=device))
+    kwargs: dict[str, Any] = dict(encoder_hidden_states=randn(batch, 77, config.cross_attention_dim))
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=dtype, device=device).repeat(batch, 1)
+        kwargs["added_cond_kwargs"] = dict(text_embeds=randn(batch, pooled), time_ids=time_ids)
+    return args, kwargs
+
+
+class ZeroCostAttention:
+    """The ceiling's stand-in for self-attention: returns its input, computing nothing."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _replaced_processors(unet: UNet2DConditionModel, replace: Callable[[], None]) -> Iterator[None]:
+    saved = dict(unet.attn_processors)
+    replace()
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(saved)
+
+
+def method_context(method: str, unet: UNet2DConditionModel, config: AgentSDConfig):
+    """A context manager that runs `unet` as `method` inside it and restores it after."""
+    if method == "baseline":
+        return contextlib.nullcontext()
+    if method == "xformers":
+        return _replaced_processors(unet, unet.enable_xformers_memory_efficient_attention)
+    if method == "ceiling":
+        layers = attention_layers(unet, config.max_downsample)
+        return _replaced_processors(unet, lambda: [m.set_processor(ZeroCostAttention()) for m in layers.values()])
+    if method == "tomesd":
+        import tomesd
+
+        return _tomesd(unet, tomesd, config)
+    phase = {
+        "agentsd-agent": dict(agent_steps=1.0),
+        "agentsd-tome": dict(agent_steps=0.0),
+        "reference": dict(agent_steps=1.0, attention_backend="einsum"),
+    }
+    if method not in phase:
+        raise ValueError(f"unknown method {method!r}: use any of {', '.join(METHODS)}.")
+    return _agentsd(unet, config.replace(**phase[method]))
+
+
+@contextlib.contextmanager
+def _agentsd(unet, config):
+    patch(unet, config)
+    try:
+        yield
+    finally:
+        unpatch(unet)
+
+
+@contextlib.contextmanager
+def _tomesd(unet, tomesd, config):
+    tomesd.apply_patch(unet, ratio=config.ratio, max_downsample=config.max_downsample)
+    try:
+        yield
+    finally:
+        tomesd.remove_patch(unet)
+
+
+def available_methods(device: torch.device) -> list[str]:
+    """The methods that can run here: xformers needs CUDA and xformers, tomesd its package."""
+    import importlib.util
+
+    methods = list(METHODS)
+    if device.type != "cuda" or importlib.util.find_spec("xformers") is None:
+        methods.remove("xformers")
+    if importlib.util.find_spec("tomesd") is None:
+        methods.remove("tomesd")
+    return methods
+
+
+class PeakMemory:
+    """Peak memory of the code inside: CUDA's max allocated (weights included), or on the CPU
+    the growth of the process RSS over its value on entry, sampled every 5 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            import psutil
+
+            self._process = psutil.Process()
+            self._stop = threading.Event()
+            self._start = self._rss = self._process.memory_info().rss
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._rss = max(self._rss, self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = (max(self._rss, self._process.memory_info().rss) - self._start) / 2**20
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_methods(
+    unet: UNet2DConditionModel,
+    inputs: tuple[tuple, dict[str, Any]],
+    methods: Sequence[str],
+    config: AgentSDConfig,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """Milliseconds of each repeat and the peak memory per method, interleaved."""
+    device = unet.device
+    args, kwargs = inputs
+    results = {m: {"ms": [], "peak_mb": 0.0} for m in methods}
+    for round_index in range(warmup + repeats):
+        for method in methods:
+            with torch.no_grad(), method_context(method, unet, config), PeakMemory(device) as memory:
+                _synchronize(device)
+                start = time.perf_counter()
+                unet(*args, **kwargs)
+                _synchronize(device)
+                elapsed = (time.perf_counter() - start) * 1000
+            if round_index >= warmup:
+                results[method]["ms"].append(elapsed)
+                results[method]["peak_mb"] = max(results[method]["peak_mb"], memory.peak_mb)
+    return results
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def scenario_rows(
+    timings: dict[str, dict[str, Any]], scenario: dict[str, Any], config: AgentSDConfig
+) -> list[dict[str, Any]]:
+    """Rows of one scenario, with speedups against its baseline and the derived schedule row."""
+    median = {m: statistics.median(t["ms"]) for m, t in timings.items()}
+    if "agentsd-agent" in median and "agentsd-tome" in median:
+        share = config.agent_steps
+        median["agentsd-schedule"] = share * median["agentsd-agent"] + (1 - share) * median["agentsd-tome"]
+    base, ceiling = median["baseline"], median.get("ceiling")
+    rows = []
+    for method, ms in median.items():
+        measured = timings.get(method)
+        speedup = base / ms
+        row = dict(scenario, method=method, median_ms=round(ms, 3))
+        row["p10_ms"] = round(_percentile(measured["ms"], 0.1), 3) if measured else None
+        row["p90_ms"] = round(_percentile(measured["ms"], 0.9), 3) if measured else None
+        row["peak_mb"] = round(measured["peak_mb"], 1) if measured else None
+        row["speedup"] = round(speedup, 4)
+        if ceiling is not None and base > ceiling:
+            row["ceiling_fraction"] = round(speedup / (base / ceiling), 4)
+            row["saved_fraction"] = round((base - ms) / (base - ceiling), 4)
+        else:
+            row["ceiling_fraction"] = row["saved_fraction"] = None
+        row["repeats"] = len(measured["ms"]) if measured else None
+        rows.append({k: row.get(k) for k in FIELDS})
+    return rows
+
+
+def run_benchmark(
+    archs: Sequence[str] = ("sd15",),
+    sizes: Sequence[int] = (512,),
+    batches: Sequence[int] = (1,),
+    methods: Sequence[str] | None = None,
+    preset: str | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Benchmark every (arch, size, batch) scenario; see the module docstring for the methods.
+
+    Args:
+        archs: architectures (`sd15`, `sd21`, `sdxl`, `tiny`).
+        sizes: image sides in pixels (the latent is 1/8 of it).
+        batches: images per prompt; the UNet batch is twice that (CFG).
+        methods: subset of `METHODS`; default every method that can run here.
+        preset: agentsd preset (name or YAML); default per arch (`DEFAULT_PRESETS`).
+        repeats, warmup: timed and discarded rounds per method.
+        device, dtype: default CUDA in fp16 when present, else the CPU in fp32.
+        on_rows: called with each scenario's rows as soon as it finishes (to save as you go).
+
+    Returns:
+        One row per scenario and method, with the fields of `FIELDS`. A scenario that runs
+        out of memory is skipped with a warning.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    chosen = list(methods) if methods else available_methods(device)
+    if "baseline" not in chosen:
+        chosen.insert(0, "baseline")
+    unknown = sorted(set(chosen) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {', '.join(unknown)}: use any of {', '.join(METHODS)}.")
+    import diffusers
+
+    common = dict(
+        dtype=str(dtype).replace("torch.", ""),
+        device=_device_name(device),
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+        commit=_git_commit(),
+    )
+    rows: list[dict[str, Any]] = []
+    scenarios = [(a, s, b) for a in archs for s in sizes for b in batches]
+    bar = tqdm(scenarios, desc="scenarios", disable=not progress)
+    unet, built = None, None
+    for arch, size, batch in bar:
+        bar.set_postfix_str(f"{arch} {size}px x{batch}")
+        if built != arch:
+            unet = None
+            unet, built = build_unet(arch, device, dtype), arch
+        name = preset or DEFAULT_PRESETS[arch]
+        config = load_preset(name)
+        try:
+            timings = time_methods(unet, unet_inputs(unet, size, batch), chosen, config, repeats, warmup)
+        except torch.OutOfMemoryError:
+            logger.warning("%s at %d px x%d ran out of memory: skipped", arch, size, batch)
+            torch.cuda.empty_cache()
+            continue
+        scenario = dict(common, arch=arch, size=size, batch=batch, preset=Path(name).stem)
+        new = scenario_rows(timings, scenario, config)
+        rows += new
+        if on_rows is not None:
+            on_rows(new)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (times in ms, memory in MB)."""
+    columns = ("arch", "size", "batch", "method", "median_ms", "p10_ms", "p90_ms", "peak_mb", "speedup",
+               "ceiling_fraction", "saved_fraction")  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [
+            "" if row[c] is None else (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])) for c in columns
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_speedups(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Speedup against resolution, one line per method, one panel per (arch, batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["arch"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (arch, batch) in zip(axes[0], panels, strict=True):
+        mine = [r for r in rows if r["arch"] == arch and r["batch"] == batch]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            points = sorted((r["size"], r["speedup"]) for r in mine if r["method"] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set(title=f"{arch}, {batch} image(s), {mine[0]['dtype']}", xlabel="image side (px)", ylabel="speedup")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(rows: Sequence[dict[str, Any]], out_dir: str | Path, command: str = "") -> dict[str, Path]:
+    """Write results.json, results.csv, results.md and speedup.png into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"results.{k}" for k in ("json", "csv", "md")}
+    paths["png"] = out / "speedup.png"
+    meta = dict(command=command, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    paths["json"].write_text(json.dumps(dict(meta, rows=list(rows)), indent=2))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    header = f"Command: `{command}`\n\nDate: {meta['date']}\n\n" if command else ""
+    if rows:
+        first = rows[0]
+        header += f"Device: {first['device']}; torch {first['torch']}, diffusers {first['diffusers']}, "
+        header += f"commit {first['commit']}\n\n"
+    paths["md"].write_text(header + markdown_table(rows))
+    if rows:
+        plot_speedups(rows, paths["png"])
+    return paths
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "FIELDS",
+    "METHODS",
+    "build_unet",
+    "run_benchmark",
+    "time_methods",
+    "unet_inputs",
+    "write_results",
+]

@@ -1,0 +1,83 @@
+"""The benchmark harness end to end on a tiny architecture (no timing assertions)."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from agentsd import benchmark
+
+
+def test_harness_writes_every_documented_field(tmp_path):
+    rows = benchmark.run_benchmark(
+        archs=["tiny"], sizes=[128, 192], batches=[1, 2], repeats=2, warmup=1, progress=False
+    )
+    methods = set(benchmark.available_methods(torch.device("cpu"))) | {"agentsd-schedule"}
+    assert {r["method"] for r in rows} == methods
+    assert len(rows) == 4 * len(methods)
+    for row in rows:
+        assert set(row) == set(benchmark.FIELDS)
+        assert row["median_ms"] > 0 and row["speedup"] > 0
+        assert row["arch"] == "tiny" and row["dtype"] == "float32" and row["preset"] == "paper"
+        assert row["torch"] == torch.__version__ and row["device"].startswith("cpu")
+        if row["method"] != "agentsd-schedule":
+            assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"] and row["repeats"] == 2
+            assert row["peak_mb"] is not None
+    by = {(r["size"], r["batch"], r["method"]): r for r in rows}
+    for size, batch in [(128, 1), (192, 2)]:
+        assert by[(size, batch, "baseline")]["speedup"] == 1.0
+        base, ceiling = by[(size, batch, "baseline")]["median_ms"], by[(size, batch, "ceiling")]["median_ms"]
+        if base > ceiling:
+            assert by[(size, batch, "ceiling")]["ceiling_fraction"] == pytest.approx(1.0, abs=1e-3)
+        agent, tome = by[(size, batch, "agentsd-agent")]["median_ms"], by[(size, batch, "agentsd-tome")]["median_ms"]
+        assert by[(size, batch, "agentsd-schedule")]["median_ms"] == pytest.approx(0.4 * agent + 0.6 * tome, rel=1e-3)
+
+    paths = benchmark.write_results(rows, tmp_path, command="agentsd bench --arch tiny")
+    data = json.loads(paths["json"].read_text())
+    assert data["command"] == "agentsd bench --arch tiny" and data["date"] and len(data["rows"]) == len(rows)
+    with paths["csv"].open() as f:
+        assert [r["method"] for r in csv.DictReader(f)] == [r["method"] for r in rows]
+    table = paths["md"].read_text()
+    assert "| tiny | 128 | 1 | baseline |" in table and "Command: `agentsd bench --arch tiny`" in table
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_methods_leave_the_unet_as_it_was():
+    unet = benchmark.build_unet("tiny")
+    before = dict(unet.attn_processors)
+    args, kwargs = benchmark.unet_inputs(unet, 128, 1)
+    with torch.no_grad():
+        expected = unet(*args, **kwargs).sample
+        for method in benchmark.available_methods(torch.device("cpu")):
+            with benchmark.method_context(method, unet, benchmark.load_preset("paper")):
+                changed = unet(*args, **kwargs).sample
+            assert (method == "baseline") == torch.equal(changed, expected), method
+            assert torch.equal(unet(*args, **kwargs).sample, expected), method
+    assert all(unet.attn_processors[k] is v for k, v in before.items())
+    assert not unet._forward_pre_hooks
+
+
+def test_real_architectures_build_with_the_published_layouts():
+    # Patched layer counts of the published configs (meta device: no memory, no weights).
+    with torch.device("meta"):
+        from agentsd.patch import attention_layers
+
+        counts = {arch: len(attention_layers(benchmark.build_unet(arch, "meta"), 2)) for arch in ("sd15", "sdxl")}
+        sd15_top = len(attention_layers(benchmark.build_unet("sd15", "meta"), 1))
+    assert sd15_top == 5  # down_blocks.0.attentions.{0,1}, up_blocks.3.attentions.{0,1,2}
+    assert counts["sdxl"] == 2 * 2 + 3 * 2  # down_blocks.1 (2 x 2 layers), up_blocks.1 (3 x 2 layers)
+    assert counts["sd15"] == 10
+
+
+def test_cli_bench_runs_and_writes_files(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "agentsd", "bench", "--arch", "tiny", "--sizes", "128", "--repeats", "1",
+         "--methods", "baseline", "agentsd-agent", "ceiling", "--out", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {"results.json", "results.csv", "results.md", "speedup.png"}
+    assert "| tiny | 128 | 1 | agentsd-agent |" in result.stdout
