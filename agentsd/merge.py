@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -105,11 +106,24 @@ class TokenMerge:
     index: torch.Tensor
     size: int
 
+    @cached_property
+    def _flat_index(self) -> torch.Tensor:
+        """Slot of every token in the (B * N') rows of the flattened merged batch."""
+        offsets = torch.arange(self.index.shape[0], device=self.index.device).unsqueeze(1) * self.size
+        return (self.index + offsets).flatten()
+
+    @cached_property
+    def _inverse_counts(self) -> torch.Tensor:
+        counts = torch.bincount(self._flat_index, minlength=self.index.shape[0] * self.size)
+        return counts.reciprocal().unsqueeze(-1)
+
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N', C): the mean of the tokens in each slot."""
-        index = self.index.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        out = x.new_zeros(x.shape[0], self.size, x.shape[-1])
-        return out.scatter_reduce_(1, index, x, reduce="mean", include_self=False)
+        batch, _, channels = x.shape
+        # index_add_ over the flattened batch is an order of magnitude faster on the CPU than
+        # scatter_reduce(mean) and gives the same sums.
+        sums = x.new_zeros(batch * self.size, channels).index_add_(0, self._flat_index, x.reshape(-1, channels))
+        return (sums * self._inverse_counts.to(x.dtype)).view(batch, self.size, channels)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """(B, N', C) -> (B, N, C): every token gets the value of its slot."""
