@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,11 +171,13 @@ class GenerationSettings:
 
 @dataclass
 class MethodRun:
-    """One method of a run: baseline or agentsd, its folder and its timings."""
+    """One method of a run: its label, how the pipeline runs (an agentsd config, or any
+    `context(pipe)` such as another accelerator's patch), its folder and its timings."""
 
     label: str
     config: AgentSDConfig | None
     folder: Path
+    context: Callable[[Any], AbstractContextManager] | None = None
     seconds: list[float] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
@@ -182,6 +185,12 @@ class MethodRun:
     @property
     def seconds_per_image(self) -> float | None:
         return sum(self.seconds) / len(self.seconds) if self.seconds else None
+
+    def enter(self, pipe: Any) -> AbstractContextManager:
+        """The context the pipeline runs in: `context`, else patched by `config` (None: as is)."""
+        if self.context is not None:
+            return self.context(pipe)
+        return nullcontext() if self.config is None else patched(pipe, self.config)
 
 
 def prepare_folder(folder: Path) -> Path:
@@ -225,7 +234,7 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
     return grid
 
 
-def _call(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings, config: AgentSDConfig | None, steps: int):
+def _call(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings, run: MethodRun, steps: int):
     kwargs = dict(
         prompt=[j.prompt for j in jobs],
         num_inference_steps=steps,
@@ -236,9 +245,7 @@ def _call(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings, con
     )
     if settings.negative_prompt is not None:
         kwargs["negative_prompt"] = [settings.negative_prompt] * len(jobs)
-    if config is None:
-        return pipe(**kwargs).images
-    with patched(pipe, config):
+    with run.enter(pipe):
         return pipe(**kwargs).images
 
 
@@ -275,7 +282,6 @@ def generate(
         One `MethodRun` per method with its seconds per image and the files written.
         Existing files are skipped (listed in `skipped`) unless `settings.overwrite`.
     """
-    from tqdm.auto import tqdm
 
     out = prepare_folder(Path(out_dir))
     if config is None:
@@ -286,6 +292,28 @@ def generate(
         if compare:
             runs.insert(0, MethodRun(BASELINE, None, prepare_folder(out / BASELINE)))
     compare_dir = prepare_folder(out / "compare") if compare and config is not None else None
+    return generate_runs(pipe, jobs, runs, settings, compare_dir, scheduler_name, progress, warmup=compare)
+
+
+def generate_runs(
+    pipe: Any,
+    jobs: Sequence[ImageJob],
+    runs: Sequence[MethodRun],
+    settings: GenerationSettings,
+    compare_dir: Path | None = None,
+    scheduler_name: str | None = None,
+    progress: bool = True,
+    warmup: bool = False,
+) -> list[MethodRun]:
+    """Generate `jobs` for every method of `runs`, batch by batch, methods interleaved.
+
+    Args:
+        compare_dir: if given, side-by-side pairs of the first two runs go there.
+        warmup: run one 1-step call per method first, so no method pays first-call costs.
+    """
+    from tqdm.auto import tqdm
+
+    runs = list(runs)
 
     pending: dict[str, set[ImageJob]] = {}
     for run in runs:
@@ -301,9 +329,9 @@ def generate(
             "skipping %d existing images (pass --overwrite to replace them)", sum(len(r.skipped) for r in runs)
         )
     todo = [job for job in jobs if any(job in pending[r.label] for r in runs)]
-    if compare and todo:  # a one-step warm-up so neither method pays the first call's costs
+    if warmup and todo:
         for run in runs:
-            _call(pipe, todo[:1], settings, run.config, steps=1)
+            _call(pipe, todo[:1], settings, run, steps=1)
 
     base_meta = dict(
         model=settings.model,
@@ -326,7 +354,7 @@ def generate(
                 continue
             _sync(pipe)
             begin = time.perf_counter()
-            images = _call(pipe, mine, settings, run.config, settings.steps)
+            images = _call(pipe, mine, settings, run, settings.steps)
             _sync(pipe)
             per_image = (time.perf_counter() - begin) / len(mine)
             for job, image in zip(mine, images, strict=True):
@@ -346,9 +374,10 @@ def generate(
                 produced[(run.label, job)] = image
                 bar.update(1)
         if compare_dir is not None:
+            left, right = runs[0].label, runs[1].label
             for job in batch:
-                if (BASELINE, job) in produced and (AGENTSD, job) in produced:
-                    pair = side_by_side(produced[(BASELINE, job)], produced[(AGENTSD, job)])
+                if (left, job) in produced and (right, job) in produced:
+                    pair = side_by_side(produced[(left, job)], produced[(right, job)])
                     _atomic_write(compare_dir / f"{job.name}.png", lambda f, im=pair: im.save(f, format="PNG"))
     bar.close()
     return runs
