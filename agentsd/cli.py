@@ -105,6 +105,31 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _device_and_dtype(args: argparse.Namespace, auto=None):
+    """The (dtype, device) of --dtype/--device; a CUDA request without CUDA falls back to fp32."""
+    from . import generation as gen
+
+    device = auto if args.device == "auto" and auto is not None else gen.resolve_device(args.device)
+    fell_back = device.type == "cpu" and args.device.startswith("cuda")
+    return gen.resolve_dtype(None if fell_back else args.dtype, device), device
+
+
+def _check_scheduler(args: argparse.Namespace) -> None:
+    from .generation import SCHEDULERS
+
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {args.scheduler!r}: use one of {', '.join(SCHEDULERS)}.")
+
+
+def _load_pipeline(args: argparse.Namespace, auto_device=None):
+    """The pipeline of --model on --device in --dtype, with --scheduler."""
+    from . import generation as gen
+
+    pipe = gen.load_pipeline(args.model, *_device_and_dtype(args, auto_device))
+    gen.set_scheduler(pipe, args.scheduler)
+    return pipe
+
+
 def _generate(args: argparse.Namespace) -> int:
     from . import generation as gen
 
@@ -112,6 +137,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--num-images {args.num_images} must be positive.")
     prompts = _prompts(args)
     config = agent_config(args)
+    _check_scheduler(args)
     settings = gen.GenerationSettings(
         model=args.model,
         negative_prompt=args.negative_prompt,
@@ -122,14 +148,8 @@ def _generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
     )
-    if args.scheduler is not None and args.scheduler not in gen.SCHEDULERS:
-        raise UsageError(f"unknown scheduler {args.scheduler!r}: use one of {', '.join(gen.SCHEDULERS)}.")
     out = gen.prepare_folder(Path(args.out))
-    device = gen.resolve_device(args.device)
-    fell_back = device.type == "cpu" and args.device.startswith("cuda")
-    dtype = gen.resolve_dtype(None if fell_back else args.dtype, device)
-    pipe = gen.load_pipeline(args.model, dtype, device)
-    gen.set_scheduler(pipe, args.scheduler)
+    pipe = _load_pipeline(args)
     jobs = gen.plan_jobs(prompts, args.num_images, args.seed)
     runs = []
     try:
@@ -184,7 +204,47 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from . import compare as cmp
+    from . import generation as gen
+
+    if args.prompts_file:
+        prompts = _prompts(args)
+    else:
+        prompts = cmp.imagenet_prompts(args.images_per_class)
+    if args.num_prompts is not None:
+        if args.num_prompts <= 0:
+            raise UsageError(f"--num-prompts {args.num_prompts} must be positive.")
+        prompts = prompts[: args.num_prompts]
+    methods = [cmp.parse_method(spec) for spec in (args.method or ["baseline", "paper"])]
+    _check_scheduler(args)
+    settings = gen.GenerationSettings(
+        model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    scoring = cmp.ComparisonSettings(
+        reference=args.reference, inception_weights=args.inception_weights, clip_model=args.clip_model,
+        lpips=args.lpips, measure_memory=not args.no_memory, samples=args.samples,
+    )  # fmt: skip
+    if args.reference is not None and not Path(args.reference).exists():
+        raise UsageError(f"--reference {args.reference!r} does not exist: pass a folder of images or a .npz.")
+    pipe = _load_pipeline(args, cmp.process_state().device)
+    for method in methods:
+        if method.config is not None:
+            gen.check_config_patches(pipe, method.config)
+    try:
+        results = cmp.run_comparison(pipe, prompts, methods, args.out, settings, scoring, seed=args.seed)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished images are kept in {args.out}/images; rerun to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if results is not None:
+        print(cmp.markdown_report(results))
+        print(f"results in {args.out}/results.{{json,md}}, fid_vs_time.png, samples.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .compare import INCEPTION_FILE
     from .generation import DEFAULT_MODEL, SCHEDULERS
 
     formatter = argparse.ArgumentDefaultsHelpFormatter
@@ -232,6 +292,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
     bench.add_argument("--out", default="bench-out", help="output folder")
     bench.set_defaults(run=_bench)
+
+    cmp = commands.add_parser(
+        "compare", help="FID, fidelity and speed of methods on one prompt set", formatter_class=formatter
+    )
+    cmp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder")
+    cmp.add_argument("--method", action="append",
+                     help="baseline, a preset (paper), preset:field=value,..., agentsd:field=value, tomesd:RATIO; "
+                     "repeatable; default: baseline and paper")  # fmt: skip
+    cmp.add_argument("--prompts-file", help="one prompt per line; default: the ImageNet protocol")
+    cmp.add_argument("--images-per-class", type=int, default=2, help="ImageNet protocol: prompts per class")
+    cmp.add_argument("--num-prompts", type=int, help="use only the first N prompts (a quick run)")
+    cmp.add_argument("--reference", help="FID reference: a folder of images or a .npz of mu and sigma")
+    cmp.add_argument("--inception-weights", help=f"local path of {INCEPTION_FILE}")
+    cmp.add_argument("--clip-model", help="CLIP model folder or hub id, for the CLIP score")
+    cmp.add_argument("--lpips", action="store_true", help="also LPIPS to the baseline (needs torchvision)")
+    cmp.add_argument("--no-memory", action="store_true", help="skip the peak-memory-per-image measurement")
+    cmp.add_argument("--samples", type=int, default=8, help="prompts in the sample grid")
+    cmp.add_argument("--steps", type=int, default=50)
+    cmp.add_argument("--guidance", type=float, default=7.5)
+    cmp.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULERS)}; default: the model's own")
+    cmp.add_argument("--width", type=int)
+    cmp.add_argument("--height", type=int)
+    cmp.add_argument("--batch-size", type=int, default=1)
+    cmp.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+    cmp.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
+    cmp.add_argument("--device", default="auto", help="auto (accelerate's device for this process), cpu, cuda")
+    cmp.add_argument("--out", default="compare-out")
+    cmp.set_defaults(run=_compare, prompt=None)
 
     presets = commands.add_parser("presets", help="list the preset configs", formatter_class=formatter)
     presets.set_defaults(run=_presets)

@@ -1,0 +1,190 @@
+"""The comparison flow on a tiny pipeline, with a tiny feature extractor standing in for Inception."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import linalg
+
+from agentsd import compare
+from agentsd.generation import GenerationSettings
+from agentsd.testing import tiny_pipeline
+
+
+class TinyFeatures(torch.nn.Module):
+    """uint8 images -> 12 features: mean colour of each image quadrant."""
+
+    num_features = 12
+
+    def forward(self, images):
+        x = images.float() / 255
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+def scipy_fid(features_a, features_b):
+    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
+    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def features_of(folder):
+    paths = compare.image_paths(folder)
+    with torch.no_grad():
+        return TinyFeatures()(torch.stack([compare.load_uint8(p) for p in paths])).double().numpy()
+
+
+def write_images(folder, count, seed, shift=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = rng.integers(0, 200, (32, 32, 3)) + shift
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_imagenet_protocol_prompts():
+    classes = compare.imagenet_classes()
+    assert len(classes) == 1000 and len(set(classes)) == 1000
+    prompts = compare.imagenet_prompts()
+    assert len(prompts) == 2000 and len(set(prompts)) == 1000
+    assert prompts[0] == prompts[1] == "A high quality photograph of a tench."
+
+
+def test_fid_matches_a_direct_scipy_computation(tmp_path):
+    reference = write_images(tmp_path / "ref", 40, seed=0)
+    shifted = write_images(tmp_path / "shifted", 40, seed=1, shift=40)
+    metric = compare.fid_metric(TinyFeatures())
+    compare.load_reference(metric, reference)
+    assert compare.fid_score(metric, compare.image_paths(reference)) == pytest.approx(0.0, abs=1e-6)
+    fid = compare.fid_score(metric, compare.image_paths(shifted))
+    assert fid > 0.01
+    assert fid == pytest.approx(scipy_fid(features_of(reference), features_of(shifted)), rel=1e-5)
+
+    # The same reference as pytorch-fid-style statistics.
+    feats = features_of(reference)
+    np.savez(tmp_path / "ref.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    from_stats = compare.fid_metric(TinyFeatures())
+    compare.load_reference(from_stats, tmp_path / "ref.npz")
+    assert compare.fid_score(from_stats, compare.image_paths(shifted)) == pytest.approx(fid, rel=1e-6)
+
+
+def test_parse_method():
+    assert compare.parse_method("baseline").config is None
+    paper = compare.parse_method("paper:ratio=0.5,use_rand=false")
+    assert paper.config.ratio == 0.5 and paper.config.use_rand is False and paper.ratio == 0.5
+    assert compare.parse_method("agentsd:agent_ratio=0.9").config.agent_ratio == 0.9
+    with pytest.raises(ValueError, match="ratio"):
+        compare.parse_method("paper:ratio=3")
+    with pytest.raises(compare.GenerationError, match="no field"):
+        compare.parse_method("paper:raito=0.3")
+    with pytest.raises(ValueError, match="unknown preset"):
+        compare.parse_method("fastest")
+
+
+def test_missing_inception_weights_fail_at_once_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(compare.MetricsError, match=compare.INCEPTION_FILE) as err:
+        compare.inception_weights_path(None)
+    assert compare.INCEPTION_URL in str(err.value) and "--inception-weights" in str(err.value)
+    with pytest.raises(compare.MetricsError, match="not found"):
+        compare.inception_weights_path(tmp_path / "absent.pth")
+
+
+def test_whole_flow_scores_from_disk_and_resumes(tmp_path):
+    pipe = tiny_pipeline("sd15")
+    pipe.set_progress_bar_config(disable=True)
+    reference = write_images(tmp_path / "ref", 12, seed=3)
+    prompts = [f"a photo of thing {i}" for i in range(6)]
+    methods = [compare.parse_method(s) for s in ("baseline", "paper", "paper:ratio=0.2,agent_steps=1.0")]
+    settings = GenerationSettings(model="tiny", steps=2, batch_size=4)
+    scoring = compare.ComparisonSettings(reference=reference, feature_extractor=TinyFeatures(), samples=3)
+    out = tmp_path / "out"
+    results = compare.run_comparison(pipe, prompts, methods, out, settings, scoring, seed=10, progress=False)
+
+    rows = {r["method"]: r for r in results["rows"]}
+    assert list(rows) == ["baseline", "paper", "paper:ratio=0.2,agent_steps=1.0"]
+    for name, row in rows.items():
+        folder = out / "images" / compare.MethodSpec(name).folder_name
+        assert sorted(p.name for p in folder.glob("*.png")) == [f"p{i:04d}_s{10 + i}.png" for i in range(6)]
+        assert row["fid"] == pytest.approx(scipy_fid(features_of(reference), features_of(folder)), rel=1e-5)
+        assert row["seconds_per_image"] > 0 and row["speedup"] > 0 and row["gb_per_image"] is not None
+        if name != "baseline":
+            assert np.isfinite(row["psnr"]) and 0 < row["ssim"] <= 1
+    assert "psnr" not in rows["baseline"] and rows["paper"]["ratio"] == 0.4
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(results["rows"]))
+    table = (out / "results.md").read_text()
+    assert "| method | r | FID | s/image |" in table
+    assert Image.open(out / "samples.png").size == (3 * 256, 3 * 256)
+    assert (out / "fid_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Resume: delete two images, rerun: exactly those come back, the rest stay untouched.
+    folder = out / "images" / "paper"
+    removed = [folder / "p0001_s11.png", folder / "p0004_s14.png"]
+    for path in removed:
+        path.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    again = compare.run_comparison(pipe, prompts, methods, out, settings, scoring, seed=10, progress=False)
+    assert all(p.exists() for p in removed)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert again["rows"][0]["fid"] == results["rows"][0]["fid"]
+
+
+def test_accelerate_shards_the_jobs_exactly_once(tmp_path):
+    script = tmp_path / "shard.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json
+        from accelerate import PartialState
+        from agentsd.compare import shard_jobs
+        from agentsd.generation import ImageJob
+        jobs = [ImageJob(i, "p", i) for i in range(11)]
+        mine = shard_jobs(jobs)
+        rank = PartialState().process_index
+        open(r"{tmp_path}/rank%d.json" % rank, "w").write(json.dumps([j.prompt_index for j in mine]))
+    """)
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", str(script)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    shards = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert shards[0] and shards[1]
+    assert sorted(shards[0] + shards[1]) == list(range(11))
+
+
+def test_cli_compare_end_to_end(tmp_path):
+    tiny_pipeline("sd15").save_pretrained(tmp_path / "model")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    base = [sys.executable, "-m", "agentsd", "compare", "--model", str(tmp_path / "model"), "--num-prompts", "3",
+            "--steps", "2", "--out", str(tmp_path / "out")]  # fmt: skip
+    methods = ["--method", "baseline", "--method", "paper", "--method", "tomesd:0.4"]
+    result = subprocess.run(base + methods, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    assert set(rows) == {"baseline", "paper", "tomesd:0.4"}
+    assert rows["tomesd:0.4"]["ratio"] == 0.4 and np.isfinite(rows["tomesd:0.4"]["psnr"])
+    prompts = [json.loads(p.read_text())["prompt"] for p in sorted((tmp_path / "out/images/paper").glob("*.json"))]
+    assert prompts == [
+        "A high quality photograph of a tench.",
+        "A high quality photograph of a tench.",
+        "A high quality photograph of a goldfish.",
+    ]
+    # FID with the Inception network: where it cannot run, the error comes before any generation.
+    ref = write_images(tmp_path / "ref", 4, seed=0)
+    failing = subprocess.run(
+        base[:-1] + [str(tmp_path / "out2"), "--reference", str(ref), "--inception-weights", str(tmp_path / "no.pth")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert failing.returncode == 2 and "agentsd: error:" in failing.stderr
+    assert not list((tmp_path / "out2").rglob("*.png"))
