@@ -146,7 +146,7 @@ def method_context(method: str, unet: UNet2DConditionModel, config: AgentSDConfi
         return _replaced_processors(unet, unet.enable_xformers_memory_efficient_attention)
     if method == "ceiling":
         layers = attention_layers(unet, config.max_downsample)
-        return _replaced_processors(unet, lambda: [m.set_processor(ZeroCostAttention()) for m in layers.values()])
+        return _replaced_processors(unet, lambda: [m.set_processor(ZeroCostAttention()) for m, _ in layers.values()])
     if method == "tomesd":
         import tomesd
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -45,19 +44,19 @@ def source_indices(num_tokens: int, dst: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Matching:
-    """Every source token's most similar destination, and the sources ranked by that score.
+    """Every source token's most similar destination and that similarity.
 
     Attributes:
         dst: (num_dst,) destination positions.
         src: (num_src,) source positions.
         best_dst: (B, num_src) index into `dst` of each source's best destination.
-        ranked_src: (B, num_src) indices into `src`, highest similarity first.
+        best_score: (B, num_src) the cosine similarity to it.
     """
 
     dst: torch.Tensor
     src: torch.Tensor
     best_dst: torch.Tensor
-    ranked_src: torch.Tensor
+    best_score: torch.Tensor
 
     @property
     def num_src(self) -> int:
@@ -70,15 +69,16 @@ class Matching:
     def plan(self, r: int) -> TokenMerge:
         """The merge of the `r` best-matched sources into their destinations.
 
-        Merged order: the unmerged sources (by rank), then the destinations.
+        Merged order: the unmerged sources (by position), then the destinations. Only the
+        set of the `r` best matters, so a top-k replaces a full sort.
         """
         batch, num_src = self.best_dst.shape
         num_dst = self.dst.numel()
         device = self.best_dst.device
-        rank = torch.arange(num_src, device=device).expand(batch, -1)
-        best_of_ranked = self.best_dst.gather(1, self.ranked_src)
-        slot_of_ranked = torch.where(rank < r, num_src - r + best_of_ranked, rank - r)
-        src_slot = torch.empty_like(slot_of_ranked).scatter_(1, self.ranked_src, slot_of_ranked)
+        merged = torch.zeros(batch, num_src, dtype=torch.bool, device=device)
+        merged.scatter_(1, self.best_score.topk(r, dim=-1).indices, True)
+        unmerged_slot = (~merged).cumsum(dim=1) - 1
+        src_slot = torch.where(merged, num_src - r + self.best_dst, unmerged_slot)
         index = torch.empty(batch, num_src + num_dst, dtype=torch.long, device=device)
         index[:, self.src] = src_slot
         index[:, self.dst] = torch.arange(num_src - r, num_src - r + num_dst, device=device)
@@ -90,8 +90,7 @@ def bipartite_matching(x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) ->
     metric = F.normalize(x, dim=-1)
     scores = metric[:, src] @ metric[:, dst].transpose(1, 2)
     best_score, best_dst = scores.max(dim=-1)
-    ranked_src = best_score.argsort(dim=-1, descending=True, stable=True)
-    return Matching(dst=dst, src=src, best_dst=best_dst, ranked_src=ranked_src)
+    return Matching(dst=dst, src=src, best_dst=best_dst, best_score=best_score)
 
 
 @dataclass
@@ -106,24 +105,24 @@ class TokenMerge:
     index: torch.Tensor
     size: int
 
-    @cached_property
-    def _flat_index(self) -> torch.Tensor:
-        """Slot of every token in the (B * N') rows of the flattened merged batch."""
-        offsets = torch.arange(self.index.shape[0], device=self.index.device).unsqueeze(1) * self.size
-        return (self.index + offsets).flatten()
-
-    @cached_property
-    def _inverse_counts(self) -> torch.Tensor:
-        counts = torch.bincount(self._flat_index, minlength=self.index.shape[0] * self.size)
-        return counts.reciprocal().unsqueeze(-1)
+    def __post_init__(self) -> None:
+        # Slot of every token among the B * N' rows of the flattened merged batch, and the
+        # reciprocal of each slot's token count (plain tensors: no lazy attributes, which
+        # would break a torch.compile graph).
+        batch, device = self.index.shape[0], self.index.device
+        offsets = torch.arange(batch, device=device).unsqueeze(1) * self.size
+        self.flat_index = (self.index + offsets).flatten()
+        counts = torch.zeros(batch * self.size, device=device)
+        counts.index_add_(0, self.flat_index, torch.ones(self.flat_index.numel(), device=device))
+        self.inverse_counts = counts.reciprocal().unsqueeze(-1)
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N', C): the mean of the tokens in each slot."""
         batch, _, channels = x.shape
         # index_add_ over the flattened batch is an order of magnitude faster on the CPU than
         # scatter_reduce(mean) and gives the same sums.
-        sums = x.new_zeros(batch * self.size, channels).index_add_(0, self._flat_index, x.reshape(-1, channels))
-        return (sums * self._inverse_counts.to(x.dtype)).view(batch, self.size, channels)
+        sums = x.new_zeros(batch * self.size, channels).index_add_(0, self.flat_index, x.reshape(-1, channels))
+        return (sums * self.inverse_counts.to(x.dtype)).view(batch, self.size, channels)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """(B, N', C) -> (B, N, C): every token gets the value of its slot."""

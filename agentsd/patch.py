@@ -69,8 +69,8 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
     unpatch(unet)
     state = AgentSDState(config, _num_train_timesteps(pipe_or_unet))
     layers = []
-    for name, module in targets.items():
-        processor = AgentSDProcessor(module.processor, state, name)
+    for name, (module, downsample) in targets.items():
+        processor = AgentSDProcessor(module.processor, state, name, downsample)
         layers.append((module, module.processor, processor))
     hook = unet.register_forward_pre_hook(_BeginCall(state), with_kwargs=True)
     for module, _, processor in layers:
@@ -146,11 +146,12 @@ def patched(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides:
             patch(pipe_or_unet, previous)
 
 
-def attention_layers(unet: UNet2DConditionModel, max_downsample: int) -> dict[str, Attention]:
+def attention_layers(unet: UNet2DConditionModel, max_downsample: int) -> dict[str, tuple[Attention, int]]:
     """The self-attention layers (`attn1`) at levels downsampled at most `max_downsample` times.
 
     Returns:
-        Processor names (as in `unet.attn_processors`) mapped to their `Attention` modules.
+        Processor names (as in `unet.attn_processors`) mapped to their `Attention` module and
+        the downsampling of their level.
     """
     found = {}
     for prefix, block, downsample in _blocks_with_levels(unet):
@@ -158,7 +159,7 @@ def attention_layers(unet: UNet2DConditionModel, max_downsample: int) -> dict[st
             continue
         for name, module in block.named_modules():
             if isinstance(module, Attention) and name.split(".")[-1] == "attn1" and not module.is_cross_attention:
-                found[f"{prefix}.{name}.processor"] = module
+                found[f"{prefix}.{name}.processor"] = (module, downsample)
     return found
 
 

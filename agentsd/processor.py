@@ -27,13 +27,29 @@ class PhaseSettings:
     agent_ratio: float | None
 
 
+@dataclass
+class LayerPlan:
+    """What one layer does in the current UNet call: the mode, the grid, the destination and
+    source positions, and the merge sizes (`r` ToMe-merged, `r_agent` merged into agents)."""
+
+    mode: str
+    h: int
+    w: int
+    dst: torch.Tensor
+    src: torch.Tensor
+    r: int
+    r_agent: int
+
+
 class AgentSDState:
     """Run-time state shared by every patched layer of one UNet.
 
-    The UNet's forward pre-hook calls `begin_call` with the latent and the timestep; the
-    processors then read the latent size, the phase and the destination generator from
-    here. Nothing else carries over between UNet calls: the generator is reseeded from
-    `config.seed` and the timestep on every call, so a pipeline call is reproducible.
+    The UNet's forward pre-hook calls `begin_call` with the latent and the timestep. Every
+    decision that depends only on them (the phase, each layer's grid, its destination draw
+    and merge sizes) is made there, once per UNet call, outside any compiled graph; the
+    processors only look their plan up. Nothing else carries over between UNet calls: the
+    generator is reseeded from `config.seed` and the timestep, so a pipeline call is
+    reproducible.
 
     Args:
         config: the agent-attention configuration.
@@ -46,7 +62,13 @@ class AgentSDState:
         self.latent_hw: tuple[int, int] | None = None
         self.agent_phase = False
         self.generator = torch.Generator()
+        self.layers: dict[str, int] = {}
+        self.plans: dict[str, LayerPlan | None] = {}
         self._fixed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def register(self, name: str, downsample: int) -> None:
+        """Declare a patched layer and the downsampling of its level relative to the latent."""
+        self.layers[name] = downsample
 
     def progress(self, timestep: float) -> float:
         return 1.0 - timestep / self.num_train_timesteps
@@ -57,11 +79,15 @@ class AgentSDState:
 
     @torch.compiler.disable
     def begin_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
-        """Record the latent size and the phase of the UNet call about to run."""
+        """Decide the phase and every layer's plan for the UNet call about to run."""
         self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         self.agent_phase = self.is_agent_phase(t)
         self.generator.manual_seed((self.config.seed * 1_000_003 + round(t * 1000)) % (2**63))
+        randomize = self.config.use_rand and sample.shape[0] % 2 == 0
+        self.plans = {
+            name: self._plan(downsample, randomize, sample.device) for name, downsample in sorted(self.layers.items())
+        }
 
     @property
     def settings(self) -> PhaseSettings:
@@ -70,18 +96,25 @@ class AgentSDState:
             return PhaseSettings(c.sx, c.sy, c.ratio, c.agent_ratio)
         return PhaseSettings(c.late_sx, c.late_sy, c.late_ratio, None)
 
-    def grid(self, num_tokens: int) -> tuple[int, int, int] | None:
-        """(h, w, downsample) of a layer with `num_tokens` tokens, or None if no level fits."""
-        if self.latent_hw is None:
+    def _plan(self, downsample: int, randomize: bool, device: torch.device) -> LayerPlan | None:
+        """A layer's plan at `downsample`; None hands its calls to the original processor."""
+        if downsample > self.config.max_downsample:
             return None
         height, width = self.latent_hw
-        downsample = 1
-        while downsample <= max(height, width):
-            h, w = -(-height // downsample), -(-width // downsample)
-            if h * w == num_tokens:
-                return h, w, downsample
-            downsample *= 2
-        return None
+        h, w = -(-height // downsample), -(-width // downsample)
+        num_tokens = h * w
+        s = self.settings
+        dst, src = self.destinations(h, w, s.sx, s.sy, randomize, device)
+        if dst.numel() == 0:
+            return None
+        r = min(src.numel(), math.floor(num_tokens * s.ratio))
+        if s.agent_ratio is not None:
+            r_agent = min(src.numel(), math.floor(num_tokens * s.agent_ratio))
+            if 2 * (num_tokens - r_agent) < num_tokens - r:
+                return LayerPlan(AGENT, h, w, dst, src, r, r_agent)
+        if r == 0:
+            return None
+        return LayerPlan(TOME, h, w, dst, src, r, 0)
 
     def destinations(
         self, h: int, w: int, sx: int, sy: int, randomize: bool, device: torch.device
@@ -97,19 +130,6 @@ class AgentSDState:
         return self._fixed[key]
 
 
-@dataclass
-class LayerPlan:
-    """What one layer call does: the mode, the grid, and the merge sizes."""
-
-    mode: str
-    h: int
-    w: int
-    dst: torch.Tensor
-    src: torch.Tensor
-    r: int
-    r_agent: int
-
-
 class AgentSDProcessor:
     """Self-attention through merged tokens and agents, for one diffusers `Attention`.
 
@@ -122,12 +142,14 @@ class AgentSDProcessor:
         original: the processor this one replaced; it keeps serving the other calls.
         state: the UNet's shared run-time state.
         name: the layer's processor name in `unet.attn_processors`.
+        downsample: how many times the layer's level is downsampled relative to the latent.
     """
 
-    def __init__(self, original: Any, state: AgentSDState, name: str):
+    def __init__(self, original: Any, state: AgentSDState, name: str, downsample: int = 1):
         self.original = original
         self.state = state
         self.name = name
+        state.register(name, downsample)
 
     def __call__(
         self,
@@ -153,27 +175,14 @@ class AgentSDProcessor:
             )
         return self._forward(attn, hidden_states, plan)
 
-    @torch.compiler.disable
     def plan(self, attn: Attention, hidden_states: torch.Tensor) -> LayerPlan | None:
-        """Decide what this call does; None hands it to the original processor."""
-        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+        """This call's plan (made in `AgentSDState.begin_call`); None hands it to the original."""
+        plan = self.state.plans.get(self.name)
+        if plan is None or hidden_states.ndim != 3 or plan.h * plan.w != hidden_states.shape[1]:
             return None
-        batch, num_tokens, _ = hidden_states.shape
-        grid = self.state.grid(num_tokens)
-        if grid is None or grid[2] > self.state.config.max_downsample:
+        if attn.spatial_norm is not None or attn.group_norm is not None:
             return None
-        h, w, _ = grid
-        s = self.state.settings
-        randomize = self.state.config.use_rand and batch % 2 == 0
-        dst, src = self.state.destinations(h, w, s.sx, s.sy, randomize, hidden_states.device)
-        r = min(src.numel(), math.floor(num_tokens * s.ratio))
-        if s.agent_ratio is not None:
-            r_agent = min(src.numel(), math.floor(num_tokens * s.agent_ratio))
-            if 2 * (num_tokens - r_agent) < num_tokens - r:
-                return LayerPlan(AGENT, h, w, dst, src, r, r_agent)
-        if r == 0:
-            return None
-        return LayerPlan(TOME, h, w, dst, src, r, 0)
+        return plan
 
     def precision(self, attn: Attention) -> torch.dtype | None:
         """The dtype both softmaxes run in; None keeps the model's dtype."""

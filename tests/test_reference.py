@@ -32,11 +32,11 @@ def run_processor(attn, x, h, w, config, timestep, monkeypatch):
 
     monkeypatch.setattr(agentsd.processor, "destination_indices", recording)
     state = AgentSDState(config)
-    state.begin_call(torch.zeros(x.shape[0], 4, h, w), torch.tensor(timestep))
     attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1"))
+    state.begin_call(torch.zeros(x.shape[0], 4, h, w), torch.tensor(timestep))
     with torch.no_grad():
         out = attn(x)
-    assert len(drawn) == 1, "one destination draw per layer call"
+    assert len(drawn) == 1, "one destination draw per layer and UNet call"
     return out, drawn[0]
 
 
@@ -151,11 +151,14 @@ def test_calls_it_does_not_handle_go_to_the_original_processor():
         expected_cross = attn(x, encoder_hidden_states=context)
 
     state = AgentSDState(AgentSDConfig(max_downsample=1))
-    # The latent is 32x32, so 256 tokens sit at downsample 2: beyond max_downsample.
+    attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1", downsample=1))
+    beyond = AgentSDProcessor(AttnProcessor2_0(), state, "deeper", downsample=2)
+    # The latent is 32x32: the layer expects 1024 tokens and gets 256, so it is not acting.
     state.begin_call(torch.zeros(2, 4, 32, 32), torch.tensor(AGENT_T))
-    attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1"))
+    assert state.plans["deeper"] is None  # a level beyond max_downsample never acts
     with torch.no_grad():
         assert torch.equal(attn(x), expected_plain)
+        assert torch.equal(beyond(attn, x), expected_plain)
         state.begin_call(torch.zeros(2, 4, 16, 16), torch.tensor(AGENT_T))
         assert not torch.equal(attn(x), expected_plain)
         assert torch.equal(attn(x, attention_mask=mask), expected_masked)
@@ -168,8 +171,8 @@ def test_late_ratio_zero_runs_exact_attention():
     with torch.no_grad():
         expected = attn(x)
     state = AgentSDState(AgentSDConfig(late_ratio=0.0))
-    state.begin_call(torch.zeros(2, 4, 16, 16), torch.tensor(LATE_T))
     attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1"))
+    state.begin_call(torch.zeros(2, 4, 16, 16), torch.tensor(LATE_T))
     with torch.no_grad():
         assert torch.equal(attn(x), expected)
 
