@@ -66,16 +66,20 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
         config = config.replace(**overrides)
     targets = attention_layers(unet, config.max_downsample)
 
-    unpatch(unet)
+    previous: _Patch | None = getattr(unet, PATCH_ATTR, None)
     state = AgentSDState(config, _num_train_timesteps(pipe_or_unet))
-    layers = []
-    for name, (module, downsample) in targets.items():
-        processor = AgentSDProcessor(module.processor, state, name, downsample)
-        layers.append((module, module.processor, processor))
-    hook = unet.register_forward_pre_hook(_BeginCall(state), with_kwargs=True)
-    for module, _, processor in layers:
-        module.set_processor(processor)
-    setattr(unet, PATCH_ATTR, _Patch(state, layers, hook))
+    try:
+        unpatch(unet)
+        layers = []
+        for name, (module, downsample) in targets.items():
+            processor = AgentSDProcessor(module.processor, state, name, downsample)
+            layers.append((module, module.processor, processor))
+        _install(unet, state, layers)
+    except BaseException:
+        if previous is not None:  # put the earlier patch back as it was
+            previous.hook.remove()
+            _install(unet, previous.state, previous.layers)
+        raise
 
     if not layers:
         logger.warning(
@@ -84,6 +88,21 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
             config.max_downsample,
         )
     return pipe_or_unet
+
+
+def _install(unet: UNet2DConditionModel, state: AgentSDState, layers: list) -> None:
+    """Register the hook and set the processors, all or nothing."""
+    hook = unet.register_forward_pre_hook(_BeginCall(state), with_kwargs=True)
+    try:
+        for module, _, processor in layers:
+            module.set_processor(processor)
+        setattr(unet, PATCH_ATTR, _Patch(state, layers, hook))
+    except BaseException:
+        for module, original, processor in layers:
+            if module.processor is processor:
+                module.set_processor(original)
+        hook.remove()
+        raise
 
 
 def unpatch(pipe_or_unet: Any) -> Any:

@@ -223,3 +223,39 @@ def test_sizes_that_strides_do_not_divide(size):
     out = generate(pipe, height=size[0], width=size[1], num_images_per_prompt=3)
     assert out.shape == (3, size[0], size[1], 3)
     assert np.isfinite(out).all()
+
+
+def test_a_failure_in_the_middle_of_patch_leaves_the_pipeline_as_it_was(monkeypatch):
+    from diffusers.models.attention_processor import Attention
+
+    pipe = tiny_pipeline("sd15")
+    before = dict(pipe.unet.attn_processors)
+    real_set = Attention.set_processor
+    calls = []
+
+    def failing_second_time(self, processor):
+        calls.append(processor)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        real_set(self, processor)
+
+    monkeypatch.setattr(Attention, "set_processor", failing_second_time)
+    with pytest.raises(RuntimeError, match="injected"):
+        agentsd.patch(pipe)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+    assert not pipe.unet._forward_pre_hooks and not agentsd.is_patched(pipe)
+
+    # With an earlier patch in place, a failing re-patch keeps the earlier one.
+    monkeypatch.setattr(Attention, "set_processor", real_set)
+    agentsd.patch(pipe, ratio=0.3)
+    patched_before = dict(pipe.unet.attn_processors)
+    calls.clear()
+    monkeypatch.setattr(Attention, "set_processor", failing_second_time)
+    with pytest.raises(RuntimeError, match="injected"):
+        agentsd.patch(pipe, ratio=0.5)
+    monkeypatch.setattr(Attention, "set_processor", real_set)
+    assert agentsd.patched_config(pipe).ratio == 0.3
+    assert all(pipe.unet.attn_processors[k] is v for k, v in patched_before.items())
+    assert len(pipe.unet._forward_pre_hooks) == 1
+    agentsd.unpatch(pipe)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
