@@ -87,3 +87,19 @@ def test_phase_uses_the_schedulers_num_train_timesteps(monkeypatch):
     for t, layer in calls:
         expected = "agent" if 1 - t / 500 < 0.5 else "tome"
         assert {m for modes in layer.values() for m in modes} == {expected}, t
+
+
+@pytest.mark.parametrize("name", ["ddim", "pndm", "euler", "euler-a", "dpm++2m", "dpm++2m-karras", "unipc", "lcm"])
+def test_every_scheduler_switches_at_the_same_point_of_the_trajectory(name, monkeypatch):
+    from agentsd.generation import set_scheduler
+
+    pipe = tiny_pipeline("sd15")
+    set_scheduler(pipe, name)
+    calls = record_run(pipe, 12, monkeypatch)
+    phases = [{m for modes in layer.values() for m in modes} for _, layer in calls]
+    assert all(len(p) == 1 for p in phases)
+    phases = [p.pop() for p in phases]
+    # Agent while 1 - t/T < 0.4, whatever the sampler's spacing: all agent calls come first.
+    assert phases == ["agent" if 1 - t / 1000 < 0.4 else "tome" for t, _ in calls]
+    assert phases[0] == "agent" and phases[-1] == "tome"
+    assert phases == sorted(phases)  # "agent" < "tome": one switch, never back
