@@ -35,6 +35,11 @@ def destination_indices(h: int, w: int, sx: int, sy: int, generator: torch.Gener
     return (rows * w + cols).flatten()
 
 
+def merge_count(num_src: int, num_tokens: int, ratio: float) -> int:
+    """How many of `num_src` sources a merge at `ratio` takes: `min(num_src, floor(N * ratio))`."""
+    return min(num_src, math.floor(num_tokens * ratio))
+
+
 def source_indices(num_tokens: int, dst: torch.Tensor) -> torch.Tensor:
     """The positions not in `dst`, in increasing order."""
     is_src = torch.ones(num_tokens, dtype=torch.bool, device=dst.device)
@@ -58,13 +63,9 @@ class Matching:
     best_dst: torch.Tensor
     best_score: torch.Tensor
 
-    @property
-    def num_src(self) -> int:
-        return self.src.numel()
-
     def merge_count(self, num_tokens: int, ratio: float) -> int:
-        """Sources merged at `ratio`: `min(num_src, floor(num_tokens * ratio))`."""
-        return min(self.num_src, math.floor(num_tokens * ratio))
+        """Sources merged at `ratio` (see `merge_count`)."""
+        return merge_count(self.src.numel(), num_tokens, ratio)
 
     def plan(self, r: int) -> TokenMerge:
         """The merge of the `r` best-matched sources into their destinations.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,7 @@ from diffusers.models.attention_processor import Attention, XFormersAttnProcesso
 
 from .attention import agent_attention, attend
 from .config import AgentSDConfig
-from .merge import bipartite_matching, destination_indices, source_indices
+from .merge import bipartite_matching, destination_indices, merge_count, source_indices
 
 AGENT = "agent"
 TOME = "tome"
@@ -107,9 +106,9 @@ class AgentSDState:
         dst, src = self.destinations(h, w, s.sx, s.sy, randomize, device)
         if dst.numel() == 0:
             return None
-        r = min(src.numel(), math.floor(num_tokens * s.ratio))
+        r = merge_count(src.numel(), num_tokens, s.ratio)
         if s.agent_ratio is not None:
-            r_agent = min(src.numel(), math.floor(num_tokens * s.agent_ratio))
+            r_agent = merge_count(src.numel(), num_tokens, s.agent_ratio)
             if 2 * (num_tokens - r_agent) < num_tokens - r:
                 return LayerPlan(AGENT, h, w, dst, src, r, r_agent)
         if r == 0:
