@@ -171,11 +171,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import shlex
 
-    import torch
-
     from . import benchmark
+    from .generation import DTYPES
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+    dtype = DTYPES.get(args.dtype)
     command = "agentsd " + " ".join(shlex.quote(a) for a in args.argv)
     rows: list[dict] = []
 

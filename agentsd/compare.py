@@ -32,7 +32,15 @@ import yaml
 from PIL import Image
 
 from .config import AgentSDConfig
-from .generation import GenerationError, GenerationSettings, ImageJob, MethodRun, generate_runs, prepare_folder
+from .generation import (
+    GenerationError,
+    GenerationSettings,
+    ImageJob,
+    MethodRun,
+    call_pipeline,
+    generate_runs,
+    prepare_folder,
+)
 from .presets import load_preset
 
 logger = logging.getLogger(__name__)
@@ -308,10 +316,8 @@ def memory_per_image(pipe: Any, run: MethodRun, settings: GenerationSettings, pr
     peaks = []
     for count in (1, 2):
         jobs = [ImageJob(0, prompt, k) for k in range(count)]
-        kwargs = dict(prompt=[j.prompt for j in jobs], num_inference_steps=2, guidance_scale=settings.guidance,
-                      width=settings.width, height=settings.height)  # fmt: skip
-        with run.enter(pipe), torch.no_grad(), PeakMemory(pipe.device) as memory:
-            pipe(**kwargs, generator=[torch.Generator().manual_seed(j.seed) for j in jobs])
+        with PeakMemory(pipe.device) as memory:
+            call_pipeline(pipe, jobs, settings, run, steps=2)
         peaks.append(memory.peak_mb)
     return round((peaks[1] - peaks[0]) / 1024, 4)
 

@@ -234,7 +234,8 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
     return grid
 
 
-def _call(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings, run: MethodRun, steps: int):
+def call_pipeline(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings, run: MethodRun, steps: int):
+    """The images of `jobs` (one generator per image, seeded by its job) run as `run` says."""
     kwargs = dict(
         prompt=[j.prompt for j in jobs],
         num_inference_steps=steps,
@@ -331,7 +332,7 @@ def generate_runs(
     todo = [job for job in jobs if any(job in pending[r.label] for r in runs)]
     if warmup and todo:
         for run in runs:
-            _call(pipe, todo[:1], settings, run, steps=1)
+            call_pipeline(pipe, todo[:1], settings, run, steps=1)
 
     base_meta = dict(
         model=settings.model,
@@ -354,7 +355,7 @@ def generate_runs(
                 continue
             _sync(pipe)
             begin = time.perf_counter()
-            images = _call(pipe, mine, settings, run, settings.steps)
+            images = call_pipeline(pipe, mine, settings, run, settings.steps)
             _sync(pipe)
             per_image = (time.perf_counter() - begin) / len(mine)
             for job, image in zip(mine, images, strict=True):
