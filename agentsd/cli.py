@@ -15,7 +15,12 @@ EXIT_INTERRUPTED = 130
 # AgentSDConfig fields whose flag name differs from the field name.
 FLAG_NAMES = {"seed": "agent-seed"}
 # AgentSDConfig fields that take a name or None; "auto" on the command line stands for None.
-CHOICE_FLAGS = {"attn_precision": ["auto", "fp32"], "attention_backend": ["auto", "sdpa", "xformers", "einsum"]}
+# Fields with a fixed set of values; "auto" stands for None.
+CHOICE_FLAGS = {
+    "attn_precision": ["auto", "fp32"],
+    "attention_backend": ["auto", "sdpa", "xformers", "einsum"],
+    "agent_selection": ["match", "pool"],
+}
 
 
 class UsageError(Exception):
@@ -70,7 +75,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type in (bool, "bool"):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         elif f.name in CHOICE_FLAGS:
-            group.add_argument(flag, dest=f.name, choices=CHOICE_FLAGS[f.name], default=None, help="auto: None")
+            note = "auto: None" if "auto" in CHOICE_FLAGS[f.name] else f"AgentSDConfig.{f.name}"
+            group.add_argument(flag, dest=f.name, choices=CHOICE_FLAGS[f.name], default=None, help=note)
         else:
             kind = int if isinstance(f.default, int) else float
             group.add_argument(flag, dest=f.name, type=kind, default=None, help=f"AgentSDConfig.{f.name}")

@@ -9,6 +9,7 @@ from typing import Any
 
 ATTN_PRECISIONS = (None, "fp32")
 ATTENTION_BACKENDS = (None, "sdpa", "xformers", "einsum")
+AGENT_SELECTIONS = ("match", "pool")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,16 @@ class AgentSDConfig:
             scaled_dot_product_attention), `"xformers"` (CUDA), `"einsum"` (unfused, with
             materialised weights: the published code's way, for comparison), or None: xformers
             where the replaced processor was xformers' and the tensors are on CUDA, else SDPA.
+        min_tokens: layers whose grid has fewer tokens than this run exact attention (their
+            original processor), >= 0: there the fixed cost of matching and merging outweighs
+            what it saves. 256 is the break-even measured on the CPU (see the README).
+        share_matching: opt-in, changes outputs. Compute the bipartite matching once per
+            token grid and UNet call, in the first patched layer of that grid, and reuse its
+            merges in the other layers of the same grid (SD 1.5: 5 layers share one).
+        agent_selection: `"match"` (the published method: agents are the tokens merged at
+            `agent_ratio`) or `"pool"` (opt-in, changes outputs: agents are the means of the
+            whole `sx x sy` cells, no matching; with `ratio=0` the agent phase needs no
+            matching at all).
 
     Example:
         >>> from agentsd import AgentSDConfig
@@ -73,6 +84,9 @@ class AgentSDConfig:
     late_sx: int = 2
     late_sy: int = 2
     attention_backend: str | None = None
+    min_tokens: int = 0
+    share_matching: bool = False
+    agent_selection: str = "match"
 
     def __post_init__(self) -> None:
         for name in ("ratio", "agent_ratio", "late_ratio"):
@@ -83,9 +97,11 @@ class AgentSDConfig:
         for name in ("sx", "sy", "late_sx", "late_sy"):
             _check_int(name, getattr(self, name), "an integer >= 1", lambda v: v >= 1)
         _check_int("seed", self.seed, "an integer >= 0", lambda v: v >= 0)
+        _check_int("min_tokens", self.min_tokens, "an integer >= 0", lambda v: v >= 0)
         _check_int("max_downsample", self.max_downsample, "one of 1, 2, 4, 8", lambda v: v in (1, 2, 4, 8))
-        if not isinstance(self.use_rand, bool):
-            raise ValueError(f"AgentSDConfig.use_rand={self.use_rand!r} is not a bool: use True or False.")
+        for name in ("use_rand", "share_matching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"AgentSDConfig.{name}={getattr(self, name)!r} is not a bool: use True or False.")
         if self.attn_precision not in ATTN_PRECISIONS:
             raise ValueError(
                 f"AgentSDConfig.attn_precision={self.attn_precision!r} is not supported: "
@@ -96,6 +112,10 @@ class AgentSDConfig:
             raise ValueError(
                 f"AgentSDConfig.attention_backend={self.attention_backend!r} is not supported: "
                 "use None (automatic), 'sdpa', 'xformers' or 'einsum'."
+            )
+        if self.agent_selection not in AGENT_SELECTIONS:
+            raise ValueError(
+                f"AgentSDConfig.agent_selection={self.agent_selection!r} is not supported: use 'match' or 'pool'."
             )
 
     def replace(self, **overrides: Any) -> AgentSDConfig:

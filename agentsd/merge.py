@@ -47,6 +47,18 @@ def source_indices(num_tokens: int, dst: torch.Tensor) -> torch.Tensor:
     return is_src.nonzero().flatten()
 
 
+def cell_means(x: torch.Tensor, h: int, w: int, sx: int, sy: int) -> torch.Tensor:
+    """(B, h * w, C) -> (B, (h // sy) * (w // sx), C): the mean of every whole sy x sx cell.
+
+    Cells in row-major order; tokens of partial cells at the bottom and right edges are left
+    out, as they are never destinations.
+    """
+    batch, _, channels = x.shape
+    gh, gw = h // sy, w // sx
+    cells = x.view(batch, h, w, channels)[:, : gh * sy, : gw * sx]
+    return cells.reshape(batch, gh, sy, gw, sx, channels).mean(dim=(2, 4)).reshape(batch, gh * gw, channels)
+
+
 @dataclass
 class Matching:
     """Every source token's most similar destination and that similarity.

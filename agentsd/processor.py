@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import Attention, XFormersAttnProcesso
 
 from .attention import agent_attention, attend
 from .config import AgentSDConfig
-from .merge import bipartite_matching, destination_indices, merge_count, source_indices
+from .merge import TokenMerge, bipartite_matching, cell_means, destination_indices, merge_count, source_indices
 
 AGENT = "agent"
 TOME = "tome"
@@ -28,16 +28,25 @@ class PhaseSettings:
 
 @dataclass
 class LayerPlan:
-    """What one layer does in the current UNet call: the mode, the grid, the destination and
-    source positions, and the merge sizes (`r` ToMe-merged, `r_agent` merged into agents)."""
+    """What one layer does in the current UNet call: the mode, the grid and its cells, the
+    destination and source positions, the merge sizes (`r` ToMe-merged, `r_agent` merged into
+    agents) and whether the agents are cell means (`pool`) rather than a merge."""
 
     mode: str
     h: int
     w: int
+    sx: int
+    sy: int
     dst: torch.Tensor
     src: torch.Tensor
     r: int
     r_agent: int
+    pool: bool = False
+
+    @property
+    def matches(self) -> bool:
+        """Whether this plan needs the bipartite matching (a merge, or agents by merging)."""
+        return self.r > 0 or (self.mode == AGENT and not self.pool)
 
 
 class AgentSDState:
@@ -63,6 +72,8 @@ class AgentSDState:
         self.generator = torch.Generator()
         self.layers: dict[str, int] = {}
         self.plans: dict[str, LayerPlan | None] = {}
+        # With `share_matching`: the merges of each grid in the current UNet call.
+        self.shared: dict[tuple[int, int], tuple[TokenMerge | None, TokenMerge | None]] = {}
         self._fixed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def register(self, name: str, downsample: int) -> None:
@@ -84,6 +95,7 @@ class AgentSDState:
         self.agent_phase = self.is_agent_phase(t)
         self.generator.manual_seed((self.config.seed * 1_000_003 + round(t * 1000)) % (2**63))
         randomize = self.config.use_rand and sample.shape[0] % 2 == 0
+        self.shared.clear()
         self.plans = {
             name: self._plan(downsample, randomize, sample.device) for name, downsample in sorted(self.layers.items())
         }
@@ -102,18 +114,22 @@ class AgentSDState:
         height, width = self.latent_hw
         h, w = -(-height // downsample), -(-width // downsample)
         num_tokens = h * w
+        if num_tokens < self.config.min_tokens:
+            return None
         s = self.settings
         dst, src = self.destinations(h, w, s.sx, s.sy, randomize, device)
         if dst.numel() == 0:
             return None
         r = merge_count(src.numel(), num_tokens, s.ratio)
         if s.agent_ratio is not None:
-            r_agent = merge_count(src.numel(), num_tokens, s.agent_ratio)
-            if 2 * (num_tokens - r_agent) < num_tokens - r:
-                return LayerPlan(AGENT, h, w, dst, src, r, r_agent)
+            pool = self.config.agent_selection == "pool"
+            r_agent = 0 if pool else merge_count(src.numel(), num_tokens, s.agent_ratio)
+            num_agents = dst.numel() if pool else num_tokens - r_agent
+            if 2 * num_agents < num_tokens - r:
+                return LayerPlan(AGENT, h, w, s.sx, s.sy, dst, src, r, r_agent, pool)
         if r == 0:
             return None
-        return LayerPlan(TOME, h, w, dst, src, r, 0)
+        return LayerPlan(TOME, h, w, s.sx, s.sy, dst, src, r, 0)
 
     def destinations(
         self, h: int, w: int, sx: int, sy: int, randomize: bool, device: torch.device
@@ -195,11 +211,27 @@ class AgentSDProcessor:
             return self.state.config.attention_backend
         return "xformers" if isinstance(self.original, XFormersAttnProcessor) and x.is_cuda else "sdpa"
 
+    def merges(self, hidden_states: torch.Tensor, plan: LayerPlan) -> tuple[TokenMerge | None, TokenMerge | None]:
+        """The ToMe merge (None when `r == 0`) and the agent merge (None unless agents come from
+        merging); with `share_matching`, those of the grid's first layer in this UNet call."""
+        shared = self.state.shared if self.state.config.share_matching else None
+        key = (plan.h, plan.w)
+        if shared is not None and key in shared:
+            return shared[key]
+        merge = agent_merge = None
+        if plan.matches:
+            matching = bipartite_matching(hidden_states, plan.dst, plan.src)
+            merge = matching.plan(plan.r) if plan.r > 0 else None
+            if plan.mode == AGENT and not plan.pool:
+                agent_merge = matching.plan(plan.r_agent)
+        if shared is not None:
+            shared[key] = (merge, agent_merge)
+        return merge, agent_merge
+
     def _forward(self, attn: Attention, hidden_states: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
         config = self.state.config
         batch = hidden_states.shape[0]
-        matching = bipartite_matching(hidden_states, plan.dst, plan.src)
-        merge = matching.plan(plan.r) if plan.r > 0 else None
+        merge, agent_merge = self.merges(hidden_states, plan)
         x = merge.merge(hidden_states) if merge is not None else hidden_states
 
         def heads(t: torch.Tensor) -> torch.Tensor:
@@ -214,7 +246,11 @@ class AgentSDProcessor:
         dtype = self.precision(attn) or out_dtype
         backend = self.backend(hidden_states)
         if plan.mode == AGENT:
-            agents = heads(attn.to_q(matching.plan(plan.r_agent).merge(hidden_states)))
+            if plan.pool:
+                agent_tokens = cell_means(hidden_states, plan.h, plan.w, plan.sx, plan.sy)
+            else:
+                agent_tokens = agent_merge.merge(hidden_states)
+            agents = heads(attn.to_q(agent_tokens))
             if attn.norm_q is not None:
                 agents = attn.norm_q(agents)
             out = agent_attention(

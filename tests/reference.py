@@ -31,10 +31,25 @@ def _softmax_attention(q, k, v, scale):
     return torch.einsum("ij,jd->id", weights, v)
 
 
+def _cell_means(xb, cells):
+    """Mean of every whole sy x sx cell of an h x w grid, cells in row-major order."""
+    h, w, sx, sy = cells
+    means = []
+    for top in range(0, (h // sy) * sy, sy):
+        for left in range(0, (w // sx) * sx, sx):
+            group = [(top + i) * w + left + j for i in range(sy) for j in range(sx)]
+            means.append(xb[group].mean(0))
+    return torch.stack(means)
+
+
 @torch.no_grad()
-def reference_self_attention(attn, x, dst, ratio, agent_ratio, k_scale2, k_shortcut):
+def reference_self_attention(attn, x, dst, ratio, agent_ratio, k_scale2, k_shortcut, match_x=None, pool_cells=None):
     """Agent attention (or ToMe when agents don't pay, or agent_ratio is None) of a diffusers
-    `Attention` module's weights on x (B, N, C), with the given destination positions."""
+    `Attention` module's weights on x (B, N, C), with the given destination positions.
+
+    Options: `match_x` ranks and matches tokens by the similarity of another tensor of x's
+    shape (a matching shared from another layer); `pool_cells=(h, w, sx, sy)` makes the
+    agents the means of the whole grid cells instead of a merge at `agent_ratio`."""
     lin = {name: (getattr(attn, name).weight.double(), getattr(attn, name).bias) for name in ("to_q", "to_k", "to_v")}
 
     def project(name, t):
@@ -49,11 +64,15 @@ def reference_self_attention(attn, x, dst, ratio, agent_ratio, k_scale2, k_short
     src = [p for p in range(num_tokens) if p not in dst_set]
     r = min(len(src), math.floor(num_tokens * ratio))
     r_agent = None if agent_ratio is None else min(len(src), math.floor(num_tokens * agent_ratio))
-    use_agents = r_agent is not None and 2 * (num_tokens - r_agent) < num_tokens - r
+    use_agents = False
+    if agent_ratio is not None:
+        num_agents = len(dst) if pool_cells is not None else num_tokens - r_agent
+        use_agents = 2 * num_agents < num_tokens - r
     outputs = []
     for b in range(batch):
         xb = x[b].double()
-        unit = xb / xb.norm(dim=-1, keepdim=True)
+        mb = xb if match_x is None else match_x[b].double()
+        unit = mb / mb.norm(dim=-1, keepdim=True)
         sim = torch.einsum("sc,dc->sd", unit[src], unit[dst])
         score, best = sim.max(dim=-1)
         order = sorted(range(len(src)), key=lambda i: -float(score[i]))
@@ -63,7 +82,10 @@ def reference_self_attention(attn, x, dst, ratio, agent_ratio, k_scale2, k_short
         d = q.shape[-1] // heads
         s = d**-0.5
         if use_agents:
-            agents = project("to_q", _merge(xb, dst, src, best, order, r_agent)[0])
+            tokens = (
+                _cell_means(xb, pool_cells) if pool_cells is not None else _merge(xb, dst, src, best, order, r_agent)[0]
+            )
+            agents = project("to_q", tokens)
         per_head = []
         for hd in range(heads):
             part = slice(hd * d, (hd + 1) * d)

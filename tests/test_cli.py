@@ -158,3 +158,26 @@ def test_ctrl_c_keeps_every_finished_image(models, tmp_path):
         assert Image.open(png).size == (64, 64)
         assert png.with_suffix(".json").exists()
     assert not list(out.glob(".*tmp"))
+
+
+def test_every_config_field_has_a_flag_that_reaches_the_config():
+    """A value different from the default, for every AgentSDConfig field, parsed from its flag."""
+    import dataclasses
+
+    from agentsd import AgentSDConfig
+    from agentsd.cli import FLAG_NAMES, agent_config, build_parser
+
+    other = dict(attn_precision="fp32", attention_backend="einsum", agent_selection="pool")
+    argv = ["generate", "--model", "m", "--prompt", "p"]
+    expected = {}
+    for f in dataclasses.fields(AgentSDConfig):
+        flag = "--" + FLAG_NAMES.get(f.name, f.name.replace("_", "-"))
+        if isinstance(f.default, bool):
+            argv.append(flag if not f.default else "--no-" + flag[2:])
+            expected[f.name] = not f.default
+        else:
+            value = other.get(f.name, 2 if isinstance(f.default, int) else 0.25)
+            argv += [flag, str(value)]
+            expected[f.name] = value
+    config = agent_config(build_parser().parse_args(argv))
+    assert config.to_dict() == expected

@@ -18,22 +18,29 @@ def run(unet, sample, context):
         return [unet(sample, torch.tensor(t), encoder_hidden_states=context).sample for t in TIMESTEPS]
 
 
-@pytest.fixture
-def patched_unet():
-    torch.manual_seed(0)
-    unet = tiny_unet("sd15").eval()
-    agentsd.patch(unet, use_rand=True)
-    return unet
+# The default path, and the opt-in options that keep state per UNet call (shared matching)
+# or skip the matching (pooled agents, no merge in the agent phase).
+OPTIONS = {
+    "default": dict(use_rand=True),
+    "shared-matching+pool": dict(use_rand=True, share_matching=True, agent_selection="pool", ratio=0.0),
+}
 
 
-@pytest.mark.parametrize("regional", [False, True], ids=["whole-unet", "compile_repeated_blocks"])
-def test_compiled_patched_unet_matches_eager_without_recompiling(patched_unet, regional):
+@pytest.mark.parametrize(
+    "options, regional",
+    [("default", False), ("default", True), ("shared-matching+pool", False)],
+    ids=["whole-unet", "compile_repeated_blocks", "whole-unet-shared-matching+pool"],
+)
+def test_compiled_patched_unet_matches_eager_without_recompiling(options, regional):
     torch._dynamo.reset()
+    torch.manual_seed(0)
+    patched_unet = tiny_unet("sd15").eval()
+    agentsd.patch(patched_unet, **OPTIONS[options])
     sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
     eager = run(patched_unet, sample, context)
     agentsd.unpatch(patched_unet)
     baseline = run(patched_unet, sample, context)
-    agentsd.patch(patched_unet, use_rand=True)
+    agentsd.patch(patched_unet, **OPTIONS[options])
     if regional:
         patched_unet.compile_repeated_blocks(backend="aot_eager")
         compiled = patched_unet

@@ -30,6 +30,10 @@ BAD_VALUES = [
     ("attn_precision", "fp16"),
     ("attn_precision", 32),
     ("attention_backend", "flash"),
+    ("min_tokens", -1),
+    ("min_tokens", 256.0),
+    ("share_matching", "yes"),
+    ("agent_selection", "mean"),
 ]
 
 
@@ -47,6 +51,7 @@ def test_defaults_are_the_published_recipe():
     assert (c.ratio, c.agent_ratio, c.sx, c.sy, c.max_downsample) == (0.4, 0.95, 4, 4, 1)
     assert (c.k_scale2, c.k_shortcut, c.use_rand, c.attn_precision) == (0.3, 0.075, True, None)
     assert (c.agent_steps, c.late_ratio, c.late_sx, c.late_sy) == (0.4, 0.4, 2, 2)
+    assert (c.share_matching, c.agent_selection) == (False, "match")  # the opt-ins are off
 
 
 def test_replace_validates_and_rejects_unknown_fields():

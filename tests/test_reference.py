@@ -199,3 +199,84 @@ def test_xformers_backend_gets_its_layout_and_the_explicit_scale(monkeypatch):
     assert [shape for shape, _ in received] == [(2, 5, 3, 8), (2, 40, 3, 8)]
     assert [s for _, s in received] == pytest.approx([8**-0.5, 8**-0.15])
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+# Opt-in options that change outputs: each against the reference with the same option.
+
+
+def count_matchings(monkeypatch):
+    calls = []
+    matching = agentsd.processor.bipartite_matching
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return matching(*args, **kwargs)
+
+    monkeypatch.setattr(agentsd.processor, "bipartite_matching", counting)
+    return calls
+
+
+@pytest.mark.parametrize("grid", CASES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pooled_agents_match_reference(grid, batch, monkeypatch):
+    h, w, sx, sy = grid
+    config = AgentSDConfig(sx=sx, sy=sy, agent_selection="pool", use_rand=True, seed=5)
+    attn = make_attention(seed=9)
+    x = torch.randn(batch, h * w, 32)
+    out, dst = run_processor(attn, x, h, w, config, AGENT_T, monkeypatch)
+    ref, used_agents = reference_self_attention(attn, x, dst, 0.4, 0.95, 0.3, 0.075, pool_cells=(h, w, sx, sy))
+    assert used_agents
+    assert relative_error(out, ref) <= 1e-5
+    match_ref, _ = reference_self_attention(attn, x, dst, 0.4, 0.95, 0.3, 0.075)
+    assert relative_error(match_ref.float(), ref) > 1e-3  # pooling is a different method
+
+
+def test_pooled_agents_without_merging_skip_the_matching(monkeypatch):
+    calls = count_matchings(monkeypatch)
+    config = AgentSDConfig(ratio=0.0, agent_selection="pool", use_rand=False)
+    attn = make_attention(seed=10)
+    x = torch.randn(2, 12 * 16, 32)
+    out, dst = run_processor(attn, x, 12, 16, config, AGENT_T, monkeypatch)
+    ref, used_agents = reference_self_attention(attn, x, dst, 0.0, 0.95, 0.3, 0.075, pool_cells=(12, 16, 4, 4))
+    assert used_agents and not calls
+    assert relative_error(out, ref) <= 1e-5
+
+
+def test_shared_matching_reuses_the_first_layers_merges(monkeypatch):
+    """Two layers of one grid: the second attends its own input through the merges matched on
+    the first layer's input; the next UNet call matches anew."""
+    calls = count_matchings(monkeypatch)
+    drawn = []
+    fixed = agentsd.processor.destination_indices
+    monkeypatch.setattr(agentsd.processor, "destination_indices", lambda *a: drawn.append(fixed(*a)) or drawn[-1])
+    state = AgentSDState(AgentSDConfig(share_matching=True, seed=1))
+    first, second = make_attention(seed=11), make_attention(seed=12)
+    first.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "a"))
+    second.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "b"))
+    x1, x2 = torch.randn(2, 160, 32), torch.randn(2, 160, 32)
+    for timestep in (AGENT_T, LATE_T):
+        calls.clear()
+        drawn.clear()
+        state.begin_call(torch.zeros(2, 4, 10, 16), torch.tensor(timestep))
+        with torch.no_grad():
+            out1, out2 = first(x1), second(x2)
+        agent_ratio = 0.95 if timestep == AGENT_T else None
+        dst = drawn[0]  # layer "a" is planned first (plans are made in name order)
+        ref1, _ = reference_self_attention(first, x1, dst, 0.4, agent_ratio, 0.3, 0.075)
+        ref2, _ = reference_self_attention(second, x2, dst, 0.4, agent_ratio, 0.3, 0.075, match_x=x1)
+        assert len(calls) == 1
+        assert relative_error(out1, ref1) <= 1e-5
+        assert relative_error(out2, ref2) <= 1e-5
+
+
+@pytest.mark.parametrize("min_tokens, acts", [(161, False), (160, True)])
+def test_grids_under_min_tokens_run_the_original_processor(min_tokens, acts):
+    attn = make_attention(seed=13)
+    x = torch.randn(2, 160, 32)
+    with torch.no_grad():
+        expected = attn(x)
+    state = AgentSDState(AgentSDConfig(min_tokens=min_tokens))
+    attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1"))
+    state.begin_call(torch.zeros(2, 4, 10, 16), torch.tensor(AGENT_T))
+    with torch.no_grad():
+        assert torch.equal(attn(x), expected) != acts
