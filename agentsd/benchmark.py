@@ -16,6 +16,17 @@ Methods:
     reference         the agent phase computed with unfused einsum, as the published code does
     ceiling           the patched self-attention layers replaced by a zero-cost stand-in: the
                       bound of any method that changes self-attention only
+
+Opt-in methods (run only when named in `methods`), the agent phase with an option that
+changes outputs:
+    agentsd-shared    one matching per grid and UNet call (`share_matching=True`)
+    agentsd-pool      pooled agents (`agent_selection="pool"`)
+    agentsd-pool-r0   pooled agents and no merge (`ratio=0`): no matching at all
+
+With `compile` set, each method also runs under `torch.compile(unet)` as `<method>+compile`.
+Those rows are timed one method after the other (one compilation each, thrown away with the
+warm-up rounds), not interleaved, and their speedups and ceiling fractions are against the
+compiled baseline and the compiled ceiling.
 """
 
 from __future__ import annotations
@@ -80,6 +91,17 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESETS = {"sd15": "paper", "sd21": "sd21", "sdxl": "sdxl", "tiny": "paper"}
 METHODS = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "tomesd", "reference", "ceiling")
+OPTIONAL_METHODS = ("agentsd-shared", "agentsd-pool", "agentsd-pool-r0")
+COMPILE_SUFFIX = "+compile"
+# The agentsd methods: the config overrides that make each one.
+AGENTSD_METHODS = {
+    "agentsd-agent": dict(agent_steps=1.0),
+    "agentsd-tome": dict(agent_steps=0.0),
+    "reference": dict(agent_steps=1.0, attention_backend="einsum"),
+    "agentsd-shared": dict(agent_steps=1.0, share_matching=True),
+    "agentsd-pool": dict(agent_steps=1.0, agent_selection="pool"),
+    "agentsd-pool-r0": dict(agent_steps=1.0, agent_selection="pool", ratio=0.0),
+}
 LATENT_FACTOR = 8  # image pixels per latent pixel in every SD VAE
 FIELDS = (
     "arch", "size", "batch", "dtype", "device", "torch", "diffusers", "commit", "method", "preset",
@@ -151,14 +173,9 @@ def method_context(method: str, unet: UNet2DConditionModel, config: AgentSDConfi
         import tomesd
 
         return _tomesd(unet, tomesd, config)
-    phase = {
-        "agentsd-agent": dict(agent_steps=1.0),
-        "agentsd-tome": dict(agent_steps=0.0),
-        "reference": dict(agent_steps=1.0, attention_backend="einsum"),
-    }
-    if method not in phase:
-        raise ValueError(f"unknown method {method!r}: use any of {', '.join(METHODS)}.")
-    return _agentsd(unet, config.replace(**phase[method]))
+    if method not in AGENTSD_METHODS:
+        raise ValueError(f"unknown method {method!r}: use any of {', '.join(METHODS + OPTIONAL_METHODS)}.")
+    return _agentsd(unet, config.replace(**AGENTSD_METHODS[method]))
 
 
 @contextlib.contextmanager
@@ -230,6 +247,24 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed_call(model: Callable, inputs: tuple[tuple, dict[str, Any]], device: torch.device) -> tuple[float, float]:
+    """(milliseconds, peak MB) of one call of `model` on `inputs`."""
+    args, kwargs = inputs
+    with PeakMemory(device) as memory:
+        _synchronize(device)
+        start = time.perf_counter()
+        model(*args, **kwargs)
+        _synchronize(device)
+        elapsed = (time.perf_counter() - start) * 1000
+    return elapsed, memory.peak_mb
+
+
+def _record(results: dict[str, dict[str, Any]], method: str, elapsed: float, peak_mb: float) -> None:
+    entry = results.setdefault(method, {"ms": [], "peak_mb": 0.0})
+    entry["ms"].append(elapsed)
+    entry["peak_mb"] = max(entry["peak_mb"], peak_mb)
+
+
 def time_methods(
     unet: UNet2DConditionModel,
     inputs: tuple[tuple, dict[str, Any]],
@@ -239,20 +274,40 @@ def time_methods(
     warmup: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """Milliseconds of each repeat and the peak memory per method, interleaved."""
-    device = unet.device
-    args, kwargs = inputs
-    results = {m: {"ms": [], "peak_mb": 0.0} for m in methods}
+    results: dict[str, dict[str, Any]] = {}
     for round_index in range(warmup + repeats):
         for method in methods:
-            with torch.no_grad(), method_context(method, unet, config), PeakMemory(device) as memory:
-                _synchronize(device)
-                start = time.perf_counter()
-                unet(*args, **kwargs)
-                _synchronize(device)
-                elapsed = (time.perf_counter() - start) * 1000
+            with torch.no_grad(), method_context(method, unet, config):
+                elapsed, peak_mb = _timed_call(unet, inputs, unet.device)
             if round_index >= warmup:
-                results[method]["ms"].append(elapsed)
-                results[method]["peak_mb"] = max(results[method]["peak_mb"], memory.peak_mb)
+                _record(results, method, elapsed, peak_mb)
+    return results
+
+
+def time_compiled(
+    unet: UNet2DConditionModel,
+    inputs: tuple[tuple, dict[str, Any]],
+    methods: Sequence[str],
+    config: AgentSDConfig,
+    repeats: int = 3,
+    warmup: int = 1,
+    backend: str = "inductor",
+) -> dict[str, dict[str, Any]]:
+    """Like `time_methods` under `torch.compile(unet, backend=backend)`, one method after the
+    other (a compilation each); results keyed `<method>+compile`. At least one warm-up round
+    runs, so the compilation is never timed. tomesd and xformers are left out."""
+    results: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        if method not in ("baseline", "ceiling", *AGENTSD_METHODS):
+            continue
+        torch._dynamo.reset()
+        compiled = torch.compile(unet, backend=backend)
+        with torch.no_grad(), method_context(method, unet, config):
+            for round_index in range(max(warmup, 1) + repeats):
+                elapsed, peak_mb = _timed_call(compiled, inputs, unet.device)
+                if round_index >= max(warmup, 1):
+                    _record(results, method + COMPILE_SUFFIX, elapsed, peak_mb)
+    torch._dynamo.reset()
     return results
 
 
@@ -286,12 +341,15 @@ def scenario_rows(
 ) -> list[dict[str, Any]]:
     """Rows of one scenario, with speedups against its baseline and the derived schedule row."""
     median = {m: statistics.median(t["ms"]) for m, t in timings.items()}
-    if "agentsd-agent" in median and "agentsd-tome" in median:
-        share = config.agent_steps
-        median["agentsd-schedule"] = share * median["agentsd-agent"] + (1 - share) * median["agentsd-tome"]
-    base, ceiling = median["baseline"], median.get("ceiling")
+    for suffix in ("", COMPILE_SUFFIX):
+        agent, tome = median.get("agentsd-agent" + suffix), median.get("agentsd-tome" + suffix)
+        if agent is not None and tome is not None:
+            median["agentsd-schedule" + suffix] = config.agent_steps * agent + (1 - config.agent_steps) * tome
     rows = []
     for method, ms in median.items():
+        # Compiled rows are measured against the compiled baseline and ceiling.
+        suffix = COMPILE_SUFFIX if method.endswith(COMPILE_SUFFIX) else ""
+        base, ceiling = median["baseline" + suffix], median.get("ceiling" + suffix)
         measured = timings.get(method)
         speedup = base / ms
         row = dict(scenario, method=method, median_ms=round(ms, 3))
@@ -319,6 +377,7 @@ def run_benchmark(
     warmup: int = 1,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    compile: str | None = None,
     progress: bool = True,
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -332,6 +391,7 @@ def run_benchmark(
         preset: agentsd preset (name or YAML); default per arch (`DEFAULT_PRESETS`).
         repeats, warmup: timed and discarded rounds per method.
         device, dtype: default CUDA in fp16 when present, else the CPU in fp32.
+        compile: a torch.compile backend (`"inductor"`): also time the methods compiled.
         on_rows: called with each scenario's rows as soon as it finishes (to save as you go).
 
     Returns:
@@ -345,9 +405,10 @@ def run_benchmark(
     chosen = list(methods) if methods else available_methods(device)
     if "baseline" not in chosen:
         chosen.insert(0, "baseline")
-    unknown = sorted(set(chosen) - set(METHODS))
+    unknown = sorted(set(chosen) - set(METHODS) - set(OPTIONAL_METHODS))
     if unknown:
-        raise ValueError(f"unknown methods {', '.join(unknown)}: use any of {', '.join(METHODS)}.")
+        known = ", ".join(METHODS + OPTIONAL_METHODS)
+        raise ValueError(f"unknown methods {', '.join(unknown)}: use any of {known}.")
     import diffusers
 
     common = dict(
@@ -369,7 +430,10 @@ def run_benchmark(
         name = preset or DEFAULT_PRESETS[arch]
         config = load_preset(name)
         try:
-            timings = time_methods(unet, unet_inputs(unet, size, batch), chosen, config, repeats, warmup)
+            inputs = unet_inputs(unet, size, batch)
+            timings = time_methods(unet, inputs, chosen, config, repeats, warmup)
+            if compile:
+                timings.update(time_compiled(unet, inputs, chosen, config, repeats, warmup, compile))
         except torch.OutOfMemoryError:
             logger.warning("%s at %d px x%d ran out of memory: skipped", arch, size, batch)
             torch.cuda.empty_cache()
@@ -444,8 +508,10 @@ __all__ = [
     "ARCHITECTURES",
     "FIELDS",
     "METHODS",
+    "OPTIONAL_METHODS",
     "build_unet",
     "run_benchmark",
+    "time_compiled",
     "time_methods",
     "unet_inputs",
     "write_results",

@@ -199,6 +199,7 @@ def _bench(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             device=None if args.device == "auto" else args.device,
             dtype=dtype,
+            compile=args.compile,
             on_rows=save,
         )
     except KeyboardInterrupt:
@@ -289,12 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--arch", nargs="+", default=["sd15"], help="sd15, sd21, sdxl (or tiny)")
     bench.add_argument("--sizes", nargs="+", type=int, default=[512], help="image sides in pixels")
     bench.add_argument("--batches", nargs="+", type=int, default=[1], help="images per prompt (UNet batch x2)")
-    bench.add_argument("--methods", nargs="+", help="default: every method that runs here")
+    bench.add_argument(
+        "--methods",
+        nargs="+",
+        help="default: every method that runs here (opt-in: agentsd-shared, agentsd-pool, agentsd-pool-r0)",
+    )
     bench.add_argument("--preset", help="agentsd preset; default per arch: paper, sd21, sdxl")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
+    bench.add_argument(
+        "--compile", nargs="?", const="inductor", metavar="BACKEND",
+        help="also time every method under torch.compile (default backend: inductor)",
+    )  # fmt: skip
     bench.add_argument("--out", default="bench-out", help="output folder")
     bench.set_defaults(run=_bench)
 

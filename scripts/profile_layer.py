@@ -83,7 +83,7 @@ def main():
         for size_, tokens, mode, total, parts, base in profile(size, args.repeats, not args.no_baseline):
             overhead = parts["matching"] + parts["merge"] + parts.get("agent merge", 0) + parts["unmerge"]
             cells = [f"{parts[n]:.1f}" if n in parts else "" for n in names]
-            base_cell = f"{base:.0f}" if base is not None else ""
+            base_cell = f"{base:.1f}" if base is not None else ""
             print(f"| {size_} | {tokens} | {mode} | {base_cell} | {total:.1f} | " + " | ".join(cells)
                   + f" | {100 * overhead / total:.0f} % |", flush=True)  # fmt: skip
 

@@ -81,3 +81,26 @@ def test_cli_bench_runs_and_writes_files(tmp_path):
     assert result.returncode == 0, result.stderr
     assert {p.name for p in tmp_path.iterdir()} == {"results.json", "results.csv", "results.md", "speedup.png"}
     assert "| tiny | 128 | 1 | agentsd-agent |" in result.stdout
+
+
+def test_compiled_rows_and_opt_in_methods():
+    """`compile` adds a `+compile` row per compilable method, measured against the compiled
+    baseline; the opt-in agentsd methods run when named. (Dynamo's `eager`
+    backend: the harness is under test here, compilation itself in test_compile.py.)"""
+    methods = ["baseline", "agentsd-agent"]
+    rows = benchmark.run_benchmark(
+        archs=["tiny"], sizes=[128], methods=methods, repeats=1, warmup=0, compile="eager", progress=False
+    )
+    by = {r["method"]: r for r in rows}
+    assert set(by) == set(methods) | {m + "+compile" for m in methods}
+    assert by["baseline+compile"]["speedup"] == 1.0
+    assert by["agentsd-agent+compile"]["speedup"] == pytest.approx(
+        by["baseline+compile"]["median_ms"] / by["agentsd-agent+compile"]["median_ms"], rel=1e-3
+    )
+    assert by["agentsd-agent+compile"]["repeats"] == 1  # the compiling warm-up round is not counted
+
+    opt_in = ["agentsd-shared", "agentsd-pool", "agentsd-pool-r0"]
+    rows = benchmark.run_benchmark(archs=["tiny"], sizes=[128], methods=opt_in, repeats=1, warmup=0, progress=False)
+    assert {r["method"] for r in rows} == {"baseline", *opt_in}
+    with pytest.raises(ValueError, match="unknown methods agentsd-fast"):
+        benchmark.run_benchmark(archs=["tiny"], sizes=[128], methods=["agentsd-fast"], progress=False)
