@@ -32,6 +32,8 @@ IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), d
 MASK = Image.fromarray(np.tile((np.arange(64) > 32).astype(np.uint8) * 255, (64, 1)))
 STEPS = 4
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
 
 def img2img():
     """StableDiffusionImg2ImgPipeline, strength 0.9"""
@@ -213,3 +215,24 @@ def test_deepcache():
 
     helper.disable()
     assert np.array_equal(generate(pipe, {}), plain)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fp16():
+    """fp16 on CUDA: the half-precision CUDA kernels in both agentsd and the baseline."""
+    check_patch_cycle(tiny_pipeline("sd15").to("cuda", torch.float16), {})
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda]), "cpu"])
+def test_model_cpu_offload(device):
+    """`enable_model_cpu_offload`: accelerate hooks wrap each model's forward and move the model
+    to `device` for its call (fp16 on CUDA, where the UNet really travels). With `device="cpu"`
+    (diffusers accepts it) the moves are no-ops but the hooks are the same, so CI checks that
+    agentsd composes with them. After unpatching the offload is still in place."""
+    pipe = tiny_pipeline("sd15")
+    if device == "cuda":
+        pipe.to(torch.float16)
+    pipe.enable_model_cpu_offload(device=device)
+    check_patch_cycle(pipe, {})
+    assert hasattr(pipe.unet, "_hf_hook") and pipe.unet.device.type == "cpu"  # offloaded again
