@@ -4,7 +4,9 @@ combine it with.
 Each cell runs the patch cycle: the patched run is finite and differs from the baseline, agentsd
 replaced self-attention (`attn1`) processors only and every other processor is still the same
 object, and after unpatching the pipeline has all its original processors and gives the baseline
-bit for bit.
+bit for bit. `python scripts/compat_matrix.py` runs these cells (and the related tests in other
+files) and writes the matrix in the README; `test_readme_matrix_lists_every_cell` keeps the two
+in step.
 """
 
 import tempfile
@@ -31,6 +33,8 @@ from agentsd.testing import tiny_pipeline
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
 MASK = Image.fromarray(np.tile((np.arange(64) > 32).astype(np.uint8) * 255, (64, 1)))
 STEPS = 4
+README = Path(__file__).parents[1] / "README.md"
+MATRIX_MARKERS = ("<!-- compat-matrix:start -->", "<!-- compat-matrix:end -->")
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -236,3 +240,18 @@ def test_model_cpu_offload(device):
     pipe.enable_model_cpu_offload(device=device)
     check_patch_cycle(pipe, {})
     assert hasattr(pipe.unet, "_hf_hook") and pipe.unet.device.type == "cpu"  # offloaded again
+
+
+def test_readme_matrix_lists_every_cell():
+    """scripts/compat_matrix.py writes the README's matrix from these tests; a cell or test added
+    here without rerunning it fails this (no pipeline runs)."""
+    start, end = MATRIX_MARKERS
+    readme = README.read_text()
+    rerun = "rerun python scripts/compat_matrix.py"
+    assert readme.count(start) == 1 and readme.count(end) == 1, f"the README needs one of each marker; {rerun}"
+    matrix = readme.split(start)[1].split(end)[0]
+    rows = {line.split("|")[1].strip().strip("`") for line in matrix.splitlines() if line.startswith("| `")}
+    assert set(CELLS) <= rows, f"cells missing from the README matrix: {set(CELLS) - rows}; {rerun}"
+    tests = [name for name in globals() if name.startswith("test_") and name != "test_readme_matrix_lists_every_cell"]
+    missing = [name for name in tests if f"test_compat.py::{name}" not in matrix]
+    assert not missing, f"tests missing from the README matrix: {missing}; {rerun}"
