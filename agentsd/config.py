@@ -50,7 +50,8 @@ class AgentSDConfig:
             where the replaced processor was xformers' and the tensors are on CUDA, else SDPA.
         min_tokens: layers whose grid has fewer tokens than this run exact attention (their
             original processor), >= 0: there the fixed cost of matching and merging outweighs
-            what it saves. 256 is the break-even measured on the CPU (see the README).
+            what it saves. 256 (a 16x16 grid) is the smallest grid measured on the CPU to
+            win clearly; see the README's "Never slower".
         share_matching: opt-in, changes outputs. Compute the bipartite matching once per
             token grid and UNet call, in the first patched layer of that grid, and reuse its
             merges in the other layers of the same grid (SD 1.5: 5 layers share one).
@@ -84,7 +85,7 @@ class AgentSDConfig:
     late_sx: int = 2
     late_sy: int = 2
     attention_backend: str | None = None
-    min_tokens: int = 0
+    min_tokens: int = 256
     share_matching: bool = False
     agent_selection: str = "match"
 

@@ -14,7 +14,8 @@ from agentsd.patch import PATCH_ATTR
 from agentsd.processor import AgentSDProcessor
 from agentsd.testing import tiny_pipeline
 
-PATCH_ARGS = {"sd15": {}, "sd2": {}, "sdxl": {"max_downsample": 2}}
+# The tiny SDXL's first attention level is an 8x8 grid, under the default min_tokens floor.
+PATCH_ARGS = {"sd15": {}, "sd2": {}, "sdxl": {"max_downsample": 2, "min_tokens": 0}}
 EXPECTED_LAYERS = {
     "sd15": {"down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"},
     "sd2": {"down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"},
@@ -219,7 +220,7 @@ def test_pipeline_loaded_with_from_pretrained(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("size", [(72, 40), (56, 104)])
 def test_sizes_that_strides_do_not_divide(size):
-    pipe = agentsd.patch(tiny_pipeline("sd15"), agent_steps=1.0)
+    pipe = agentsd.patch(tiny_pipeline("sd15"), agent_steps=1.0, min_tokens=0)  # 18x10 is 180 tokens
     out = generate(pipe, height=size[0], width=size[1], num_images_per_prompt=3)
     assert out.shape == (3, size[0], size[1], 3)
     assert np.isfinite(out).all()

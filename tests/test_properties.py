@@ -46,7 +46,7 @@ def test_merge_counts_shapes_and_group_constant_roundtrip(grid, batch, ratio, se
 )
 def test_processor_preserves_shape_and_stays_finite(grid, batch, agent_phase, fill):
     h, w, sx, sy = grid
-    config = AgentSDConfig(sx=sx, sy=sy, late_sx=sx, late_sy=sy, late_ratio=0.4)
+    config = AgentSDConfig(sx=sx, sy=sy, late_sx=sx, late_sy=sy, late_ratio=0.4, min_tokens=0)
     attn = Attention(16, heads=2, dim_head=8).eval()
     x = {"random": torch.randn, "zeros": torch.zeros, "constant": torch.ones}[fill](batch, h * w, 16)
     state = AgentSDState(config)

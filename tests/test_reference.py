@@ -31,7 +31,8 @@ def run_processor(attn, x, h, w, config, timestep, monkeypatch):
         return drawn[-1]
 
     monkeypatch.setattr(agentsd.processor, "destination_indices", recording)
-    state = AgentSDState(config)
+    # Most grids here are under the default min_tokens floor: the algorithm tests switch it off.
+    state = AgentSDState(config.replace(min_tokens=0))
     attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1"))
     state.begin_call(torch.zeros(x.shape[0], 4, h, w), torch.tensor(timestep))
     with torch.no_grad():
@@ -249,7 +250,7 @@ def test_shared_matching_reuses_the_first_layers_merges(monkeypatch):
     drawn = []
     fixed = agentsd.processor.destination_indices
     monkeypatch.setattr(agentsd.processor, "destination_indices", lambda *a: drawn.append(fixed(*a)) or drawn[-1])
-    state = AgentSDState(AgentSDConfig(share_matching=True, seed=1))
+    state = AgentSDState(AgentSDConfig(share_matching=True, seed=1, min_tokens=0))
     first, second = make_attention(seed=11), make_attention(seed=12)
     first.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "a"))
     second.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "b"))
