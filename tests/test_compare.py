@@ -80,6 +80,9 @@ def test_parse_method():
     paper = compare.parse_method("paper:ratio=0.5,use_rand=false")
     assert paper.config.ratio == 0.5 and paper.config.use_rand is False and paper.ratio == 0.5
     assert compare.parse_method("agentsd:agent_ratio=0.9").config.agent_ratio == 0.9
+    # The opt-in selection shortcuts, as their quality is measured.
+    shortcut = compare.parse_method("paper:share_matching=true,agent_selection=pool,ratio=0").config
+    assert (shortcut.share_matching, shortcut.agent_selection, shortcut.ratio) == (True, "pool", 0)
     with pytest.raises(ValueError, match="ratio"):
         compare.parse_method("paper:ratio=3")
     with pytest.raises(compare.GenerationError, match="no field"):
