@@ -302,10 +302,11 @@ def time_compiled(
             continue
         torch._dynamo.reset()
         compiled = torch.compile(unet, backend=backend)
+        warm = max(warmup, 1)
         with torch.no_grad(), method_context(method, unet, config):
-            for round_index in range(max(warmup, 1) + repeats):
+            for round_index in range(warm + repeats):
                 elapsed, peak_mb = _timed_call(compiled, inputs, unet.device)
-                if round_index >= max(warmup, 1):
+                if round_index >= warm:
                     _record(results, method + COMPILE_SUFFIX, elapsed, peak_mb)
     torch._dynamo.reset()
     return results

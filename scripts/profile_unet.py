@@ -19,14 +19,15 @@ import torch
 
 import agentsd
 from agentsd import merge, processor
-from agentsd.benchmark import build_unet, unet_inputs
+from agentsd.benchmark import AGENTSD_METHODS, build_unet, unet_inputs
 
+# Row label -> the benchmark method whose config overrides it runs.
 VARIANTS = {
-    "agent phase (default)": dict(agent_steps=1.0),
-    "agent phase, share_matching": dict(agent_steps=1.0, share_matching=True),
-    "agent phase, pooled agents": dict(agent_steps=1.0, agent_selection="pool"),
-    "agent phase, pooled agents, ratio 0": dict(agent_steps=1.0, agent_selection="pool", ratio=0.0),
-    "ToMe phase (default)": dict(agent_steps=0.0),
+    "agent phase (default)": "agentsd-agent",
+    "agent phase, share_matching": "agentsd-shared",
+    "agent phase, pooled agents": "agentsd-pool",
+    "agent phase, pooled agents, ratio 0": "agentsd-pool-r0",
+    "ToMe phase (default)": "agentsd-tome",
 }
 # (owner, attribute, bucket): the functions timed, and whether they count as selection.
 TIMED = [
@@ -110,8 +111,8 @@ def main():
     print("| size | variant | UNet ms | patched layers ms | selection ms | selection share |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
-        for name, overrides in VARIANTS.items():
-            total, layers, selection = profile(unet, size, args.repeats, overrides)
+        for name, method in VARIANTS.items():
+            total, layers, selection = profile(unet, size, args.repeats, AGENTSD_METHODS[method])
             share = 100 * selection / layers
             print(f"| {size} | {name} | {total:.0f} | {layers:.1f} | {selection:.1f} | {share:.1f} % |", flush=True)
 
