@@ -88,8 +88,11 @@ class Matching:
         batch, num_src = self.best_dst.shape
         num_dst = self.dst.numel()
         device = self.best_dst.device
-        merged = torch.zeros(batch, num_src, dtype=torch.bool, device=device)
-        merged.scatter_(1, self.best_score.topk(r, dim=-1).indices, True)
+        if r >= num_src:  # every source merges (the agent merge of the paper's agent phase)
+            merged = torch.ones(batch, num_src, dtype=torch.bool, device=device)
+        else:
+            merged = torch.zeros(batch, num_src, dtype=torch.bool, device=device)
+            merged.scatter_(1, self.best_score.topk(r, dim=-1).indices, True)
         unmerged_slot = (~merged).cumsum(dim=1) - 1
         src_slot = torch.where(merged, num_src - r + self.best_dst, unmerged_slot)
         index = torch.empty(batch, num_src + num_dst, dtype=torch.long, device=device)
