@@ -460,6 +460,48 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The speed targets the rows are read against (see `target_lines`).
+CEILING_TARGET = 0.9  # fraction of the ceiling's speedup reached in the agent phase
+TOMESD_TARGET = 1.3  # agentsd's speed over ToMe for SD at the same ratio
+DEFAULT_AGENTSD = ("agentsd-agent", "agentsd-tome", "agentsd-schedule")
+
+
+def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The speed targets read off the rows, one Markdown list item per scenario.
+
+    Never slower: every default agentsd row (agent phase, ToMe phase, the schedule; compiled
+    too) has a speedup of at least 1 over its own baseline, or is named. Then the agent
+    phase's fraction of the ceiling's speedup (eager and compiled) and agentsd's speed over
+    tomesd (tomesd time / agentsd time, for the agent phase and the schedule), where those
+    rows were run. Medians of one run: compare them with the p10/p90 spread in the table.
+    """
+    lines = []
+    for arch, size, batch in dict.fromkeys((r["arch"], r["size"], r["batch"]) for r in rows):
+        by = {r["method"]: r for r in rows if (r["arch"], r["size"], r["batch"]) == (arch, size, batch)}
+        slower = [
+            f"{method} {row['speedup']:.2f}x"
+            for method, row in by.items()
+            if method.removesuffix(COMPILE_SUFFIX) in DEFAULT_AGENTSD and row["speedup"] < 1
+        ]
+        checks = ["never slower: " + (f"NO ({', '.join(slower)})" if slower else "yes")]
+        for suffix in ("", COMPILE_SUFFIX):
+            fraction = by.get("agentsd-agent" + suffix, {}).get("ceiling_fraction")
+            if fraction is not None:
+                checks.append(
+                    f"agent phase{suffix}: {fraction:.1%} of the ceiling's speedup (target {CEILING_TARGET:.0%})"
+                )
+        if "tomesd" in by:
+            over = [
+                f"{label} {by['tomesd']['median_ms'] / by[method]['median_ms']:.2f}x"
+                for method, label in (("agentsd-agent", "agent phase"), ("agentsd-schedule", "schedule"))
+                if method in by
+            ]
+            if over:
+                checks.append(f"over tomesd: {', '.join(over)} (target {TOMESD_TARGET}x)")
+        lines.append(f"- {arch} {size} px x{batch}: " + "; ".join(checks))
+    return lines
+
+
 def plot_speedups(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Speedup against resolution, one line per method, one panel per (arch, batch)."""
     import matplotlib
@@ -499,7 +541,8 @@ def write_results(rows: Sequence[dict[str, Any]], out_dir: str | Path, command: 
         first = rows[0]
         header += f"Device: {first['device']}; torch {first['torch']}, diffusers {first['diffusers']}, "
         header += f"commit {first['commit']}\n\n"
-    paths["md"].write_text(header + markdown_table(rows))
+    targets = "\n## Targets\n\n" + "\n".join(target_lines(rows)) + "\n" if rows else ""
+    paths["md"].write_text(header + markdown_table(rows) + targets)
     if rows:
         plot_speedups(rows, paths["png"])
     return paths
@@ -512,6 +555,7 @@ __all__ = [
     "OPTIONAL_METHODS",
     "build_unet",
     "run_benchmark",
+    "target_lines",
     "time_compiled",
     "time_methods",
     "unet_inputs",

@@ -206,6 +206,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"interrupted: {len(rows)} rows of finished scenarios are in {args.out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(benchmark.markdown_table(rows))
+    print("\n".join(benchmark.target_lines(rows)))
     print(f"results in {args.out}/results.{{json,csv,md}} and {args.out}/speedup.png")
     return 0
 

@@ -81,6 +81,8 @@ def test_cli_bench_runs_and_writes_files(tmp_path):
     assert result.returncode == 0, result.stderr
     assert {p.name for p in tmp_path.iterdir()} == {"results.json", "results.csv", "results.md", "speedup.png"}
     assert "| tiny | 128 | 1 | agentsd-agent |" in result.stdout
+    assert "- tiny 128 px x1: never slower: " in result.stdout
+    assert "## Targets" in (tmp_path / "results.md").read_text()
 
 
 def test_compiled_rows_and_opt_in_methods():
@@ -104,3 +106,26 @@ def test_compiled_rows_and_opt_in_methods():
     assert {r["method"] for r in rows} == {"baseline", *opt_in}
     with pytest.raises(ValueError, match="unknown methods agentsd-fast"):
         benchmark.run_benchmark(archs=["tiny"], sizes=[128], methods=["agentsd-fast"], progress=False)
+
+
+def _row(size, method, ms, base_ms, ceiling_ms):
+    speedup = base_ms / ms
+    return dict(arch="sd15", size=size, batch=1, method=method, median_ms=ms, speedup=speedup,
+                ceiling_fraction=speedup / (base_ms / ceiling_ms))  # fmt: skip
+
+
+def test_target_lines_name_slower_rows_and_read_the_targets():
+    times = {  # size -> method -> median ms; baseline 100, ceiling 50
+        512: dict(baseline=100, ceiling=50, tomesd=90, **{"agentsd-agent": 60, "agentsd-tome": 104}),
+        1024: dict(baseline=100, ceiling=50, **{"agentsd-agent": 80, "agentsd-agent+compile": 120}),
+    }
+    rows = [_row(size, m, ms, 100, 50) for size, methods in times.items() for m, ms in methods.items()]
+    rows.append(dict(rows[0], method="tomesd-like-but-unknown", speedup=0.5))  # not an agentsd row
+    first, second = benchmark.target_lines(rows)
+    assert first.startswith("- sd15 512 px x1: never slower: NO (agentsd-tome 0.96x);")
+    assert "agent phase: 83.3% of the ceiling's speedup (target 90%)" in first  # (100/60) / 2
+    assert "over tomesd: agent phase 1.50x (target 1.3x)" in first  # 90 / 60
+    assert "never slower: NO (agentsd-agent+compile 0.83x)" in second
+    assert "agent phase: 62.5% of the ceiling's speedup" in second and "tomesd" not in second
+    fast = [r for r in rows if r["speedup"] >= 1 or not r["method"].startswith("agentsd")]
+    assert all("never slower: yes" in line for line in benchmark.target_lines(fast))
