@@ -1,9 +1,10 @@
 """Where the time of one patched self-attention layer goes, per phase and resolution.
 
 Times one SD 1.5 top-level self-attention layer (320 channels, 8 heads, the token count of
-the given image size, a CFG batch of 2) with the baseline processor and with agentsd in each
-phase, and the parts of the agentsd call one by one: matching, merge (and the agent merge),
-projections, attention, unmerge. Random weights and inputs; median of the repeats.
+the given image size, `--batch` sequences: 2 is one image with CFG) with the baseline
+processor and with agentsd in each phase, and the parts of the agentsd call one by one:
+matching, merge (and the agent merge), projections, attention, unmerge. Random weights and
+inputs; median of the repeats.
 
     python scripts/profile_layer.py --sizes 512 1024 2048 --repeats 3
 """
@@ -36,7 +37,8 @@ def profile_phase(attn, x, side, timestep, repeats):
     state = AgentSDState(AgentSDConfig())
     processor = AgentSDProcessor(AttnProcessor2_0(), state, "layer")
     attn.set_processor(processor)
-    state.begin_call(torch.zeros(2, 4, side, side), torch.tensor(timestep))
+    batch = x.shape[0]
+    state.begin_call(torch.zeros(batch, 4, side, side), torch.tensor(timestep))
     plan = processor.plan(attn, x)
     total = median_ms(lambda: attn(x), repeats)
     attn.set_processor(AttnProcessor2_0())
@@ -46,24 +48,24 @@ def profile_phase(attn, x, side, timestep, repeats):
     parts["merge"] = median_ms(lambda: matching.plan(plan.r).merge(x), repeats)
     xm = merge.merge(x)
     parts["projections"] = median_ms(lambda: attn.to_out[0](attn.to_q(xm) + attn.to_k(xm) + attn.to_v(xm)), repeats)
-    q = attn.to_q(xm).view(2, -1, 8, 40).transpose(1, 2)
+    q = attn.to_q(xm).view(batch, -1, 8, 40).transpose(1, 2)
     k, v = q.clone(), q.clone()
     if plan.mode == AGENT:
         parts["agent merge"] = median_ms(lambda: matching.plan(plan.r_agent).merge(x), repeats)
-        a = attn.to_q(matching.plan(plan.r_agent).merge(x)).view(2, -1, 8, 40).transpose(1, 2)
+        a = attn.to_q(matching.plan(plan.r_agent).merge(x)).view(batch, -1, 8, 40).transpose(1, 2)
         parts["attention"] = median_ms(lambda: agent_attention(q, k, v.clone(), a, 40**-0.5, 0.3, 0.075), repeats)
     else:
         parts["attention"] = median_ms(lambda: attend(q, k, v, 40**-0.5), repeats)
-    out = torch.randn(2, merge.size, 320)
+    out = torch.randn(batch, merge.size, 320)
     parts["unmerge"] = median_ms(lambda: merge.unmerge(out), repeats)
     return plan.mode, total, parts
 
 
-def profile(size, repeats, baseline):
+def profile(size, repeats, baseline, batch=2):
     side = size // 8
     torch.manual_seed(0)
     attn = Attention(320, heads=8, dim_head=40, out_bias=True).eval()
-    x = torch.randn(2, side * side, 320)
+    x = torch.randn(batch, side * side, 320)
     with torch.no_grad():
         base = median_ms(lambda: attn(x), 1 if size >= 2048 else repeats) if baseline else None
         return [(size, side * side, *profile_phase(attn, x, side, t, repeats), base) for t in (999, 100)]
@@ -73,6 +75,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2, help="sequences per call (2: one image with CFG)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the (slow) baseline layer")
     args = parser.parse_args()
     names = ["matching", "merge", "agent merge", "projections", "attention", "unmerge"]
@@ -80,7 +83,7 @@ def main():
           + " | matching+merges share |")  # fmt: skip
     print("|" + "---|" * (6 + len(names)))
     for size in args.sizes:
-        for size_, tokens, mode, total, parts, base in profile(size, args.repeats, not args.no_baseline):
+        for size_, tokens, mode, total, parts, base in profile(size, args.repeats, not args.no_baseline, args.batch):
             overhead = parts["matching"] + parts["merge"] + parts.get("agent merge", 0) + parts["unmerge"]
             cells = [f"{parts[n]:.1f}" if n in parts else "" for n in names]
             base_cell = f"{base:.1f}" if base is not None else ""
