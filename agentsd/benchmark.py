@@ -493,12 +493,11 @@ def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The speed targets read off the rows, one Markdown list item per scenario.
 
     Never slower: every default agentsd row (agent phase, ToMe phase, the schedule; compiled
-    too) has a speedup of at least 1 over its own baseline, or is named (see
-    `_never_slower` for how noise is told apart). Then the agent
-    phase's fraction of the ceiling's speedup (eager and compiled) and agentsd's speed over
-    tomesd (tomesd time / agentsd time, for the agent phase and the schedule) next to its
-    bound, the ceiling's speed over tomesd, where those rows were run. Medians of one run:
-    compare them with the p10/p90 spread in the table.
+    too) has a speedup of at least 1 over its own baseline, or is named (`_never_slower`
+    tells noise apart). Then the agent phase's fraction of the ceiling's speedup (eager and
+    compiled) and agentsd's speed over tomesd (tomesd time / agentsd time, for the agent
+    phase and the schedule) next to its bound, the ceiling's speed over tomesd, where those
+    rows were run. Medians of one run: compare them with the p10/p90 spread in the table.
     """
     lines = []
     for arch, size, batch in dict.fromkeys((r["arch"], r["size"], r["batch"]) for r in rows):
