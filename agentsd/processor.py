@@ -237,11 +237,13 @@ class AgentSDProcessor:
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
 
+        # norm_q / norm_k (QK normalization): diffusers 0.27's Attention has neither attribute.
+        norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
         query, key, value = heads(attn.to_q(x)), heads(attn.to_k(x)), heads(attn.to_v(x))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        if norm_q is not None:
+            query = norm_q(query)
+        if norm_k is not None:
+            key = norm_k(key)
         out_dtype = query.dtype
         dtype = self.precision(attn) or out_dtype
         backend = self.backend(hidden_states)
@@ -251,8 +253,8 @@ class AgentSDProcessor:
             else:
                 agent_tokens = agent_merge.merge(hidden_states)
             agents = heads(attn.to_q(agent_tokens))
-            if attn.norm_q is not None:
-                agents = attn.norm_q(agents)
+            if norm_q is not None:
+                agents = norm_q(agents)
             out = agent_attention(
                 query.to(dtype),
                 key.to(dtype),
