@@ -65,4 +65,5 @@ def agent_attention(
     """
     agent_values = attend(agents, key, value, scale, backend)
     out = attend(query, agents, agent_values, scale**k_scale2, backend)
-    return out.add_(value, alpha=k_shortcut)
+    # Out of place: fused kernels save their output for the backward pass.
+    return torch.add(out, value, alpha=k_shortcut)
