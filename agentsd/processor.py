@@ -1,148 +1,32 @@
-"""The attention processor that runs agent attention, and the per-UNet state it reads."""
+"""The attention processor that runs agent attention on one self-attention layer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import Attention, XFormersAttnProcessor
+import torch.nn.functional as F
+from diffusers.models import attention_processor
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
 
 from .attention import agent_attention, attend
-from .config import AgentSDConfig
-from .merge import TokenMerge, bipartite_matching, cell_means, destination_indices, merge_count, source_indices
+from .merge import TokenMerge, bipartite_matching, cell_means
+from .state import AGENT, TOME, AgentSDState, LayerPlan
 
-AGENT = "agent"
-TOME = "tome"
+__all__ = ["AGENT", "TOME", "AgentSDProcessor", "AgentSDState", "LayerPlan", "choose_backend"]
 
-
-@dataclass(frozen=True)
-class PhaseSettings:
-    """Merge settings of one phase; `agent_ratio` is None in the ToMe-only phase."""
-
-    sx: int
-    sy: int
-    ratio: float
-    agent_ratio: float | None
+# Processors that project with the fused `to_qkv` of `fuse_qkv_projections()`.
+FUSED_PROCESSORS = tuple(
+    cls for cls in (getattr(attention_processor, "FusedAttnProcessor2_0", None),) if cls is not None
+)
 
 
-@dataclass
-class LayerPlan:
-    """What one layer does in the current UNet call: the mode, the grid and its cells, the
-    destination and source positions, the merge sizes (`r` ToMe-merged, `r_agent` merged into
-    agents) and whether the agents are cell means (`pool`) rather than a merge."""
-
-    mode: str
-    h: int
-    w: int
-    sx: int
-    sy: int
-    dst: torch.Tensor
-    src: torch.Tensor
-    r: int
-    r_agent: int
-    pool: bool = False
-
-    @property
-    def matches(self) -> bool:
-        """Whether this plan needs the bipartite matching (a merge, or agents by merging)."""
-        return self.r > 0 or (self.mode == AGENT and not self.pool)
-
-
-class AgentSDState:
-    """Run-time state shared by every patched layer of one UNet.
-
-    The UNet's forward pre-hook calls `begin_call` with the latent and the timestep. Every
-    decision that depends only on them (the phase, each layer's grid, its destination draw
-    and merge sizes) is made there, once per UNet call, outside any compiled graph; the
-    processors only look their plan up. Nothing else carries over between UNet calls: the
-    generator is reseeded from `config.seed` and the timestep, so a pipeline call is
-    reproducible.
-
-    Args:
-        config: the agent-attention configuration.
-        num_train_timesteps: the scheduler's T; the phase is decided by `1 - t / T`.
-    """
-
-    def __init__(self, config: AgentSDConfig, num_train_timesteps: int = 1000):
-        self.config = config
-        self.num_train_timesteps = num_train_timesteps
-        self.latent_hw: tuple[int, int] | None = None
-        self.agent_phase = False
-        self.generator = torch.Generator()
-        self.layers: dict[str, int] = {}
-        self.plans: dict[str, LayerPlan | None] = {}
-        # With `share_matching`: the merges of each grid in the current UNet call.
-        self.shared: dict[tuple[int, int], tuple[TokenMerge | None, TokenMerge | None]] = {}
-        self._fixed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def register(self, name: str, downsample: int) -> None:
-        """Declare a patched layer and the downsampling of its level relative to the latent."""
-        self.layers[name] = downsample
-
-    def progress(self, timestep: float) -> float:
-        return 1.0 - timestep / self.num_train_timesteps
-
-    def is_agent_phase(self, timestep: float) -> bool:
-        agent_steps = self.config.agent_steps
-        return agent_steps >= 1.0 or self.progress(timestep) < agent_steps
-
-    @torch.compiler.disable
-    def begin_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
-        """Decide the phase and every layer's plan for the UNet call about to run."""
-        self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        self.agent_phase = self.is_agent_phase(t)
-        self.generator.manual_seed((self.config.seed * 1_000_003 + round(t * 1000)) % (2**63))
-        randomize = self.config.use_rand and sample.shape[0] % 2 == 0
-        self.shared.clear()
-        self.plans = {
-            name: self._plan(downsample, randomize, sample.device) for name, downsample in sorted(self.layers.items())
-        }
-
-    @property
-    def settings(self) -> PhaseSettings:
-        c = self.config
-        if self.agent_phase:
-            return PhaseSettings(c.sx, c.sy, c.ratio, c.agent_ratio)
-        return PhaseSettings(c.late_sx, c.late_sy, c.late_ratio, None)
-
-    def _plan(self, downsample: int, randomize: bool, device: torch.device) -> LayerPlan | None:
-        """A layer's plan at `downsample`; None hands its calls to the original processor."""
-        if downsample > self.config.max_downsample:
-            return None
-        height, width = self.latent_hw
-        h, w = -(-height // downsample), -(-width // downsample)
-        num_tokens = h * w
-        if num_tokens < self.config.min_tokens:
-            return None
-        s = self.settings
-        dst, src = self.destinations(h, w, s.sx, s.sy, randomize, device)
-        if dst.numel() == 0:
-            return None
-        r = merge_count(src.numel(), num_tokens, s.ratio)
-        if s.agent_ratio is not None:
-            pool = self.config.agent_selection == "pool"
-            r_agent = 0 if pool else merge_count(src.numel(), num_tokens, s.agent_ratio)
-            num_agents = dst.numel() if pool else num_tokens - r_agent
-            if 2 * num_agents < num_tokens - r:
-                return LayerPlan(AGENT, h, w, s.sx, s.sy, dst, src, r, r_agent, pool)
-        if r == 0:
-            return None
-        return LayerPlan(TOME, h, w, s.sx, s.sy, dst, src, r, 0)
-
-    def destinations(
-        self, h: int, w: int, sx: int, sy: int, randomize: bool, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Destination and source positions on `device`; drawn anew when `randomize`."""
-        if randomize:
-            dst = destination_indices(h, w, sx, sy, self.generator)
-            return dst.to(device), source_indices(h * w, dst).to(device)
-        key = (h, w, sx, sy, device)
-        if key not in self._fixed:
-            dst = destination_indices(h, w, sx, sy)
-            self._fixed[key] = (dst.to(device), source_indices(h * w, dst).to(device))
-        return self._fixed[key]
+def choose_backend(configured: str | None, delegate: Any, device: torch.device) -> str:
+    """The attention kernel of agentsd's calls: the configured one, else xformers where the
+    processor agentsd delegates to is xformers' and the device is CUDA, else SDPA."""
+    if configured is not None:
+        return configured
+    return "xformers" if isinstance(delegate, XFormersAttnProcessor) and device.type == "cuda" else "sdpa"
 
 
 class AgentSDProcessor:
@@ -153,18 +37,24 @@ class AgentSDProcessor:
     on to the processor it replaced: cross-attention, masked attention, layers whose grid
     does not fit the latent, and merge settings that leave every token in place.
 
+    diffusers rebuilds some processors from their class with no arguments (`load_ip_adapter`,
+    `unload_ip_adapter`): such an unbound processor runs the default attention, and the patch
+    wraps what it delegates to again at the next UNet call.
+
     Args:
-        original: the processor this one replaced; it keeps serving the other calls.
-        state: the UNet's shared run-time state.
+        original: the processor this one replaced; it keeps serving the other calls. None:
+            diffusers' default (`AttnProcessor2_0`).
+        state: the UNet's shared run-time state; None for an unbound processor.
         name: the layer's processor name in `unet.attn_processors`.
         downsample: how many times the layer's level is downsampled relative to the latent.
     """
 
-    def __init__(self, original: Any, state: AgentSDState, name: str, downsample: int = 1):
-        self.original = original
+    def __init__(self, original: Any = None, state: AgentSDState | None = None, name: str = "", downsample: int = 1):
+        self.original = AttnProcessor2_0() if original is None else original
         self.state = state
         self.name = name
-        state.register(name, downsample)
+        if state is not None:
+            state.register(name, downsample)
 
     def __call__(
         self,
@@ -175,9 +65,7 @@ class AgentSDProcessor:
         temb: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        plan = None
-        if encoder_hidden_states is None and attention_mask is None and temb is None:
-            plan = self.plan(attn, hidden_states)
+        plan = self.plan(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if plan is None:
             if temb is not None:
                 kwargs["temb"] = temb
@@ -190,12 +78,31 @@ class AgentSDProcessor:
             )
         return self._forward(attn, hidden_states, plan)
 
-    def plan(self, attn: Attention, hidden_states: torch.Tensor) -> LayerPlan | None:
-        """This call's plan (made in `AgentSDState.begin_call`); None hands it to the original."""
-        plan = self.state.plans.get(self.name)
-        if plan is None or hidden_states.ndim != 3 or plan.h * plan.w != hidden_states.shape[1]:
+    def plan(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> LayerPlan | None:
+        """This call's plan (made in `AgentSDState.begin_call`); None hands it to the original.
+        A planned call that cannot run as planned is recorded in the state, with the reason."""
+        plan = None if self.state is None else self.state.plans.get(self.name)
+        if plan is None:
             return None
-        if attn.spatial_norm is not None or attn.group_norm is not None:
+        reason = None
+        if encoder_hidden_states is not None or attention_mask is not None or temb is not None:
+            reason = "called with context, a mask or temb"
+        elif hidden_states.ndim != 3 or plan.h * plan.w != hidden_states.shape[1]:
+            reason = (
+                f"{hidden_states.shape[1] if hidden_states.ndim == 3 else 'image-shaped'} tokens do not fit the "
+                f"{plan.h}x{plan.w} grid (another patch changes this block's tokens?)"
+            )
+        elif attn.spatial_norm is not None or attn.group_norm is not None:
+            reason = "the layer normalizes spatially"
+        if reason is not None:
+            self.state.hand_over(self.name, reason)
             return None
         return plan
 
@@ -206,10 +113,28 @@ class AgentSDProcessor:
             wanted = "fp32"
         return torch.float32 if wanted == "fp32" else None
 
-    def backend(self, x: torch.Tensor) -> str:
-        if self.state.config.attention_backend is not None:
-            return self.state.config.attention_backend
-        return "xformers" if isinstance(self.original, XFormersAttnProcessor) and x.is_cuda else "sdpa"
+    def backend(self, device: torch.device) -> str:
+        """The attention kernel on `device` (see `choose_backend`)."""
+        configured = None if self.state is None else self.state.config.attention_backend
+        return choose_backend(configured, self.original, device)
+
+    def fused(self, attn: Attention) -> bool:
+        """Whether the processor served projects with the fused `to_qkv` (`fuse_qkv_projections`)."""
+        return isinstance(self.original, FUSED_PROCESSORS) and getattr(attn, "to_qkv", None) is not None
+
+    def project_qkv(self, attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query, key and value of `x`: one fused product where the projections are fused."""
+        if self.fused(attn):
+            return attn.to_qkv(x).chunk(3, dim=-1)
+        return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
+    def project_q(self, attn: Attention, x: torch.Tensor) -> torch.Tensor:
+        """The query projection of `x`, from the fused weights where the projections are fused."""
+        if self.fused(attn):
+            inner = attn.to_qkv.out_features // 3
+            bias = attn.to_qkv.bias
+            return F.linear(x, attn.to_qkv.weight[:inner], None if bias is None else bias[:inner])
+        return attn.to_q(x)
 
     def merges(self, hidden_states: torch.Tensor, plan: LayerPlan) -> tuple[TokenMerge | None, TokenMerge | None]:
         """The ToMe merge (None when `r == 0`) and the agent merge (None unless agents come from
@@ -239,20 +164,20 @@ class AgentSDProcessor:
 
         # norm_q / norm_k (QK normalization): diffusers 0.27's Attention has neither attribute.
         norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
-        query, key, value = heads(attn.to_q(x)), heads(attn.to_k(x)), heads(attn.to_v(x))
+        query, key, value = (heads(t) for t in self.project_qkv(attn, x))
         if norm_q is not None:
             query = norm_q(query)
         if norm_k is not None:
             key = norm_k(key)
         out_dtype = query.dtype
         dtype = self.precision(attn) or out_dtype
-        backend = self.backend(hidden_states)
+        backend = self.backend(hidden_states.device)
         if plan.mode == AGENT:
             if plan.pool:
                 agent_tokens = cell_means(hidden_states, plan.h, plan.w, plan.sx, plan.sy)
             else:
                 agent_tokens = agent_merge.merge(hidden_states)
-            agents = heads(attn.to_q(agent_tokens))
+            agents = heads(self.project_q(attn, agent_tokens))
             if norm_q is not None:
                 agents = norm_q(agents)
             out = agent_attention(

@@ -6,7 +6,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from reference import reference_self_attention
 
 import agentsd.attention
-import agentsd.processor
+import agentsd.state
 from agentsd import AgentSDConfig
 from agentsd.processor import AgentSDProcessor, AgentSDState
 
@@ -24,13 +24,13 @@ def make_attention(dim=32, heads=2, seed=0):
 def run_processor(attn, x, h, w, config, timestep, monkeypatch):
     """Run the processor as the patched UNet would, and capture the destinations it used."""
     drawn = []
-    fixed = agentsd.processor.destination_indices
+    fixed = agentsd.state.destination_indices
 
     def recording(*args, **kwargs):
         drawn.append(fixed(*args, **kwargs))
         return drawn[-1]
 
-    monkeypatch.setattr(agentsd.processor, "destination_indices", recording)
+    monkeypatch.setattr(agentsd.state, "destination_indices", recording)
     # Most grids here are under the default min_tokens floor: the algorithm tests switch it off.
     state = AgentSDState(config.replace(min_tokens=0))
     attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1"))
@@ -248,8 +248,8 @@ def test_shared_matching_reuses_the_first_layers_merges(monkeypatch):
     the first layer's input; the next UNet call matches anew."""
     calls = count_matchings(monkeypatch)
     drawn = []
-    fixed = agentsd.processor.destination_indices
-    monkeypatch.setattr(agentsd.processor, "destination_indices", lambda *a: drawn.append(fixed(*a)) or drawn[-1])
+    fixed = agentsd.state.destination_indices
+    monkeypatch.setattr(agentsd.state, "destination_indices", lambda *a: drawn.append(fixed(*a)) or drawn[-1])
     state = AgentSDState(AgentSDConfig(share_matching=True, seed=1, min_tokens=0))
     first, second = make_attention(seed=11), make_attention(seed=12)
     first.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "a"))
@@ -281,3 +281,45 @@ def test_grids_under_min_tokens_run_the_original_processor(min_tokens, acts):
     state.begin_call(torch.zeros(2, 4, 10, 16), torch.tensor(AGENT_T))
     with torch.no_grad():
         assert torch.equal(attn(x), expected) != acts
+
+
+def test_agents_exactly_half_of_the_merged_tokens_fall_back_to_tome(monkeypatch):
+    """The boundary 2 n == N': 8x8 grid, 2x2 cells (16 destinations, 48 sources), ratio 0.5
+    (N' = 64 - 32 = 32) and agent_ratio 0.75 (n = 64 - 48 = 16): agents are used only when
+    2 n < N', so this layer runs exact attention over the merged tokens."""
+    config = AgentSDConfig(sx=2, sy=2, ratio=0.5, agent_ratio=0.75, use_rand=False)
+    attn = make_attention(seed=14)
+    x = torch.randn(2, 64, 32)
+    out, dst = run_processor(attn, x, 8, 8, config, AGENT_T, monkeypatch)
+    ref, used_agents = reference_self_attention(attn, x, dst, 0.5, 0.75, 0.3, 0.075)
+    assert not used_agents
+    assert relative_error(out, ref) <= 1e-5
+    # Two tokens fewer merged (N' = 34 > 2 n): agents.
+    out, dst = run_processor(attn, x, 8, 8, config.replace(ratio=0.48), AGENT_T, monkeypatch)
+    ref, used_agents = reference_self_attention(attn, x, dst, 0.48, 0.75, 0.3, 0.075)
+    assert used_agents
+    assert relative_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("phase_t", [AGENT_T, LATE_T], ids=["agent", "tome"])
+def test_fused_projections_are_used_and_match_reference(phase_t, monkeypatch):
+    """After `fuse_qkv_projections` the processor served projects with the fused `to_qkv`; agentsd
+    does too (one product for q, k, v; the query rows of its weights for the agents)."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    attn = make_attention(seed=15)
+    attn.fuse_projections()
+    used = []
+    attn.to_qkv.register_forward_hook(lambda *_: used.append(1))
+    config = AgentSDConfig(use_rand=False, min_tokens=0)
+    state = AgentSDState(config)
+    attn.set_processor(AgentSDProcessor(FusedAttnProcessor2_0(), state, "attn1"))
+    x = torch.randn(2, 256, 32)
+    state.begin_call(torch.zeros(2, 4, 16, 16), torch.tensor(phase_t))
+    with torch.no_grad():
+        out = attn(x)
+    assert used
+    dst = state.plans["attn1"].dst
+    agent_ratio = 0.95 if phase_t == AGENT_T else None
+    ref, _ = reference_self_attention(attn, x, dst, 0.4, agent_ratio, 0.3, 0.075)
+    assert relative_error(out, ref) <= 1e-5

@@ -21,8 +21,8 @@ def record_run(pipe, steps, monkeypatch, **patch_args):
     )
     original_plan = AgentSDProcessor.plan
 
-    def plan(self, attn, hidden_states):
-        result = original_plan(self, attn, hidden_states)
+    def plan(self, attn, hidden_states, *args):
+        result = original_plan(self, attn, hidden_states, *args)
         calls[-1][1].setdefault(self.name, []).append(None if result is None else result.mode)
         return result
 
