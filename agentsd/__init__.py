@@ -5,17 +5,21 @@
 """
 
 from .config import AgentSDConfig
-from .patch import current_phase, is_patched, patch, patched, patched_config, unpatch
+from .patch import current_phase, is_patched, patch, patched, patched_config, unpatch, unpatched
+from .status import PatchStatus, status
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AgentSDConfig",
+    "PatchStatus",
     "__version__",
     "current_phase",
     "is_patched",
     "patch",
     "patched",
     "patched_config",
+    "status",
     "unpatch",
+    "unpatched",
 ]

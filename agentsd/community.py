@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import AgentSDConfig
-from .patch import patched
+from .patch import patched, unpatched
 from .presets import load_preset
 
 
@@ -36,9 +36,9 @@ def resolve_config(value: AgentSDConfig | Mapping | str | Path | bool | None, de
 
 
 def call_with_agentsd(pipe: Any, call: Callable[..., Any], agentsd_config: Any, default: str, *args, **kwargs) -> Any:
-    """Run `call(*args, **kwargs)` with `pipe` patched by `agentsd_config`, unpatched after."""
+    """Run `call(*args, **kwargs)` with `pipe` patched by `agentsd_config`, or without agentsd
+    (the baseline) when it resolves to None; either way the pipeline's own patch, if it had
+    one, is back afterwards."""
     config = resolve_config(agentsd_config, default)
-    if config is None:
-        return call(*args, **kwargs)
-    with patched(pipe, config):
+    with patched(pipe, config) if config is not None else unpatched(pipe):
         return call(*args, **kwargs)

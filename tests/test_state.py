@@ -7,7 +7,9 @@ import numpy as np
 import torch
 
 import agentsd
-from agentsd.processor import AgentSDProcessor
+from agentsd import AgentSDConfig
+from agentsd.merge import destination_indices
+from agentsd.processor import AgentSDProcessor, AgentSDState
 from agentsd.testing import tiny_pipeline
 
 
@@ -64,3 +66,27 @@ def test_a_thousand_patch_cycles_leave_nothing_behind():
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
     assert sum(isinstance(o, AgentSDProcessor) for o in gc.get_objects()) == live
     assert np.array_equal(generate(pipe), baseline)
+
+
+def draw(state, timestep, batch=2):
+    state.begin_call(torch.zeros(batch, 4, 16, 16), torch.tensor(timestep))
+    return state.plans["layer"].dst.clone()
+
+
+def test_random_destinations_are_redrawn_every_timestep_and_repeat_for_a_repeated_one():
+    state = AgentSDState(AgentSDConfig(agent_steps=1.0))
+    state.register("layer", 1)
+    first, second, again = draw(state, 981), draw(state, 961), draw(state, 981)
+    assert not torch.equal(first, second)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, destination_indices(16, 16, 4, 4))  # drawn, not top-left
+
+
+def test_an_odd_batch_never_randomizes_and_an_even_one_does():
+    state = AgentSDState(AgentSDConfig(agent_steps=1.0))
+    state.register("layer", 1)
+    top_left = destination_indices(16, 16, 4, 4)
+    for timestep in (981, 961, 941):
+        assert torch.equal(draw(state, timestep, batch=3), top_left)
+        assert torch.equal(draw(state, timestep, batch=1), top_left)
+        assert not torch.equal(draw(state, timestep, batch=4), top_left)

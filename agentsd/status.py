@@ -1,0 +1,216 @@
+"""What a patch does now: a small, printable report of a patched UNet.
+
+>>> print(agentsd.status(pipe))  # doctest: +SKIP
+>>> agentsd.status(pipe).activity.summary()  # doctest: +SKIP
+'agentsd: 20 UNet calls (8 agent phase, 12 ToMe phase); agent attention on 8 calls (3 of 3 layers), ...'
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import AgentSDConfig
+from .patch import PATCH_ATTR, _blocker, _delegate_of, _find_unet, _is_ours
+from .processor import choose_backend
+from .state import AGENT, EXACT, TOME
+
+
+@dataclass(frozen=True)
+class LayerStatus:
+    """One patched layer.
+
+    Attributes:
+        name: its processor name in `unet.attn_processors`.
+        downsample: its level's downsampling relative to the latent.
+        processor: the class of the processor agentsd delegates to (the user's latest).
+        backend: the attention kernel agentsd's calls use on the model's device.
+        mode: what it did in the latest UNet call: "agent", "tome" or "exact"; None before one.
+        grid: its token grid in the latest call (rows, columns).
+        merged: N', the tokens attention ran over after the ToMe merge.
+        agents: n, the agent count, in the agent mode.
+        reason: why it ran exact attention, or why agentsd cannot act on it.
+        calls: UNet calls since patching, per mode.
+    """
+
+    name: str
+    downsample: int
+    processor: str
+    backend: str
+    mode: str | None = None
+    grid: tuple[int, int] | None = None
+    merged: int | None = None
+    agents: int | None = None
+    reason: str | None = None
+    calls: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What agentsd did over a number of UNet calls; activities of several patches add up.
+
+    Attributes:
+        phase_calls: UNet calls per schedule phase ("agent", "tome").
+        acting_calls: UNet calls in which at least one layer ran each mode ("agent", "tome").
+        layer_calls: per layer, its calls per mode ("agent", "tome", "exact").
+        reasons: per layer that ran exact attention or was out of reach, the latest reason.
+    """
+
+    phase_calls: dict[str, int] = field(default_factory=dict)
+    acting_calls: dict[str, int] = field(default_factory=dict)
+    layer_calls: dict[str, dict[str, int]] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def __add__(self, other: Activity) -> Activity:
+        layers: dict[str, Counter] = {}
+        for source in (self.layer_calls, other.layer_calls):
+            for name, calls in source.items():
+                layers.setdefault(name, Counter()).update(calls)
+        return Activity(
+            dict(Counter(self.phase_calls) + Counter(other.phase_calls)),
+            dict(Counter(self.acting_calls) + Counter(other.acting_calls)),
+            {name: dict(calls) for name, calls in layers.items()},
+            {**self.reasons, **other.reasons},
+        )
+
+    @property
+    def calls(self) -> int:
+        return sum(self.phase_calls.values())
+
+    @property
+    def ran_agent_attention(self) -> bool:
+        return self.acting_calls.get(AGENT, 0) > 0
+
+    def layers_running(self, mode: str) -> list[str]:
+        return [name for name, calls in self.layer_calls.items() if calls.get(mode, 0) > 0]
+
+    def summary(self) -> str:
+        """One line: the calls per phase, in how many of them and in how many layers agent
+        attention and token merging ran, and why layers stayed exact."""
+        if not self.calls:
+            return "agentsd: no UNet call yet"
+        total = len(self.layer_calls)
+        phases = f"{self.phase_calls.get(AGENT, 0)} agent phase, {self.phase_calls.get(TOME, 0)} ToMe phase"
+        done = [
+            f"{label} on {self.acting_calls[mode]} calls ({len(self.layers_running(mode))} of {total} layers)"
+            for mode, label in ((AGENT, "agent attention"), (TOME, "token merging"))
+            if self.acting_calls.get(mode)
+        ]
+        line = f"agentsd: {self.calls} UNet calls ({phases}); " + (
+            ", ".join(done) if done else "no layer ran agent attention or token merging"
+        )
+        exact = {name: r for name, r in self.reasons.items() if name not in self._acting_layers()}
+        if exact:
+            name, reason = next(iter(exact.items()))
+            more = f" and {len(exact) - 1} more" if len(exact) > 1 else ""
+            line += f"; always exact: {_short(name)}{more} ({reason})"
+        return line
+
+    def _acting_layers(self) -> set[str]:
+        return set(self.layers_running(AGENT)) | set(self.layers_running(TOME))
+
+
+@dataclass(frozen=True)
+class PatchStatus:
+    """The state of agentsd on one UNet (see `status`)."""
+
+    installed: bool
+    acting: bool
+    config: AgentSDConfig | None = None
+    latent: tuple[int, int] | None = None
+    phase: str | None = None
+    layers: tuple[LayerStatus, ...] = ()
+    activity: Activity = field(default_factory=Activity)
+
+    def __str__(self) -> str:
+        if not self.installed:
+            return "agentsd: not patched"
+        head = "agentsd: patched" if self.acting else "agentsd: patched, but acting on no layer"
+        latest = "no UNet call yet"
+        if self.latent is not None:
+            latest = f"latest call: latent {self.latent[0]}x{self.latent[1]}, {self.phase} phase"
+        lines = [f"{head}; {len(self.layers)} layers; {latest}", self.activity.summary()]
+        for layer in self.layers:
+            grid = f"{layer.grid[0]}x{layer.grid[1]}" if layer.grid else "-"
+            what = layer.mode or "-"
+            if layer.mode == AGENT:
+                what += f" (N'={layer.merged}, n={layer.agents})"
+            elif layer.mode == TOME:
+                what += f" (N'={layer.merged})"
+            if layer.reason:
+                what += f": {layer.reason}"
+            lines.append(
+                f"  {_short(layer.name)} [x{layer.downsample}, grid {grid}, {layer.processor}, {layer.backend}] {what}"
+            )
+        return "\n".join(lines)
+
+
+def status(pipe_or_unet: Any) -> PatchStatus:
+    """What agentsd does on this pipeline or UNet now: the patched layers with their grids, what
+    each did in the latest UNet call and why a layer ran exact attention, the processor each
+    delegates to and the attention kernel, and counters since patching. `print` it for a report;
+    `.activity.summary()` is one line.
+
+    Raises:
+        TypeError: for an object without a diffusers UNet.
+    """
+    unet = _find_unet(pipe_or_unet)
+    record = getattr(unet, PATCH_ATTR, None)
+    if record is None:
+        return PatchStatus(installed=False, acting=False)
+    state = record.state
+    blocked = {layer.name: _blocker(layer, record) for layer in record.layers}
+    phases, acting, per_layer = state.counts()
+    modes = state.latest_modes() if state.latent_hw is not None else {}
+    reasons = {**state.reasons, **state.handed_over, **{n: r for n, r in blocked.items() if r}}
+    layers = []
+    for layer in record.layers:
+        plan = state.plans.get(layer.name)
+        processor = layer.module.processor
+        ours = _is_ours(processor, record)
+        delegate = _delegate_of(processor)
+        reason = reasons.get(layer.name)
+        if not ours and blocked[layer.name] is None:
+            reason = f"processor replaced by {type(delegate).__name__}: agentsd wraps it at the next UNet call"
+        mode = modes.get(layer.name)
+        layers.append(
+            LayerStatus(
+                name=layer.name,
+                downsample=layer.downsample,
+                processor=type(delegate).__name__,
+                backend=choose_backend(state.config.attention_backend, delegate, unet.device),
+                mode=mode,
+                grid=(plan.h, plan.w) if plan is not None else _grid(state, layer.downsample),
+                merged=plan.merged_tokens if plan is not None and mode != EXACT else None,
+                agents=plan.agents if plan is not None and mode == AGENT else None,
+                reason=reason if mode in (None, EXACT) or not ours else None,
+                calls=dict(per_layer.get(layer.name, {})),
+            )
+        )
+    activity = Activity(
+        dict(phases),
+        dict(acting),
+        {name: dict(calls) for name, calls in per_layer.items()},
+        {name: reasons[name] for name in reasons if name in {layer.name for layer in record.layers}},
+    )
+    return PatchStatus(
+        installed=True,
+        acting=any(reason is None for reason in blocked.values()),
+        config=state.config,
+        latent=state.latent_hw,
+        phase=state.phase if state.latent_hw is not None else None,
+        layers=tuple(layers),
+        activity=activity,
+    )
+
+
+def _grid(state: Any, downsample: int) -> tuple[int, int] | None:
+    if state.latent_hw is None:
+        return None
+    height, width = state.latent_hw
+    return -(-height // downsample), -(-width // downsample)
+
+
+def _short(name: str) -> str:
+    return name.removesuffix(".processor")
