@@ -42,14 +42,12 @@ TOMESD_REASON = (
 
 @dataclass
 class PatchedLayer:
-    """A self-attention layer the patch owns: its module, level, transformer block and the
-    agentsd processor it installed last."""
+    """A self-attention layer the patch owns: its module, level and transformer block."""
 
     name: str
     module: Attention
     downsample: int
     block: torch.nn.Module
-    processor: AgentSDProcessor | None = None
 
 
 @dataclass
@@ -301,11 +299,9 @@ def _sync(record: _Patch) -> None:
         current = layer.module.processor
         if reason is not None:
             blocked[layer.name] = reason
-        elif _is_ours(current, record):  # ours, e.g. put back by unfuse_qkv_projections
-            layer.processor = current
-        else:
-            layer.processor = AgentSDProcessor(_delegate_of(current), record.state, layer.name, layer.downsample)
-            layer.module.set_processor(layer.processor)
+        elif not _is_ours(current, record):  # ours may also come back, e.g. by unfuse_qkv_projections
+            delegate = _delegate_of(current)
+            layer.module.set_processor(AgentSDProcessor(delegate, record.state, layer.name, layer.downsample))
     record.state.blocked = blocked
     for reason in dict.fromkeys(blocked.values()):
         names = [name for name, r in blocked.items() if r == reason]
