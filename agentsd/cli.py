@@ -169,6 +169,8 @@ def _generate(args: argparse.Namespace) -> int:
         per_image = run.seconds_per_image
         timing = f", {per_image:.3f} s/image" if per_image is not None else ""
         print(f"{run.label}: {len(run.written)} written, {len(run.skipped)} skipped in {run.folder}{timing}")
+        if run.config is not None and run.activity.calls:
+            print(run.activity.summary())
     if len(runs) == 2 and all(r.seconds_per_image for r in runs):
         print(f"speedup: {runs[0].seconds_per_image / runs[1].seconds_per_image:.2f}x (baseline / agentsd)")
     return 0
@@ -246,6 +248,8 @@ def _compare(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if results is not None:
         print(cmp.markdown_report(results))
+        for label, summary in results.get("activity", {}).items():
+            print(f"{label}: {summary}")
         print(f"results in {args.out}/results.{{json,md}}, fid_vs_time.png, samples.png")
     return 0
 

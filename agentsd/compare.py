@@ -377,6 +377,7 @@ def run_comparison(
     if not state.is_main_process:
         return None
     results = score(out, methods, jobs, scoring, memory, metric)
+    results["activity"] = {r.label: r.activity.summary() for r in runs if r.config is not None and r.activity.calls}
     write_report(results, out, scoring.samples)
     return results
 

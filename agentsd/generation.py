@@ -37,6 +37,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import __version__
 from .config import AgentSDConfig
 from .patch import attention_layers, patched
+from .status import Activity, status
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ class MethodRun:
     seconds: list[float] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
+    activity: Activity = field(default_factory=Activity)
 
     @property
     def seconds_per_image(self) -> float | None:
@@ -234,8 +236,11 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
     return grid
 
 
-def call_pipeline(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings, run: MethodRun, steps: int):
-    """The images of `jobs` (one generator per image, seeded by its job) run as `run` says."""
+def call_pipeline(
+    pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings, run: MethodRun, steps: int, track: bool = False
+):
+    """The images of `jobs` (one generator per image, seeded by its job) run as `run` says; with
+    `track`, what agentsd did in the call is added to `run.activity`."""
     kwargs = dict(
         prompt=[j.prompt for j in jobs],
         num_inference_steps=steps,
@@ -247,7 +252,10 @@ def call_pipeline(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSetti
     if settings.negative_prompt is not None:
         kwargs["negative_prompt"] = [settings.negative_prompt] * len(jobs)
     with run.enter(pipe):
-        return pipe(**kwargs).images
+        images = pipe(**kwargs).images
+        if track and run.config is not None:
+            run.activity += status(pipe).activity
+    return images
 
 
 def _sync(pipe: Any) -> None:
@@ -355,7 +363,7 @@ def generate_runs(
                 continue
             _sync(pipe)
             begin = time.perf_counter()
-            images = call_pipeline(pipe, mine, settings, run, settings.steps)
+            images = call_pipeline(pipe, mine, settings, run, settings.steps, track=True)
             _sync(pipe)
             per_image = (time.perf_counter() - begin) / len(mine)
             for job, image in zip(mine, images, strict=True):
@@ -381,4 +389,7 @@ def generate_runs(
                     pair = side_by_side(produced[(left, job)], produced[(right, job)])
                     _atomic_write(compare_dir / f"{job.name}.png", lambda f, im=pair: im.save(f, format="PNG"))
     bar.close()
+    for run in runs:
+        if run.config is not None and run.activity.calls and not run.activity.ran_agent_attention:
+            logger.warning("no layer ran agent attention in the %s run: %s", run.label, run.activity.summary())
     return runs

@@ -181,3 +181,27 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
             expected[f.name] = value
     config = agent_config(build_parser().parse_args(argv))
     assert config.to_dict() == expected
+
+
+def test_generate_says_what_agentsd_did(models, tmp_path):
+    """One line from `agentsd.status`: the UNet calls of each phase and in how many of them and
+    of the 3 patched layers agent attention and token merging ran (DDIM, 5 steps: 801 and 601
+    are before progress 0.4)."""
+    result = agentsd_cli("generate", "--model", models / "sd15", "--prompt", "x", "--steps", "5", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "agentsd: 5 UNet calls (2 agent phase, 3 ToMe phase); agent attention on 2 calls (3 of 3 layers), "
+        "token merging on 3 calls (3 of 3 layers)"
+    ) in result.stdout
+    assert "no layer ran agent attention" not in result.stderr
+
+
+def test_a_run_without_agent_attention_warns(models, tmp_path):
+    """A tiny SDXL at 64 px: its first attention level is 8x8, under min_tokens."""
+    result = agentsd_cli(
+        "generate", "--model", models / "sdxl", "--preset", "sdxl", "--prompt", "x", "--steps", "2",
+        "--compare", "--out", tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "no layer ran agent attention in the agentsd run" in result.stderr
+    assert "8x8 = 64 tokens < min_tokens=256" in result.stderr
