@@ -184,14 +184,16 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
 
 
 def test_generate_says_what_agentsd_did(models, tmp_path):
-    """One line from `agentsd.status`: the UNet calls of each phase and in how many of them and
-    of the 3 patched layers agent attention and token merging ran (DDIM, 5 steps: 801 and 601
-    are before progress 0.4)."""
-    result = agentsd_cli("generate", "--model", models / "sd15", "--prompt", "x", "--steps", "5", "--out", tmp_path)
+    """One line from `agentsd.status`, summed over the pipeline calls: the UNet calls of each
+    phase and in how many of them and of the 3 patched layers agent attention and token merging
+    ran (2 images one at a time; DDIM, 5 steps: 801 and 601 are before progress 0.4)."""
+    result = agentsd_cli(
+        "generate", "--model", models / "sd15", "--prompt", "x", "--steps", "5", "--num-images", "2", "--out", tmp_path
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (
-        "agentsd: 5 UNet calls (2 agent phase, 3 ToMe phase); agent attention on 2 calls (3 of 3 layers), "
-        "token merging on 3 calls (3 of 3 layers)"
+        "agentsd: 10 UNet calls (4 agent phase, 6 ToMe phase); agent attention on 4 calls (3 of 3 layers), "
+        "token merging on 6 calls (3 of 3 layers)"
     ) in result.stdout
     assert "no layer ran agent attention" not in result.stderr
 
