@@ -17,13 +17,18 @@ Methods:
     ceiling           the patched self-attention layers replaced by a zero-cost stand-in: the
                       bound of any method that changes self-attention only
 
-Opt-in methods (run only when named in `methods`), the agent phase with an option that
-changes outputs:
+Opt-in methods (run only when named in `methods`): the agent phase with an option that
+changes outputs,
     agentsd-shared    one matching per grid and UNet call (`share_matching=True`)
     agentsd-pool      pooled agents (`agent_selection="pool"`)
     agentsd-pool-r0   pooled agents and no merge (`ratio=0`): no matching at all
+and methods for large images,
+    highres           the `highres` preset (two levels, agent phase on every step), whatever
+                      the scenario's preset; its ceiling fraction is against `ceiling-2`
+    ceiling-2         the ceiling over two levels (`max_downsample=2`): the bound of `highres`
 
-With `compile` set, each method also runs under `torch.compile(unet)` as `<method>+compile`.
+With `compile` set, each method (or each of `compile_methods`) also runs under
+`torch.compile(unet)` as `<method>+compile`.
 Those rows are timed one method after the other (one compilation each, thrown away with the
 warm-up rounds), not interleaved, and their speedups and ceiling fractions are against the
 compiled baseline and the compiled ceiling.
@@ -51,10 +56,9 @@ from .results import (
     COMPILE_SUFFIX,
     FIELDS,
     TOMESD_TARGET,
-    device_name,
-    git_commit,
     markdown_table,
     plot_speedups,
+    run_info,
     target_lines,
     write_results,
 )
@@ -98,9 +102,12 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         sample_size=128,
     ),
 }
-DEFAULT_PRESETS = {"sd15": "paper", "sd21": "sd21", "sdxl": "sdxl", "tiny": "paper"}
+# The tiny architectures (agentsd.testing) stand in for the real ones in tests.
+TINY_ARCHITECTURES = {"tiny": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+DEFAULT_PRESETS = {"sd15": "paper", "sd21": "sd21", "sdxl": "sdxl", "tiny": "paper", "tiny-sd2": "sd21",
+                   "tiny-sdxl": "sdxl"}  # fmt: skip
 METHODS = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "tomesd", "reference", "ceiling")
-OPTIONAL_METHODS = ("agentsd-shared", "agentsd-pool", "agentsd-pool-r0")
+OPTIONAL_METHODS = ("agentsd-shared", "agentsd-pool", "agentsd-pool-r0", "highres", "ceiling-2")
 # The agentsd methods: the config overrides that make each one.
 AGENTSD_METHODS = {
     "agentsd-agent": dict(agent_steps=1.0),
@@ -110,20 +117,33 @@ AGENTSD_METHODS = {
     "agentsd-pool": dict(agent_steps=1.0, agent_selection="pool"),
     "agentsd-pool-r0": dict(agent_steps=1.0, agent_selection="pool", ratio=0.0),
 }
+# Methods that run a preset of their own instead of the scenario's.
+PRESET_METHODS = {"highres": "highres"}
+# Each method's ceiling: the zero-cost stand-in on the levels the method patches.
+CEILINGS = {"ceiling-2": 2}
+CEILING_OF = {"highres": "ceiling-2", "ceiling-2": "ceiling-2"}
+COMPILABLE = ("baseline", "ceiling", *CEILINGS, *AGENTSD_METHODS, *PRESET_METHODS)
 LATENT_FACTOR = 8  # image pixels per latent pixel in every SD VAE
 
 
 def build_unet(arch: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """A random-weight UNet of `arch` (`sd15`, `sd21`, `sdxl`, or `tiny` for tests)."""
-    if arch == "tiny":
-        from .testing import tiny_unet
+    """A random-weight UNet of `arch`, built on `device` (so its weights are drawn there).
 
-        unet = tiny_unet("sd15")
-    elif arch in ARCHITECTURES:
-        unet = UNet2DConditionModel(**ARCHITECTURES[arch])
-    else:
-        raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join([*ARCHITECTURES, 'tiny'])}.")
-    return unet.to(device=device, dtype=dtype).eval()
+    Args:
+        arch: `sd15`, `sd21`, `sdxl`, or one of `TINY_ARCHITECTURES` for tests.
+        device, dtype: where the UNet lives and its dtype.
+    """
+    if arch not in ARCHITECTURES and arch not in TINY_ARCHITECTURES:
+        known = ", ".join([*ARCHITECTURES, *TINY_ARCHITECTURES])
+        raise ValueError(f"unknown architecture {arch!r}: use one of {known}.")
+    with torch.device(device):
+        if arch in TINY_ARCHITECTURES:
+            from .testing import tiny_unet
+
+            unet = tiny_unet(TINY_ARCHITECTURES[arch])
+        else:
+            unet = UNet2DConditionModel(**ARCHITECTURES[arch])
+    return unet.to(dtype=dtype).eval()
 
 
 def unet_inputs(unet: UNet2DConditionModel, size: int, images: int) -> tuple[tuple, dict[str, Any]]:
@@ -170,13 +190,15 @@ def method_context(method: str, unet: UNet2DConditionModel, config: AgentSDConfi
         return contextlib.nullcontext()
     if method == "xformers":
         return _replaced_processors(unet, unet.enable_xformers_memory_efficient_attention)
-    if method == "ceiling":
-        layers = attention_layers(unet, config.max_downsample)
+    if method == "ceiling" or method in CEILINGS:
+        layers = attention_layers(unet, CEILINGS.get(method, config.max_downsample))
         return _replaced_processors(unet, lambda: [m.set_processor(ZeroCostAttention()) for m, _ in layers.values()])
     if method == "tomesd":
         import tomesd
 
         return _tomesd(unet, tomesd, config)
+    if method in PRESET_METHODS:
+        return _agentsd(unet, load_preset(PRESET_METHODS[method]))
     if method not in AGENTSD_METHODS:
         raise ValueError(f"unknown method {method!r}: use any of {', '.join(METHODS + OPTIONAL_METHODS)}.")
     return _agentsd(unet, config.replace(**AGENTSD_METHODS[method]))
@@ -302,7 +324,7 @@ def time_compiled(
     runs, so the compilation is never timed. tomesd and xformers are left out."""
     results: dict[str, dict[str, Any]] = {}
     for method in methods:
-        if method not in ("baseline", "ceiling", *AGENTSD_METHODS):
+        if method not in COMPILABLE:
             continue
         torch._dynamo.reset()
         compiled = torch.compile(unet, backend=backend)
@@ -336,7 +358,8 @@ def scenario_rows(
     for method, ms in median.items():
         # Compiled rows are measured against the compiled baseline and ceiling.
         suffix = COMPILE_SUFFIX if method.endswith(COMPILE_SUFFIX) else ""
-        base, ceiling = median["baseline" + suffix], median.get("ceiling" + suffix)
+        ceiling_name = CEILING_OF.get(method.removesuffix(suffix), "ceiling")
+        base, ceiling = median["baseline" + suffix], median.get(ceiling_name + suffix)
         measured = timings.get(method)
         speedup = base / ms
         row = dict(scenario, method=method, median_ms=round(ms, 3))
@@ -365,6 +388,7 @@ def run_benchmark(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     compile: str | None = None,
+    compile_methods: Sequence[str] | None = None,
     progress: bool = True,
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -379,6 +403,7 @@ def run_benchmark(
         repeats, warmup: timed and discarded rounds per method.
         device, dtype: default CUDA in fp16 when present, else the CPU in fp32.
         compile: a torch.compile backend (`"inductor"`): also time the methods compiled.
+        compile_methods: the methods to compile (default: every compilable one of `methods`).
         on_rows: called with each scenario's rows as soon as it finishes (to save as you go).
 
     Returns:
@@ -396,15 +421,7 @@ def run_benchmark(
     if unknown:
         known = ", ".join(METHODS + OPTIONAL_METHODS)
         raise ValueError(f"unknown methods {', '.join(unknown)}: use any of {known}.")
-    import diffusers
-
-    common = dict(
-        dtype=str(dtype).replace("torch.", ""),
-        device=device_name(device),
-        torch=torch.__version__,
-        diffusers=diffusers.__version__,
-        commit=git_commit(),
-    )
+    common = dict(run_info(device), dtype=str(dtype).replace("torch.", ""))
     rows: list[dict[str, Any]] = []
     scenarios = [(a, s, b) for a in archs for s in sizes for b in batches]
     bar = tqdm(scenarios, desc="scenarios", disable=not progress)
@@ -420,12 +437,14 @@ def run_benchmark(
             inputs = unet_inputs(unet, size, batch)
             timings = time_methods(unet, inputs, chosen, config, repeats, warmup)
             if compile:
-                timings.update(time_compiled(unet, inputs, chosen, config, repeats, warmup, compile))
+                compiled = [m for m in chosen if compile_methods is None or m in compile_methods]
+                timings.update(time_compiled(unet, inputs, compiled, config, repeats, warmup, compile))
         except torch.OutOfMemoryError:
             logger.warning("%s at %d px x%d ran out of memory: skipped", arch, size, batch)
             torch.cuda.empty_cache()
             continue
         scenario = dict(common, arch=arch, size=size, batch=batch, preset=Path(name).stem)
+        scenario["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         new = scenario_rows(timings, scenario, config)
         rows += new
         if on_rows is not None:

@@ -8,14 +8,17 @@ import json
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 COMPILE_SUFFIX = "+compile"
+# Every row of every result file carries these: where, with what and when it was measured.
+RUN_FIELDS = ("device", "torch", "diffusers", "commit", "date")
 FIELDS = (
-    "arch", "size", "batch", "dtype", "device", "torch", "diffusers", "commit", "method", "preset",
+    "arch", "size", "batch", "dtype", "device", "torch", "diffusers", "commit", "date", "method", "preset",
     "median_ms", "p10_ms", "p90_ms", "peak_mb", "speedup", "ceiling_fraction", "saved_fraction", "repeats",
 )  # fmt: skip
 
@@ -40,6 +43,20 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def run_info(device: torch.device) -> dict[str, str]:
+    """The `RUN_FIELDS` of a run on `device` now: its name, torch and diffusers versions, the
+    commit and the date."""
+    import diffusers
+
+    return dict(
+        device=device_name(device),
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+        commit=git_commit(),
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a Markdown table (times in ms, memory in MB)."""
     columns = ("arch", "size", "batch", "method", "median_ms", "p10_ms", "p90_ms", "peak_mb", "speedup",
@@ -53,10 +70,38 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The speed targets the rows are read against (see `target_lines`).
+# The speed targets the rows are read against (see `target_checks`).
 CEILING_TARGET = 0.9  # fraction of the ceiling's speedup reached in the agent phase
 TOMESD_TARGET = 1.3  # agentsd's speed over ToMe for SD at the same ratio
+TARGETS_FROM = 1024  # the two targets above apply from this image side up
 DEFAULT_AGENTSD = ("agentsd-agent", "agentsd-tome", "agentsd-schedule")
+# Speedups of a whole UNet step over the baseline: (arch, image side) -> (method, minimum)s.
+SPEEDUP_TARGETS: dict[tuple[str, int], tuple[tuple[str, float], ...]] = {
+    ("sd15", 1024): (("agentsd-agent", 1.7),),
+    ("sd15", 2048): (("agentsd-agent", 4.0), ("highres", 5.0)),
+    ("sdxl", 1024): (("agentsd-schedule", 1.15),),
+    ("sdxl", 2048): (("agentsd-schedule", 1.8),),
+}
+LABELS = {"agentsd-agent": "agent phase", "agentsd-tome": "ToMe phase", "agentsd-schedule": "schedule"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target read off the rows of one scenario.
+
+    Args:
+        arch, size, batch: the scenario.
+        name: what is checked (`never slower`, `ceiling`, `over tomesd`, or `speedup <method>`).
+        text: the check as `target_lines` prints it.
+        met: whether the target is met; None where no target applies (shown for information).
+    """
+
+    arch: str
+    size: int
+    batch: int
+    name: str
+    text: str
+    met: bool | None
 
 
 def _never_slower(by: dict[str, dict[str, Any]]) -> str:
@@ -82,38 +127,66 @@ def _never_slower(by: dict[str, dict[str, Any]]) -> str:
     return "yes"
 
 
-def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The speed targets read off the rows, one Markdown list item per scenario.
+def _verdict(met: bool | None, applies_from: int | None = None) -> str:
+    if met is None:
+        return f" from {applies_from} px" if applies_from else ""
+    return ": met" if met else ": missed"
+
+
+def _scenario_checks(arch: str, size: int, batch: int, by: dict[str, dict[str, Any]]) -> list[Check]:
+    verdict = _never_slower(by)
+    checks = [Check(arch, size, batch, "never slower", "never slower: " + verdict, not verdict.startswith("NO"))]
+    applies = size >= TARGETS_FROM
+    for suffix in ("", COMPILE_SUFFIX):
+        fraction = by.get("agentsd-agent" + suffix, {}).get("ceiling_fraction")
+        if fraction is not None:
+            met = fraction >= CEILING_TARGET if applies else None
+            text = (f"agent phase{suffix}: {fraction:.1%} of the ceiling's speedup "
+                    f"(target {CEILING_TARGET:.0%}{_verdict(met, TARGETS_FROM)})")  # fmt: skip
+            checks.append(Check(arch, size, batch, "ceiling" + suffix, text, met))
+    if "tomesd" in by:
+        tomesd_ms = by["tomesd"]["median_ms"]
+        over = {m: tomesd_ms / by[m]["median_ms"] for m in ("agentsd-agent", "agentsd-schedule") if m in by}
+        parts = [f"{LABELS[m]} {x:.2f}x" for m, x in over.items()]
+        if parts and "ceiling" in by:  # no self-attention-only method can beat tomesd by more
+            parts.append(f"bound (ceiling) {tomesd_ms / by['ceiling']['median_ms']:.2f}x")
+        if parts:
+            met = over["agentsd-agent"] >= TOMESD_TARGET if applies and "agentsd-agent" in over else None
+            text = f"over tomesd: {', '.join(parts)} (target {TOMESD_TARGET}x{_verdict(met, TARGETS_FROM)})"
+            checks.append(Check(arch, size, batch, "over tomesd", text, met))
+    for method, minimum in SPEEDUP_TARGETS.get((arch, size), ()):
+        if method in by:
+            speedup = by[method]["speedup"]
+            text = f"{LABELS.get(method, method)} {speedup:.2f}x (target {minimum}x{_verdict(speedup >= minimum)})"
+            checks.append(Check(arch, size, batch, f"speedup {method}", text, speedup >= minimum))
+    return checks
+
+
+def target_checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
+    """The speed targets read off the rows, scenario by scenario.
 
     Never slower: every default agentsd row (agent phase, ToMe phase, the schedule; compiled
     too) has a speedup of at least 1 over its own baseline, or is named (`_never_slower`
     tells noise apart). Then the agent phase's fraction of the ceiling's speedup (eager and
-    compiled) and agentsd's speed over tomesd (tomesd time / agentsd time, for the agent
-    phase and the schedule) next to its bound, the ceiling's speed over tomesd, where those
-    rows were run. Medians of one run: compare them with the p10/p90 spread in the table.
+    compiled; target `CEILING_TARGET`) and agentsd's speed over tomesd (tomesd time /
+    agentsd time, for the agent phase and the schedule; target `TOMESD_TARGET` for the agent
+    phase, both targets from `TARGETS_FROM` px up) next to its bound, the ceiling's speed
+    over tomesd, and the speedups of `SPEEDUP_TARGETS`, where those rows were run. Medians
+    of one run: compare them with the p10/p90 spread in the table.
     """
-    lines = []
+    checks = []
     for arch, size, batch in dict.fromkeys((r["arch"], r["size"], r["batch"]) for r in rows):
         by = {r["method"]: r for r in rows if (r["arch"], r["size"], r["batch"]) == (arch, size, batch)}
-        checks = ["never slower: " + _never_slower(by)]
-        for suffix in ("", COMPILE_SUFFIX):
-            fraction = by.get("agentsd-agent" + suffix, {}).get("ceiling_fraction")
-            if fraction is not None:
-                checks.append(
-                    f"agent phase{suffix}: {fraction:.1%} of the ceiling's speedup (target {CEILING_TARGET:.0%})"
-                )
-        if "tomesd" in by:
-            over = [
-                f"{label} {by['tomesd']['median_ms'] / by[method]['median_ms']:.2f}x"
-                for method, label in (("agentsd-agent", "agent phase"), ("agentsd-schedule", "schedule"))
-                if method in by
-            ]
-            if over and "ceiling" in by:  # no self-attention-only method can beat tomesd by more
-                over.append(f"bound (ceiling) {by['tomesd']['median_ms'] / by['ceiling']['median_ms']:.2f}x")
-            if over:
-                checks.append(f"over tomesd: {', '.join(over)} (target {TOMESD_TARGET}x)")
-        lines.append(f"- {arch} {size} px x{batch}: " + "; ".join(checks))
-    return lines
+        checks += _scenario_checks(arch, size, batch, by)
+    return checks
+
+
+def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """`target_checks` as one Markdown list item per scenario."""
+    lines: dict[tuple[str, int, int], list[str]] = {}
+    for check in target_checks(rows):
+        lines.setdefault((check.arch, check.size, check.batch), []).append(check.text)
+    return [f"- {arch} {size} px x{batch}: " + "; ".join(texts) for (arch, size, batch), texts in lines.items()]
 
 
 def plot_speedups(rows: Sequence[dict[str, Any]], path: Path) -> None:
