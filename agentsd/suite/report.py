@@ -113,10 +113,10 @@ def targets(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def pipeline_table(rows: Sequence[dict[str, Any]]) -> list[str]:
-    header = ["px", "method", "r", "s/image", "speedup", "GB/image", "paper 4090 s/image", "paper speedup",
+    header = ["px", "steps", "method", "r", "s/image", "speedup", "GB/image", "paper 4090 s/image", "paper speedup",
               "paper GB/image"]  # fmt: skip
-    keys = ("size", "method", "ratio", "seconds_per_image", "speedup", "gb_per_image", "paper_seconds_per_image",
-            "paper_speedup", "paper_gb_per_image")  # fmt: skip
+    keys = ("size", "steps", "method", "ratio", "seconds_per_image", "speedup", "gb_per_image",
+            "paper_seconds_per_image", "paper_speedup", "paper_gb_per_image")  # fmt: skip
     return _table(header, [[r[k] for k in keys] for r in rows])
 
 
@@ -155,7 +155,7 @@ def docs_section(results: dict[str, dict[str, Any]], docs: Path) -> str:
     if _rows(results, "pipeline"):
         note = ("Text encoder, UNet with guidance and VAE decode, random weights; the paper's RTX 4090 figures "
                 "(SD 1.5, 512 px, 50 PLMS steps) beside them.")  # fmt: skip
-        out += ["", "### A whole 50-step DDIM generation (the paper's columns)", "", note, ""]
+        out += ["", "### A whole generation, DDIM (the paper's columns)", "", note, ""]
         out += pipeline_table(_rows(results, "pipeline"))
     if _rows(results, "breakeven"):
         out += ["", "### One layer against SDPA: the `min_tokens` break-even", ""]
@@ -172,9 +172,9 @@ def readme_table(results: dict[str, dict[str, Any]], docs: Path, readme: Path) -
         return "No GPU results yet.\n"
     first = (rows or _rows(results, "pipeline"))[0]
     link = os.path.relpath(docs, readme.parent)
-    out = [f"{first['device']}, fp16, random weights, one image with guidance; torch {first['torch']}, diffusers "
-           f"{first['diffusers']}, commit {first['commit']}. Generated from the GPU suite's results; every table, "
-           f"the targets and the commands: [{link}]({link}).", ""]  # fmt: skip
+    out = [f"{first['device']}, {first['dtype']}, random weights, one image with guidance; torch {first['torch']}, "
+           f"diffusers {first['diffusers']}, commit {first['commit']}. Generated from the GPU suite's results; every "
+           f"table, the targets and the commands: [{link}]({link}).", ""]  # fmt: skip
     columns = ("agentsd-agent", "agentsd-schedule", "highres", "tomesd", "ceiling")
     header = ["model", "px", "baseline step ms", "agent phase", "50-step schedule", "highres", "ToMe for SD", "ceiling"]
     body = []
@@ -183,12 +183,18 @@ def readme_table(results: dict[str, dict[str, Any]], docs: Path, readme: Path) -
         cells = [f"{by[m]['speedup']:.2f}x" if m in by else "" for m in columns]
         body.append([f"{scenario[0]} (`{scenario[2]}`)", scenario[1], by["baseline"]["median_ms"], *cells])
     out += _table(header, body) if body else []
-    generation = [r for r in _rows(results, "pipeline") if r["paper_seconds_per_image"] is not None]
+    generation = _rows(results, "pipeline")
     if generation:
-        size = generation[0]["size"]
-        out += ["", f"A whole 50-step generation at {size} px, seconds per image here (the paper's RTX 4090): "
-                + ", ".join(f"{r['method']} {r['seconds_per_image']:.2f} ({r['paper_seconds_per_image']:.2f})"
-                            for r in generation) + "."]  # fmt: skip
+        size = min(r["size"] for r in generation)
+        timed = [r for r in generation if r["size"] == size]
+        paper = " (the paper's RTX 4090 in brackets)" if any(r["paper_seconds_per_image"] for r in timed) else ""
+        cells = [
+            f"{r['method']} {r['seconds_per_image']:.2f}"
+            + (f" ({r['paper_seconds_per_image']:.2f})" if r["paper_seconds_per_image"] else "")
+            for r in timed
+        ]
+        out += ["", f"A whole {timed[0]['steps']}-step generation at {size} px, seconds per image{paper}: "
+                + ", ".join(cells) + "."]  # fmt: skip
     return "\n".join(out) + "\n"
 
 
