@@ -33,14 +33,12 @@ NUMBERS = {
 }
 
 
-def gpu_suite(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd)
-
-
 @pytest.fixture(scope="module")
 def suite_out(tmp_path_factory):
+    """The script itself, as CI and a GPU machine run it; the other tests call its functions."""
     out = tmp_path_factory.mktemp("gpu-suite")
-    done = gpu_suite("--part", "all", "--tiny", "--out", str(out))
+    command = [sys.executable, str(SCRIPT), "--part", "all", "--tiny", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 
@@ -95,8 +93,7 @@ def test_report_writes_between_the_markers(suite_out, tmp_path):
     shutil.copy(ROOT / "docs" / "benchmarks.md", docs)
     shutil.copy(ROOT / "README.md", readme)
     before = {path: path.read_text() for path in (docs, readme)}
-    done = gpu_suite("--report", str(suite_out), "--docs", str(docs), "--readme", str(readme))
-    assert done.returncode == 0, done.stderr
+    assert runner.main(["--report", str(suite_out), "--docs", str(docs), "--readme", str(readme)]) == 0
     for path, markers in ((docs, report.DOCS_MARKERS), (readme, report.README_MARKERS)):
         old, new = before[path], path.read_text()
         start, end = markers
@@ -109,24 +106,24 @@ def test_report_writes_between_the_markers(suite_out, tmp_path):
     assert f"]({os.path.relpath(suite_out / 'sd15' / 'results.md', tmp_path)})" in section  # relative links
     table = readme.read_text().split(report.README_MARKERS[0])[1]
     assert "baseline step ms" in table and "A whole 3-step generation at 64 px" in table  # --tiny's pipeline
-    again = gpu_suite("--report", str(suite_out), "--docs", str(docs), "--readme", str(readme))
-    assert again.returncode == 0 and docs.read_text().count(report.DOCS_MARKERS[0]) == 1
+    report.write_report([suite_out], docs, readme)  # again: the sections are replaced, not added
+    assert docs.read_text().count(report.DOCS_MARKERS[0]) == 1 and docs.read_text().count("### Targets") == 1
 
 
-def test_report_refuses_missing_markers_and_empty_folders(suite_out, tmp_path):
+def test_report_refuses_missing_markers_and_empty_folders(suite_out, tmp_path, capsys):
     page = tmp_path / "page.md"
     page.write_text("no markers here\n")
-    done = gpu_suite("--report", str(suite_out), "--docs", str(page), "--readme", str(page))
-    assert done.returncode == 2 and "<!-- gpu-suite:start -->" in done.stderr
+    assert runner.main(["--report", str(suite_out), "--docs", str(page), "--readme", str(page)]) == 2
+    assert "<!-- gpu-suite:start -->" in capsys.readouterr().err
     assert page.read_text() == "no markers here\n"
-    assert gpu_suite("--report", str(tmp_path)).returncode == 2
+    assert runner.main(["--report", str(tmp_path / "empty")]) == 2
 
 
-def test_full_parts_refuse_to_run_without_cuda(tmp_path):
+def test_full_parts_refuse_to_run_without_cuda(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is present: the full parts would run")
-    done = gpu_suite("--part", "sd15", "--out", str(tmp_path))
-    assert done.returncode == 2 and "--tiny" in done.stderr and not any(tmp_path.iterdir())
+    assert runner.main(["--part", "sd15", "--out", str(tmp_path / "out")]) == 2
+    assert "--tiny" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def _rows(speedups):

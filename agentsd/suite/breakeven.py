@@ -131,16 +131,8 @@ def plot(rows: Sequence[dict[str, Any]], recommendation: dict[str, Any], path: P
     plt.close(fig)
 
 
-def run(context: PartContext) -> dict[str, Path]:
-    """Time every grid and batch and write the part's files with the recommendation."""
-    folder = context.folder("breakeven")
-    plan = TINY_PLAN if context.tiny else PLAN
-    rows = []
-    for batch in plan.batches:
-        for grid in plan.grids:
-            rows += measure(plan, grid, batch, context.device, context.dtype)
-            logger.info("breakeven: %dx%d tokens, batch %d done", grid, grid, batch)
-    rows = stamp_rows(rows, context.device)
+def write(folder: Path, rows: list[dict[str, Any]], command: str) -> dict[str, Path]:
+    """The part's files for the rows so far, with the recommendation they give."""
     recommendation = recommend_min_tokens(rows)
     grid, tokens = recommendation["min_grid"], recommendation["min_tokens"]
     if tokens is None:
@@ -148,7 +140,22 @@ def run(context: PartContext) -> dict[str, Path]:
     else:
         verdict = f"Recommended `min_tokens` here: **{tokens}** (a {grid}x{grid} grid): {recommendation['rule']}."
     markdown = markdown_rows(rows, FIELDS) + "\n" + verdict + "\n"
-    paths = write_part(folder, rows, FIELDS, markdown, context.command, dict(recommendation=recommendation))
+    paths = write_part(folder, rows, FIELDS, markdown, command, dict(recommendation=recommendation))
     paths["png"] = folder / "breakeven.png"
     plot(rows, recommendation, paths["png"])
+    return paths
+
+
+def run(context: PartContext) -> dict[str, Path]:
+    """Time every grid and batch and write the part's files with the recommendation (after
+    each batch's sweep, so an interrupted part keeps what finished)."""
+    folder = context.folder("breakeven")
+    plan = TINY_PLAN if context.tiny else PLAN
+    rows: list[dict[str, Any]] = []
+    paths: dict[str, Path] = {}
+    for batch in plan.batches:
+        for grid in plan.grids:
+            rows += stamp_rows(measure(plan, grid, batch, context.device, context.dtype), context.device)
+            logger.info("breakeven: %dx%d tokens, batch %d done", grid, grid, batch)
+        paths = write(folder, rows, context.command)
     return paths

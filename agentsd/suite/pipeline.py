@@ -194,11 +194,13 @@ def run(context: PartContext) -> dict[str, Path]:
     pipe.set_progress_bar_config(disable=True)
     specs = method_specs()
     rows: list[dict[str, Any]] = []
+    paths: dict[str, Path] = {}
     with tempfile.TemporaryDirectory() as workdir:
         for plan in TINY_PLANS if context.tiny else PLANS:
             rows += stamp_rows(run_plan(pipe, plan, specs, Path(workdir)), context.device)
-    markdown = markdown_rows(rows, FIELDS)
-    paths = write_part(folder, rows, FIELDS, markdown, context.command, dict(paper=PAPER_RTX4090))
-    paths["png"] = folder / "pipeline.png"
-    plot(rows, paths["png"])
+            # Written after every size: an interrupted part keeps the sizes that finished.
+            paths = write_part(folder, rows, FIELDS, markdown_rows(rows, FIELDS), context.command,
+                               dict(paper=PAPER_RTX4090))  # fmt: skip
+            paths["png"] = folder / "pipeline.png"
+            plot(rows, paths["png"])
     return paths

@@ -113,6 +113,7 @@ def targets(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def pipeline_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The pipeline part's rows in the paper's columns, its RTX 4090 figures beside them."""
     header = ["px", "steps", "method", "r", "s/image", "speedup", "GB/image", "paper 4090 s/image", "paper speedup",
               "paper GB/image"]  # fmt: skip
     keys = ("size", "steps", "method", "ratio", "seconds_per_image", "speedup", "gb_per_image",
@@ -121,6 +122,7 @@ def pipeline_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def breakeven_table(data: dict[str, Any]) -> list[str]:
+    """Speedups by grid (a line each) and phase and batch (a column each), then the advice."""
     rows = data["rows"]
     columns = list(dict.fromkeys((r["phase"], r["batch"]) for r in rows))
     body = []
@@ -136,6 +138,7 @@ def breakeven_table(data: dict[str, Any]) -> list[str]:
 
 
 def tests_table(data: dict[str, Any]) -> list[str]:
+    """The pytest command and its counts, then every test's outcome."""
     counts = ", ".join(f"{n} {outcome}" for outcome, n in data["counts"].items() if n)
     lines = [f"`{data['pytest_command']}`: {counts or 'no test ran'} (exit code {data['returncode']}).", ""]
     body = [[r["test"], r["outcome"], r["reason"], r["duration_s"]] for r in data["rows"]]

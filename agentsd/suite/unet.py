@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import benchmark
 from .common import PartContext
 
@@ -74,10 +76,26 @@ def tiny_plan(plan: UNetPlan) -> UNetPlan:
     return replace(plan, arch=TINY_ARCHS[plan.arch], sizes=(TINY_SIZE,))
 
 
+def xformers_runs(device: torch.device) -> bool:
+    """Whether xformers' kernel runs on `device` (an installed wheel built for another torch or
+    CUDA imports, then fails when called)."""
+    try:
+        import xformers.ops
+
+        q = torch.zeros(1, 8, 1, 8, device=device, dtype=torch.float16)
+        xformers.ops.memory_efficient_attention(q, q, q)
+    except Exception as err:  # any failure means: no xformers rows here
+        logger.warning("xformers does not run here: %s: %s", type(err).__name__, err)
+        return False
+    return True
+
+
 def runnable(methods: tuple[str, ...], context: PartContext) -> list[str]:
-    """`methods` without those that cannot run here (xformers off CUDA or not installed,
-    tomesd not installed)."""
+    """`methods` without those that cannot run here (xformers off CUDA, not installed or not
+    working; tomesd not installed)."""
     available = set(benchmark.available_methods(context.device)) | set(benchmark.OPTIONAL_METHODS)
+    if "xformers" in available and not xformers_runs(context.device):
+        available.remove("xformers")
     left_out = [m for m in methods if m not in available]
     if left_out:
         logger.warning("left out (cannot run here): %s", ", ".join(left_out))
