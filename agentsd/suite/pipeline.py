@@ -105,17 +105,20 @@ def sd15_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype = torch
 
     from ..testing import tiny_tokenizer
 
-    with torch.device(device):
-        pipe = StableDiffusionPipeline(
+    with torch.device(device):  # the weights are drawn there (fast on a GPU)
+        models = dict(
             vae=AutoencoderKL(**SD_VAE),
             text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_VIT_L14_TEXT)),
-            tokenizer=tiny_tokenizer(),
             unet=UNet2DConditionModel(**ARCHITECTURES["sd15"]),
-            scheduler=DDIMScheduler(**SD_SCHEDULER),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
         )
+    pipe = StableDiffusionPipeline(
+        **models,
+        tokenizer=tiny_tokenizer(),
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     return pipe.to(dtype=dtype)
 
 
