@@ -143,7 +143,7 @@ def test_junit_rows_read_outcomes_reasons_and_durations(tmp_path):
     suite = ET.Element("testsuite")
     cases = [
         ("tests.test_gpu", "test_a[sd2]", "skipped", "needs CUDA"),
-        ("tests.test_gpu", "test_b", "failure", "boom"),
+        ("tests.test_gpu", "test_b", "failure", "assert 3 <= 1\n  where 3 = count()"),
         ("tests.test_x.TestY", "test_c", None, None),
     ]
     for classname, name, tag, message in cases:
@@ -154,6 +154,11 @@ def test_junit_rows_read_outcomes_reasons_and_durations(tmp_path):
     ET.ElementTree(suite).write(path)
     assert gpu_tests.junit_rows(path) == [
         dict(test="tests/test_gpu.py::test_a[sd2]", outcome="skipped", reason="needs CUDA", duration_s=1.25),
-        dict(test="tests/test_gpu.py::test_b", outcome="failed", reason="boom", duration_s=1.25),
+        dict(
+            test="tests/test_gpu.py::test_b",
+            outcome="failed",
+            reason="assert 3 <= 1 where 3 = count()",
+            duration_s=1.25,
+        ),  # one line: the message's newlines would break a Markdown table
         dict(test="tests/test_x.py::TestY::test_c", outcome="passed", reason="", duration_s=1.25),
     ]

@@ -54,10 +54,10 @@ def stamp_rows(rows: Sequence[dict[str, Any]], device: torch.device) -> list[dic
 
 
 def format_cell(value: Any, digits: int = 3) -> str:
-    """A Markdown table cell: empty for None, floats with `digits` decimals."""
+    """A Markdown table cell: empty for None, floats with `digits` decimals, `|` escaped."""
     if value is None:
         return ""
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value).replace("|", "\\|")
 
 
 def markdown_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

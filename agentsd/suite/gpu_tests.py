@@ -25,6 +25,7 @@ GPU_MARK = "pytest.mark.gpu"
 # The suite's own CI test runs this part: it must never be collected by it.
 SUITE_TEST = "test_gpu_suite.py"
 TIMEOUT_S = 450  # the part must end within one 10-minute command
+REASON_CHARS = 300
 
 
 def gpu_test_files(tests_dir: Path) -> list[Path]:
@@ -46,7 +47,8 @@ def junit_rows(path: Path) -> list[dict[str, Any]]:
             found = case.find(tag)
             if found is not None:
                 outcome = "failed" if tag == "failure" else tag
-                reason = (found.get("message") or "").strip()
+                # One line, for the tables; pytest.log holds the whole message.
+                reason = " ".join((found.get("message") or "").split())[:REASON_CHARS]
                 break
         test = f"{classname.replace('.', '/')}.py::{name}"
         rows.append(dict(test=test, outcome=outcome, reason=reason, duration_s=round(float(case.get("time", 0)), 3)))
