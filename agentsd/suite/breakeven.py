@@ -140,7 +140,9 @@ def write(folder: Path, rows: list[dict[str, Any]], command: str) -> dict[str, P
     else:
         verdict = f"Recommended `min_tokens` here: **{tokens}** (a {grid}x{grid} grid): {recommendation['rule']}."
     markdown = markdown_rows(rows, FIELDS) + "\n" + verdict + "\n"
-    paths = write_part(folder, rows, FIELDS, markdown, command, dict(recommendation=recommendation))
+    # With the device and dtype it holds for: the input of a device-aware default.
+    advice = dict(recommendation, device=rows[0]["device"], dtype=rows[0]["dtype"])
+    paths = write_part(folder, rows, FIELDS, markdown, command, dict(recommendation=advice))
     paths["png"] = folder / "breakeven.png"
     plot(rows, recommendation, paths["png"])
     return paths
