@@ -6,50 +6,38 @@ classifier-free-guidance batch (2 x images). All methods of a scenario run inter
 one process: warm-up rounds first and thrown away, then the repeats cycle through the
 methods, so drift hits them alike. Speedups are against the baseline of the same run.
 
-Methods:
-    baseline          diffusers' default processors (SDPA)
-    xformers          diffusers' xformers processors (when xformers runs here)
-    agentsd-agent     the preset in its agent phase
-    agentsd-tome      the preset in its ToMe-only phase
-    agentsd-schedule  derived: agent_steps x agent + (1 - agent_steps) x tome
-    tomesd            ToMe for SD at the preset's ratio and max_downsample (when installed)
-    reference         the agent phase computed with unfused einsum, as the published code does
-    ceiling           the patched self-attention layers replaced by a zero-cost stand-in: the
-                      bound of any method that changes self-attention only
-
-Opt-in methods (run only when named in `methods`): the agent phase with an option that
-changes outputs,
-    agentsd-shared    one matching per grid and UNet call (`share_matching=True`)
-    agentsd-pool      pooled agents (`agent_selection="pool"`)
-    agentsd-pool-r0   pooled agents and no merge (`ratio=0`): no matching at all
-and methods for large images,
-    highres           the `highres` preset (two levels, agent phase on every step), whatever
-                      the scenario's preset; its ceiling fraction is against `ceiling-2`
-    ceiling-2         the ceiling over two levels (`max_downsample=2`): the bound of `highres`
-
-With `compile` set, each method (or each of `compile_methods`) also runs under
-`torch.compile(unet)` as `<method>+compile`.
-Those rows are timed one method after the other (one compilation each, thrown away with the
-warm-up rounds), not interleaved, and their speedups and ceiling fractions are against the
-compiled baseline and the compiled ceiling.
+The methods (`bench_methods`): the baseline, xformers, the preset's agent and ToMe phases
+(and their derived 50-step schedule), tomesd, the unfused reference and the ceiling, plus
+opt-in ones. With `compile` set, each method (or each of `compile_methods`) also runs under
+`torch.compile(unet)` as `<method>+compile`. Those rows are timed one method after the other
+(one compilation each, thrown away with the warm-up rounds), not interleaved, and their
+speedups and ceiling fractions are against the compiled baseline and the compiled ceiling.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
 
+from .bench_methods import (
+    AGENTSD_METHODS,
+    CEILING_OF,
+    COMPILABLE,
+    METHODS,
+    OPTIONAL_METHODS,
+    ZeroCostAttention,
+    available_methods,
+    method_context,
+)
 from .config import AgentSDConfig
-from .patch import attention_layers, patch, unpatch
 from .presets import load_preset
 from .results import (
     CEILING_TARGET,
@@ -106,23 +94,6 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 TINY_ARCHITECTURES = {"tiny": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 DEFAULT_PRESETS = {"sd15": "paper", "sd21": "sd21", "sdxl": "sdxl", "tiny": "paper", "tiny-sd2": "sd21",
                    "tiny-sdxl": "sdxl"}  # fmt: skip
-METHODS = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "tomesd", "reference", "ceiling")
-OPTIONAL_METHODS = ("agentsd-shared", "agentsd-pool", "agentsd-pool-r0", "highres", "ceiling-2")
-# The agentsd methods: the config overrides that make each one.
-AGENTSD_METHODS = {
-    "agentsd-agent": dict(agent_steps=1.0),
-    "agentsd-tome": dict(agent_steps=0.0),
-    "reference": dict(agent_steps=1.0, attention_backend="einsum"),
-    "agentsd-shared": dict(agent_steps=1.0, share_matching=True),
-    "agentsd-pool": dict(agent_steps=1.0, agent_selection="pool"),
-    "agentsd-pool-r0": dict(agent_steps=1.0, agent_selection="pool", ratio=0.0),
-}
-# Methods that run a preset of their own instead of the scenario's.
-PRESET_METHODS = {"highres": "highres"}
-# Each method's ceiling: the zero-cost stand-in on the levels the method patches.
-CEILINGS = {"ceiling-2": 2}
-CEILING_OF = {"highres": "ceiling-2", "ceiling-2": "ceiling-2"}
-COMPILABLE = ("baseline", "ceiling", *CEILINGS, *AGENTSD_METHODS, *PRESET_METHODS)
 LATENT_FACTOR = 8  # image pixels per latent pixel in every SD VAE
 
 
@@ -165,73 +136,6 @@ def unet_inputs(unet: UNet2DConditionModel, size: int, images: int) -> tuple[tup
         time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=dtype, device=device).repeat(batch, 1)
         kwargs["added_cond_kwargs"] = dict(text_embeds=randn(batch, pooled), time_ids=time_ids)
     return args, kwargs
-
-
-class ZeroCostAttention:
-    """The ceiling's stand-in for self-attention: returns its input, computing nothing."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        return hidden_states
-
-
-@contextlib.contextmanager
-def _replaced_processors(unet: UNet2DConditionModel, replace: Callable[[], None]) -> Iterator[None]:
-    saved = dict(unet.attn_processors)
-    replace()
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(saved)
-
-
-def method_context(method: str, unet: UNet2DConditionModel, config: AgentSDConfig):
-    """A context manager that runs `unet` as `method` inside it and restores it after."""
-    if method == "baseline":
-        return contextlib.nullcontext()
-    if method == "xformers":
-        return _replaced_processors(unet, unet.enable_xformers_memory_efficient_attention)
-    if method == "ceiling" or method in CEILINGS:
-        layers = attention_layers(unet, CEILINGS.get(method, config.max_downsample))
-        return _replaced_processors(unet, lambda: [m.set_processor(ZeroCostAttention()) for m, _ in layers.values()])
-    if method == "tomesd":
-        import tomesd
-
-        return _tomesd(unet, tomesd, config)
-    if method in PRESET_METHODS:
-        return _agentsd(unet, load_preset(PRESET_METHODS[method]))
-    if method not in AGENTSD_METHODS:
-        raise ValueError(f"unknown method {method!r}: use any of {', '.join(METHODS + OPTIONAL_METHODS)}.")
-    return _agentsd(unet, config.replace(**AGENTSD_METHODS[method]))
-
-
-@contextlib.contextmanager
-def _agentsd(unet, config):
-    patch(unet, config)
-    try:
-        yield
-    finally:
-        unpatch(unet)
-
-
-@contextlib.contextmanager
-def _tomesd(unet, tomesd, config):
-    tomesd.apply_patch(unet, ratio=config.ratio, max_downsample=config.max_downsample)
-    try:
-        yield
-    finally:
-        tomesd.remove_patch(unet)
-
-
-def available_methods(device: torch.device) -> list[str]:
-    """The methods that can run here: xformers needs CUDA and xformers, tomesd its package."""
-    import importlib.util
-
-    methods = list(METHODS)
-    if device.type != "cuda" or importlib.util.find_spec("xformers") is None:
-        methods.remove("xformers")
-    if importlib.util.find_spec("tomesd") is None:
-        methods.remove("tomesd")
-    return methods
 
 
 class PeakMemory:
@@ -452,7 +356,8 @@ def run_benchmark(
     return rows
 
 
-__all__ = [  # the names of results.py are re-exported: `agentsd.benchmark` stays the one import
+__all__ = [  # the names of bench_methods.py and results.py are re-exported: one import for all
+    "AGENTSD_METHODS",
     "ARCHITECTURES",
     "CEILING_TARGET",
     "COMPILE_SUFFIX",
@@ -460,8 +365,11 @@ __all__ = [  # the names of results.py are re-exported: `agentsd.benchmark` stay
     "METHODS",
     "OPTIONAL_METHODS",
     "TOMESD_TARGET",
+    "ZeroCostAttention",
+    "available_methods",
     "build_unet",
     "markdown_table",
+    "method_context",
     "plot_speedups",
     "run_benchmark",
     "target_lines",
