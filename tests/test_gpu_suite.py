@@ -162,3 +162,20 @@ def test_junit_rows_read_outcomes_reasons_and_durations(tmp_path):
         ),  # one line: the message's newlines would break a Markdown table
         dict(test="tests/test_x.py::TestY::test_c", outcome="passed", reason="", duration_s=1.25),
     ]
+
+
+def test_estimate_counts_what_the_ceiling_removes():
+    """The time estimates rest on FLOP counts on the meta device: the baseline's count minus
+    the ceiling's is the self-attention of the patched layers, by the formula. Tiny UNet at
+    128 px: a 16x16 latent (N = 256 tokens), 3 top-level layers of C = 16 channels, CFG batch
+    B = 2; per layer 4 projections of 2 B N C^2 FLOPs and 2 attention products of 2 B N^2 C."""
+    from agentsd.benchmark import build_unet
+    from agentsd.presets import load_preset
+    from agentsd.suite import estimate
+
+    unet, config = build_unet("tiny", "meta", torch.float16), load_preset("paper")
+    removed = estimate.unet_call_flops(unet, 128, 1, "baseline", config) - estimate.unet_call_flops(
+        unet, 128, 1, "ceiling", config
+    )
+    batch, tokens, channels = 2, 256, 16
+    assert removed == 3 * (4 * 2 * batch * tokens * channels**2 + 2 * 2 * batch * tokens**2 * channels)
