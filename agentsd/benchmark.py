@@ -6,49 +6,50 @@ classifier-free-guidance batch (2 x images). All methods of a scenario run inter
 one process: warm-up rounds first and thrown away, then the repeats cycle through the
 methods, so drift hits them alike. Speedups are against the baseline of the same run.
 
-Methods:
-    baseline          diffusers' default processors (SDPA)
-    xformers          diffusers' xformers processors (when xformers runs here)
-    agentsd-agent     the preset in its agent phase
-    agentsd-tome      the preset in its ToMe-only phase
-    agentsd-schedule  derived: agent_steps x agent + (1 - agent_steps) x tome
-    tomesd            ToMe for SD at the preset's ratio and max_downsample (when installed)
-    reference         the agent phase computed with unfused einsum, as the published code does
-    ceiling           the patched self-attention layers replaced by a zero-cost stand-in: the
-                      bound of any method that changes self-attention only
-
-Opt-in methods (run only when named in `methods`), the agent phase with an option that
-changes outputs:
-    agentsd-shared    one matching per grid and UNet call (`share_matching=True`)
-    agentsd-pool      pooled agents (`agent_selection="pool"`)
-    agentsd-pool-r0   pooled agents and no merge (`ratio=0`): no matching at all
-
-With `compile` set, each method also runs under `torch.compile(unet)` as `<method>+compile`.
-Those rows are timed one method after the other (one compilation each, thrown away with the
-warm-up rounds), not interleaved, and their speedups and ceiling fractions are against the
-compiled baseline and the compiled ceiling.
+The methods (`bench_methods`): the baseline, xformers, the preset's agent and ToMe phases
+(and their derived 50-step schedule), tomesd, the unfused reference and the ceiling, plus
+opt-in ones. With `compile` set, each method (or each of `compile_methods`) also runs under
+`torch.compile(unet)` as `<method>+compile`. Those rows are timed one method after the other
+(one compilation each, thrown away with the warm-up rounds), not interleaved, and their
+speedups and ceiling fractions are against the compiled baseline and the compiled ceiling.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
 import logging
 import statistics
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
 
+from .bench_methods import (
+    AGENTSD_METHODS,
+    CEILING_OF,
+    COMPILABLE,
+    METHODS,
+    OPTIONAL_METHODS,
+    ZeroCostAttention,
+    available_methods,
+    method_context,
+)
 from .config import AgentSDConfig
-from .patch import attention_layers, patch, unpatch
 from .presets import load_preset
+from .results import (
+    CEILING_TARGET,
+    COMPILE_SUFFIX,
+    FIELDS,
+    TOMESD_TARGET,
+    markdown_table,
+    plot_speedups,
+    run_info,
+    target_lines,
+    write_results,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,37 +90,31 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         sample_size=128,
     ),
 }
-DEFAULT_PRESETS = {"sd15": "paper", "sd21": "sd21", "sdxl": "sdxl", "tiny": "paper"}
-METHODS = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "tomesd", "reference", "ceiling")
-OPTIONAL_METHODS = ("agentsd-shared", "agentsd-pool", "agentsd-pool-r0")
-COMPILE_SUFFIX = "+compile"
-# The agentsd methods: the config overrides that make each one.
-AGENTSD_METHODS = {
-    "agentsd-agent": dict(agent_steps=1.0),
-    "agentsd-tome": dict(agent_steps=0.0),
-    "reference": dict(agent_steps=1.0, attention_backend="einsum"),
-    "agentsd-shared": dict(agent_steps=1.0, share_matching=True),
-    "agentsd-pool": dict(agent_steps=1.0, agent_selection="pool"),
-    "agentsd-pool-r0": dict(agent_steps=1.0, agent_selection="pool", ratio=0.0),
-}
+# The tiny architectures (agentsd.testing) stand in for the real ones in tests.
+TINY_ARCHITECTURES = {"tiny": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+DEFAULT_PRESETS = {"sd15": "paper", "sd21": "sd21", "sdxl": "sdxl", "tiny": "paper", "tiny-sd2": "sd21",
+                   "tiny-sdxl": "sdxl"}  # fmt: skip
 LATENT_FACTOR = 8  # image pixels per latent pixel in every SD VAE
-FIELDS = (
-    "arch", "size", "batch", "dtype", "device", "torch", "diffusers", "commit", "method", "preset",
-    "median_ms", "p10_ms", "p90_ms", "peak_mb", "speedup", "ceiling_fraction", "saved_fraction", "repeats",
-)  # fmt: skip
 
 
 def build_unet(arch: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """A random-weight UNet of `arch` (`sd15`, `sd21`, `sdxl`, or `tiny` for tests)."""
-    if arch == "tiny":
-        from .testing import tiny_unet
+    """A random-weight UNet of `arch`, built on `device` (so its weights are drawn there).
 
-        unet = tiny_unet("sd15")
-    elif arch in ARCHITECTURES:
-        unet = UNet2DConditionModel(**ARCHITECTURES[arch])
-    else:
-        raise ValueError(f"unknown architecture {arch!r}: use one of {', '.join([*ARCHITECTURES, 'tiny'])}.")
-    return unet.to(device=device, dtype=dtype).eval()
+    Args:
+        arch: `sd15`, `sd21`, `sdxl`, or one of `TINY_ARCHITECTURES` for tests.
+        device, dtype: where the UNet lives and its dtype.
+    """
+    if arch not in ARCHITECTURES and arch not in TINY_ARCHITECTURES:
+        known = ", ".join([*ARCHITECTURES, *TINY_ARCHITECTURES])
+        raise ValueError(f"unknown architecture {arch!r}: use one of {known}.")
+    with torch.device(device):
+        if arch in TINY_ARCHITECTURES:
+            from .testing import tiny_unet
+
+            unet = tiny_unet(TINY_ARCHITECTURES[arch])
+        else:
+            unet = UNet2DConditionModel(**ARCHITECTURES[arch])
+    return unet.to(dtype=dtype).eval()
 
 
 def unet_inputs(unet: UNet2DConditionModel, size: int, images: int) -> tuple[tuple, dict[str, Any]]:
@@ -141,71 +136,6 @@ def unet_inputs(unet: UNet2DConditionModel, size: int, images: int) -> tuple[tup
         time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=dtype, device=device).repeat(batch, 1)
         kwargs["added_cond_kwargs"] = dict(text_embeds=randn(batch, pooled), time_ids=time_ids)
     return args, kwargs
-
-
-class ZeroCostAttention:
-    """The ceiling's stand-in for self-attention: returns its input, computing nothing."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        return hidden_states
-
-
-@contextlib.contextmanager
-def _replaced_processors(unet: UNet2DConditionModel, replace: Callable[[], None]) -> Iterator[None]:
-    saved = dict(unet.attn_processors)
-    replace()
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(saved)
-
-
-def method_context(method: str, unet: UNet2DConditionModel, config: AgentSDConfig):
-    """A context manager that runs `unet` as `method` inside it and restores it after."""
-    if method == "baseline":
-        return contextlib.nullcontext()
-    if method == "xformers":
-        return _replaced_processors(unet, unet.enable_xformers_memory_efficient_attention)
-    if method == "ceiling":
-        layers = attention_layers(unet, config.max_downsample)
-        return _replaced_processors(unet, lambda: [m.set_processor(ZeroCostAttention()) for m, _ in layers.values()])
-    if method == "tomesd":
-        import tomesd
-
-        return _tomesd(unet, tomesd, config)
-    if method not in AGENTSD_METHODS:
-        raise ValueError(f"unknown method {method!r}: use any of {', '.join(METHODS + OPTIONAL_METHODS)}.")
-    return _agentsd(unet, config.replace(**AGENTSD_METHODS[method]))
-
-
-@contextlib.contextmanager
-def _agentsd(unet, config):
-    patch(unet, config)
-    try:
-        yield
-    finally:
-        unpatch(unet)
-
-
-@contextlib.contextmanager
-def _tomesd(unet, tomesd, config):
-    tomesd.apply_patch(unet, ratio=config.ratio, max_downsample=config.max_downsample)
-    try:
-        yield
-    finally:
-        tomesd.remove_patch(unet)
-
-
-def available_methods(device: torch.device) -> list[str]:
-    """The methods that can run here: xformers needs CUDA and xformers, tomesd its package."""
-    import importlib.util
-
-    methods = list(METHODS)
-    if device.type != "cuda" or importlib.util.find_spec("xformers") is None:
-        methods.remove("xformers")
-    if importlib.util.find_spec("tomesd") is None:
-        methods.remove("tomesd")
-    return methods
 
 
 class PeakMemory:
@@ -298,7 +228,7 @@ def time_compiled(
     runs, so the compilation is never timed. tomesd and xformers are left out."""
     results: dict[str, dict[str, Any]] = {}
     for method in methods:
-        if method not in ("baseline", "ceiling", *AGENTSD_METHODS):
+        if method not in COMPILABLE:
             continue
         torch._dynamo.reset()
         compiled = torch.compile(unet, backend=backend)
@@ -319,24 +249,6 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def scenario_rows(
     timings: dict[str, dict[str, Any]], scenario: dict[str, Any], config: AgentSDConfig
 ) -> list[dict[str, Any]]:
@@ -350,7 +262,8 @@ def scenario_rows(
     for method, ms in median.items():
         # Compiled rows are measured against the compiled baseline and ceiling.
         suffix = COMPILE_SUFFIX if method.endswith(COMPILE_SUFFIX) else ""
-        base, ceiling = median["baseline" + suffix], median.get("ceiling" + suffix)
+        ceiling_name = CEILING_OF.get(method.removesuffix(suffix), "ceiling")
+        base, ceiling = median["baseline" + suffix], median.get(ceiling_name + suffix)
         measured = timings.get(method)
         speedup = base / ms
         row = dict(scenario, method=method, median_ms=round(ms, 3))
@@ -379,6 +292,7 @@ def run_benchmark(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     compile: str | None = None,
+    compile_methods: Sequence[str] | None = None,
     progress: bool = True,
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -393,6 +307,7 @@ def run_benchmark(
         repeats, warmup: timed and discarded rounds per method.
         device, dtype: default CUDA in fp16 when present, else the CPU in fp32.
         compile: a torch.compile backend (`"inductor"`): also time the methods compiled.
+        compile_methods: the methods to compile (default: every compilable one of `methods`).
         on_rows: called with each scenario's rows as soon as it finishes (to save as you go).
 
     Returns:
@@ -410,15 +325,7 @@ def run_benchmark(
     if unknown:
         known = ", ".join(METHODS + OPTIONAL_METHODS)
         raise ValueError(f"unknown methods {', '.join(unknown)}: use any of {known}.")
-    import diffusers
-
-    common = dict(
-        dtype=str(dtype).replace("torch.", ""),
-        device=_device_name(device),
-        torch=torch.__version__,
-        diffusers=diffusers.__version__,
-        commit=_git_commit(),
-    )
+    common = dict(run_info(device), dtype=str(dtype).replace("torch.", ""))
     rows: list[dict[str, Any]] = []
     scenarios = [(a, s, b) for a in archs for s in sizes for b in batches]
     bar = tqdm(scenarios, desc="scenarios", disable=not progress)
@@ -434,12 +341,14 @@ def run_benchmark(
             inputs = unet_inputs(unet, size, batch)
             timings = time_methods(unet, inputs, chosen, config, repeats, warmup)
             if compile:
-                timings.update(time_compiled(unet, inputs, chosen, config, repeats, warmup, compile))
+                compiled = [m for m in chosen if compile_methods is None or m in compile_methods]
+                timings.update(time_compiled(unet, inputs, compiled, config, repeats, warmup, compile))
         except torch.OutOfMemoryError:
             logger.warning("%s at %d px x%d ran out of memory: skipped", arch, size, batch)
             torch.cuda.empty_cache()
             continue
         scenario = dict(common, arch=arch, size=size, batch=batch, preset=Path(name).stem)
+        scenario["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         new = scenario_rows(timings, scenario, config)
         rows += new
         if on_rows is not None:
@@ -447,134 +356,21 @@ def run_benchmark(
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as a Markdown table (times in ms, memory in MB)."""
-    columns = ("arch", "size", "batch", "method", "median_ms", "p10_ms", "p90_ms", "peak_mb", "speedup",
-               "ceiling_fraction", "saved_fraction")  # fmt: skip
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [
-            "" if row[c] is None else (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])) for c in columns
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-# The speed targets the rows are read against (see `target_lines`).
-CEILING_TARGET = 0.9  # fraction of the ceiling's speedup reached in the agent phase
-TOMESD_TARGET = 1.3  # agentsd's speed over ToMe for SD at the same ratio
-DEFAULT_AGENTSD = ("agentsd-agent", "agentsd-tome", "agentsd-schedule")
-
-
-def _never_slower(by: dict[str, dict[str, Any]]) -> str:
-    """The never-slower verdict of one scenario's rows (by method).
-
-    A default agentsd row with a median above its baseline's is slower beyond the noise when
-    its p10 is above the baseline's p90; otherwise its spread overlaps the baseline's and it
-    is named as slower within the noise. The derived schedule row has no spread of its own
-    and is never beyond the noise by itself.
-    """
-    beyond, within = [], []
-    for method, row in by.items():
-        suffix = COMPILE_SUFFIX if method.endswith(COMPILE_SUFFIX) else ""
-        if method.removesuffix(suffix) not in DEFAULT_AGENTSD or row["speedup"] >= 1:
-            continue
-        base = by["baseline" + suffix]
-        clear = row.get("p10_ms") is not None and base.get("p90_ms") is not None and row["p10_ms"] > base["p90_ms"]
-        (beyond if clear else within).append(f"{method} {row['speedup']:.2f}x")
-    if beyond:
-        return f"NO ({', '.join(beyond)})" + (f", slower within the noise: {', '.join(within)}" if within else "")
-    if within:
-        return f"yes within the noise (slower medians, spreads overlapping the baseline's: {', '.join(within)})"
-    return "yes"
-
-
-def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The speed targets read off the rows, one Markdown list item per scenario.
-
-    Never slower: every default agentsd row (agent phase, ToMe phase, the schedule; compiled
-    too) has a speedup of at least 1 over its own baseline, or is named (`_never_slower`
-    tells noise apart). Then the agent phase's fraction of the ceiling's speedup (eager and
-    compiled) and agentsd's speed over tomesd (tomesd time / agentsd time, for the agent
-    phase and the schedule) next to its bound, the ceiling's speed over tomesd, where those
-    rows were run. Medians of one run: compare them with the p10/p90 spread in the table.
-    """
-    lines = []
-    for arch, size, batch in dict.fromkeys((r["arch"], r["size"], r["batch"]) for r in rows):
-        by = {r["method"]: r for r in rows if (r["arch"], r["size"], r["batch"]) == (arch, size, batch)}
-        checks = ["never slower: " + _never_slower(by)]
-        for suffix in ("", COMPILE_SUFFIX):
-            fraction = by.get("agentsd-agent" + suffix, {}).get("ceiling_fraction")
-            if fraction is not None:
-                checks.append(
-                    f"agent phase{suffix}: {fraction:.1%} of the ceiling's speedup (target {CEILING_TARGET:.0%})"
-                )
-        if "tomesd" in by:
-            over = [
-                f"{label} {by['tomesd']['median_ms'] / by[method]['median_ms']:.2f}x"
-                for method, label in (("agentsd-agent", "agent phase"), ("agentsd-schedule", "schedule"))
-                if method in by
-            ]
-            if over and "ceiling" in by:  # no self-attention-only method can beat tomesd by more
-                over.append(f"bound (ceiling) {by['tomesd']['median_ms'] / by['ceiling']['median_ms']:.2f}x")
-            if over:
-                checks.append(f"over tomesd: {', '.join(over)} (target {TOMESD_TARGET}x)")
-        lines.append(f"- {arch} {size} px x{batch}: " + "; ".join(checks))
-    return lines
-
-
-def plot_speedups(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Speedup against resolution, one line per method, one panel per (arch, batch)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(r["arch"], r["batch"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (arch, batch) in zip(axes[0], panels, strict=True):
-        mine = [r for r in rows if r["arch"] == arch and r["batch"] == batch]
-        for method in dict.fromkeys(r["method"] for r in mine):
-            points = sorted((r["size"], r["speedup"]) for r in mine if r["method"] == method)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-        ax.axhline(1.0, color="gray", linewidth=0.8)
-        ax.set(title=f"{arch}, {batch} image(s), {mine[0]['dtype']}", xlabel="image side (px)", ylabel="speedup")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_results(rows: Sequence[dict[str, Any]], out_dir: str | Path, command: str = "") -> dict[str, Path]:
-    """Write results.json, results.csv, results.md and speedup.png into `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f"results.{k}" for k in ("json", "csv", "md")}
-    paths["png"] = out / "speedup.png"
-    meta = dict(command=command, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    paths["json"].write_text(json.dumps(dict(meta, rows=list(rows)), indent=2))
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    header = f"Command: `{command}`\n\nDate: {meta['date']}\n\n" if command else ""
-    if rows:
-        first = rows[0]
-        header += f"Device: {first['device']}; torch {first['torch']}, diffusers {first['diffusers']}, "
-        header += f"commit {first['commit']}\n\n"
-    targets = "\n## Targets\n\n" + "\n".join(target_lines(rows)) + "\n" if rows else ""
-    paths["md"].write_text(header + markdown_table(rows) + targets)
-    if rows:
-        plot_speedups(rows, paths["png"])
-    return paths
-
-
-__all__ = [
+__all__ = [  # the names of bench_methods.py and results.py are re-exported: one import for all
+    "AGENTSD_METHODS",
     "ARCHITECTURES",
+    "CEILING_TARGET",
+    "COMPILE_SUFFIX",
     "FIELDS",
     "METHODS",
     "OPTIONAL_METHODS",
+    "TOMESD_TARGET",
+    "ZeroCostAttention",
+    "available_methods",
     "build_unet",
+    "markdown_table",
+    "method_context",
+    "plot_speedups",
     "run_benchmark",
     "target_lines",
     "time_compiled",

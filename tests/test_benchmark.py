@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from agentsd import benchmark
+from agentsd import benchmark, results
 
 
 def test_harness_writes_every_documented_field(tmp_path):
@@ -51,7 +51,7 @@ def test_methods_leave_the_unet_as_it_was():
     args, kwargs = benchmark.unet_inputs(unet, 128, 1)
     with torch.no_grad():
         expected = unet(*args, **kwargs).sample
-        for method in benchmark.available_methods(torch.device("cpu")):
+        for method in [*benchmark.available_methods(torch.device("cpu")), "highres", "ceiling-2"]:
             with benchmark.method_context(method, unet, benchmark.load_preset("paper")):
                 changed = unet(*args, **kwargs).sample
             assert (method == "baseline") == torch.equal(changed, expected), method
@@ -87,14 +87,16 @@ def test_cli_bench_runs_and_writes_files(tmp_path):
 
 def test_compiled_rows_and_opt_in_methods():
     """`compile` adds a `+compile` row per compilable method, measured against the compiled
-    baseline; the opt-in agentsd methods run when named. (Dynamo's `eager`
-    backend: the harness is under test here, compilation itself in test_compile.py.)"""
+    baseline, only for `compile_methods` when given; the opt-in agentsd methods run when named.
+    (Dynamo's `eager` backend: the harness is under test here, compilation itself in
+    test_compile.py.)"""
     methods = ["baseline", "agentsd-agent"]
     rows = benchmark.run_benchmark(
-        archs=["tiny"], sizes=[128], methods=methods, repeats=1, warmup=0, compile="eager", progress=False
-    )
+        archs=["tiny"], sizes=[128], methods=[*methods, "ceiling"], repeats=1, warmup=0, compile="eager",
+        compile_methods=methods, progress=False,
+    )  # fmt: skip
     by = {r["method"]: r for r in rows}
-    assert set(by) == set(methods) | {m + "+compile" for m in methods}
+    assert set(by) == {*methods, "ceiling"} | {m + "+compile" for m in methods}
     assert by["baseline+compile"]["speedup"] == 1.0
     assert by["agentsd-agent+compile"]["speedup"] == pytest.approx(
         by["baseline+compile"]["median_ms"] / by["agentsd-agent+compile"]["median_ms"], rel=1e-3
@@ -126,10 +128,48 @@ def test_target_lines_name_slower_rows_and_read_the_targets():
     # 104 ms: slower median, but its p10 (99) is under the baseline's p90 (105).
     assert first.startswith("- sd15 512 px x1: never slower: yes within the noise (slower medians")
     assert "agentsd-tome 0.96x)" in first
-    assert "agent phase: 83.3% of the ceiling's speedup (target 90%)" in first  # (100/60) / 2
-    assert "over tomesd: agent phase 1.50x, bound (ceiling) 1.80x (target 1.3x)" in first  # 90 / 60, 90 / 50
+    # Below 1024 px the ceiling and tomesd targets do not apply: the values are shown, unjudged.
+    assert "agent phase: 83.3% of the ceiling's speedup (target 90% from 1024 px)" in first  # (100/60) / 2
+    assert "over tomesd: agent phase 1.50x, bound (ceiling) 1.80x (target 1.3x from 1024 px)" in first  # 90/60, 90/50
     # 120 ms against the compiled baseline: p10 115 > p90 105.
     assert "never slower: NO (agentsd-agent+compile 0.83x);" in second
-    assert "agent phase: 62.5% of the ceiling's speedup" in second and "tomesd" not in second
+    assert "agent phase: 62.5% of the ceiling's speedup (target 90%: missed)" in second and "tomesd" not in second
+    assert "agent phase 1.25x (target 1.7x: missed)" in second  # the SD 1.5 speedup target at 1024 px
     fast = [r for r in rows if r["speedup"] >= 1 or not r["method"].startswith("agentsd")]
     assert all("never slower: yes;" in line for line in benchmark.target_lines(fast))
+
+
+def test_target_checks_judge_each_target_where_it_applies():
+    """Met / missed from the rows' own numbers: 90 % of the ceiling and 1.3x over tomesd from
+    1024 px up, the step speedups of `SPEEDUP_TARGETS` at their sizes, never slower
+    everywhere; unjudged (None) where a target does not apply."""
+    times = {  # size -> method -> median ms; baseline 1000
+        512: dict(baseline=1000, ceiling=500, tomesd=700, **{"agentsd-agent": 600}),
+        1024: dict(baseline=1000, ceiling=500, tomesd=700, **{"agentsd-agent": 520}),  # 1.92x, 96 %, 1.35x
+        2048: dict(baseline=1000, ceiling=200, tomesd=900, highres=210, **{"ceiling-2": 150, "agentsd-agent": 300}),
+    }
+    rows = [_row(size, m, ms, 1000, methods["ceiling"]) for size, methods in times.items() for m, ms in methods.items()]
+    met = {(c.size, c.name): c.met for c in results.target_checks(rows)}
+    assert met[(512, "ceiling")] is None and met[(512, "over tomesd")] is None
+    assert met[(512, "never slower")] is True
+    assert met[(1024, "ceiling")] is True and met[(1024, "over tomesd")] is True  # 700 / 520 = 1.35
+    assert met[(1024, "speedup agentsd-agent")] is True  # 1000 / 520 = 1.92 >= 1.7
+    assert met[(2048, "over tomesd")] is True and met[(2048, "ceiling")] is False  # (1000/300) / 5 = 67 %
+    assert met[(2048, "speedup agentsd-agent")] is False  # 3.33x < 4x
+    assert met[(2048, "speedup highres")] is False  # 4.76x < 5x
+    assert (512, "speedup agentsd-agent") not in met  # no speedup target at 512 px
+    sdxl = [dict(r, arch="sdxl") for r in rows if r["size"] == 1024]
+    sdxl.append(dict(sdxl[0], method="agentsd-schedule", speedup=1.2, p10_ms=None, p90_ms=None))
+    assert {c.name: c.met for c in results.target_checks(sdxl)}["speedup agentsd-schedule"] is True
+
+
+def test_highres_is_measured_against_the_two_level_ceiling():
+    """`highres` patches two levels, so its share of the possible speedup is read against the
+    two-level ceiling; the default agentsd rows against the preset's one-level ceiling."""
+    medians = {"baseline": 100, "ceiling": 50, "ceiling-2": 25, "highres": 40, "agentsd-agent": 60}
+    timings = {m: {"ms": [ms], "peak_mb": 0.0} for m, ms in medians.items()}
+    rows = benchmark.scenario_rows(timings, dict(arch="sd15", size=1024, batch=1), benchmark.load_preset("paper"))
+    by = {r["method"]: r for r in rows}
+    assert by["highres"]["ceiling_fraction"] == pytest.approx((100 / 40) / (100 / 25), abs=1e-4)
+    assert by["agentsd-agent"]["ceiling_fraction"] == pytest.approx((100 / 60) / (100 / 50), abs=1e-4)
+    assert by["ceiling-2"]["ceiling_fraction"] == 1.0

@@ -1,0 +1,235 @@
+"""The benchmark's rows: their fields and run information, the speed targets read off them,
+and the files they are written to (JSON, CSV, Markdown, a plot)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMPILE_SUFFIX = "+compile"
+# Every row of every result file carries these: where, with what and when it was measured.
+RUN_FIELDS = ("device", "torch", "diffusers", "commit", "date")
+FIELDS = (
+    "arch", "size", "batch", "dtype", "device", "torch", "diffusers", "commit", "date", "method", "preset",
+    "median_ms", "p10_ms", "p90_ms", "peak_mb", "speedup", "ceiling_fraction", "saved_fraction", "repeats",
+)  # fmt: skip
+
+
+def git_commit() -> str:
+    """The short commit of the checkout agentsd runs from, or "unknown" (an installed wheel)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with the number of threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_info(device: torch.device) -> dict[str, str]:
+    """The `RUN_FIELDS` of a run on `device` now: its name, torch and diffusers versions, the
+    commit and the date."""
+    import diffusers
+
+    return dict(
+        device=device_name(device),
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+        commit=git_commit(),
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (times in ms, memory in MB)."""
+    columns = ("arch", "size", "batch", "method", "median_ms", "p10_ms", "p90_ms", "peak_mb", "speedup",
+               "ceiling_fraction", "saved_fraction")  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [
+            "" if row[c] is None else (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])) for c in columns
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# The speed targets the rows are read against (see `target_checks`).
+CEILING_TARGET = 0.9  # fraction of the ceiling's speedup reached in the agent phase
+TOMESD_TARGET = 1.3  # agentsd's speed over ToMe for SD at the same ratio
+TARGETS_FROM = 1024  # the two targets above apply from this image side up
+DEFAULT_AGENTSD = ("agentsd-agent", "agentsd-tome", "agentsd-schedule")
+# Speedups of a whole UNet step over the baseline: (arch, image side) -> (method, minimum)s.
+SPEEDUP_TARGETS: dict[tuple[str, int], tuple[tuple[str, float], ...]] = {
+    ("sd15", 1024): (("agentsd-agent", 1.7),),
+    ("sd15", 2048): (("agentsd-agent", 4.0), ("highres", 5.0)),
+    ("sdxl", 1024): (("agentsd-schedule", 1.15),),
+    ("sdxl", 2048): (("agentsd-schedule", 1.8),),
+}
+LABELS = {"agentsd-agent": "agent phase", "agentsd-tome": "ToMe phase", "agentsd-schedule": "schedule"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target read off the rows of one scenario.
+
+    Args:
+        arch, size, batch: the scenario.
+        name: what is checked (`never slower`, `ceiling`, `over tomesd`, or `speedup <method>`).
+        text: the check as `target_lines` prints it.
+        met: whether the target is met; None where no target applies (shown for information).
+    """
+
+    arch: str
+    size: int
+    batch: int
+    name: str
+    text: str
+    met: bool | None
+
+
+def _never_slower(by: dict[str, dict[str, Any]]) -> str:
+    """The never-slower verdict of one scenario's rows (by method).
+
+    A default agentsd row with a median above its baseline's is slower beyond the noise when
+    its p10 is above the baseline's p90; otherwise its spread overlaps the baseline's and it
+    is named as slower within the noise. The derived schedule row has no spread of its own
+    and is never beyond the noise by itself.
+    """
+    beyond, within = [], []
+    for method, row in by.items():
+        suffix = COMPILE_SUFFIX if method.endswith(COMPILE_SUFFIX) else ""
+        if method.removesuffix(suffix) not in DEFAULT_AGENTSD or row["speedup"] >= 1:
+            continue
+        base = by["baseline" + suffix]
+        clear = row.get("p10_ms") is not None and base.get("p90_ms") is not None and row["p10_ms"] > base["p90_ms"]
+        (beyond if clear else within).append(f"{method} {row['speedup']:.2f}x")
+    if beyond:
+        return f"NO ({', '.join(beyond)})" + (f", slower within the noise: {', '.join(within)}" if within else "")
+    if within:
+        return f"yes within the noise (slower medians, spreads overlapping the baseline's: {', '.join(within)})"
+    return "yes"
+
+
+def _verdict(met: bool | None, applies_from: int | None = None) -> str:
+    if met is None:
+        return f" from {applies_from} px" if applies_from else ""
+    return ": met" if met else ": missed"
+
+
+def _scenario_checks(arch: str, size: int, batch: int, by: dict[str, dict[str, Any]]) -> list[Check]:
+    verdict = _never_slower(by)
+    checks = [Check(arch, size, batch, "never slower", "never slower: " + verdict, not verdict.startswith("NO"))]
+    applies = size >= TARGETS_FROM
+    for suffix in ("", COMPILE_SUFFIX):
+        fraction = by.get("agentsd-agent" + suffix, {}).get("ceiling_fraction")
+        if fraction is not None:
+            met = fraction >= CEILING_TARGET if applies else None
+            text = (f"agent phase{suffix}: {fraction:.1%} of the ceiling's speedup "
+                    f"(target {CEILING_TARGET:.0%}{_verdict(met, TARGETS_FROM)})")  # fmt: skip
+            checks.append(Check(arch, size, batch, "ceiling" + suffix, text, met))
+    if "tomesd" in by:
+        tomesd_ms = by["tomesd"]["median_ms"]
+        over = {m: tomesd_ms / by[m]["median_ms"] for m in ("agentsd-agent", "agentsd-schedule") if m in by}
+        parts = [f"{LABELS[m]} {x:.2f}x" for m, x in over.items()]
+        if parts and "ceiling" in by:  # no self-attention-only method can beat tomesd by more
+            parts.append(f"bound (ceiling) {tomesd_ms / by['ceiling']['median_ms']:.2f}x")
+        if parts:
+            met = over["agentsd-agent"] >= TOMESD_TARGET if applies and "agentsd-agent" in over else None
+            text = f"over tomesd: {', '.join(parts)} (target {TOMESD_TARGET}x{_verdict(met, TARGETS_FROM)})"
+            checks.append(Check(arch, size, batch, "over tomesd", text, met))
+    for method, minimum in SPEEDUP_TARGETS.get((arch, size), ()):
+        if method in by:
+            speedup = by[method]["speedup"]
+            text = f"{LABELS.get(method, method)} {speedup:.2f}x (target {minimum}x{_verdict(speedup >= minimum)})"
+            checks.append(Check(arch, size, batch, f"speedup {method}", text, speedup >= minimum))
+    return checks
+
+
+def target_checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
+    """The speed targets read off the rows, scenario by scenario.
+
+    Never slower: every default agentsd row (agent phase, ToMe phase, the schedule; compiled
+    too) has a speedup of at least 1 over its own baseline, or is named (`_never_slower`
+    tells noise apart). Then the agent phase's fraction of the ceiling's speedup (eager and
+    compiled; target `CEILING_TARGET`) and agentsd's speed over tomesd (tomesd time /
+    agentsd time, for the agent phase and the schedule; target `TOMESD_TARGET` for the agent
+    phase, both targets from `TARGETS_FROM` px up) next to its bound, the ceiling's speed
+    over tomesd, and the speedups of `SPEEDUP_TARGETS`, where those rows were run. Medians
+    of one run: compare them with the p10/p90 spread in the table.
+    """
+    checks = []
+    for arch, size, batch in dict.fromkeys((r["arch"], r["size"], r["batch"]) for r in rows):
+        by = {r["method"]: r for r in rows if (r["arch"], r["size"], r["batch"]) == (arch, size, batch)}
+        checks += _scenario_checks(arch, size, batch, by)
+    return checks
+
+
+def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """`target_checks` as one Markdown list item per scenario."""
+    lines: dict[tuple[str, int, int], list[str]] = {}
+    for check in target_checks(rows):
+        lines.setdefault((check.arch, check.size, check.batch), []).append(check.text)
+    return [f"- {arch} {size} px x{batch}: " + "; ".join(texts) for (arch, size, batch), texts in lines.items()]
+
+
+def plot_speedups(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Speedup against resolution, one line per method, one panel per (arch, batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["arch"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (arch, batch) in zip(axes[0], panels, strict=True):
+        mine = [r for r in rows if r["arch"] == arch and r["batch"] == batch]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            points = sorted((r["size"], r["speedup"]) for r in mine if r["method"] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set(title=f"{arch}, {batch} image(s), {mine[0]['dtype']}", xlabel="image side (px)", ylabel="speedup")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(rows: Sequence[dict[str, Any]], out_dir: str | Path, command: str = "") -> dict[str, Path]:
+    """Write results.json, results.csv, results.md and speedup.png into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"results.{k}" for k in ("json", "csv", "md")}
+    paths["png"] = out / "speedup.png"
+    meta = dict(command=command, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    paths["json"].write_text(json.dumps(dict(meta, rows=list(rows)), indent=2))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    header = f"Command: `{command}`\n\nDate: {meta['date']}\n\n" if command else ""
+    if rows:
+        first = rows[0]
+        header += f"Device: {first['device']}; torch {first['torch']}, diffusers {first['diffusers']}, "
+        header += f"commit {first['commit']}\n\n"
+    targets = "\n## Targets\n\n" + "\n".join(target_lines(rows)) + "\n" if rows else ""
+    paths["md"].write_text(header + markdown_table(rows) + targets)
+    if rows:
+        plot_speedups(rows, paths["png"])
+    return paths
