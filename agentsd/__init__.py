@@ -4,6 +4,7 @@
 >>> agentsd.patch(pipe)  # doctest: +SKIP
 """
 
+from .community import community_pipeline
 from .config import AgentSDConfig
 from .patch import current_phase, is_patched, patch, patched, patched_config, unpatch
 
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AgentSDConfig",
     "__version__",
+    "community_pipeline",
     "current_phase",
     "is_patched",
     "patch",
