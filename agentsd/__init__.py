@@ -4,6 +4,7 @@
 >>> agentsd.patch(pipe)  # doctest: +SKIP
 """
 
+from .community import community_pipeline
 from .config import AgentSDConfig
 from .patch import current_phase, is_patched, patch, patched, patched_config, unpatch, unpatched
 from .status import PatchStatus, status
@@ -14,6 +15,7 @@ __all__ = [
     "AgentSDConfig",
     "PatchStatus",
     "__version__",
+    "community_pipeline",
     "current_phase",
     "is_patched",
     "patch",

@@ -1,4 +1,5 @@
-"""Support for the community pipelines in `pipelines/`: agent attention per `__call__`."""
+"""The community pipelines in `pipelines/` (shipped as `agentsd.pipelines`): where they are, and
+their agent attention per `__call__`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,40 @@ from typing import Any
 from .config import AgentSDConfig
 from .patch import patched, unpatched
 from .presets import load_preset
+
+# Name -> file in `pipelines/`. The file names differ because diffusers caches a local custom
+# pipeline under its file name.
+COMMUNITY_PIPELINES = {"sd": "agentsd_sd.py", "sdxl": "agentsd_sdxl.py"}
+
+
+def _pipeline_dir() -> Path:
+    """`pipelines/` of a source checkout, or its copy inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "pipelines", here.parent / "pipelines"):
+        if (folder / COMMUNITY_PIPELINES["sd"]).is_file():
+            return folder
+    raise FileNotFoundError(f"agentsd's community pipeline folder is missing next to {here}: reinstall agentsd.")
+
+
+def community_pipeline(name: str = "sd") -> str:
+    """The path of a community pipeline file, for diffusers' `custom_pipeline`.
+
+    Args:
+        name: `"sd"` (SD 1.x / 2.x, default preset `paper`) or `"sdxl"` (default preset `sdxl`).
+
+    Raises:
+        ValueError: for another name.
+
+    Example:
+        >>> pipe = DiffusionPipeline.from_pretrained(  # doctest: +SKIP
+        ...     model, custom_pipeline=agentsd.community_pipeline("sd"), trust_remote_code=True
+        ... )
+        >>> image = pipe("a photo of a cat", agentsd_config="paper").images[0]  # doctest: +SKIP
+    """
+    if name not in COMMUNITY_PIPELINES:
+        names = ", ".join(map(repr, COMMUNITY_PIPELINES))
+        raise ValueError(f"unknown community pipeline {name!r}: use one of {names}.")
+    return str(_pipeline_dir() / COMMUNITY_PIPELINES[name])
 
 
 def resolve_config(value: AgentSDConfig | Mapping | str | Path | bool | None, default: str) -> AgentSDConfig | None:

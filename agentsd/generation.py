@@ -19,22 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LCMScheduler,
-    PNDMScheduler,
-    UNet2DConditionModel,
-    UniPCMultistepScheduler,
-)
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
+from .compat import dtype_kwargs
 from .config import AgentSDConfig
 from .patch import attention_layers, patched
 from .status import Activity, status
@@ -42,15 +34,17 @@ from .status import Activity, status
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "dpm++2m": (DPMSolverMultistepScheduler, {}),
-    "dpm++2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "lcm": (LCMScheduler, {}),
+# Scheduler name -> (diffusers class name, extra config). Looked up by name when used: older
+# diffusers releases lack some (LCMScheduler arrived in 0.22).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BASELINE, AGENTSD = "baseline", "agentsd"
@@ -94,7 +88,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: torch.
     if looks_local and not local.is_dir():
         raise GenerationError(f"model folder {model!r} does not exist: pass an existing folder or a hub id.")
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(local) if looks_local else model, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(local) if looks_local else model, **dtype_kwargs(dtype))
     except Exception as err:  # hub, network, auth and format errors come in many types
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise GenerationError(
@@ -115,7 +109,13 @@ def set_scheduler(pipe: Any, name: str | None) -> None:
         return
     if name not in SCHEDULERS:
         raise GenerationError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}.")
-    cls, extra = SCHEDULERS[name]
+    class_name, extra = SCHEDULERS[name]
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise GenerationError(
+            f"scheduler {name!r} needs diffusers' {class_name}, which diffusers {diffusers.__version__} does not "
+            "have: upgrade diffusers or choose another scheduler."
+        )
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
 
 

@@ -233,7 +233,10 @@ def attention_layers(unet: UNet2DConditionModel, max_downsample: int) -> dict[st
         if downsample > max_downsample:
             continue
         for name, module in block.named_modules():
-            if isinstance(module, Attention) and name.split(".")[-1] == "attn1" and not module.is_cross_attention:
+            # diffusers < 0.27 has no `is_cross_attention`: a cross-attending attn1 (only_cross_attention)
+            # is then patched too, and its calls, which carry encoder_hidden_states, go to the original.
+            cross = getattr(module, "is_cross_attention", False)
+            if isinstance(module, Attention) and name.split(".")[-1] == "attn1" and not cross:
                 found[f"{prefix}.{name}.processor"] = (module, downsample)
     return found
 

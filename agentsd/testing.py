@@ -25,11 +25,18 @@ KINDS = ("sd15", "sd2", "sdxl")
 TEXT_HIDDEN = 32
 
 
+def byte_symbols() -> list[str]:
+    """The 256 characters a byte-level BPE tokenizer (GPT-2, CLIP) writes bytes as, in byte-table
+    order: printable Latin-1 bytes stand for themselves, the others for code points from 256 on.
+    (transformers has this table, but its module moved between releases.)"""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
 def tiny_tokenizer() -> CLIPTokenizer:
     """A byte-level CLIP tokenizer: 2 special tokens and the 512 byte symbols, no merges."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
+    symbols = byte_symbols()
     tokens = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
     with tempfile.TemporaryDirectory() as folder:
         vocab, merges = Path(folder, "vocab.json"), Path(folder, "merges.txt")

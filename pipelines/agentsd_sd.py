@@ -1,9 +1,11 @@
 """Stable Diffusion 1.x / 2.x with agent attention, as a diffusers community pipeline.
 
+    import agentsd
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(
-        "stable-diffusion-v1-5/stable-diffusion-v1-5", custom_pipeline="path/to/pipelines/agentsd_sd.py",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        custom_pipeline=agentsd.community_pipeline("sd"),  # this file, also inside an installed agentsd
         trust_remote_code=True,  # diffusers asks for it to run a local pipeline file
     )
     image = pipe("a photo of a cat").images[0]                           # the `paper` preset

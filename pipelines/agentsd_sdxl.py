@@ -1,9 +1,11 @@
 """Stable Diffusion XL with agent attention, as a diffusers community pipeline.
 
+    import agentsd
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(
-        "stabilityai/stable-diffusion-xl-base-1.0", custom_pipeline="path/to/pipelines/agentsd_sdxl.py",
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        custom_pipeline=agentsd.community_pipeline("sdxl"),  # this file, also inside an installed agentsd
         trust_remote_code=True,  # diffusers asks for it to run a local pipeline file
     )
     image = pipe("a photo of a cat").images[0]                           # the `sdxl` preset

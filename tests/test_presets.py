@@ -48,14 +48,20 @@ def test_preset_from_a_path_and_its_errors(tmp_path):
         load_preset(tmp_path / "absent.yaml")
 
 
-@pytest.mark.parametrize(
-    "kind, file, default", [("sd15", "agentsd_sd.py", "paper"), ("sdxl", "agentsd_sdxl.py", "sdxl")]
-)
-def test_community_pipeline_loads_through_custom_pipeline(kind, file, default, tmp_path, monkeypatch):
+def test_community_pipeline_paths_are_the_repository_files_and_unknown_names_are_refused():
+    # In a checkout the package hands out the top-level files themselves (no copies to drift).
+    assert Path(agentsd.community_pipeline()) == ROOT / "pipelines" / "agentsd_sd.py"
+    assert Path(agentsd.community_pipeline("sdxl")) == ROOT / "pipelines" / "agentsd_sdxl.py"
+    with pytest.raises(ValueError, match="unknown community pipeline 'xl': use one of 'sd', 'sdxl'"):
+        agentsd.community_pipeline("xl")
+
+
+@pytest.mark.parametrize("kind, name, default", [("sd15", "sd", "paper"), ("sdxl", "sdxl", "sdxl")])
+def test_community_pipeline_loads_through_custom_pipeline(kind, name, default, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tiny_pipeline(kind).save_pretrained(tmp_path)
     pipe = DiffusionPipeline.from_pretrained(
-        tmp_path, custom_pipeline=str(ROOT / "pipelines" / file), trust_remote_code=True
+        tmp_path, custom_pipeline=agentsd.community_pipeline(name), trust_remote_code=True
     )
     assert type(pipe).__name__.startswith("AgentSD")
     pipe.set_progress_bar_config(disable=True)
