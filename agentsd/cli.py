@@ -10,7 +10,7 @@ import platform
 import sys
 from pathlib import Path
 
-from .cli_args import FLAG_NAMES, UsageError, build_parser
+from .cli_args import FLAG_NAMES, UsageError, build_parser, config_dest
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -60,7 +60,7 @@ def agent_config(args: argparse.Namespace):
     config = load_preset(args.preset) if args.preset else AgentSDConfig()
     overrides = {}
     for f in dataclasses.fields(AgentSDConfig):
-        value = getattr(args, f.name)
+        value = getattr(args, config_dest(f.name))
         if value is not None:
             overrides[f.name] = None if value == "auto" else value
     return config.replace(**overrides)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-# AgentSDConfig fields whose flag name differs from the field name.
+# AgentSDConfig fields whose flag name differs from the field name (`--seed` seeds the images).
 FLAG_NAMES = {"seed": "agent-seed"}
 # AgentSDConfig fields that take a name or None; "auto" on the command line stands for None.
 # Fields with a fixed set of values; "auto" stands for None.
@@ -25,6 +25,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def config_flag(field: str) -> str:
+    """The command-line flag of an AgentSDConfig field: `--ratio`, `--agent-seed`."""
+    return "--" + FLAG_NAMES.get(field, field.replace("_", "-"))
+
+
+def config_dest(field: str) -> str:
+    """Where the parsed flag of an AgentSDConfig field lands: its own name, never another flag's
+    (`--agent-seed` goes to `agent_seed`; `seed` belongs to `--seed`)."""
+    return config_flag(field)[2:].replace("-", "_")
+
+
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     from .config import AgentSDConfig
 
@@ -32,15 +43,15 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--preset", help="preset name (see `agentsd presets`) or a YAML file; default: paper")
     group.add_argument("--no-agent", action="store_true", help="run the baseline only, without agent attention")
     for f in dataclasses.fields(AgentSDConfig):
-        flag = "--" + FLAG_NAMES.get(f.name, f.name.replace("_", "-"))
+        flag, dest = config_flag(f.name), config_dest(f.name)
         if f.type in (bool, "bool"):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None)
         elif f.name in CHOICE_FLAGS:
             note = "auto: None" if "auto" in CHOICE_FLAGS[f.name] else f"AgentSDConfig.{f.name}"
-            group.add_argument(flag, dest=f.name, choices=CHOICE_FLAGS[f.name], default=None, help=note)
+            group.add_argument(flag, dest=dest, choices=CHOICE_FLAGS[f.name], default=None, help=note)
         else:
             kind = int if isinstance(f.default, int) else float
-            group.add_argument(flag, dest=f.name, type=kind, default=None, help=f"AgentSDConfig.{f.name}")
+            group.add_argument(flag, dest=dest, type=kind, default=None, help=f"AgentSDConfig.{f.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ def test_generate_writes_images_with_metadata_and_sidecars(models, tmp_path):
     result = agentsd_cli(
         "generate", "--model", models / "sd15", "--prompt", "a red cube", "--prompt", "a blue ball",
         "--num-images", "2", "--batch-size", "3", "--steps", "3", "--width", "72", "--height", "56",
-        "--scheduler", "euler", "--ratio", "0.5", "--out", out,
+        "--scheduler", "euler", "--ratio", "0.5", "--agent-seed", "7", "--out", out,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in out.glob("*.png"))
@@ -43,6 +43,7 @@ def test_generate_writes_images_with_metadata_and_sidecars(models, tmp_path):
     assert meta["prompt"] == "a blue ball" and meta["seed"] == 1 and meta["steps"] == 3
     assert meta["scheduler"] == "euler" and meta["model"] == str(models / "sd15")
     assert meta["agentsd_config"]["ratio"] == 0.5 and meta["method"] == "agentsd"
+    assert meta["agentsd_config"]["seed"] == 7  # --agent-seed: the config's seed, not the images'
     assert meta["seconds"] > 0 and meta["agentsd_version"]
     assert json.loads((out / "p0001_s1.json").read_text()) == meta
     assert "agentsd: 4 written" in result.stdout
@@ -181,3 +182,24 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
             expected[f.name] = value
     config = agent_config(build_parser().parse_args(argv))
     assert config.to_dict() == expected
+
+
+def test_image_seed_and_agent_seed_are_independent(tmp_path):
+    """--seed seeds the images, --agent-seed the config; a preset's seed stays unless --agent-seed."""
+    from agentsd.cli import agent_config, build_parser
+
+    preset = tmp_path / "seeded.yaml"
+    preset.write_text("config:\n  seed: 3\n")
+    preset = str(preset)
+
+    def parse(*extra):
+        args = build_parser().parse_args(["generate", "--prompt", "p", *extra])
+        return args.seed, agent_config(args).seed
+
+    assert parse() == (0, 0)
+    assert parse("--seed", "5") == (5, 0)
+    assert parse("--agent-seed", "7") == (0, 7)
+    assert parse("--seed", "5", "--agent-seed", "7") == (5, 7)
+    assert parse("--preset", preset) == (0, 3)
+    assert parse("--preset", preset, "--seed", "5") == (5, 3)
+    assert parse("--preset", preset, "--agent-seed", "7") == (0, 7)
