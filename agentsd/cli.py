@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.metadata
 import logging
 import platform
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from .cli_args import FLAG_NAMES, UsageError, build_parser, config_dest
@@ -88,6 +90,22 @@ def _device_and_dtype(args: argparse.Namespace, auto=None):
     return gen.resolve_dtype(None if fell_back else args.dtype, device), device
 
 
+@contextlib.contextmanager
+def _no_empty_folder_on_error(folder: Path) -> Iterator[None]:
+    """On an error inside, remove the folders on the way to `folder` that this block created,
+    if they are still empty: a failed start leaves the user's files as they were."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def _check_scheduler(args: argparse.Namespace) -> None:
     from .generation import SCHEDULERS
 
@@ -95,11 +113,11 @@ def _check_scheduler(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown scheduler {args.scheduler!r}: use one of {', '.join(SCHEDULERS)}.")
 
 
-def _load_pipeline(args: argparse.Namespace, auto_device=None):
-    """The pipeline of --model on --device in --dtype, with --scheduler."""
+def _load_pipeline(args: argparse.Namespace, dtype, device):
+    """The pipeline of --model on `device` in `dtype`, with --scheduler."""
     from . import generation as gen
 
-    pipe = gen.load_pipeline(args.model, *_device_and_dtype(args, auto_device))
+    pipe = gen.load_pipeline(args.model, dtype, device)
     gen.set_scheduler(pipe, args.scheduler)
     return pipe
 
@@ -122,8 +140,13 @@ def _generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
     )
-    out = gen.prepare_folder(Path(args.out))
-    pipe = _load_pipeline(args)
+    dtype, device = _device_and_dtype(args)
+    out = Path(args.out)
+    with _no_empty_folder_on_error(out):
+        gen.prepare_folder(out)
+        pipe = _load_pipeline(args, dtype, device)
+        if config is not None:
+            gen.check_config_patches(pipe, config)
     jobs = gen.plan_jobs(prompts, args.num_images, args.seed)
     runs = []
     try:
@@ -146,9 +169,11 @@ def _bench(args: argparse.Namespace) -> int:
     import shlex
 
     from . import benchmark
-    from .generation import DTYPES
+    from .generation import DTYPES, prepare_folder, resolve_device
 
     dtype = DTYPES.get(args.dtype)
+    device = None if args.device == "auto" else resolve_device(args.device, fallback=False)
+    out = Path(args.out)
     command = "agentsd " + " ".join(shlex.quote(a) for a in args.argv)
     rows: list[dict] = []
 
@@ -157,19 +182,21 @@ def _bench(args: argparse.Namespace) -> int:
         benchmark.write_results(rows, args.out, command)
 
     try:
-        benchmark.run_benchmark(
-            archs=args.arch,
-            sizes=args.sizes,
-            batches=args.batches,
-            methods=args.methods,
-            preset=args.preset,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            device=None if args.device == "auto" else args.device,
-            dtype=dtype,
-            compile=args.compile,
-            on_rows=save,
-        )
+        with _no_empty_folder_on_error(out):
+            prepare_folder(out)
+            benchmark.run_benchmark(
+                archs=args.arch,
+                sizes=args.sizes,
+                batches=args.batches,
+                methods=args.methods,
+                preset=args.preset,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                device=device,
+                dtype=dtype,
+                compile=args.compile,
+                on_rows=save,
+            )
     except KeyboardInterrupt:
         print(f"interrupted: {len(rows)} rows of finished scenarios are in {args.out}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -203,10 +230,14 @@ def _compare(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.reference is not None and not Path(args.reference).exists():
         raise UsageError(f"--reference {args.reference!r} does not exist: pass a folder of images or a .npz.")
-    pipe = _load_pipeline(args, cmp.process_state().device)
-    for method in methods:
-        if method.config is not None:
-            gen.check_config_patches(pipe, method.config)
+    dtype, device = _device_and_dtype(args, cmp.process_state().device)
+    out = Path(args.out)
+    with _no_empty_folder_on_error(out):
+        gen.prepare_folder(out)
+        pipe = _load_pipeline(args, dtype, device)
+        for method in methods:
+            if method.config is not None:
+                gen.check_config_patches(pipe, method.config)
     try:
         results = cmp.run_comparison(pipe, prompts, methods, args.out, settings, scoring, seed=args.seed)
     except KeyboardInterrupt:

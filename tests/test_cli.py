@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from agentsd.testing import tiny_pipeline
@@ -203,3 +204,50 @@ def test_image_seed_and_agent_seed_are_independent(tmp_path):
     assert parse("--preset", preset) == (0, 3)
     assert parse("--preset", preset, "--seed", "5") == (5, 3)
     assert parse("--preset", preset, "--agent-seed", "7") == (0, 7)
+
+
+def run_main(*args):
+    """`agentsd ARGS` in this process (for errors raised before any model is loaded)."""
+    from agentsd.cli import main
+
+    return main([str(a) for a in args])
+
+
+def error_line(capsys):
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("agentsd: error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--prompt", "x", "--steps", "1"],
+        ["compare", "--num-prompts", "1", "--steps", "1"],
+        ["bench", "--arch", "tiny", "--sizes", "64", "--methods", "baseline", "--repeats", "1", "--warmup", "0"],
+    ],
+    ids=lambda c: c[0],
+)
+@pytest.mark.parametrize("device", ["gpu0", "cuda:x"])
+def test_an_invalid_device_is_refused_before_anything_is_created(models, tmp_path, capsys, command, device):
+    out = tmp_path / "new" / "out"
+    model = [] if command[0] == "bench" else ["--model", models / "sd15"]
+    assert run_main(*command, *model, "--device", device, "--out", out) == 2
+    assert repr(device) in error_line(capsys)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_refuses_cuda_without_cuda(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main("bench", "--arch", "tiny", "--sizes", "64", "--device", "cuda", "--out", out) == 2
+    assert "CUDA is not available" in error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_model_that_fails_to_load_leaves_no_empty_output_folder(tmp_path, capsys):
+    (tmp_path / "not-a-model").mkdir()
+    out = tmp_path / "new" / "out"
+    assert run_main("generate", "--model", tmp_path / "not-a-model", "--prompt", "x", "--out", out) == 2
+    assert "cannot load model" in error_line(capsys)
+    assert not (tmp_path / "new").exists()
