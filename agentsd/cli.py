@@ -106,6 +106,18 @@ def _no_empty_folder_on_error(folder: Path) -> Iterator[None]:
         raise
 
 
+def _check_backend(config, device, method: str | None = None) -> None:
+    """Refuse an attention backend that cannot run on `device` (xformers missing, or not CUDA)."""
+    from .attention import check_backend
+
+    if config is None:
+        return
+    try:
+        check_backend(config.attention_backend, device)
+    except ValueError as err:
+        raise UsageError(f"method {method!r}: {err}" if method else str(err)) from None
+
+
 def _check_scheduler(args: argparse.Namespace) -> None:
     from .generation import SCHEDULERS
 
@@ -141,6 +153,7 @@ def _generate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     dtype, device = _device_and_dtype(args)
+    _check_backend(config, device)
     out = Path(args.out)
     with _no_empty_folder_on_error(out):
         gen.prepare_folder(out)
@@ -231,6 +244,8 @@ def _compare(args: argparse.Namespace) -> int:
     if args.reference is not None and not Path(args.reference).exists():
         raise UsageError(f"--reference {args.reference!r} does not exist: pass a folder of images or a .npz.")
     dtype, device = _device_and_dtype(args, cmp.process_state().device)
+    for method in methods:
+        _check_backend(method.config, device, method.name)
     out = Path(args.out)
     with _no_empty_folder_on_error(out):
         gen.prepare_folder(out)

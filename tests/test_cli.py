@@ -251,3 +251,35 @@ def test_a_model_that_fails_to_load_leaves_no_empty_output_folder(tmp_path, caps
     assert run_main("generate", "--model", tmp_path / "not-a-model", "--prompt", "x", "--out", out) == 2
     assert "cannot load model" in error_line(capsys)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "compare"])
+def test_xformers_backend_without_xformers_is_refused_at_argument_time(models, tmp_path, capsys, monkeypatch, command):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a))
+    monkeypatch.delitem(sys.modules, "xformers", raising=False)
+    out = tmp_path / "out"
+    if command == "generate":
+        argv = ["generate", "--prompt", "x", "--attention-backend", "xformers"]
+    else:
+        argv = ["compare", "--num-prompts", "1", "--method", "paper:attention_backend=xformers"]
+    assert run_main(*argv, "--model", models / "sd15", "--steps", "1", "--out", out) == 2
+    line = error_line(capsys)
+    assert "pip install xformers" in line and "sdpa" in line
+    assert not out.exists()
+
+
+def test_xformers_backend_on_the_cpu_is_refused_at_argument_time(models, tmp_path, capsys, monkeypatch):
+    import importlib.machinery
+    import importlib.util
+
+    real = importlib.util.find_spec
+    spec = importlib.machinery.ModuleSpec("xformers", None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "xformers" else real(name, *a))
+    out = tmp_path / "out"
+    argv = ["generate", "--prompt", "x", "--attention-backend", "xformers", "--device", "cpu", "--out", out]
+    assert run_main(*argv, "--model", models / "sd15", "--steps", "1") == 2
+    assert "runs on CUDA only" in error_line(capsys)
+    assert not out.exists()
