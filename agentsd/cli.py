@@ -71,10 +71,14 @@ def agent_config(args: argparse.Namespace):
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        try:
-            lines = Path(args.prompts_file).read_text().splitlines()
+        try:  # utf-8-sig: a byte-order mark (as some Windows editors write) is not part of the first prompt
+            lines = Path(args.prompts_file).read_text(encoding="utf-8-sig").splitlines()
         except OSError as err:
             raise UsageError(f"cannot read --prompts-file {args.prompts_file!r} ({err.strerror}).") from None
+        except UnicodeDecodeError as err:
+            raise UsageError(
+                f"--prompts-file {args.prompts_file!r} is not UTF-8 text (byte {err.start}): save it as UTF-8."
+            ) from None
         prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise UsageError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE.")

@@ -77,14 +77,14 @@ def test_compare_saves_both_a_side_by_side_and_the_speedup(models, tmp_path):
 
 def test_no_agent_and_prompts_file(models, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("one\n\ntwo\n")
+    prompts.write_bytes("\ufeffone\r\n\r\ntwo café\n".encode())  # a BOM, as Windows editors write
     result = agentsd_cli(
         "generate", "--model", models / "sd15", "--prompts-file", prompts, "--no-agent", "--steps", "2",
         "--out", tmp_path / "o",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     metas = [json.loads(p.read_text()) for p in sorted((tmp_path / "o").glob("*.json"))]
-    assert [m["prompt"] for m in metas] == ["one", "two"]
+    assert [m["prompt"] for m in metas] == ["one", "two café"]
     assert all(m["method"] == "baseline" for m in metas)
 
 
@@ -283,3 +283,12 @@ def test_xformers_backend_on_the_cpu_is_refused_at_argument_time(models, tmp_pat
     assert run_main(*argv, "--model", models / "sd15", "--steps", "1") == 2
     assert "runs on CUDA only" in error_line(capsys)
     assert not out.exists()
+
+
+def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("caf\xe9\n".encode("latin-1"))
+    assert run_main("generate", "--prompts-file", prompts, "--out", tmp_path / "out") == 2
+    line = error_line(capsys)
+    assert str(prompts) in line and "UTF-8" in line
+    assert not (tmp_path / "out").exists()
