@@ -245,11 +245,10 @@ def _compare(args: argparse.Namespace) -> int:
         reference=args.reference, inception_weights=args.inception_weights, clip_model=args.clip_model,
         lpips=args.lpips, measure_memory=not args.no_memory, samples=args.samples,
     )  # fmt: skip
-    if args.reference is not None and not Path(args.reference).exists():
-        raise UsageError(f"--reference {args.reference!r} does not exist: pass a folder of images or a .npz.")
     dtype, device = _device_and_dtype(args, cmp.process_state().device)
     for method in methods:
         _check_backend(method.config, device, method.name)
+    cmp.check_scoring(methods, scoring, device)  # a missing package or weight file fails before any work
     out = Path(args.out)
     with _no_empty_folder_on_error(out):
         gen.prepare_folder(out)
@@ -264,7 +263,7 @@ def _compare(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if results is not None:
         print(cmp.markdown_report(results))
-        print(f"results in {args.out}/results.{{json,md}}, fid_vs_time.png, samples.png")
+        print(f"results in {args.out}: {', '.join(cmp.report_files())}")
     return 0
 
 
