@@ -16,6 +16,12 @@ from .cli_args import FLAG_NAMES, UsageError, build_parser, config_dest
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# What `agentsd env` reports: the stack, then the optional packages behind adapters and peers
+# (peft, xformers, tomesd, DeepCache) and behind `compare` and `bench`.
+ENV_PACKAGES = (
+    "agentsd", "torch", "diffusers", "transformers", "accelerate", "safetensors", "peft", "xformers", "tomesd",
+    "DeepCache", "torchmetrics", "torch-fidelity", "torchvision", "matplotlib", "psutil",
+)  # fmt: skip
 
 __all__ = ["FLAG_NAMES", "UsageError", "agent_config", "build_parser", "environment", "main"]
 
@@ -32,7 +38,7 @@ def environment() -> dict[str, str]:
     import torch
 
     info = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("agentsd", "torch", "diffusers", "transformers", "accelerate", "xformers"):
+    for package in ENV_PACKAGES:
         info[package] = _version(package)
     info["cuda device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return info
@@ -122,6 +128,11 @@ def _check_backend(config, device, method: str | None = None) -> None:
         raise UsageError(f"method {method!r}: {err}" if method else str(err)) from None
 
 
+def _check_positive(flag: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise UsageError(f"{flag} {value} must be {'positive' if minimum == 1 else f'>= {minimum}'}.")
+
+
 def _check_scheduler(args: argparse.Namespace) -> None:
     from .generation import SCHEDULERS
 
@@ -141,8 +152,9 @@ def _load_pipeline(args: argparse.Namespace, dtype, device):
 def _generate(args: argparse.Namespace) -> int:
     from . import generation as gen
 
-    if args.num_images <= 0:
-        raise UsageError(f"--num-images {args.num_images} must be positive.")
+    _check_positive("--num-images", args.num_images)
+    if args.compare and args.no_agent:
+        raise UsageError("--compare runs the baseline next to agent attention: drop --no-agent (or --compare).")
     prompts = _prompts(args)
     config = agent_config(args)
     _check_scheduler(args)
@@ -182,6 +194,39 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_bench_args(args: argparse.Namespace, device) -> None:
+    """Everything `bench` can refuse before building a UNet (which takes ~15 s at SD size)."""
+    import importlib.util
+
+    import torch
+
+    from .config import AgentSDConfig
+    from .presets import load_preset
+
+    _check_positive("--repeats", args.repeats)
+    _check_positive("--warmup", args.warmup, minimum=0)
+    for batch in args.batches:
+        _check_positive("--batches", batch)
+    for size in args.sizes:
+        if size <= 0 or size % 8:
+            raise UsageError(f"--sizes {size} is not a positive multiple of 8: use e.g. 512 or 768.")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = load_preset(args.preset) if args.preset else AgentSDConfig()
+    _check_backend(config, device)
+    if args.methods and "xformers" in args.methods:
+        _check_backend(AgentSDConfig(attention_backend="xformers"), device, "xformers")
+    if args.compile is not None:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile not in backends:
+            raise UsageError(f"unknown torch.compile backend {args.compile!r}: use one of {', '.join(backends)}.")
+    needed = ["matplotlib"] + (["psutil"] if device.type != "cuda" else [])  # speedup.png; CPU memory
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"agentsd bench needs {' and '.join(missing)}: pip install 'agentsd[bench]'.")
+
+
 def _bench(args: argparse.Namespace) -> int:
     import shlex
 
@@ -190,6 +235,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     dtype = DTYPES.get(args.dtype)
     device = None if args.device == "auto" else resolve_device(args.device, fallback=False)
+    _check_bench_args(args, device)
     out = Path(args.out)
     command = "agentsd " + " ".join(shlex.quote(a) for a in args.argv)
     rows: list[dict] = []
@@ -227,13 +273,14 @@ def _compare(args: argparse.Namespace) -> int:
     from . import compare as cmp
     from . import generation as gen
 
+    _check_positive("--images-per-class", args.images_per_class)
+    _check_positive("--samples", args.samples)
     if args.prompts_file:
         prompts = _prompts(args)
     else:
         prompts = cmp.imagenet_prompts(args.images_per_class)
     if args.num_prompts is not None:
-        if args.num_prompts <= 0:
-            raise UsageError(f"--num-prompts {args.num_prompts} must be positive.")
+        _check_positive("--num-prompts", args.num_prompts)
         prompts = prompts[: args.num_prompts]
     methods = [cmp.parse_method(spec) for spec in (args.method or ["baseline", "paper"])]
     _check_scheduler(args)
@@ -289,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"agentsd: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before the work started (the commands handle it during the work)
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as stop:  # --help, --version: an exit code when called as a function too
+        return stop.code if isinstance(stop.code, int) else 0
 
 
 if __name__ == "__main__":

@@ -292,3 +292,89 @@ def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path, capsys):
     line = error_line(capsys)
     assert str(prompts) in line and "UTF-8" in line
     assert not (tmp_path / "out").exists()
+
+
+def subcommands():
+    import argparse
+
+    from agentsd.cli import build_parser
+
+    parser = build_parser()
+    (group,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return group.choices
+
+
+@pytest.mark.parametrize("command", ["generate", "bench", "compare", "presets", "env"])
+def test_every_flag_has_help_and_shows_its_default(command):
+    import argparse
+
+    parser = subcommands()[command]
+    text = "".join(parser.format_help().split())  # argparse wraps lines inside words with hyphens
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        assert action.help, f"{command} {action.option_strings[0]} has no help"
+        shown = action.default not in (None, False) and action.default is not argparse.SUPPRESS
+        if shown and not isinstance(action.default, list):
+            assert f"(default:{action.default})" in text, f"{command} {action.option_strings[0]}"
+    assert "(default:None)" not in text
+
+
+def test_bench_help_lists_the_default_methods_and_the_output_files():
+    from agentsd import benchmark
+
+    text = " ".join(subcommands()["bench"].format_help().split())
+    for method in benchmark.METHODS + benchmark.OPTIONAL_METHODS:
+        assert method in text
+    for name in ("results.json", "results.csv", "results.md", "speedup.png"):
+        assert name in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--repeats", "0"], "--repeats 0 must be positive"),
+        (["--warmup", "-1"], "--warmup -1 must be >= 0"),
+        (["--sizes", "100"], "--sizes 100 is not a positive multiple of 8"),
+        (["--batches", "0"], "--batches 0 must be positive"),
+        (["--arch", "sd16"], "invalid choice: 'sd16'"),
+        (["--methods", "agentsd-fast"], "invalid choice: 'agentsd-fast'"),
+        (["--preset", "fastest"], "unknown preset 'fastest'"),
+        (["--compile", "no-such-backend"], "unknown torch.compile backend 'no-such-backend'"),
+    ],
+)
+def test_bench_refuses_bad_input_before_anything_is_created(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert run_main("bench", "--arch", "tiny", "--sizes", "64", "--methods", "baseline", *args, "--out", out) == 2
+    assert message in error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompt", "x", "--compare", "--no-agent"], "--compare"),
+        (["compare", "--images-per-class", "0"], "--images-per-class 0 must be positive"),
+        (["compare", "--samples", "0"], "--samples 0 must be positive"),
+    ],
+)
+def test_contradictory_or_out_of_range_options_are_refused(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert run_main(*argv, "--out", out) == 2
+    assert message in error_line(capsys)
+    assert not out.exists()
+
+
+def test_env_lists_the_optional_packages_and_version_prints_the_version(capsys):
+    import agentsd
+    from agentsd.cli import environment
+
+    info = environment()
+    for package in ("peft", "tomesd", "DeepCache", "torchmetrics", "torch-fidelity", "matplotlib", "xformers"):
+        assert package in info
+    with pytest.raises(SystemExit) as stop:
+        from agentsd.cli import build_parser
+
+        build_parser().parse_args(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"agentsd {agentsd.__version__}"
