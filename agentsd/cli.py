@@ -282,7 +282,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.num_prompts is not None:
         _check_positive("--num-prompts", args.num_prompts)
         prompts = prompts[: args.num_prompts]
-    methods = [cmp.parse_method(spec) for spec in (args.method or ["baseline", "paper"])]
+    methods = cmp.with_baseline([cmp.parse_method(spec) for spec in (args.method or ["baseline", "paper"])])
     _check_scheduler(args)
     settings = gen.GenerationSettings(
         model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,

@@ -119,6 +119,8 @@ def parse_method(spec: str) -> MethodSpec:
             ratio = float(tail)
         except ValueError:
             raise GenerationError(f"method {spec!r}: write tomesd:RATIO, e.g. tomesd:0.5.") from None
+        if not 0.0 <= ratio < 1.0:
+            raise GenerationError(f"method {spec!r}: the ToMe ratio must be in [0, 1), e.g. tomesd:0.5.")
         try:
             import tomesd  # noqa: F401
         except ImportError:
@@ -135,6 +137,17 @@ def parse_method(spec: str) -> MethodSpec:
         return MethodSpec(spec, config=config.replace(**overrides))
     except TypeError as err:
         raise GenerationError(f"method {spec!r}: {err}") from None
+
+
+def with_baseline(methods: Sequence[MethodSpec]) -> list[MethodSpec]:
+    """`methods` with the baseline first unless already there; refuses repeated methods."""
+    methods = list(methods)
+    if not any(m.name == "baseline" for m in methods):
+        methods.insert(0, MethodSpec("baseline"))
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise GenerationError(f"methods must be distinct, got {', '.join(names)}: give each --method once.")
+    return methods
 
 
 def process_state():
@@ -427,11 +440,7 @@ def run_comparison(
         `samples.png`) on the main process; None on the others.
     """
     scoring = scoring or ComparisonSettings()
-    if not any(m.name == "baseline" for m in methods):
-        methods = [MethodSpec("baseline"), *methods]
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise GenerationError(f"methods must be distinct, got {', '.join(names)}.")
+    methods = with_baseline(methods)
     state = process_state()
     if state.is_main_process:  # the main process alone scores
         for skipped in check_scoring(methods, scoring, pipe.device):

@@ -89,6 +89,8 @@ def test_parse_method():
         compare.parse_method("paper:raito=0.3")
     with pytest.raises(ValueError, match="unknown preset"):
         compare.parse_method("fastest")
+    with pytest.raises(compare.GenerationError, match=r"in \[0, 1\)"):
+        compare.parse_method("tomesd:1.5")
 
 
 def test_missing_inception_weights_fail_at_once_naming_the_file(tmp_path, monkeypatch):
@@ -291,3 +293,10 @@ def test_image_seed_and_config_seed_stay_apart(tiny_model, tmp_path, capsys):
     assert sorted(p.name for p in (out / "images" / "paper_seed=3").glob("*.png")) == ["p0000_s5.png", "p0001_s6.png"]
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert rows["paper:seed=3"]["agentsd_config"]["seed"] == 3
+
+
+def test_duplicate_methods_are_refused_before_anything_is_created(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, errors = run_compare(capsys, tiny_model, out, "--method", "paper", "--method", "paper")
+    assert code == 2 and "methods must be distinct" in errors[0], errors
+    assert not out.exists()
