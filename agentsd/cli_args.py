@@ -53,6 +53,8 @@ BENCH_METHODS = {
     "agentsd-shared": "agent phase, one matching per grid and UNet call (share_matching)",
     "agentsd-pool": "agent phase, pooled agents (agent_selection=pool)",
     "agentsd-pool-r0": "agent phase, pooled agents and no merge: no matching at all",
+    "highres": "the highres preset (two levels, agent phase on every step)",
+    "ceiling-2": "the ceiling over two levels: the bound of highres",
 }
 DTYPE_CHOICES = ["fp16", "bf16", "fp32"]
 
@@ -139,7 +141,7 @@ def _bench_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .benchmark import ARCHITECTURES, METHODS, OPTIONAL_METHODS
+    from .benchmark import DEFAULT_PRESETS, METHODS, OPTIONAL_METHODS
     from .compare import INCEPTION_FILE
     from .generation import DEFAULT_MODEL
 
@@ -178,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         "SD architectures with random weights, every method interleaved in one run.",
         epilog=_bench_epilog(),
     )  # fmt: skip
-    archs = [*ARCHITECTURES, "tiny"]
+    archs = list(DEFAULT_PRESETS)  # every architecture the benchmark builds, the tiny stand-ins too
     bench.add_argument("--arch", nargs="+", default=["sd15"], choices=archs, metavar="ARCH",
-                       help=f"{', '.join(archs)} (tiny: a toy UNet, for trying the harness)")  # fmt: skip
+                       help=f"{', '.join(archs)} (tiny*: toy UNets, for trying the harness)")  # fmt: skip
     bench.add_argument(
         "--sizes", nargs="+", type=int, metavar="PX", default=[512], help="image sides in pixels, multiples of 8"
     )
