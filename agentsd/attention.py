@@ -7,10 +7,43 @@ is ever materialised: each step is one call to a fused kernel with an explicit s
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("sdpa", "xformers", "einsum")
+
+
+def check_backend(name: str | None, device: torch.device | str | None = None) -> None:
+    """Refuse an attention backend that cannot run here, before any work starts.
+
+    `None`, `"sdpa"` and `"einsum"` run anywhere. `"xformers"` needs the xformers package
+    (checked always, without importing it) and CUDA tensors (checked only when `device` is
+    given: a model patched on the CPU may be moved to CUDA before it runs).
+
+    Args:
+        name: an `AgentSDConfig.attention_backend` value.
+        device: where the attention will run, when known.
+
+    Raises:
+        ValueError: unknown backend, xformers not installed, or xformers on a non-CUDA device;
+            the message says what to do instead.
+    """
+    if name is None or name in ("sdpa", "einsum"):
+        return
+    if name != "xformers":
+        raise ValueError(f"unknown attention backend {name!r}: use one of {', '.join(BACKENDS)} (or None).")
+    if importlib.util.find_spec("xformers") is None:
+        raise ValueError(
+            "attention backend 'xformers' needs the xformers package, which is not installed: "
+            "pip install xformers (it runs on CUDA only), or use the 'sdpa' backend."
+        )
+    if device is not None and torch.device(device).type != "cuda":
+        raise ValueError(
+            f"attention backend 'xformers' runs on CUDA only, not on {str(device)!r}: "
+            "use the 'sdpa' backend, or a CUDA device."
+        )
 
 
 def attend(

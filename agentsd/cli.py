@@ -3,33 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.metadata
 import logging
 import platform
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+from .cli_args import FLAG_NAMES, UsageError, build_parser, config_dest
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-# AgentSDConfig fields whose flag name differs from the field name.
-FLAG_NAMES = {"seed": "agent-seed"}
-# AgentSDConfig fields that take a name or None; "auto" on the command line stands for None.
-# Fields with a fixed set of values; "auto" stands for None.
-CHOICE_FLAGS = {
-    "attn_precision": ["auto", "fp32"],
-    "attention_backend": ["auto", "sdpa", "xformers", "einsum"],
-    "agent_selection": ["match", "pool"],
-}
+# What `agentsd env` reports: the stack, then the optional packages behind adapters and peers
+# (peft, xformers, tomesd, DeepCache) and behind `compare` and `bench`.
+ENV_PACKAGES = (
+    "agentsd", "torch", "diffusers", "transformers", "accelerate", "safetensors", "peft", "xformers", "tomesd",
+    "DeepCache", "torchmetrics", "torch-fidelity", "torchvision", "matplotlib", "psutil",
+)  # fmt: skip
 
-
-class UsageError(Exception):
-    """Bad command-line input: reported as one line on stderr, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
+__all__ = ["FLAG_NAMES", "UsageError", "agent_config", "build_parser", "environment", "main"]
 
 
 def _version(package: str) -> str:
@@ -44,7 +38,7 @@ def environment() -> dict[str, str]:
     import torch
 
     info = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("agentsd", "torch", "diffusers", "transformers", "accelerate", "xformers"):
+    for package in ENV_PACKAGES:
         info[package] = _version(package)
     info["cuda device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return info
@@ -64,24 +58,6 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_flags(parser: argparse.ArgumentParser) -> None:
-    from .config import AgentSDConfig
-
-    group = parser.add_argument_group("agent attention (override the preset's fields)")
-    group.add_argument("--preset", help="preset name (see `agentsd presets`) or a YAML file; default: paper")
-    group.add_argument("--no-agent", action="store_true", help="run the baseline only, without agent attention")
-    for f in dataclasses.fields(AgentSDConfig):
-        flag = "--" + FLAG_NAMES.get(f.name, f.name.replace("_", "-"))
-        if f.type in (bool, "bool"):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name in CHOICE_FLAGS:
-            note = "auto: None" if "auto" in CHOICE_FLAGS[f.name] else f"AgentSDConfig.{f.name}"
-            group.add_argument(flag, dest=f.name, choices=CHOICE_FLAGS[f.name], default=None, help=note)
-        else:
-            kind = int if isinstance(f.default, int) else float
-            group.add_argument(flag, dest=f.name, type=kind, default=None, help=f"AgentSDConfig.{f.name}")
-
-
 def agent_config(args: argparse.Namespace):
     """The AgentSDConfig of the command line: the preset, then the per-field flags."""
     from .config import AgentSDConfig
@@ -92,7 +68,7 @@ def agent_config(args: argparse.Namespace):
     config = load_preset(args.preset) if args.preset else AgentSDConfig()
     overrides = {}
     for f in dataclasses.fields(AgentSDConfig):
-        value = getattr(args, f.name)
+        value = getattr(args, config_dest(f.name))
         if value is not None:
             overrides[f.name] = None if value == "auto" else value
     return config.replace(**overrides)
@@ -101,10 +77,14 @@ def agent_config(args: argparse.Namespace):
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        try:
-            lines = Path(args.prompts_file).read_text().splitlines()
+        try:  # utf-8-sig: a byte-order mark (as some Windows editors write) is not part of the first prompt
+            lines = Path(args.prompts_file).read_text(encoding="utf-8-sig").splitlines()
         except OSError as err:
             raise UsageError(f"cannot read --prompts-file {args.prompts_file!r} ({err.strerror}).") from None
+        except UnicodeDecodeError as err:
+            raise UsageError(
+                f"--prompts-file {args.prompts_file!r} is not UTF-8 text (byte {err.start}): save it as UTF-8."
+            ) from None
         prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise UsageError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE.")
@@ -120,6 +100,39 @@ def _device_and_dtype(args: argparse.Namespace, auto=None):
     return gen.resolve_dtype(None if fell_back else args.dtype, device), device
 
 
+@contextlib.contextmanager
+def _no_empty_folder_on_error(folder: Path) -> Iterator[None]:
+    """On an error inside, remove the folders on the way to `folder` that this block created,
+    if they are still empty: a failed start leaves the user's files as they were."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _check_backend(config, device, method: str | None = None) -> None:
+    """Refuse an attention backend that cannot run on `device` (xformers missing, or not CUDA)."""
+    from .attention import check_backend
+
+    if config is None:
+        return
+    try:
+        check_backend(config.attention_backend, device)
+    except ValueError as err:
+        raise UsageError(f"method {method!r}: {err}" if method else str(err)) from None
+
+
+def _check_positive(flag: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise UsageError(f"{flag} {value} must be {'positive' if minimum == 1 else f'>= {minimum}'}.")
+
+
 def _check_scheduler(args: argparse.Namespace) -> None:
     from .generation import SCHEDULERS
 
@@ -127,11 +140,11 @@ def _check_scheduler(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown scheduler {args.scheduler!r}: use one of {', '.join(SCHEDULERS)}.")
 
 
-def _load_pipeline(args: argparse.Namespace, auto_device=None):
-    """The pipeline of --model on --device in --dtype, with --scheduler."""
+def _load_pipeline(args: argparse.Namespace, dtype, device):
+    """The pipeline of --model on `device` in `dtype`, with --scheduler."""
     from . import generation as gen
 
-    pipe = gen.load_pipeline(args.model, *_device_and_dtype(args, auto_device))
+    pipe = gen.load_pipeline(args.model, dtype, device)
     gen.set_scheduler(pipe, args.scheduler)
     return pipe
 
@@ -139,8 +152,9 @@ def _load_pipeline(args: argparse.Namespace, auto_device=None):
 def _generate(args: argparse.Namespace) -> int:
     from . import generation as gen
 
-    if args.num_images <= 0:
-        raise UsageError(f"--num-images {args.num_images} must be positive.")
+    _check_positive("--num-images", args.num_images)
+    if args.compare and args.no_agent:
+        raise UsageError("--compare runs the baseline next to agent attention: drop --no-agent (or --compare).")
     prompts = _prompts(args)
     config = agent_config(args)
     _check_scheduler(args)
@@ -154,8 +168,14 @@ def _generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
     )
-    out = gen.prepare_folder(Path(args.out))
-    pipe = _load_pipeline(args)
+    dtype, device = _device_and_dtype(args)
+    _check_backend(config, device)
+    out = Path(args.out)
+    with _no_empty_folder_on_error(out):
+        gen.prepare_folder(out)
+        pipe = _load_pipeline(args, dtype, device)
+        if config is not None:
+            gen.check_config_patches(pipe, config)
     jobs = gen.plan_jobs(prompts, args.num_images, args.seed)
     runs = []
     try:
@@ -176,13 +196,49 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_bench_args(args: argparse.Namespace, device) -> None:
+    """Everything `bench` can refuse before building a UNet (which takes ~15 s at SD size)."""
+    import importlib.util
+
+    import torch
+
+    from .config import AgentSDConfig
+    from .presets import load_preset
+
+    _check_positive("--repeats", args.repeats)
+    _check_positive("--warmup", args.warmup, minimum=0)
+    for batch in args.batches:
+        _check_positive("--batches", batch)
+    for size in args.sizes:
+        if size <= 0 or size % 8:
+            raise UsageError(f"--sizes {size} is not a positive multiple of 8: use e.g. 512 or 768.")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = load_preset(args.preset) if args.preset else AgentSDConfig()
+    _check_backend(config, device)
+    if args.methods and "xformers" in args.methods:
+        _check_backend(AgentSDConfig(attention_backend="xformers"), device, "xformers")
+    if args.compile is not None:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile not in backends:
+            raise UsageError(f"unknown torch.compile backend {args.compile!r}: use one of {', '.join(backends)}.")
+    needed = ["matplotlib"] + (["psutil"] if device.type != "cuda" else [])  # speedup.png; CPU memory
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"agentsd bench needs {' and '.join(missing)}: pip install 'agentsd[bench]'.")
+
+
 def _bench(args: argparse.Namespace) -> int:
     import shlex
 
     from . import benchmark
-    from .generation import DTYPES
+    from .generation import DTYPES, prepare_folder, resolve_device
 
     dtype = DTYPES.get(args.dtype)
+    device = None if args.device == "auto" else resolve_device(args.device, fallback=False)
+    _check_bench_args(args, device)
+    out = Path(args.out)
     command = "agentsd " + " ".join(shlex.quote(a) for a in args.argv)
     rows: list[dict] = []
 
@@ -191,19 +247,21 @@ def _bench(args: argparse.Namespace) -> int:
         benchmark.write_results(rows, args.out, command)
 
     try:
-        benchmark.run_benchmark(
-            archs=args.arch,
-            sizes=args.sizes,
-            batches=args.batches,
-            methods=args.methods,
-            preset=args.preset,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            device=None if args.device == "auto" else args.device,
-            dtype=dtype,
-            compile=args.compile,
-            on_rows=save,
-        )
+        with _no_empty_folder_on_error(out):
+            prepare_folder(out)
+            benchmark.run_benchmark(
+                archs=args.arch,
+                sizes=args.sizes,
+                batches=args.batches,
+                methods=args.methods,
+                preset=args.preset,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                device=device,
+                dtype=dtype,
+                compile=args.compile,
+                on_rows=save,
+            )
     except KeyboardInterrupt:
         print(f"interrupted: {len(rows)} rows of finished scenarios are in {args.out}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -217,15 +275,16 @@ def _compare(args: argparse.Namespace) -> int:
     from . import compare as cmp
     from . import generation as gen
 
+    _check_positive("--images-per-class", args.images_per_class)
+    _check_positive("--samples", args.samples)
     if args.prompts_file:
         prompts = _prompts(args)
     else:
         prompts = cmp.imagenet_prompts(args.images_per_class)
     if args.num_prompts is not None:
-        if args.num_prompts <= 0:
-            raise UsageError(f"--num-prompts {args.num_prompts} must be positive.")
+        _check_positive("--num-prompts", args.num_prompts)
         prompts = prompts[: args.num_prompts]
-    methods = [cmp.parse_method(spec) for spec in (args.method or ["baseline", "paper"])]
+    methods = cmp.with_baseline([cmp.parse_method(spec) for spec in (args.method or ["baseline", "paper"])])
     _check_scheduler(args)
     settings = gen.GenerationSettings(
         model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
@@ -235,12 +294,17 @@ def _compare(args: argparse.Namespace) -> int:
         reference=args.reference, inception_weights=args.inception_weights, clip_model=args.clip_model,
         lpips=args.lpips, measure_memory=not args.no_memory, samples=args.samples,
     )  # fmt: skip
-    if args.reference is not None and not Path(args.reference).exists():
-        raise UsageError(f"--reference {args.reference!r} does not exist: pass a folder of images or a .npz.")
-    pipe = _load_pipeline(args, cmp.process_state().device)
+    dtype, device = _device_and_dtype(args, cmp.process_state().device)
     for method in methods:
-        if method.config is not None:
-            gen.check_config_patches(pipe, method.config)
+        _check_backend(method.config, device, method.name)
+    cmp.check_scoring(methods, scoring, device)  # a missing package or weight file fails before any work
+    out = Path(args.out)
+    with _no_empty_folder_on_error(out):
+        gen.prepare_folder(out)
+        pipe = _load_pipeline(args, dtype, device)
+        for method in methods:
+            if method.config is not None:
+                gen.check_config_patches(pipe, method.config)
     try:
         results = cmp.run_comparison(pipe, prompts, methods, args.out, settings, scoring, seed=args.seed)
     except KeyboardInterrupt:
@@ -250,101 +314,11 @@ def _compare(args: argparse.Namespace) -> int:
         print(cmp.markdown_report(results))
         for label, summary in results.get("activity", {}).items():
             print(f"{label}: {summary}")
-        print(f"results in {args.out}/results.{{json,md}}, fid_vs_time.png, samples.png")
+        print(f"results in {args.out}: {', '.join(cmp.report_files())}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .compare import INCEPTION_FILE
-    from .generation import DEFAULT_MODEL, SCHEDULERS
-
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = _Parser(
-        prog="agentsd",
-        description="Training-free agent attention for diffusers Stable Diffusion pipelines.",
-        formatter_class=formatter,
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    gen = commands.add_parser("generate", help="text-to-image with agent attention", formatter_class=formatter)
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder (SD 1.x, 2.x or XL)")
-    gen.add_argument("--prompt", action="append", help="a prompt; repeat for more")
-    gen.add_argument("--prompts-file", help="a text file with one prompt per line")
-    gen.add_argument("--negative-prompt")
-    gen.add_argument("--width", type=int, help="multiple of 8; default: the model's")
-    gen.add_argument("--height", type=int, help="multiple of 8; default: the model's")
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance", type=float, default=7.5)
-    gen.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
-    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    gen.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
-    gen.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULERS)}; default: the model's own")
-    gen.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    gen.add_argument("--out", default="agentsd-out", help="output folder")
-    gen.add_argument("--overwrite", action="store_true", help="replace existing images instead of skipping them")
-    gen.add_argument("--compare", action="store_true", help="also run the baseline; save both and a side-by-side")
-    gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    _config_flags(gen)
-    gen.set_defaults(run=_generate)
-
-    bench = commands.add_parser(
-        "bench", help="time one denoising step against the baseline and peers", formatter_class=formatter
-    )
-    bench.add_argument("--arch", nargs="+", default=["sd15"], help="sd15, sd21, sdxl (or tiny)")
-    bench.add_argument("--sizes", nargs="+", type=int, default=[512], help="image sides in pixels")
-    bench.add_argument("--batches", nargs="+", type=int, default=[1], help="images per prompt (UNet batch x2)")
-    bench.add_argument(
-        "--methods",
-        nargs="+",
-        help="default: every method that runs here (opt-in: agentsd-shared, agentsd-pool, agentsd-pool-r0)",
-    )
-    bench.add_argument("--preset", help="agentsd preset; default per arch: paper, sd21, sdxl")
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--warmup", type=int, default=1)
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
-    bench.add_argument(
-        "--compile", nargs="?", const="inductor", metavar="BACKEND",
-        help="also time every method under torch.compile (default backend: inductor)",
-    )  # fmt: skip
-    bench.add_argument("--out", default="bench-out", help="output folder")
-    bench.set_defaults(run=_bench)
-
-    cmp = commands.add_parser(
-        "compare", help="FID, fidelity and speed of methods on one prompt set", formatter_class=formatter
-    )
-    cmp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder")
-    cmp.add_argument("--method", action="append",
-                     help="baseline, a preset (paper), preset:field=value,..., agentsd:field=value, tomesd:RATIO; "
-                     "repeatable; default: baseline and paper")  # fmt: skip
-    cmp.add_argument("--prompts-file", help="one prompt per line; default: the ImageNet protocol")
-    cmp.add_argument("--images-per-class", type=int, default=2, help="ImageNet protocol: prompts per class")
-    cmp.add_argument("--num-prompts", type=int, help="use only the first N prompts (a quick run)")
-    cmp.add_argument("--reference", help="FID reference: a folder of images or a .npz of mu and sigma")
-    cmp.add_argument("--inception-weights", help=f"local path of {INCEPTION_FILE}")
-    cmp.add_argument("--clip-model", help="CLIP model folder or hub id, for the CLIP score")
-    cmp.add_argument("--lpips", action="store_true", help="also LPIPS to the baseline (needs torchvision)")
-    cmp.add_argument("--no-memory", action="store_true", help="skip the peak-memory-per-image measurement")
-    cmp.add_argument("--samples", type=int, default=8, help="prompts in the sample grid")
-    cmp.add_argument("--steps", type=int, default=50)
-    cmp.add_argument("--guidance", type=float, default=7.5)
-    cmp.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULERS)}; default: the model's own")
-    cmp.add_argument("--width", type=int)
-    cmp.add_argument("--height", type=int)
-    cmp.add_argument("--batch-size", type=int, default=1)
-    cmp.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
-    cmp.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
-    cmp.add_argument("--device", default="auto", help="auto (accelerate's device for this process), cpu, cuda")
-    cmp.add_argument("--out", default="compare-out")
-    cmp.set_defaults(run=_compare, prompt=None)
-
-    presets = commands.add_parser("presets", help="list the preset configs", formatter_class=formatter)
-    presets.set_defaults(run=_presets)
-    env = commands.add_parser("env", help="print versions and the CUDA device, for bug reports")
-    env.set_defaults(run=_env)
-    return parser
+COMMANDS = {"generate": _generate, "bench": _bench, "compare": _compare, "presets": _presets, "env": _env}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,12 +334,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 1
-        return args.run(args)
+        return COMMANDS[args.command](args)
     except (UsageError, GenerationError, ValueError) as err:
         if debug:
             raise
         print(f"agentsd: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before the work started (the commands handle it during the work)
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as stop:  # --help, --version: an exit code when called as a function too
+        return stop.code if isinstance(stop.code, int) else 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ then scored from the files on disk by the main process:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -49,6 +50,8 @@ PROMPT_TEMPLATE = "A high quality photograph of a {}."
 CLASSES_FILE = Path(__file__).parent / "data" / "imagenet_classes.tsv"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+LPIPS_FILE = "alexnet-owt-7be5be79.pth"
+LPIPS_URL = f"https://download.pytorch.org/models/{LPIPS_FILE}"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -116,6 +119,8 @@ def parse_method(spec: str) -> MethodSpec:
             ratio = float(tail)
         except ValueError:
             raise GenerationError(f"method {spec!r}: write tomesd:RATIO, e.g. tomesd:0.5.") from None
+        if not 0.0 <= ratio < 1.0:
+            raise GenerationError(f"method {spec!r}: the ToMe ratio must be in [0, 1), e.g. tomesd:0.5.")
         try:
             import tomesd  # noqa: F401
         except ImportError:
@@ -132,6 +137,17 @@ def parse_method(spec: str) -> MethodSpec:
         return MethodSpec(spec, config=config.replace(**overrides))
     except TypeError as err:
         raise GenerationError(f"method {spec!r}: {err}") from None
+
+
+def with_baseline(methods: Sequence[MethodSpec]) -> list[MethodSpec]:
+    """`methods` with the baseline first unless already there; refuses repeated methods."""
+    methods = list(methods)
+    if not any(m.name == "baseline" for m in methods):
+        methods.insert(0, MethodSpec("baseline"))
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise GenerationError(f"methods must be distinct, got {', '.join(names)}: give each --method once.")
+    return methods
 
 
 def process_state():
@@ -194,6 +210,71 @@ def inception_weights_path(given: str | Path | None) -> str | None:
         f"FID needs the Inception weights {INCEPTION_FILE}, which are not cached and cannot be downloaded "
         f"here: fetch {INCEPTION_URL} elsewhere and pass --inception-weights PATH (or put it in {cached.parent})."
     )
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def check_scoring(
+    methods: Sequence[MethodSpec], scoring: ComparisonSettings, device: torch.device | str | None = None
+) -> list[str]:
+    """Fail now, before any image is generated, if an output the settings ask for cannot be made
+    here: a missing package, weight file or reference.
+
+    Args:
+        device: where the images are generated; on the CPU, GB per image needs psutil
+            (None: assume the CPU).
+
+    Returns:
+        The outputs that will be skipped, each with the reason and the fix: without matplotlib
+        the `fid_vs_time.png` plot is skipped, while the table and json are still written.
+
+    Raises:
+        MetricsError: names what is missing and how to get it (or which option to drop).
+    """
+    if any(m.name != "baseline" for m in methods) or scoring.reference is not None or scoring.clip_model:
+        _torchmetrics()  # PSNR and SSIM to the baseline, FID, CLIP score
+    if scoring.reference is not None:
+        if not Path(scoring.reference).exists():
+            raise MetricsError(
+                f"FID reference {str(scoring.reference)!r} does not exist: pass a folder of images or a .npz "
+                "of mu and sigma."
+            )
+        if scoring.feature_extractor is None:
+            missing = [name for name in ("torch_fidelity", "torchvision") if not _installed(name)]
+            if missing:
+                raise MetricsError(
+                    f"FID with Inception-v3 needs torch-fidelity and torchvision ({', '.join(missing)} not "
+                    "installed): pip install 'agentsd[metrics]', or leave out the FID reference."
+                )
+            inception_weights_path(scoring.inception_weights)
+    if scoring.lpips:
+        if not _installed("torchvision"):
+            raise MetricsError(
+                "LPIPS needs torchvision, which is not installed: pip install torchvision (the build that matches "
+                "your torch), or drop --lpips."
+            )
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_FILE
+        if not cached.is_file() and not _reachable("download.pytorch.org"):
+            raise MetricsError(
+                f"LPIPS needs the AlexNet weights {LPIPS_FILE}, which are not cached and cannot be downloaded "
+                f"here: fetch {LPIPS_URL} elsewhere and put it in {cached.parent}, or drop --lpips."
+            )
+    if scoring.clip_model is not None:
+        _check_clip_model(scoring.clip_model)
+    on_cpu = device is None or torch.device(device).type != "cuda"
+    if scoring.measure_memory and on_cpu and not _installed("psutil"):
+        raise MetricsError("GB per image on the CPU needs psutil: pip install psutil, or pass --no-memory.")
+    if not _installed("matplotlib"):
+        return ["fid_vs_time.png (needs matplotlib: pip install matplotlib)"]
+    return []
+
+
+def report_files() -> list[str]:
+    """The files `write_report` writes here: the plot only where matplotlib is installed."""
+    plot = ["fid_vs_time.png"] if _installed("matplotlib") else []
+    return ["results.json", "results.md", *plot, "samples.png"]
 
 
 def _torchmetrics():
@@ -289,18 +370,22 @@ def _lpips_metric():
         return LearnedPerceptualImagePatchSimilarity(net_type="alex")
     except (ModuleNotFoundError, OSError, RuntimeError) as err:
         raise MetricsError(
-            f"LPIPS needs torchvision and the AlexNet weights (alexnet-owt-7be5be79.pth in "
+            f"LPIPS needs torchvision and the AlexNet weights ({LPIPS_FILE} in "
             f"{Path(torch.hub.get_dir()) / 'checkpoints'}): {err}"
         ) from None
+
+
+def _check_clip_model(model: str | Path) -> None:
+    if not Path(model).is_dir() and not _reachable("huggingface.co"):
+        raise MetricsError(f"CLIP model {str(model)!r} is not a local folder and the hub is unreachable: "
+                           "pass --clip-model with a folder saved by CLIPModel.save_pretrained.")  # fmt: skip
 
 
 def clip_score(paths: Sequence[Path], prompts: Sequence[str], model: str | Path, batch_size: int = 16) -> float:
     """Mean CLIP score of images against their prompts (torchmetrics CLIPScore)."""
     from torchmetrics.multimodal.clip_score import CLIPScore
 
-    if not Path(model).is_dir() and not _reachable("huggingface.co"):
-        raise MetricsError(f"CLIP model {str(model)!r} is not a local folder and the hub is unreachable: "
-                           "pass --clip-model with a folder saved by CLIPModel.save_pretrained.")  # fmt: skip
+    _check_clip_model(model)
     metric = CLIPScore(model_name_or_path=str(model))
     for start in range(0, len(paths), batch_size):
         images = [load_uint8(p) for p in paths[start : start + batch_size]]
@@ -355,13 +440,12 @@ def run_comparison(
         `samples.png`) on the main process; None on the others.
     """
     scoring = scoring or ComparisonSettings()
-    if not any(m.name == "baseline" for m in methods):
-        methods = [MethodSpec("baseline"), *methods]
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise GenerationError(f"methods must be distinct, got {', '.join(names)}.")
-    out = prepare_folder(Path(out_dir))
+    methods = with_baseline(methods)
     state = process_state()
+    if state.is_main_process:  # the main process alone scores
+        for skipped in check_scoring(methods, scoring, pipe.device):
+            logger.warning("%s will be skipped", skipped)
+    out = prepare_folder(Path(out_dir))
     metric = None
     if scoring.reference is not None and state.is_main_process:
         # Built before generating: a missing package, weight file or reference fails now, not hours later.
@@ -441,10 +525,14 @@ def markdown_report(results: dict[str, Any]) -> str:
 
 
 def write_report(results: dict[str, Any], out: Path, samples: int = 8) -> None:
-    """results.json, results.md, fid_vs_time.png and samples.png into `out`."""
+    """results.json, results.md, fid_vs_time.png (where matplotlib is installed) and samples.png
+    into `out`."""
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_report(results))
-    _plot(results, out / "fid_vs_time.png")
+    if "fid_vs_time.png" in report_files():
+        _plot(results, out / "fid_vs_time.png")
+    else:
+        logger.warning("fid_vs_time.png skipped: pip install matplotlib")
     _samples_grid(results, out, samples)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -54,17 +55,34 @@ class GenerationError(Exception):
     """A problem with the user's input or environment; the message names it and the fix."""
 
 
-def resolve_device(requested: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present; a CUDA request without CUDA falls back to the CPU."""
+def resolve_device(requested: str = "auto", fallback: bool = True) -> torch.device:
+    """The device named by `requested` (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`).
+
+    `auto` picks CUDA when present. A CUDA request without CUDA falls back to the CPU with a
+    warning, or raises with `fallback=False`.
+
+    Raises:
+        GenerationError: an unknown device, a CUDA index this machine does not have, or CUDA
+            (without `fallback`) or MPS requested where it is not available.
+    """
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise GenerationError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N.") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise GenerationError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
+        if not fallback:
+            raise GenerationError(f"device {requested!r}: CUDA is not available here: use --device cpu or auto.")
         logger.warning("CUDA is not available: running on the CPU in fp32 (slow).")
         return torch.device("cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise GenerationError(f"device {requested!r} does not exist: this machine has cuda:0 to cuda:{count - 1}.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GenerationError(f"device {requested!r}: MPS is not available here: use --device cpu or auto.")
     return device
 
 
@@ -219,13 +237,25 @@ def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `path` through a temporary file in the same folder, renamed into place when complete.
+
+    The temporary file is created with mode 0o666 filtered by the umask, as `open()` does (not
+    `mkstemp`'s owner-only 0o600), so the image gets the permissions the user expects.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from agentsd.testing import tiny_pipeline
@@ -31,7 +32,7 @@ def test_generate_writes_images_with_metadata_and_sidecars(models, tmp_path):
     result = agentsd_cli(
         "generate", "--model", models / "sd15", "--prompt", "a red cube", "--prompt", "a blue ball",
         "--num-images", "2", "--batch-size", "3", "--steps", "3", "--width", "72", "--height", "56",
-        "--scheduler", "euler", "--ratio", "0.5", "--out", out,
+        "--scheduler", "euler", "--ratio", "0.5", "--agent-seed", "7", "--out", out,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in out.glob("*.png"))
@@ -43,6 +44,7 @@ def test_generate_writes_images_with_metadata_and_sidecars(models, tmp_path):
     assert meta["prompt"] == "a blue ball" and meta["seed"] == 1 and meta["steps"] == 3
     assert meta["scheduler"] == "euler" and meta["model"] == str(models / "sd15")
     assert meta["agentsd_config"]["ratio"] == 0.5 and meta["method"] == "agentsd"
+    assert meta["agentsd_config"]["seed"] == 7  # --agent-seed: the config's seed, not the images'
     assert meta["seconds"] > 0 and meta["agentsd_version"]
     assert json.loads((out / "p0001_s1.json").read_text()) == meta
     assert "agentsd: 4 written" in result.stdout
@@ -75,14 +77,14 @@ def test_compare_saves_both_a_side_by_side_and_the_speedup(models, tmp_path):
 
 def test_no_agent_and_prompts_file(models, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("one\n\ntwo\n")
+    prompts.write_bytes("\ufeffone\r\n\r\ntwo café\n".encode())  # a BOM, as Windows editors write
     result = agentsd_cli(
         "generate", "--model", models / "sd15", "--prompts-file", prompts, "--no-agent", "--steps", "2",
         "--out", tmp_path / "o",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     metas = [json.loads(p.read_text()) for p in sorted((tmp_path / "o").glob("*.json"))]
-    assert [m["prompt"] for m in metas] == ["one", "two"]
+    assert [m["prompt"] for m in metas] == ["one", "two café"]
     assert all(m["method"] == "baseline" for m in metas)
 
 
@@ -102,18 +104,23 @@ def test_no_agent_and_prompts_file(models, tmp_path):
         (["--sx", "two"], "invalid int value"),
     ],
 )
-def test_errors_are_one_line_with_exit_code_2(models, tmp_path, args, message):
+def test_errors_are_one_line_with_exit_code_2(models, tmp_path, capsys, args, message):
     (tmp_path / "file.txt").write_text("")
     base = {"--model": str(models / "sd15"), "--prompt": "x", "--steps": "2", "--out": str(tmp_path / "o")}
     given = [a.format(models=models, tmp=tmp_path) for a in args]
     for flag in given[::2]:
         base.pop(flag, None)
     argv = [x for pair in base.items() for x in pair] + given
-    result = agentsd_cli("generate", *argv)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.startswith("agentsd: error:")]
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    if "no-such-org/no-such-model" in given:  # the hub client reads HF_HUB_OFFLINE on import: a new process
+        result = agentsd_cli("generate", *argv)
+        code, stderr = result.returncode, result.stderr
+    else:
+        code, stderr = run_main("generate", *argv), capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.startswith("agentsd: error:")]
+    assert len(lines) == 1 and message in lines[0], stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "o").exists()  # nothing created, even where the model loaded first
 
 
 def test_debug_shows_the_traceback(models, tmp_path):
@@ -207,3 +214,198 @@ def test_a_run_without_agent_attention_warns(models, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "no layer ran agent attention in the agentsd run" in result.stderr
     assert "8x8 = 64 tokens < min_tokens=256" in result.stderr
+
+
+def test_image_seed_and_agent_seed_are_independent(tmp_path):
+    """--seed seeds the images, --agent-seed the config; a preset's seed stays unless --agent-seed."""
+    from agentsd.cli import agent_config, build_parser
+
+    preset = tmp_path / "seeded.yaml"
+    preset.write_text("config:\n  seed: 3\n")
+    preset = str(preset)
+
+    def parse(*extra):
+        args = build_parser().parse_args(["generate", "--prompt", "p", *extra])
+        return args.seed, agent_config(args).seed
+
+    assert parse() == (0, 0)
+    assert parse("--seed", "5") == (5, 0)
+    assert parse("--agent-seed", "7") == (0, 7)
+    assert parse("--seed", "5", "--agent-seed", "7") == (5, 7)
+    assert parse("--preset", preset) == (0, 3)
+    assert parse("--preset", preset, "--seed", "5") == (5, 3)
+    assert parse("--preset", preset, "--agent-seed", "7") == (0, 7)
+
+
+def run_main(*args):
+    """`agentsd ARGS` in this process (for errors raised before any model is loaded)."""
+    from agentsd.cli import main
+
+    return main([str(a) for a in args])
+
+
+def error_line(capsys):
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("agentsd: error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--prompt", "x", "--steps", "1"],
+        ["compare", "--num-prompts", "1", "--steps", "1"],
+        ["bench", "--arch", "tiny", "--sizes", "64", "--methods", "baseline", "--repeats", "1", "--warmup", "0"],
+    ],
+    ids=lambda c: c[0],
+)
+@pytest.mark.parametrize("device", ["gpu0", "cuda:x"])
+def test_an_invalid_device_is_refused_before_anything_is_created(models, tmp_path, capsys, command, device):
+    out = tmp_path / "new" / "out"
+    model = [] if command[0] == "bench" else ["--model", models / "sd15"]
+    assert run_main(*command, *model, "--device", device, "--out", out) == 2
+    assert repr(device) in error_line(capsys)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_refuses_cuda_without_cuda(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main("bench", "--arch", "tiny", "--sizes", "64", "--device", "cuda", "--out", out) == 2
+    assert "CUDA is not available" in error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_model_that_fails_to_load_leaves_no_empty_output_folder(tmp_path, capsys):
+    (tmp_path / "not-a-model").mkdir()
+    out = tmp_path / "new" / "out"
+    assert run_main("generate", "--model", tmp_path / "not-a-model", "--prompt", "x", "--out", out) == 2
+    assert "cannot load model" in error_line(capsys)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "compare"])
+def test_xformers_backend_without_xformers_is_refused_at_argument_time(models, tmp_path, capsys, monkeypatch, command):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a))
+    monkeypatch.delitem(sys.modules, "xformers", raising=False)
+    out = tmp_path / "out"
+    if command == "generate":
+        argv = ["generate", "--prompt", "x", "--attention-backend", "xformers"]
+    else:
+        argv = ["compare", "--num-prompts", "1", "--method", "paper:attention_backend=xformers"]
+    assert run_main(*argv, "--model", models / "sd15", "--steps", "1", "--out", out) == 2
+    line = error_line(capsys)
+    assert "pip install xformers" in line and "sdpa" in line
+    assert not out.exists()
+
+
+def test_xformers_backend_on_the_cpu_is_refused_at_argument_time(models, tmp_path, capsys, monkeypatch):
+    import importlib.machinery
+    import importlib.util
+
+    real = importlib.util.find_spec
+    spec = importlib.machinery.ModuleSpec("xformers", None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "xformers" else real(name, *a))
+    out = tmp_path / "out"
+    argv = ["generate", "--prompt", "x", "--attention-backend", "xformers", "--device", "cpu", "--out", out]
+    assert run_main(*argv, "--model", models / "sd15", "--steps", "1") == 2
+    assert "runs on CUDA only" in error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("caf\xe9\n".encode("latin-1"))
+    assert run_main("generate", "--prompts-file", prompts, "--out", tmp_path / "out") == 2
+    line = error_line(capsys)
+    assert str(prompts) in line and "UTF-8" in line
+    assert not (tmp_path / "out").exists()
+
+
+def subcommands():
+    import argparse
+
+    from agentsd.cli import build_parser
+
+    parser = build_parser()
+    (group,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return group.choices
+
+
+@pytest.mark.parametrize("command", ["generate", "bench", "compare", "presets", "env"])
+def test_every_flag_has_help_and_shows_its_default(command):
+    import argparse
+
+    parser = subcommands()[command]
+    text = "".join(parser.format_help().split())  # argparse wraps lines inside words with hyphens
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        assert action.help, f"{command} {action.option_strings[0]} has no help"
+        shown = action.default not in (None, False) and action.default is not argparse.SUPPRESS
+        if shown and not isinstance(action.default, list):
+            assert f"(default:{action.default})" in text, f"{command} {action.option_strings[0]}"
+    assert "(default:None)" not in text
+
+
+def test_bench_help_lists_the_default_methods_and_the_output_files():
+    from agentsd import benchmark
+
+    text = " ".join(subcommands()["bench"].format_help().split())
+    for method in benchmark.METHODS + benchmark.OPTIONAL_METHODS:
+        assert method in text
+    for name in ("results.json", "results.csv", "results.md", "speedup.png"):
+        assert name in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--repeats", "0"], "--repeats 0 must be positive"),
+        (["--warmup", "-1"], "--warmup -1 must be >= 0"),
+        (["--sizes", "100"], "--sizes 100 is not a positive multiple of 8"),
+        (["--batches", "0"], "--batches 0 must be positive"),
+        (["--arch", "sd16"], "invalid choice: 'sd16'"),
+        (["--methods", "agentsd-fast"], "invalid choice: 'agentsd-fast'"),
+        (["--preset", "fastest"], "unknown preset 'fastest'"),
+        (["--compile", "no-such-backend"], "unknown torch.compile backend 'no-such-backend'"),
+    ],
+)
+def test_bench_refuses_bad_input_before_anything_is_created(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert run_main("bench", "--arch", "tiny", "--sizes", "64", "--methods", "baseline", *args, "--out", out) == 2
+    assert message in error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompt", "x", "--compare", "--no-agent"], "--compare"),
+        (["compare", "--images-per-class", "0"], "--images-per-class 0 must be positive"),
+        (["compare", "--samples", "0"], "--samples 0 must be positive"),
+    ],
+)
+def test_contradictory_or_out_of_range_options_are_refused(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert run_main(*argv, "--out", out) == 2
+    assert message in error_line(capsys)
+    assert not out.exists()
+
+
+def test_env_lists_the_optional_packages_and_version_prints_the_version(capsys):
+    import agentsd
+    from agentsd.cli import environment
+
+    info = environment()
+    for package in ("peft", "tomesd", "DeepCache", "torchmetrics", "torch-fidelity", "matplotlib", "xformers"):
+        assert package in info
+    with pytest.raises(SystemExit) as stop:
+        from agentsd.cli import build_parser
+
+        build_parser().parse_args(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"agentsd {agentsd.__version__}"

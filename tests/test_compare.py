@@ -89,6 +89,8 @@ def test_parse_method():
         compare.parse_method("paper:raito=0.3")
     with pytest.raises(ValueError, match="unknown preset"):
         compare.parse_method("fastest")
+    with pytest.raises(compare.GenerationError, match=r"in \[0, 1\)"):
+        compare.parse_method("tomesd:1.5")
 
 
 def test_missing_inception_weights_fail_at_once_naming_the_file(tmp_path, monkeypatch):
@@ -193,4 +195,111 @@ def test_cli_compare_end_to_end(tmp_path):
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert failing.returncode == 2 and "agentsd: error:" in failing.stderr
-    assert not list((tmp_path / "out2").rglob("*.png"))
+    assert not (tmp_path / "out2").exists()
+
+
+# ---------------------------------------------------------------- what is checked before generating
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "sd15"
+    tiny_pipeline("sd15").save_pretrained(folder)
+    return folder
+
+
+def run_compare(capsys, tiny_model, out, *extra):
+    """`agentsd compare` in this process: (exit code, stdout, the `agentsd: error:` lines)."""
+    from agentsd.cli import main
+
+    argv = ["compare", "--model", tiny_model, "--num-prompts", "2", "--steps", "1", "--out", out, *extra]
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, [line for line in captured.err.splitlines() if line.startswith("agentsd: error:")]
+
+
+def uninstalled(monkeypatch, *packages):
+    for name in packages:
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, find_spec says None
+
+
+@pytest.mark.parametrize(
+    "missing, extra, message",
+    [
+        (["torchmetrics"], [], "pip install 'agentsd[metrics]'"),
+        (["torchvision"], ["--lpips"], "LPIPS needs torchvision"),
+        (["torch_fidelity"], ["--reference", "{ref}"], "torch-fidelity"),
+        (["psutil"], [], "--no-memory"),
+    ],
+    ids=["torchmetrics", "lpips-torchvision", "fid-torch-fidelity", "memory-psutil"],
+)
+def test_a_missing_package_fails_before_anything_is_generated(
+    tiny_model, tmp_path, capsys, monkeypatch, missing, extra, message
+):
+    ref = write_images(tmp_path / "ref", 2, seed=0)
+    uninstalled(monkeypatch, *missing)
+    out = tmp_path / "out"
+    code, _, errors = run_compare(capsys, tiny_model, out, *[e.format(ref=ref) for e in extra])
+    assert code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert not out.exists()
+
+
+def test_missing_lpips_weights_fail_before_anything_is_generated(tiny_model, tmp_path, capsys, monkeypatch):
+    import importlib.machinery
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    real = compare.importlib.util.find_spec
+    spec = importlib.machinery.ModuleSpec("torchvision", None)
+    monkeypatch.setattr(compare.importlib.util, "find_spec", lambda n, *a: spec if n == "torchvision" else real(n, *a))
+    monkeypatch.setattr(compare, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    out = tmp_path / "out"
+    code, _, errors = run_compare(capsys, tiny_model, out, "--lpips")
+    assert code == 2 and "alexnet-owt-7be5be79.pth" in errors[0], errors
+    assert not out.exists()
+
+
+def test_an_unreachable_clip_model_fails_before_anything_is_generated(tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "_reachable", lambda host, timeout=3.0: False)
+    out = tmp_path / "out"
+    code, _, errors = run_compare(capsys, tiny_model, out, "--clip-model", "openai/clip-vit-base-patch32")
+    assert code == 2 and "--clip-model" in errors[0], errors
+    assert not out.exists()
+
+
+def test_without_matplotlib_the_table_and_json_are_still_written(tiny_model, tmp_path, capsys, monkeypatch, caplog):
+    uninstalled(monkeypatch, "matplotlib", "matplotlib.pyplot")
+    out = tmp_path / "out"
+    code, stdout, errors = run_compare(capsys, tiny_model, out, "--no-memory")
+    assert code == 0 and not errors
+    assert "| method |" in stdout and "fid_vs_time.png" not in stdout.splitlines()[-1]
+    assert (out / "results.json").exists() and (out / "results.md").exists() and (out / "samples.png").exists()
+    assert not (out / "fid_vs_time.png").exists()
+    assert any("pip install matplotlib" in r.getMessage() for r in caplog.records)
+
+
+def test_run_comparison_checks_before_creating_the_folder(tmp_path, monkeypatch):
+    uninstalled(monkeypatch, "torchvision")
+    pipe = tiny_pipeline("sd15")
+    methods = [compare.parse_method("paper")]
+    settings = GenerationSettings(model="tiny", steps=1)
+    scoring = compare.ComparisonSettings(lpips=True, measure_memory=False)
+    with pytest.raises(compare.MetricsError, match="torchvision"):
+        compare.run_comparison(pipe, ["x"], methods, tmp_path / "out", settings, scoring, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_seed_and_config_seed_stay_apart(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, errors = run_compare(capsys, tiny_model, out, "--seed", "5", "--method", "paper:seed=3", "--no-memory")
+    assert code == 0, errors
+    assert sorted(p.name for p in (out / "images" / "paper_seed=3").glob("*.png")) == ["p0000_s5.png", "p0001_s6.png"]
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["paper:seed=3"]["agentsd_config"]["seed"] == 3
+
+
+def test_duplicate_methods_are_refused_before_anything_is_created(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, errors = run_compare(capsys, tiny_model, out, "--method", "paper", "--method", "paper")
+    assert code == 2 and "methods must be distinct" in errors[0], errors
+    assert not out.exists()

@@ -1,0 +1,232 @@
+"""The argument parser of the `agentsd` command line: every subcommand and flag."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+# AgentSDConfig fields whose flag name differs from the field name (`--seed` seeds the images).
+FLAG_NAMES = {"seed": "agent-seed"}
+# AgentSDConfig fields that take a name or None; "auto" on the command line stands for None.
+# Fields with a fixed set of values; "auto" stands for None.
+CHOICE_FLAGS = {
+    "attn_precision": ["auto", "fp32"],
+    "attention_backend": ["auto", "sdpa", "xformers", "einsum"],
+    "agent_selection": ["match", "pool"],
+}
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line on stderr, exit code 2."""
+
+
+# One line per AgentSDConfig field, for --help (the config's docstring has the details).
+FIELD_HELP = {
+    "ratio": "fraction of tokens merged away before attention in the agent phase, in [0, 1)",
+    "agent_ratio": "fraction of tokens merged away to form the agents, in [0, 1)",
+    "sx": "destination-cell width in tokens (one destination per cell)",
+    "sy": "destination-cell height in tokens",
+    "max_downsample": "patch levels downsampled at most this much: 1, 2, 4 or 8 (SDXL needs 2)",
+    "k_scale2": "the broadcast softmax uses scale (d ** -0.5) ** k_scale2, > 0",
+    "k_shortcut": "weight of the value shortcut added to the agent output, >= 0",
+    "use_rand": "random destination inside each cell",
+    "seed": "seed of agentsd's own destination draws (not the images': see --seed)",
+    "attn_precision": "fp32: both softmaxes in float32; auto: fp32 where the layer upcasts (SD 2.x)",
+    "agent_steps": "fraction of the trajectory, from the noisiest end, in the agent phase, in [0, 1]",
+    "late_ratio": "ToMe merge ratio after the agent phase, in [0, 1); 0: exact attention there",
+    "late_sx": "destination-cell width after the agent phase",
+    "late_sy": "destination-cell height after the agent phase",
+    "attention_backend": "kernel of both attention products; xformers needs the package and CUDA; "
+    "auto: xformers where the replaced processor was xformers' on CUDA, else sdpa",
+    "min_tokens": "layers whose grid has fewer tokens run exact attention",
+    "share_matching": "opt-in, changes outputs: one bipartite matching per grid and UNet call",
+    "agent_selection": "pool (opt-in, changes outputs): agents are the cell means instead of a merge",
+}
+BENCH_METHODS = {
+    "baseline": "diffusers' default processors (SDPA)",
+    "xformers": "diffusers' xformers processors (CUDA with xformers installed)",
+    "agentsd-agent": "the preset in its agent phase",
+    "agentsd-tome": "the preset in its ToMe-only phase",
+    "tomesd": "ToMe for SD at the preset's ratio (when tomesd is installed)",
+    "reference": "the agent phase with unfused einsum attention, as the published code computes it",
+    "ceiling": "the patched self-attention layers replaced by a zero-cost stand-in: the bound",
+    "agentsd-shared": "agent phase, one matching per grid and UNet call (share_matching)",
+    "agentsd-pool": "agent phase, pooled agents (agent_selection=pool)",
+    "agentsd-pool-r0": "agent phase, pooled agents and no merge: no matching at all",
+    "highres": "the highres preset (two levels, agent phase on every step)",
+    "ceiling-2": "the ceiling over two levels: the bound of highres",
+}
+DTYPE_CHOICES = ["fp16", "bf16", "fp32"]
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, except None and False (nothing to show: the help says what happens),
+    and descriptions and epilogs laid out as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        if isinstance(action.default, list):  # as typed on the command line, not as a Python list
+            return f"{action.help} (default: {' '.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def config_flag(field: str) -> str:
+    """The command-line flag of an AgentSDConfig field: `--ratio`, `--agent-seed`."""
+    return "--" + FLAG_NAMES.get(field, field.replace("_", "-"))
+
+
+def config_dest(field: str) -> str:
+    """Where the parsed flag of an AgentSDConfig field lands: its own name, never another flag's
+    (`--agent-seed` goes to `agent_seed`; `seed` belongs to `--seed`)."""
+    return config_flag(field)[2:].replace("-", "_")
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    from .config import AgentSDConfig
+
+    group = parser.add_argument_group(
+        "agent attention (each flag overrides one field of the preset; the defaults shown are paper's)"
+    )
+    group.add_argument("--preset", help="preset name (see `agentsd presets`) or a YAML file; default: paper")
+    group.add_argument("--no-agent", action="store_true", help="run the baseline only, without agent attention")
+    for f in dataclasses.fields(AgentSDConfig):
+        flag, dest = config_flag(f.name), config_dest(f.name)
+        paper = "auto" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
+        text = f"{FIELD_HELP[f.name]} (paper: {paper})"
+        if f.type in (bool, "bool"):
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.name in CHOICE_FLAGS:
+            group.add_argument(flag, dest=dest, choices=CHOICE_FLAGS[f.name], default=None, help=text)
+        else:
+            kind = int if isinstance(f.default, int) else float
+            group.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+
+
+def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
+    """--steps, --guidance, --width, --height, --batch-size, --seed, --scheduler, --dtype, --device."""
+    from .generation import SCHEDULERS
+
+    parser.add_argument("--width", type=int, help="image width, a multiple of 8; default: the model's")
+    parser.add_argument("--height", type=int, help="image height, a multiple of 8; default: the model's")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
+    parser.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULERS)}; default: the model's own")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: fp16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--device", default="auto", help=device_help)
+
+
+def _bench_epilog() -> str:
+    from .benchmark import METHODS, OPTIONAL_METHODS
+
+    def rows(names):
+        return "\n".join(f"  {name:17s} {BENCH_METHODS.get(name, '')}".rstrip() for name in names)
+
+    return (
+        "methods (default: every one of these that runs here; agentsd-schedule is derived from the two phases):\n"
+        f"{rows(METHODS)}\n"
+        f"opt-in methods (run only when named in --methods):\n{rows(OPTIONAL_METHODS)}\n\n"
+        "output, rewritten in --out after every scenario (an interrupted run keeps what finished):\n"
+        "  results.json, results.csv  one row per scenario and method: median, p10, p90 ms, peak MB, speedup\n"
+        "  results.md                 the table and the speed targets read off it (also printed)\n"
+        "  speedup.png                speedup per method and size"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .benchmark import DEFAULT_PRESETS, METHODS, OPTIONAL_METHODS
+    from .compare import INCEPTION_FILE
+    from .generation import DEFAULT_MODEL
+
+    formatter = _HelpFormatter
+    parser = _Parser(
+        prog="agentsd",
+        description="Training-free agent attention for diffusers Stable Diffusion pipelines.",
+        formatter_class=formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    gen = commands.add_parser(
+        "generate", help="text-to-image with agent attention", formatter_class=formatter,
+        description="Text-to-image with agent attention (or the baseline), images written as they finish.",
+        epilog="output: OUT/p{prompt index}_s{seed}.png, each with a .json sidecar (and the same record in the "
+        "PNG);\nwith --compare also OUT/baseline/ and side-by-side pairs in OUT/compare/.",
+    )  # fmt: skip
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder (SD 1.x, 2.x or XL)")
+    gen.add_argument("--prompt", action="append", help="a prompt; repeat for more")
+    gen.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line")
+    gen.add_argument("--negative-prompt", help="the negative prompt of every image")
+    gen.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    _run_flags(gen, "auto, cpu, cuda or cuda:N (CUDA requested without CUDA: the CPU, with a warning)")
+    gen.add_argument("--out", default="agentsd-out", help="output folder")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing images instead of skipping them")
+    gen.add_argument("--compare", action="store_true", help="also run the baseline; save both and a side-by-side")
+    gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _config_flags(gen)
+
+    bench = commands.add_parser(
+        "bench", help="time one denoising step against the baseline and peers", formatter_class=formatter,
+        description="Time one denoising step (a UNet forward of a classifier-free-guidance batch) of the real\n"
+        "SD architectures with random weights, every method interleaved in one run.",
+        epilog=_bench_epilog(),
+    )  # fmt: skip
+    archs = list(DEFAULT_PRESETS)  # every architecture the benchmark builds, the tiny stand-ins too
+    bench.add_argument("--arch", nargs="+", default=["sd15"], choices=archs, metavar="ARCH",
+                       help=f"{', '.join(archs)} (tiny*: toy UNets, for trying the harness)")  # fmt: skip
+    bench.add_argument(
+        "--sizes", nargs="+", type=int, metavar="PX", default=[512], help="image sides in pixels, multiples of 8"
+    )
+    bench.add_argument(
+        "--batches", nargs="+", type=int, metavar="N", default=[1], help="images per prompt (UNet batch x2)"
+    )
+    bench.add_argument("--methods", nargs="+", choices=METHODS + OPTIONAL_METHODS, metavar="METHOD",
+                       help="methods to time (listed below); default: every method that runs here")  # fmt: skip
+    bench.add_argument("--preset", help="agentsd preset name or YAML file; default per arch: paper, sd21, sdxl")
+    bench.add_argument("--repeats", type=int, default=3, help="timed rounds per method (the median is reported)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed rounds per method first")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (CUDA requested: no fallback)")
+    bench.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: fp16 on CUDA, fp32 on the CPU")
+    bench.add_argument(
+        "--compile", nargs="?", const="inductor", metavar="BACKEND",
+        help="also time every method under torch.compile (BACKEND defaults to inductor)",
+    )  # fmt: skip
+    bench.add_argument("--out", default="bench-out", help="output folder")
+
+    cmp = commands.add_parser(
+        "compare", help="FID, fidelity and speed of methods on one prompt set", formatter_class=formatter,
+        description="Generate every method's images with the same prompts and seeds, then score them from "
+        "the files.",
+        epilog="output in --out: images/<method>/ (resumable), results.json, results.md (also printed),\n"
+        "fid_vs_time.png (needs matplotlib; skipped with a warning without it) and samples.png.",
+    )  # fmt: skip
+    cmp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder")
+    cmp.add_argument("--method", action="append",
+                     help="baseline, a preset (paper), preset:field=value,..., agentsd:field=value, tomesd:RATIO; "
+                     "repeatable; default: baseline and paper")  # fmt: skip
+    cmp.add_argument("--prompts-file", help="a UTF-8 file, one prompt per line; default: the ImageNet protocol")
+    cmp.add_argument("--images-per-class", type=int, default=2, help="ImageNet protocol: prompts per class")
+    cmp.add_argument("--num-prompts", type=int, help="use only the first N prompts (a quick run)")
+    cmp.add_argument("--reference", help="FID reference: a folder of images or a .npz of mu and sigma")
+    cmp.add_argument("--inception-weights", help=f"local path of {INCEPTION_FILE}")
+    cmp.add_argument("--clip-model", help="CLIP model folder or hub id, for the CLIP score")
+    cmp.add_argument("--lpips", action="store_true", help="also LPIPS to the baseline (needs torchvision)")
+    cmp.add_argument("--no-memory", action="store_true", help="skip the peak-memory-per-image measurement")
+    cmp.add_argument("--samples", type=int, default=8, help="prompts in the sample grid")
+    cmp.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+    _run_flags(cmp, "auto (accelerate's device for this process), cpu, cuda or cuda:N")
+    cmp.add_argument("--out", default="compare-out", help="output folder")
+    cmp.set_defaults(prompt=None)
+
+    commands.add_parser("presets", help="list the preset configs", formatter_class=formatter)
+    commands.add_parser("env", help="print versions and the CUDA device, for bug reports", formatter_class=formatter)
+    return parser

@@ -1,0 +1,39 @@
+"""The files `agentsd generate` and `agentsd compare` write."""
+
+import json
+import os
+import stat
+
+import pytest
+from PIL import Image
+
+from agentsd import generation
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_honour_the_umask_like_open(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        generation.save_image(Image.new("RGB", (8, 8)), tmp_path / "p0000_s0.png", {"prompt": "x"})
+        with open(tmp_path / "plain.txt", "w"):
+            pass
+    finally:
+        os.umask(old)
+    expected = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    for name in ("p0000_s0.png", "p0000_s0.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+    assert json.loads((tmp_path / "p0000_s0.json").read_text()) == {"prompt": "x"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p0000_s0.json", "p0000_s0.png", "plain.txt"]
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path):
+    def fail(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    (tmp_path / "kept.png").write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        generation._atomic_write(tmp_path / "kept.png", fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.png"]
+    assert (tmp_path / "kept.png").read_bytes() == b"old"
