@@ -26,6 +26,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
+from .attention import check_backend
 from .config import AgentSDConfig
 from .processor import AgentSDProcessor
 from .state import EXACT, AgentSDState
@@ -75,7 +76,8 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
     Raises:
         TypeError: for a model without a diffusers UNet, or a config that is not an
             `AgentSDConfig`, or an unknown override; nothing is modified then.
-        ValueError: for an override out of range; nothing is modified then.
+        ValueError: for an override out of range, or `attention_backend="xformers"` without
+            the xformers package installed; nothing is modified then.
 
     Example:
         >>> import agentsd
@@ -90,6 +92,8 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
         raise TypeError(f"config must be an agentsd.AgentSDConfig, got {type(config).__name__}.")
     if overrides:
         config = config.replace(**overrides)
+    # The package, not the device: a UNet patched on the CPU may be moved to CUDA before it runs.
+    check_backend(config.attention_backend)
     targets = attention_layers(unet, config.max_downsample)
 
     previous: _Patch | None = getattr(unet, PATCH_ATTR, None)

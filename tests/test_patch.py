@@ -143,6 +143,21 @@ def test_bad_config_leaves_the_pipeline_unpatched():
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
 
 
+def test_xformers_backend_without_the_package_is_refused_at_patch_time(monkeypatch):
+    """Refused by `patch`, not in the middle of the first UNet call; the pipeline stays as it was,
+    an earlier patch included."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a))
+    pipe = agentsd.patch(tiny_pipeline("sd15"), ratio=0.5)
+    before = dict(pipe.unet.attn_processors)
+    with pytest.raises(ValueError, match="pip install xformers"):
+        agentsd.patch(pipe, attention_backend="xformers")
+    assert agentsd.patched_config(pipe).ratio == 0.5
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+
+
 def test_sdxl_with_max_downsample_1_warns_that_nothing_is_patched(caplog):
     pipe = tiny_pipeline("sdxl")
     with caplog.at_level(logging.WARNING, logger="agentsd"):
@@ -198,7 +213,10 @@ def test_unpatch_keeps_a_processor_the_user_set_after_patching():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_stays_finite(dtype):
-    pipe = tiny_pipeline("sd2").to(dtype=dtype)
+    pipe = tiny_pipeline("sd2")
+    for module in pipe.components.values():  # not pipe.to(dtype=): diffusers < 0.20 names it torch_dtype
+        if isinstance(module, torch.nn.Module):
+            module.to(dtype=dtype)
     baseline = generate(pipe, output_type="latent")
     assert torch.isfinite(torch.as_tensor(baseline)).all()
     agentsd.patch(pipe, agent_steps=0.5)
