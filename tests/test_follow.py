@@ -50,6 +50,8 @@ def slicing(pipe):
 
 
 def fused(pipe):
+    if not hasattr(pipe, "fuse_qkv_projections"):
+        pytest.skip("this diffusers has no fuse_qkv_projections")
     pipe.fuse_qkv_projections()
     return {}
 
@@ -121,7 +123,7 @@ def test_status_names_the_users_latest_processor():
 @pytest.mark.parametrize("order", ["fuse-patch-unfuse", "patch-fuse-unfuse"])
 def test_unfusing_after_patching(order, agent_calls):
     reference = tiny_pipeline("sd15")
-    reference.fuse_qkv_projections()
+    fused(reference)
     reference.unfuse_qkv_projections()
     pipe = tiny_pipeline("sd15")
     if order == "fuse-patch-unfuse":
@@ -219,14 +221,33 @@ def test_the_schedule_reads_T_from_the_scheduler_in_use():
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, num_train_timesteps=500)
     phases = []
 
-    def record(pipe, step, t, kwargs):
-        phases.append((int(t), agentsd.current_phase(pipe)))
-        return kwargs
+    def record(unet, args, output):  # after each UNet call: its timestep and the phase it ran
+        phases.append((int(args[1]), agentsd.current_phase(pipe)))
 
-    generate(pipe, {"callback_on_step_end": record}, steps=10)
+    pipe.unet.register_forward_hook(record)
+    generate(pipe, steps=10)
     expected = [(t, "agent" if 1 - t / 500 < 0.4 else "tome") for t, _ in phases]
     assert phases == expected
     assert {phase for _, phase in phases} == {"agent", "tome"}  # with T = 1000 all would be ToMe
+
+
+def test_recording_phases_gives_the_phase_of_every_unet_call():
+    """DDIM, 5 steps, T = 1000: t = 801, 601 before progress 0.4 (agent), then ToMe; a UNet
+    without any layer agentsd can act on runs exact attention at every call."""
+    from agentsd.status import describe_phases, recording_phases
+
+    pipe = agentsd.patch(tiny_pipeline("sd15"), min_tokens=0)
+    with recording_phases(pipe) as phases:
+        generate(pipe, steps=5)
+    assert phases == ["agent", "agent", "tome", "tome", "tome"]
+    assert describe_phases(phases) == "1-2 agent attention, 3-5 token merging"
+    assert not pipe.unet._forward_hooks  # the recording hook is gone after the block
+    sdxl = agentsd.patch(tiny_pipeline("sdxl"))  # max_downsample=1: no layer
+    with recording_phases(sdxl) as phases:
+        generate(sdxl, steps=2)
+    assert describe_phases(phases) == "1-2 exact attention"
+    assert describe_phases(["agent", "tome", "agent"]) == "1 agent attention, 2 token merging, 3 agent attention"
+    assert describe_phases([]) == ""
 
 
 def test_a_patch_that_matched_no_layer_reports_no_phase():

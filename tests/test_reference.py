@@ -305,8 +305,11 @@ def test_agents_exactly_half_of_the_merged_tokens_fall_back_to_tome(monkeypatch)
 def test_fused_projections_are_used_and_match_reference(phase_t, monkeypatch):
     """After `fuse_qkv_projections` the processor served projects with the fused `to_qkv`; agentsd
     does too (one product for q, k, v; the query rows of its weights for the agents)."""
-    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+    from diffusers.models import attention_processor
 
+    FusedAttnProcessor2_0 = getattr(attention_processor, "FusedAttnProcessor2_0", None)
+    if FusedAttnProcessor2_0 is None:
+        pytest.skip("this diffusers has no fused QKV projections (no FusedAttnProcessor2_0)")
     attn = make_attention(seed=15)
     attn.fuse_projections()
     used = []
