@@ -190,7 +190,10 @@ def _generate(args: argparse.Namespace) -> int:
         timing = f", {per_image:.3f} s/image" if per_image is not None else ""
         print(f"{run.label}: {len(run.written)} written, {len(run.skipped)} skipped in {run.folder}{timing}")
         if run.config is not None and run.activity.calls:
+            from .status import describe_phases
+
             print(run.activity.summary())
+            print(f"agentsd steps: {describe_phases(run.phases)}")
     if len(runs) == 2 and all(r.seconds_per_image for r in runs):
         print(f"speedup: {runs[0].seconds_per_image / runs[1].seconds_per_image:.2f}x (baseline / agentsd)")
     return 0

@@ -30,7 +30,7 @@ from . import __version__
 from .compat import dtype_kwargs
 from .config import AgentSDConfig
 from .patch import attention_layers, patched
-from .status import Activity, status
+from .status import Activity, recording_phases, status
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +201,7 @@ class MethodRun:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     activity: Activity = field(default_factory=Activity)
+    phases: list[str] = field(default_factory=list)  # of each UNet call (step) of the latest pipeline call
 
     @property
     def seconds_per_image(self) -> float | None:
@@ -270,7 +271,8 @@ def call_pipeline(
     pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings, run: MethodRun, steps: int, track: bool = False
 ):
     """The images of `jobs` (one generator per image, seeded by its job) run as `run` says; with
-    `track`, what agentsd did in the call is added to `run.activity`."""
+    `track`, what agentsd did in the call is added to `run.activity`, and `run.phases` is the
+    phase of each of its UNet calls."""
     kwargs = dict(
         prompt=[j.prompt for j in jobs],
         num_inference_steps=steps,
@@ -281,10 +283,12 @@ def call_pipeline(
     )
     if settings.negative_prompt is not None:
         kwargs["negative_prompt"] = [settings.negative_prompt] * len(jobs)
-    with run.enter(pipe):
+    track = track and run.config is not None
+    with run.enter(pipe), recording_phases(pipe) if track else nullcontext() as phases:
         images = pipe(**kwargs).images
-        if track and run.config is not None:
+        if track:
             run.activity += status(pipe).activity
+            run.phases = list(phases)
     return images
 
 
@@ -404,6 +408,7 @@ def generate_runs(
                     seed=job.seed,
                     method=run.label,
                     agentsd_config=None if run.config is None else run.config.to_dict(),
+                    agentsd_phases=run.phases or None,
                     seconds=round(per_image, 4),
                 )
                 path = run.folder / f"{job.name}.png"

@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import AgentSDConfig
-from .patch import PATCH_ATTR, _blocker, _delegate_of, _find_unet, _is_ours
+from .patch import PATCH_ATTR, _blocker, _delegate_of, _find_unet, _is_ours, current_phase
 from .processor import choose_backend
 from .state import AGENT, EXACT, TOME
 
@@ -214,3 +216,40 @@ def _grid(state: Any, downsample: int) -> tuple[int, int] | None:
 
 def _short(name: str) -> str:
     return name.removesuffix(".processor")
+
+
+@contextmanager
+def recording_phases(pipe_or_unet: Any) -> Iterator[list[str]]:
+    """In the block, the phase of each UNet call, in order: "agent" or "tome" when some layer ran
+    agent attention or token merging in it, "exact" otherwise. Reads no tensor (no host sync).
+
+    Example:
+        >>> with recording_phases(pipe) as phases:  # doctest: +SKIP
+        ...     pipe("a photo of a cat", num_inference_steps=5)
+        >>> phases  # doctest: +SKIP
+        ['agent', 'agent', 'tome', 'tome', 'tome']
+    """
+    unet = _find_unet(pipe_or_unet)
+    phases: list[str] = []
+    handle = unet.register_forward_hook(lambda *_: phases.append(current_phase(unet) or EXACT))
+    try:
+        yield phases
+    finally:
+        handle.remove()
+
+
+PHASE_NAMES = {AGENT: "agent attention", TOME: "token merging", EXACT: "exact attention"}
+
+
+def describe_phases(phases: Sequence[str]) -> str:
+    """UNet calls grouped into runs of one phase, numbered from 1: "1-8 agent attention, 9-20
+    token merging"."""
+    runs: list[list] = []  # [first, last, phase]
+    for number, phase in enumerate(phases, start=1):
+        if runs and runs[-1][2] == phase:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number, phase])
+    return ", ".join(
+        f"{first}{'' if first == last else f'-{last}'} {PHASE_NAMES.get(phase, phase)}" for first, last, phase in runs
+    )

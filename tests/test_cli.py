@@ -202,6 +202,9 @@ def test_generate_says_what_agentsd_did(models, tmp_path):
         "agentsd: 10 UNet calls (4 agent phase, 6 ToMe phase); agent attention on 4 calls (3 of 3 layers), "
         "token merging on 6 calls (3 of 3 layers)"
     ) in result.stdout
+    assert "agentsd steps: 1-2 agent attention, 3-5 token merging" in result.stdout
+    sidecar = json.loads((tmp_path / "p0000_s1.json").read_text())
+    assert sidecar["agentsd_phases"] == ["agent", "agent", "tome", "tome", "tome"]
     assert "no layer ran agent attention" not in result.stderr
 
 
