@@ -142,8 +142,8 @@ def _bench_epilog() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .benchmark import DEFAULT_PRESETS, METHODS, OPTIONAL_METHODS
-    from .compare import INCEPTION_FILE
     from .generation import DEFAULT_MODEL
+    from .metrics import INCEPTION_FILE
 
     formatter = _HelpFormatter
     parser = _Parser(

@@ -8,10 +8,7 @@ interrupted.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import secrets
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -23,12 +20,11 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
 from .compat import dtype_kwargs
 from .config import AgentSDConfig
+from .output import atomic_write, save_image, side_by_side
 from .patch import attention_layers, patched
 from .status import Activity, recording_phases, status
 
@@ -227,46 +223,6 @@ def prepare_folder(folder: Path) -> Path:
     return folder
 
 
-def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
-    """Write a PNG with `metadata` as text chunks and a JSON sidecar, each atomically."""
-    info = PngInfo()
-    info.add_text("prompt", str(metadata.get("prompt", "")))
-    info.add_text("agentsd", json.dumps(metadata))
-    # The sidecar first: a PNG on disk always has its sidecar, and marks the image as done.
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(metadata, indent=2).encode()))
-    _atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write `path` through a temporary file in the same folder, renamed into place when complete.
-
-    The temporary file is created with mode 0o666 filtered by the umask, as `open()` does (not
-    `mkstemp`'s owner-only 0o600), so the image gets the permissions the user expects.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = os.open(tmp, flags, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
-    grid = Image.new("RGB", (left.width + right.width, max(left.height, right.height)), "white")
-    grid.paste(left, (0, 0))
-    grid.paste(right, (left.width, 0))
-    return grid
-
-
 def call_pipeline(
     pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings, run: MethodRun, steps: int, track: bool = False
 ):
@@ -422,7 +378,7 @@ def generate_runs(
             for job in batch:
                 if (left, job) in produced and (right, job) in produced:
                     pair = side_by_side(produced[(left, job)], produced[(right, job)])
-                    _atomic_write(compare_dir / f"{job.name}.png", lambda f, im=pair: im.save(f, format="PNG"))
+                    atomic_write(compare_dir / f"{job.name}.png", lambda f, im=pair: im.save(f, format="PNG"))
     bar.close()
     for run in runs:
         if run.config is not None and run.activity.calls and not run.activity.ran_agent_attention:

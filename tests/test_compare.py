@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-from agentsd import compare
+from agentsd import compare, metrics
 from agentsd.generation import GenerationSettings
 from agentsd.testing import tiny_pipeline
 
@@ -35,9 +35,9 @@ def scipy_fid(features_a, features_b):
 
 
 def features_of(folder):
-    paths = compare.image_paths(folder)
+    paths = metrics.image_paths(folder)
     with torch.no_grad():
-        return TinyFeatures()(torch.stack([compare.load_uint8(p) for p in paths])).double().numpy()
+        return TinyFeatures()(torch.stack([metrics.load_uint8(p) for p in paths])).double().numpy()
 
 
 def write_images(folder, count, seed, shift=0):
@@ -60,19 +60,19 @@ def test_imagenet_protocol_prompts():
 def test_fid_matches_a_direct_scipy_computation(tmp_path):
     reference = write_images(tmp_path / "ref", 40, seed=0)
     shifted = write_images(tmp_path / "shifted", 40, seed=1, shift=40)
-    metric = compare.fid_metric(TinyFeatures())
-    compare.load_reference(metric, reference)
-    assert compare.fid_score(metric, compare.image_paths(reference)) == pytest.approx(0.0, abs=1e-6)
-    fid = compare.fid_score(metric, compare.image_paths(shifted))
+    metric = metrics.fid_metric(TinyFeatures())
+    metrics.load_reference(metric, reference)
+    assert metrics.fid_score(metric, metrics.image_paths(reference)) == pytest.approx(0.0, abs=1e-6)
+    fid = metrics.fid_score(metric, metrics.image_paths(shifted))
     assert fid > 0.01
     assert fid == pytest.approx(scipy_fid(features_of(reference), features_of(shifted)), rel=1e-5)
 
     # The same reference as pytorch-fid-style statistics.
     feats = features_of(reference)
     np.savez(tmp_path / "ref.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
-    from_stats = compare.fid_metric(TinyFeatures())
-    compare.load_reference(from_stats, tmp_path / "ref.npz")
-    assert compare.fid_score(from_stats, compare.image_paths(shifted)) == pytest.approx(fid, rel=1e-6)
+    from_stats = metrics.fid_metric(TinyFeatures())
+    metrics.load_reference(from_stats, tmp_path / "ref.npz")
+    assert metrics.fid_score(from_stats, metrics.image_paths(shifted)) == pytest.approx(fid, rel=1e-6)
 
 
 def test_parse_method():
@@ -94,13 +94,13 @@ def test_parse_method():
 
 
 def test_missing_inception_weights_fail_at_once_naming_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(compare, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(metrics, "_reachable", lambda host, timeout=3.0: False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(compare.MetricsError, match=compare.INCEPTION_FILE) as err:
-        compare.inception_weights_path(None)
-    assert compare.INCEPTION_URL in str(err.value) and "--inception-weights" in str(err.value)
+    with pytest.raises(compare.MetricsError, match=metrics.INCEPTION_FILE) as err:
+        metrics.inception_weights_path(None)
+    assert metrics.INCEPTION_URL in str(err.value) and "--inception-weights" in str(err.value)
     with pytest.raises(compare.MetricsError, match="not found"):
-        compare.inception_weights_path(tmp_path / "absent.pth")
+        metrics.inception_weights_path(tmp_path / "absent.pth")
 
 
 def test_whole_flow_scores_from_disk_and_resumes(tmp_path):
@@ -248,10 +248,10 @@ def test_missing_lpips_weights_fail_before_anything_is_generated(tiny_model, tmp
     import importlib.machinery
 
     monkeypatch.setitem(sys.modules, "torchvision", None)
-    real = compare.importlib.util.find_spec
+    real = metrics.importlib.util.find_spec
     spec = importlib.machinery.ModuleSpec("torchvision", None)
-    monkeypatch.setattr(compare.importlib.util, "find_spec", lambda n, *a: spec if n == "torchvision" else real(n, *a))
-    monkeypatch.setattr(compare, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda n, *a: spec if n == "torchvision" else real(n, *a))
+    monkeypatch.setattr(metrics, "_reachable", lambda host, timeout=3.0: False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     out = tmp_path / "out"
     code, _, errors = run_compare(capsys, tiny_model, out, "--lpips")
@@ -260,7 +260,7 @@ def test_missing_lpips_weights_fail_before_anything_is_generated(tiny_model, tmp
 
 
 def test_an_unreachable_clip_model_fails_before_anything_is_generated(tiny_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(compare, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(metrics, "_reachable", lambda host, timeout=3.0: False)
     out = tmp_path / "out"
     code, _, errors = run_compare(capsys, tiny_model, out, "--clip-model", "openai/clip-vit-base-patch32")
     assert code == 2 and "--clip-model" in errors[0], errors

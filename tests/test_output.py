@@ -7,14 +7,14 @@ import stat
 import pytest
 from PIL import Image
 
-from agentsd import generation
+from agentsd import output
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_written_files_honour_the_umask_like_open(tmp_path, umask):
     old = os.umask(umask)
     try:
-        generation.save_image(Image.new("RGB", (8, 8)), tmp_path / "p0000_s0.png", {"prompt": "x"})
+        output.save_image(Image.new("RGB", (8, 8)), tmp_path / "p0000_s0.png", {"prompt": "x"})
         with open(tmp_path / "plain.txt", "w"):
             pass
     finally:
@@ -34,6 +34,6 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
 
     (tmp_path / "kept.png").write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        generation._atomic_write(tmp_path / "kept.png", fail)
+        output.atomic_write(tmp_path / "kept.png", fail)
     assert [p.name for p in tmp_path.iterdir()] == ["kept.png"]
     assert (tmp_path / "kept.png").read_bytes() == b"old"
