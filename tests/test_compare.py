@@ -303,3 +303,30 @@ def test_duplicate_methods_are_refused_before_anything_is_created(tiny_model, tm
     code, _, errors = run_compare(capsys, tiny_model, out, "--method", "paper", "--method", "paper")
     assert code == 2 and "methods must be distinct" in errors[0], errors
     assert not out.exists()
+
+
+def test_the_metrics_extra_installs_every_package_compare_checks_for(tmp_path, monkeypatch):
+    """`pip install 'agentsd[metrics]'` is the fix the errors name: it must bring every package
+    the up-front check asks for with every output chosen (torchvision comes with torch-fidelity,
+    which requires it)."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    asked = set()
+
+    def installed(name):
+        asked.add(name)
+        return True
+
+    for module in (compare, metrics):
+        monkeypatch.setattr(module, "_installed", installed)
+    monkeypatch.setattr(metrics, "_reachable", lambda host, timeout=3.0: True)
+    scoring = compare.ComparisonSettings(reference=tmp_path, clip_model=tmp_path, lpips=True, measure_memory=True)
+    assert compare.check_scoring([compare.parse_method("paper")], scoring, "cpu") == []
+    compare.report_files()
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["metrics"]
+    provided = {re.split(r"[<>=!~\[; ]", requirement)[0].replace("-", "_") for requirement in extra}
+    assert {"torch_fidelity", "torchvision", "psutil", "matplotlib"} <= asked
+    assert asked <= provided | {"torchvision"}
