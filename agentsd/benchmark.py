@@ -114,7 +114,9 @@ def build_unet(arch: str, device: torch.device | str = "cpu", dtype: torch.dtype
             unet = tiny_unet(TINY_ARCHITECTURES[arch])
         else:
             unet = UNet2DConditionModel(**ARCHITECTURES[arch])
-    return unet.to(dtype=dtype).eval()
+    # nn.Module.to, not diffusers' override: that one warns about modules to keep in fp32, which
+    # matters for loaded weights only (a random-weight UNet has none to keep).
+    return torch.nn.Module.to(unet, dtype=dtype).eval()
 
 
 def unet_inputs(unet: UNet2DConditionModel, size: int, images: int) -> tuple[tuple, dict[str, Any]]:
