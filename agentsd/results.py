@@ -211,25 +211,45 @@ def plot_speedups(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(rows: Sequence[dict[str, Any]], out_dir: str | Path, command: str = "") -> dict[str, Path]:
-    """Write results.json, results.csv, results.md and speedup.png into `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f"results.{k}" for k in ("json", "csv", "md")}
-    paths["png"] = out / "speedup.png"
-    meta = dict(command=command, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    paths["json"].write_text(json.dumps(dict(meta, rows=list(rows)), indent=2))
+def write_tables(
+    folder: Path,
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    markdown: str,
+    command: str = "",
+    extra: dict[str, Any] | None = None,
+    extrasaction: str = "raise",
+) -> dict[str, Path]:
+    """Write results.json (command, date, `extra`, then the rows), results.csv (`columns`;
+    `extrasaction` as csv.DictWriter's) and results.md (a header naming the command, date,
+    device, versions and commit of the run, then `markdown`) into `folder`.
+
+    Returns:
+        The paths written, by suffix.
+    """
+    paths = {k: folder / f"results.{k}" for k in ("json", "csv", "md")}
+    date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    paths["json"].write_text(json.dumps(dict(command=command, date=date, **(extra or {}), rows=list(rows)), indent=2))
     with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction=extrasaction)
         writer.writeheader()
         writer.writerows(rows)
-    header = f"Command: `{command}`\n\nDate: {meta['date']}\n\n" if command else ""
+    header = f"Command: `{command}`\n\nDate: {date}\n\n" if command else ""
     if rows:
         first = rows[0]
         header += f"Device: {first['device']}; torch {first['torch']}, diffusers {first['diffusers']}, "
         header += f"commit {first['commit']}\n\n"
+    paths["md"].write_text(header + markdown)
+    return paths
+
+
+def write_results(rows: Sequence[dict[str, Any]], out_dir: str | Path, command: str = "") -> dict[str, Path]:
+    """Write results.json, results.csv, results.md and speedup.png into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     targets = "\n## Targets\n\n" + "\n".join(target_lines(rows)) + "\n" if rows else ""
-    paths["md"].write_text(header + markdown_table(rows) + targets)
+    paths = write_tables(out, rows, FIELDS, markdown_table(rows) + targets, command)
+    paths["png"] = out / "speedup.png"
     if rows:
         plot_speedups(rows, paths["png"])
     return paths

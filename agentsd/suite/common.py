@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..results import RUN_FIELDS, run_info
+from ..results import RUN_FIELDS, run_info, write_tables
 
 # The parts, in the order `all` runs them; each writes into a folder of its name.
 PART_NAMES = ("tests", "sd15", "sd15-compile", "sd15-compile-ceiling", "sdxl", "pipeline", "breakeven")
@@ -82,17 +79,4 @@ def write_part(
         The paths written, by suffix.
     """
     columns = [*fields, *(f for f in RUN_FIELDS if f not in fields)]
-    paths = {k: folder / f"results.{k}" for k in ("json", "csv", "md")}
-    date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    paths["json"].write_text(json.dumps(dict(command=command, date=date, **(extra or {}), rows=list(rows)), indent=2))
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    header = f"Command: `{command}`\n\nDate: {date}\n\n" if command else ""
-    if rows:
-        first = rows[0]
-        header += f"Device: {first['device']}; torch {first['torch']}, diffusers {first['diffusers']}, "
-        header += f"commit {first['commit']}\n\n"
-    paths["md"].write_text(header + markdown)
-    return paths
+    return write_tables(folder, rows, columns, markdown, command, extra, extrasaction="ignore")
