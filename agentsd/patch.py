@@ -1,9 +1,9 @@
 """Patching a diffusers UNet (or a pipeline holding one) with agent attention.
 
 The patch uses two diffusers/PyTorch extension points only: the attention processor of
-each selected self-attention layer, and one forward pre-hook on the UNet that reads the
-latent size and the timestep. Nothing else of the model is touched, so unpatching
-restores it exactly.
+each selected self-attention layer, and forward hooks on the UNet that read the latent size
+and the timestep at the start of a call and count what it did at its end. Nothing else of the
+model is touched, so unpatching restores it exactly.
 
 The patch follows the pipeline: diffusers methods that replace processors
 (`enable_attention_slicing`, `enable_xformers_memory_efficient_attention`,
@@ -11,10 +11,16 @@ The patch follows the pipeline: diffusers methods that replace processors
 it. At the start of every UNet call the hook wraps whatever processor a patched layer holds
 now, so agent attention keeps acting and delegates to the user's latest processor;
 `unpatch` hands each layer that processor back.
+
+A patched UNet may serve several calls at once (threads, pipelines made with `from_pipe`):
+each call's plan belongs to the thread running it (`agentsd.state`). It can be deep-copied
+(the copy is an independent patched model; copied with its pipeline, it follows the copied
+pipeline's scheduler) and pickled (it loads back patched).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import weakref
 from collections.abc import Iterator
@@ -28,13 +34,16 @@ from diffusers.models.attention_processor import Attention
 
 from .attention import check_backend
 from .config import AgentSDConfig
+from .layers import _block_of, _find_unet, attention_layers
 from .processor import AgentSDProcessor
-from .state import EXACT, AgentSDState
+from .progress import ClockCache
+from .state import AgentSDState
 
 logger = logging.getLogger(__name__)
 
 PATCH_ATTR = "_agentsd_patch"
-DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
+# Deeper than any UNet level: where no self-attention is found even here, the UNet has none.
+ANY_LEVEL = 2**20
 TOMESD_REASON = (
     "its transformer block is token-merged by ToMe for SD, so agentsd never sees the layer's tokens: "
     "call tomesd.remove_patch(pipe) for agentsd to act"
@@ -53,11 +62,33 @@ class PatchedLayer:
 
 @dataclass
 class _Patch:
+    """A patch installed on one UNet: its state, layers, the pipeline whose scheduler it reads
+    (weakly held), its hook handles and the warnings given."""
+
     state: AgentSDState
     layers: list[PatchedLayer]
     pipe: weakref.ref | None = None
-    hook: torch.utils.hooks.RemovableHandle | None = None
+    hooks: tuple[torch.utils.hooks.RemovableHandle, ...] = ()
     warned: set[str] = field(default_factory=set)
+    clocks: ClockCache = field(default_factory=ClockCache)
+
+    def __getstate__(self) -> dict:
+        # A weak reference does not pickle: a loaded model is patched on its own, with the
+        # clock its scheduler last gave (`state.clock`).
+        return dict(self.__dict__, pipe=None)
+
+    def __deepcopy__(self, memo: dict) -> _Patch:
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name != "pipe":
+                setattr(new, name, copy.deepcopy(value, memo))
+        # Copied together with its pipeline, the copy follows the copied pipeline's scheduler;
+        # copied alone, it keeps the clock it has and follows no pipeline.
+        pipe = self.pipe() if self.pipe is not None else None
+        copied = memo.get(id(pipe)) if pipe is not None else None
+        new.pipe = weakref.ref(copied) if copied is not None else None
+        return new
 
 
 def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: Any) -> Any:
@@ -96,16 +127,39 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
     check_backend(config.attention_backend)
     targets = attention_layers(unet, config.max_downsample)
 
+    pipe = pipe_or_unet if hasattr(pipe_or_unet, "scheduler") else None
+    record = _Patch(AgentSDState(config), [], weakref.ref(pipe) if pipe is not None else None)
+    if pipe is not None:
+        record.state.clock = record.clocks(pipe.scheduler)
+    record.layers = [PatchedLayer(name, module, ds, _block_of(unet, name)) for name, (module, ds) in targets.items()]
+    _install(unet, record)
+
+    if not record.layers and not attention_layers(unet, ANY_LEVEL):
+        logger.warning(
+            "agentsd patched no layer: this UNet has no self-attention layer agentsd can patch at any level "
+            "(its attention blocks have no transformer attn1, as in Kandinsky, IF or UnCLIP UNets), so agentsd "
+            "does nothing here."
+        )
+    elif not record.layers:
+        logger.warning(
+            "agentsd patched no layer: this UNet has no self-attention at downsample <= %d "
+            "(SDXL has none at 1). Set max_downsample=2 (or higher) to patch it.",
+            config.max_downsample,
+        )
+    return pipe_or_unet
+
+
+def _install(unet: UNet2DConditionModel, record: _Patch) -> None:
+    """Put `record` on `unet` in place of any other patch, all or nothing: processors wrapped,
+    hooks registered. Also puts back a patch taken off by `unpatched`, counters and all."""
     previous: _Patch | None = getattr(unet, PATCH_ATTR, None)
+    names = {layer.name for layer in record.layers}
     saved = {module: module.processor for module in unet.modules() if isinstance(module, Attention)}
-    state = AgentSDState(config, _num_train_timesteps(pipe_or_unet))
-    layers = [PatchedLayer(name, module, ds, _block_of(unet, name)) for name, (module, ds) in targets.items()]
-    pipe = weakref.ref(pipe_or_unet) if hasattr(pipe_or_unet, "scheduler") else None
-    record = _Patch(state, layers, pipe)
+    record.state.active = True
     try:
         if previous is not None:  # layers of the earlier patch that this one leaves alone
             for layer in previous.layers:
-                if layer.name not in targets and _is_ours(layer.module.processor, previous):
+                if layer.name not in names and _is_ours(layer.module.processor, previous):
                     layer.module.set_processor(_delegate_of(layer.module.processor))
         _sync(record)
     except BaseException:
@@ -115,17 +169,13 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
         raise
     if previous is not None:
         _detach(unet, previous)
-    record.hook = unet.register_forward_pre_hook(_BeginCall(record), with_kwargs=True)
+    record.hooks = (
+        unet.register_forward_pre_hook(_BeginCall(record), with_kwargs=True),
+        # always_call: a call that raises is counted too.
+        unet.register_forward_hook(_EndCall(record), always_call=True),
+    )
     unet.set_default_attn_processor = _DefaultProcessors(unet, record)
     setattr(unet, PATCH_ATTR, record)
-
-    if not layers:
-        logger.warning(
-            "agentsd patched no layer: this UNet has no self-attention at downsample <= %d "
-            "(SDXL has none at 1). Set max_downsample=2 (or higher) to patch it.",
-            config.max_downsample,
-        )
-    return pipe_or_unet
 
 
 def unpatch(pipe_or_unet: Any) -> Any:
@@ -150,7 +200,8 @@ def unpatch(pipe_or_unet: Any) -> Any:
 
 def _detach(unet: UNet2DConditionModel, record: _Patch) -> None:
     """Remove what the patch added to the UNet besides its processors."""
-    record.hook.remove()
+    for handle in record.hooks:
+        handle.remove()
     if isinstance(unet.__dict__.get("set_default_attn_processor"), _DefaultProcessors):
         del unet.set_default_attn_processor
     # `fuse_qkv_projections` keeps the processors it replaced, to restore them when unfusing.
@@ -158,7 +209,7 @@ def _detach(unet: UNet2DConditionModel, record: _Patch) -> None:
     if isinstance(stash, dict):
         for name, processor in stash.items():
             stash[name] = _delegate_of(processor)
-    record.state.plans = {}  # a stale agentsd processor put back later only delegates
+    record.state.active = False  # a stale agentsd processor put back later only delegates
     if getattr(unet, PATCH_ATTR, None) is record:
         delattr(unet, PATCH_ATTR)
 
@@ -185,23 +236,24 @@ def current_phase(pipe_or_unet: Any) -> str | None:
     """The schedule phase of the patched UNet's latest call, "agent" or "tome", when some layer
     ran agent attention or token merging in it; None when unpatched, not called yet, or when
     every layer ran exact attention (too small a grid, `late_ratio=0`, out of agentsd's reach).
-    Handy in a `callback_on_step_end` to see the schedule at work."""
+    The latest call is the current thread's, when it made one. Handy in a
+    `callback_on_step_end` to see the schedule at work: there it is the step just run."""
     record = getattr(_find_unet(pipe_or_unet), PATCH_ATTR, None)
-    if record is None or record.state.latent_hw is None:
-        return None
-    acting = set(record.state.latest_modes().values()) - {EXACT}
-    return record.state.phase if acting else None
+    call = None if record is None else record.state.view
+    return call.phase if call is not None and call.acting else None
 
 
 @contextmanager
 def patched(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: Any) -> Iterator[Any]:
-    """Patch for the duration of a `with` block, then restore what was there before.
+    """Patch for the duration of a `with` block, then restore what was there before (an
+    earlier patch comes back as it was, its counters included).
 
     Example:
         >>> with agentsd.patched(pipe, ratio=0.5):  # doctest: +SKIP
         ...     image = pipe("a photo of a cat").images[0]
     """
-    previous = patched_config(pipe_or_unet)
+    unet = _find_unet(pipe_or_unet)
+    previous = getattr(unet, PATCH_ATTR, None)
     patch(pipe_or_unet, config, **overrides)
     try:
         yield pipe_or_unet
@@ -209,59 +261,21 @@ def patched(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides:
         if previous is None:
             unpatch(pipe_or_unet)
         else:
-            patch(pipe_or_unet, previous)
+            _install(unet, previous)
 
 
 @contextmanager
 def unpatched(pipe_or_unet: Any) -> Iterator[Any]:
-    """Run without agentsd for the duration of a `with` block, then put the patch back (with
-    its configuration) if there was one."""
-    previous = patched_config(pipe_or_unet)
+    """Run without agentsd for the duration of a `with` block, then put the patch back as it
+    was, if there was one: its configuration, `status` counters and `current_phase` carry on."""
+    unet = _find_unet(pipe_or_unet)
+    previous = getattr(unet, PATCH_ATTR, None)
     unpatch(pipe_or_unet)
     try:
         yield pipe_or_unet
     finally:
         if previous is not None:
-            patch(pipe_or_unet, previous)
-
-
-def attention_layers(unet: UNet2DConditionModel, max_downsample: int) -> dict[str, tuple[Attention, int]]:
-    """The self-attention layers (`attn1`) at levels downsampled at most `max_downsample` times.
-
-    Returns:
-        Processor names (as in `unet.attn_processors`) mapped to their `Attention` module and
-        the downsampling of their level.
-    """
-    found = {}
-    for prefix, block, downsample in _blocks_with_levels(unet):
-        if downsample > max_downsample:
-            continue
-        for name, module in block.named_modules():
-            # diffusers < 0.27 has no `is_cross_attention`: a cross-attending attn1 (only_cross_attention)
-            # is then patched too, and its calls, which carry encoder_hidden_states, go to the original.
-            cross = getattr(module, "is_cross_attention", False)
-            if isinstance(module, Attention) and name.split(".")[-1] == "attn1" and not cross:
-                found[f"{prefix}.{name}.processor"] = (module, downsample)
-    return found
-
-
-def _blocks_with_levels(unet: UNet2DConditionModel) -> Iterator[tuple[str, torch.nn.Module, int]]:
-    level = 0
-    for i, block in enumerate(unet.down_blocks):
-        yield f"down_blocks.{i}", block, 2**level
-        if getattr(block, "downsamplers", None):
-            level += 1
-    if unet.mid_block is not None:
-        yield "mid_block", unet.mid_block, 2**level
-    for i, block in enumerate(unet.up_blocks):
-        yield f"up_blocks.{i}", block, 2**level
-        if getattr(block, "upsamplers", None):
-            level -= 1
-
-
-def _block_of(unet: UNet2DConditionModel, name: str) -> torch.nn.Module:
-    """The module holding the attention layer of processor name `name` (its transformer block)."""
-    return unet.get_submodule(name.removesuffix(".processor").rsplit(".", 1)[0])
+            _install(unet, previous)
 
 
 def _is_ours(processor: Any, record: _Patch) -> bool:
@@ -319,57 +333,46 @@ def _sync(record: _Patch) -> None:
 
 
 class _BeginCall:
-    """The UNet forward pre-hook: follows processor and scheduler changes, then hands the latent
-    and the timestep to the shared state."""
+    """The UNet forward pre-hook: follows processor and scheduler changes, then plans the call."""
 
     def __init__(self, record: _Patch):
         self.record = record
 
     @torch.compiler.disable
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        pipe = self.record.pipe() if self.record.pipe is not None else None
+        record = self.record
+        pipe = record.pipe() if record.pipe is not None else None
         if pipe is not None:
-            self.record.state.num_train_timesteps = _num_train_timesteps(pipe)
-        _sync(self.record)
+            record.state.clock = record.clocks(getattr(pipe, "scheduler", None))
+        _sync(record)
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        self.record.state.begin_call(sample, timestep)
+        record.state.begin_call(sample, timestep)
+
+
+class _EndCall:
+    """The UNet forward hook: counts what the call did."""
+
+    def __init__(self, record: _Patch):
+        self.record = record
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self.record.state.end_call()
 
 
 class _DefaultProcessors:
     """`unet.set_default_attn_processor()` on a patched UNet: diffusers' own method, run on the
-    processors agentsd delegates to; agentsd then wraps the default processors it sets."""
+    processors agentsd delegates to; agentsd then wraps the default processors it sets. It holds
+    its UNet (not a weak reference), so a copy of the UNet gets one acting on the copy."""
 
     def __init__(self, unet: UNet2DConditionModel, record: _Patch):
-        self.unet_ref, self.record = weakref.ref(unet), record
+        self.unet, self.record = unet, record
 
     def __call__(self) -> None:
-        unet = self.unet_ref()
         try:
             for layer in self.record.layers:
                 if _is_ours(layer.module.processor, self.record):
                     layer.module.set_processor(_delegate_of(layer.module.processor))
-            type(unet).set_default_attn_processor(unet)
+            type(self.unet).set_default_attn_processor(self.unet)
         finally:
             _sync(self.record)
-
-
-def _find_unet(obj: Any) -> UNet2DConditionModel:
-    unet = getattr(obj, "unet", obj)
-    unet = getattr(unet, "_orig_mod", unet)  # a torch.compile'd UNet
-    if isinstance(unet, UNet2DConditionModel):
-        return unet
-    if hasattr(obj, "transformer"):
-        what = f"{type(obj).__name__} is transformer-based (like PixArt, SD3, Flux) and has no UNet"
-    else:
-        what = f"{type(obj).__name__} is neither a diffusers UNet2DConditionModel nor a pipeline holding one as `unet`"
-    raise TypeError(
-        f"agentsd supports Stable Diffusion UNets (SD 1.x, 2.x, XL): {what}. "
-        "Pass a StableDiffusion*/StableDiffusionXL* pipeline or its `unet`."
-    )
-
-
-def _num_train_timesteps(obj: Any) -> int:
-    scheduler = getattr(obj, "scheduler", None)
-    config = getattr(scheduler, "config", None)
-    return int(getattr(config, "num_train_timesteps", None) or DEFAULT_NUM_TRAIN_TIMESTEPS)

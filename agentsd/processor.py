@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import types
 from typing import Any
 
 import torch
@@ -11,9 +13,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XF
 
 from .attention import agent_attention, attend
 from .merge import TokenMerge, bipartite_matching, cell_means
-from .state import AGENT, TOME, AgentSDState, LayerPlan
+from .state import AGENT, TOME, AgentSDState, CallPlan, LayerPlan
 
-__all__ = ["AGENT", "TOME", "AgentSDProcessor", "AgentSDState", "LayerPlan", "choose_backend"]
+__all__ = ["AGENT", "TOME", "AgentSDProcessor", "AgentSDState", "CallPlan", "LayerPlan", "choose_backend"]
 
 # Processors that project with the fused `to_qkv` of `fuse_qkv_projections()`.
 FUSED_PROCESSORS = tuple(
@@ -41,6 +43,11 @@ class AgentSDProcessor:
     `unload_ip_adapter`): such an unbound processor runs the default attention, and the patch
     wraps what it delegates to again at the next UNet call.
 
+    diffusers passes a processor only the `cross_attention_kwargs` its `__call__` names: this
+    processor's signature names those of the processor it delegates to as well, so a custom
+    processor's own arguments still reach it (in the calls agentsd hands over; agent attention
+    and token merging themselves take none).
+
     Args:
         original: the processor this one replaced; it keeps serving the other calls. None:
             diffusers' default (`AttnProcessor2_0`).
@@ -55,6 +62,36 @@ class AgentSDProcessor:
         self.name = name
         if state is not None:
             state.register(name, downsample)
+        self._sign()
+
+    def _sign(self) -> None:
+        """Give this instance a `__call__` whose signature also names the delegate's keyword
+        arguments (diffusers reads `inspect.signature(processor.__call__)` to filter them)."""
+        own = inspect.signature(type(self).__call__).parameters
+        params = dict(own)
+        try:
+            delegate = inspect.signature(self.original.__call__).parameters
+        except (TypeError, ValueError):  # a callable without a signature: nothing to add
+            delegate = {}
+        for name, param in delegate.items():
+            if name not in params and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                params[name] = param.replace(kind=param.KEYWORD_ONLY)
+        if len(params) == len(own):
+            return
+        owner = type(self)
+
+        def call(processor: AgentSDProcessor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return owner.__call__(processor, *args, **kwargs)
+
+        call.__signature__ = inspect.Signature(sorted(params.values(), key=lambda p: p.kind))
+        self.__dict__["__call__"] = types.MethodType(call, self)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "__call__"}  # rebuilt when loaded
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._sign()
 
     def __call__(
         self,
@@ -65,7 +102,8 @@ class AgentSDProcessor:
         temb: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        plan = self.plan(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        call = self.state.call if self.state is not None else None
+        plan = self.plan(attn, hidden_states, encoder_hidden_states, attention_mask, temb, call)
         if plan is None:
             if temb is not None:
                 kwargs["temb"] = temb
@@ -76,7 +114,7 @@ class AgentSDProcessor:
                 attention_mask=attention_mask,
                 **kwargs,
             )
-        return self._forward(attn, hidden_states, plan)
+        return self._forward(attn, hidden_states, plan, call)
 
     def plan(
         self,
@@ -85,10 +123,15 @@ class AgentSDProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        call: CallPlan | None = None,
     ) -> LayerPlan | None:
-        """This call's plan (made in `AgentSDState.begin_call`); None hands it to the original.
-        A planned call that cannot run as planned is recorded in the state, with the reason."""
-        plan = None if self.state is None else self.state.plans.get(self.name)
+        """This layer's plan in the UNet call (`AgentSDState.begin_call`; by default the current
+        thread's); None hands the call to the original. A planned call that cannot run as
+        planned is recorded in the call, with the reason."""
+        if self.state is None or not self.state.active:
+            return None
+        call = call if call is not None else self.state.call
+        plan = None if call is None else call.plans.get(self.name)
         if plan is None:
             return None
         reason = None
@@ -102,7 +145,7 @@ class AgentSDProcessor:
         elif attn.spatial_norm is not None or attn.group_norm is not None:
             reason = "the layer normalizes spatially"
         if reason is not None:
-            self.state.hand_over(self.name, reason)
+            self.state.hand_over(call, self.name, reason)
             return None
         return plan
 
@@ -136,10 +179,12 @@ class AgentSDProcessor:
             return F.linear(x, attn.to_qkv.weight[:inner], None if bias is None else bias[:inner])
         return attn.to_q(x)
 
-    def merges(self, hidden_states: torch.Tensor, plan: LayerPlan) -> tuple[TokenMerge | None, TokenMerge | None]:
+    def merges(
+        self, hidden_states: torch.Tensor, plan: LayerPlan, call: CallPlan
+    ) -> tuple[TokenMerge | None, TokenMerge | None]:
         """The ToMe merge (None when `r == 0`) and the agent merge (None unless agents come from
         merging); with `share_matching`, those of the grid's first layer in this UNet call."""
-        shared = self.state.shared if self.state.config.share_matching else None
+        shared = call.shared if self.state.config.share_matching else None
         key = (plan.h, plan.w)
         if shared is not None and key in shared:
             return shared[key]
@@ -153,10 +198,10 @@ class AgentSDProcessor:
             shared[key] = (merge, agent_merge)
         return merge, agent_merge
 
-    def _forward(self, attn: Attention, hidden_states: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+    def _forward(self, attn: Attention, hidden_states: torch.Tensor, plan: LayerPlan, call: CallPlan) -> torch.Tensor:
         config = self.state.config
         batch = hidden_states.shape[0]
-        merge, agent_merge = self.merges(hidden_states, plan)
+        merge, agent_merge = self.merges(hidden_states, plan, call)
         x = merge.merge(hidden_states) if merge is not None else hidden_states
 
         def heads(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,11 @@
-"""The run-time state of one patched UNet: the phase and every layer's plan, decided per call.
+"""The run-time state of one patched UNet, and the plan of each of its calls.
+
+Everything decided for one UNet call (the phase, every layer's grid, destination draw and merge
+sizes, the matchings shared within the call) lives in that call's `CallPlan`. The plan belongs
+to the thread that runs the call, so one patched UNet can serve several requests at once (one
+pipeline per request made with `from_pipe`, all sharing the UNet, called from several threads):
+each call gets exactly what it would get alone. What outlives a call is only what it did, added
+to counters under a lock.
 
 Host-device traffic, on a GPU: `begin_call` runs once per UNet call, in the UNet's forward
 pre-hook, outside any compiled graph. It reads the timestep as a Python number (the one
@@ -11,13 +18,15 @@ synchronise: they look their plan up and launch kernels.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import AgentSDConfig
 from .merge import TokenMerge, destination_indices, merge_count, source_indices
+from .progress import Clock, TrainingTimesteps
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +51,9 @@ class PhaseSettings:
 
 @dataclass
 class LayerPlan:
-    """What one layer does in the current UNet call: the mode, the grid and its cells, the
-    destination and source positions, the merge sizes (`r` ToMe-merged, `r_agent` merged into
-    agents) and whether the agents are cell means (`pool`) rather than a merge."""
+    """What one layer does in one UNet call: the mode, the grid and its cells, the destination
+    and source positions, the merge sizes (`r` ToMe-merged, `r_agent` merged into agents) and
+    whether the agents are cell means (`pool`) rather than a merge."""
 
     mode: str
     h: int
@@ -75,103 +84,187 @@ class LayerPlan:
         return self.dst.numel() if self.pool else self.h * self.w - self.r_agent
 
 
+@dataclass
+class CallPlan:
+    """One UNet call: its latent size, phase, every patched layer's plan (None: the layer hands
+    the call to its original processor, for `reasons[name]`), the layers whose call was handed
+    over at run time and why, and the merges shared by the layers of a grid (`share_matching`)."""
+
+    latent_hw: tuple[int, int]
+    agent_phase: bool
+    plans: dict[str, LayerPlan | None]
+    reasons: dict[str, str]
+    handed_over: dict[str, str] = field(default_factory=dict)
+    shared: dict[tuple[int, int], tuple[TokenMerge | None, TokenMerge | None]] = field(default_factory=dict)
+    counted: bool = False
+
+    @property
+    def phase(self) -> str:
+        return AGENT if self.agent_phase else TOME
+
+    def modes(self) -> dict[str, str]:
+        """What each patched layer did: agent, tome or exact."""
+        return {
+            name: EXACT if plan is None or name in self.handed_over else plan.mode for name, plan in self.plans.items()
+        }
+
+    @property
+    def acting(self) -> bool:
+        """Whether some layer ran agent attention or token merging."""
+        return any(mode != EXACT for mode in self.modes().values())
+
+
+class _ThreadCalls(threading.local):
+    """The UNet call each thread runs now (or ran last)."""
+
+    call: CallPlan | None = None
+
+
 class AgentSDState:
     """Run-time state shared by every patched layer of one UNet.
 
     The UNet's forward pre-hook calls `begin_call` with the latent and the timestep. Every
-    decision that depends only on them (the phase, each layer's grid, its destination draw
-    and merge sizes) is made there, once per UNet call, outside any compiled graph; the
-    processors only look their plan up. Nothing else carries over between UNet calls but
-    counters of what was done: the generator is reseeded from `config.seed` and the timestep,
-    so a pipeline call is reproducible.
+    decision that depends only on them is made there, once per UNet call, outside any compiled
+    graph, into a `CallPlan` of the calling thread; the processors look their plan up in it.
+    The destination draws come from a generator seeded from `config.seed` and the timestep, so
+    a pipeline call is reproducible and concurrent calls never share a draw.
 
     Args:
         config: the agent-attention configuration.
-        num_train_timesteps: the scheduler's T; the phase is decided by `1 - t / T`.
+        clock: reads progress along the trajectory from the timestep (`agentsd.progress`);
+            training timesteps with T = 1000 when None.
     """
 
-    def __init__(self, config: AgentSDConfig, num_train_timesteps: int = 1000):
+    def __init__(self, config: AgentSDConfig, clock: Clock | None = None):
         self.config = config
-        self.num_train_timesteps = num_train_timesteps
-        self.latent_hw: tuple[int, int] | None = None
-        self.agent_phase = False
-        self.generator = torch.Generator()
+        self.clock: Clock = clock or TrainingTimesteps()
         self.layers: dict[str, int] = {}
-        self.plans: dict[str, LayerPlan | None] = {}
-        # Why each layer without a plan runs exact attention in the latest call.
-        self.reasons: dict[str, str] = {}
         # Layers agentsd cannot act on (set by the patch), and why.
         self.blocked: dict[str, str] = {}
-        # Layers whose call in the latest UNet call was handed over at run time, and why.
-        self.handed_over: dict[str, str] = {}
-        # What was done since patching, up to the latest call (which `counts` adds).
+        # False once unpatched: a stale agentsd processor put back later only delegates.
+        self.active = True
+        self._setup()
+
+    def _setup(self) -> None:
+        """The parts that are not copied with the state (see `__getstate__`)."""
+        self._calls = _ThreadCalls()
+        self._lock = threading.Lock()
+        self.latest: CallPlan | None = None  # the latest call begun, in any thread
+        # What was done by the calls counted so far (each call is counted when it ends).
         self.phase_calls: Counter[str] = Counter()
         self.acting_calls: Counter[str] = Counter()
         self.layer_calls: dict[str, Counter[str]] = {}
-        # With `share_matching`: the merges of each grid in the current UNet call.
-        self.shared: dict[tuple[int, int], tuple[TokenMerge | None, TokenMerge | None]] = {}
         self._fixed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._warned: set = set()
+
+    def __getstate__(self) -> dict:
+        # Thread-locals and locks do not copy; nor does the latest call's plan (device tensors
+        # of a call that is over). The counters travel with the model.
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_calls", "_lock", "latest", "_fixed", "_warned")}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        counters = {k: state.pop(k) for k in ("phase_calls", "acting_calls", "layer_calls")}
+        self.__dict__.update(state)
+        self._setup()
+        self.__dict__.update(counters)
 
     def register(self, name: str, downsample: int) -> None:
         """Declare a patched layer and the downsampling of its level relative to the latent."""
         self.layers[name] = downsample
 
     def progress(self, timestep: float) -> float:
-        return 1.0 - timestep / self.num_train_timesteps
+        """How far along the trajectory a call with `timestep` is: 0 at the noisiest end."""
+        return self.clock.progress(timestep)
 
     def is_agent_phase(self, timestep: float) -> bool:
         agent_steps = self.config.agent_steps
         return agent_steps >= 1.0 or self.progress(timestep) < agent_steps
 
     @property
+    def call(self) -> CallPlan | None:
+        """The call the current thread runs now (or ran last): what its processors act on."""
+        return self._calls.call
+
+    @property
+    def view(self) -> CallPlan | None:
+        """The call a report describes: the current thread's, else the latest in any thread."""
+        return self._calls.call or self.latest
+
+    # The latest call's fields, as a report reads them (see `view`).
+    @property
+    def plans(self) -> dict[str, LayerPlan | None]:
+        return self.view.plans if self.view is not None else {}
+
+    @property
+    def latent_hw(self) -> tuple[int, int] | None:
+        return self.view.latent_hw if self.view is not None else None
+
+    @property
     def phase(self) -> str:
         """The schedule's phase of the latest call."""
-        return AGENT if self.agent_phase else TOME
+        return self.view.phase if self.view is not None else TOME
 
     @torch.compiler.disable
-    def begin_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
-        """Decide the phase and every layer's plan for the UNet call about to run."""
-        self._fold_latest_call()
-        self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+    def begin_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> CallPlan:
+        """Decide the phase and every layer's plan for the UNet call about to run in this thread."""
+        self._count(self._calls.call)  # a call that never reached `end_call` (it raised)
+        latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         # The one synchronisation per UNet call when `timestep` is a device tensor.
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        self.agent_phase = self.is_agent_phase(t)
-        self.generator.manual_seed((self.config.seed * 1_000_003 + round(t * 1000)) % (2**63))
+        self._check_timestep(t)
+        agent_phase = self.is_agent_phase(t)
+        generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + round(t * 1000)) % (2**63))
         randomize = self.config.use_rand and sample.shape[0] % 2 == 0
-        self.shared.clear()
-        self.handed_over = {}
+        settings = self.settings(agent_phase)
         plans, reasons = {}, {}
         for name, downsample in sorted(self.layers.items()):
             if name in self.blocked:
                 plans[name], reasons[name] = None, self.blocked[name]
             else:
-                plans[name], reasons[name] = self._plan(downsample, randomize, sample.device)
+                plans[name], reasons[name] = self._plan(latent_hw, downsample, settings, randomize, generator, sample)
         self._send_indices([p for p in plans.values() if p is not None], sample.device)
-        self.plans, self.reasons = plans, {n: r for n, r in reasons.items() if r is not None}
-        self._warn_if_too_small()
+        call = CallPlan(latent_hw, agent_phase, plans, {n: r for n, r in reasons.items() if r is not None})
+        self._calls.call = self.latest = call
+        self._warn_if_too_small(call)
+        return call
 
-    @property
-    def settings(self) -> PhaseSettings:
+    @torch.compiler.disable
+    def end_call(self) -> None:
+        """Count what this thread's current call did (the UNet's forward hook calls it)."""
+        self._count(self._calls.call)
+
+    def settings(self, agent_phase: bool) -> PhaseSettings:
         c = self.config
-        if self.agent_phase:
+        if agent_phase:
             return PhaseSettings(c.sx, c.sy, c.ratio, c.agent_ratio)
         return PhaseSettings(c.late_sx, c.late_sy, c.late_ratio, None)
 
-    def _plan(self, downsample: int, randomize: bool, device: torch.device) -> tuple[LayerPlan | None, str | None]:
+    def _plan(
+        self,
+        latent_hw: tuple[int, int],
+        downsample: int,
+        s: PhaseSettings,
+        randomize: bool,
+        generator: torch.Generator,
+        sample: torch.Tensor,
+    ) -> tuple[LayerPlan | None, str | None]:
         """A layer's plan at `downsample`, with its positions still on the CPU when drawn; or
         None, handing its calls to the original processor, and the reason."""
         if downsample > self.config.max_downsample:
             return None, f"downsampled {downsample}x, beyond max_downsample={self.config.max_downsample}"
-        height, width = self.latent_hw
+        height, width = latent_hw
         h, w = -(-height // downsample), -(-width // downsample)
         num_tokens = h * w
         if num_tokens < self.config.min_tokens:
             return None, f"{SMALL_GRID} {h}x{w} = {num_tokens} tokens < min_tokens={self.config.min_tokens}"
-        s = self.settings
         if h < s.sy or w < s.sx:
             return None, f"{SMALL_GRID} {h}x{w} holds no whole {s.sx}x{s.sy} cell"
-        dst, src = self.destinations(h, w, s.sx, s.sy, randomize, device)
+        if randomize:
+            dst = destination_indices(h, w, s.sx, s.sy, generator)
+            src = source_indices(num_tokens, dst)
+        else:
+            dst, src = self._fixed_positions(h, w, s.sx, s.sy, sample.device)
         r = merge_count(src.numel(), num_tokens, s.ratio)
         if s.agent_ratio is not None:
             pool = self.config.agent_selection == "pool"
@@ -184,19 +277,18 @@ class AgentSDState:
             return None, why
         return LayerPlan(TOME, h, w, s.sx, s.sy, dst, src, r, 0), None
 
-    def destinations(
-        self, h: int, w: int, sx: int, sy: int, randomize: bool, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Destination and source positions: drawn anew on the CPU when `randomize` (`begin_call`
-        sends them to `device`), else the fixed top-left ones, cached on `device`."""
-        if randomize:
-            dst = destination_indices(h, w, sx, sy, self.generator)
-            return dst, source_indices(h * w, dst)
+    def _fixed_positions(self, h: int, w: int, sx: int, sy: int, device: torch.device) -> tuple:
+        """The top-left destinations and their sources, cached on `device` for later calls. Made
+        outside inference mode: a cache filled during a `torch.inference_mode()` call must still
+        serve a training step later."""
         key = (h, w, sx, sy, device)
-        if key not in self._fixed:
-            dst = destination_indices(h, w, sx, sy)
-            self._fixed[key] = (dst.to(device), source_indices(h * w, dst).to(device))
-        return self._fixed[key]
+        cached = self._fixed.get(key)
+        if cached is None:
+            with torch.inference_mode(False):
+                dst = destination_indices(h, w, sx, sy)
+                cached = (dst.to(device), source_indices(h * w, dst).to(device))
+            self._fixed[key] = cached
+        return cached
 
     @staticmethod
     def _send_indices(plans: list[LayerPlan], device: torch.device) -> None:
@@ -213,45 +305,53 @@ class AgentSDState:
                 p.dst, p.src = next(on_device), next(on_device)
 
     @torch.compiler.disable
-    def hand_over(self, name: str, reason: str) -> None:
+    def hand_over(self, call: CallPlan, name: str, reason: str) -> None:
         """Record that a planned layer's call went to the original processor at run time."""
         if (name, reason) not in self._warned:
             self._warned.add((name, reason))
             logger.warning("agentsd: %s ran exact attention instead of its plan: %s.", name, reason)
-        self.handed_over[name] = reason
+        call.handed_over[name] = reason
 
     def latest_modes(self) -> dict[str, str]:
         """What each patched layer did in the latest call: agent, tome or exact."""
-        return {
-            name: EXACT if plan is None or name in self.handed_over else plan.mode for name, plan in self.plans.items()
-        }
+        return self.view.modes() if self.view is not None else {}
 
     def counts(self) -> tuple[Counter[str], Counter[str], dict[str, Counter[str]]]:
         """UNet calls per phase, calls in which some layer ran each mode, and per layer the calls
-        per mode, since patching (the latest call included)."""
-        phases, acting = Counter(self.phase_calls), Counter(self.acting_calls)
-        layers = {name: Counter(c) for name, c in self.layer_calls.items()}
-        if self.latent_hw is not None:
-            self._add_latest(phases, acting, layers)
+        per mode, since patching (the latest call included, if it is still running)."""
+        with self._lock:
+            phases, acting = Counter(self.phase_calls), Counter(self.acting_calls)
+            layers = {name: Counter(c) for name, c in self.layer_calls.items()}
+        for call in {id(c): c for c in (self.latest, self._calls.call) if c is not None}.values():
+            if not call.counted:
+                _add(call, phases, acting, layers)
         return phases, acting, layers
 
-    def _add_latest(self, phases: Counter, acting: Counter, layers: dict[str, Counter]) -> None:
-        modes = self.latest_modes()
-        phases[self.phase] += 1
-        acting.update(set(modes.values()) - {EXACT})
-        for name, mode in modes.items():
-            layers.setdefault(name, Counter())[mode] += 1
+    def _count(self, call: CallPlan | None) -> None:
+        with self._lock:
+            if call is not None and not call.counted:
+                _add(call, self.phase_calls, self.acting_calls, self.layer_calls)
+                call.counted = True
 
-    def _fold_latest_call(self) -> None:
-        if self.latent_hw is not None:
-            self._add_latest(self.phase_calls, self.acting_calls, self.layer_calls)
+    def _check_timestep(self, t: float) -> None:
+        """Say once when the timestep is one the clock cannot place (the phase would be wrong)."""
+        if self.clock.maps(t) or "timestep" in self._warned:
+            return
+        self._warned.add("timestep")
+        logger.warning(
+            "agentsd: the UNet got timestep %g, outside [0, %d]: it cannot tell how far along the trajectory "
+            "this call is, so the phase schedule may be wrong. Patch the pipeline (agentsd.patch(pipe)) rather "
+            "than its UNet, so that agentsd reads progress from the pipeline's scheduler.",
+            t,
+            getattr(self.clock, "num_train_timesteps", 0),
+        )
 
-    def _warn_if_too_small(self) -> None:
+    def _warn_if_too_small(self, call: CallPlan) -> None:
         """Warn once per latent size when every layer runs exact attention because of its size."""
-        limited = [r for r in self.reasons.values() if r.startswith(SMALL_GRID)]
-        if self.plans and not any(self.plans.values()) and limited and self.latent_hw not in self._warned:
-            self._warned.add(self.latent_hw)
-            h, w = self.latent_hw
+        limited = [r for r in call.reasons.values() if r.startswith(SMALL_GRID)]
+        if call.plans and not any(call.plans.values()) and limited and call.latent_hw not in self._warned:
+            self._warned.add(call.latent_hw)
+            h, w = call.latent_hw
             logger.warning(
                 "agentsd: no patched layer runs agent attention or token merging at this size (latent %dx%d): "
                 "%s. Use a larger image or a lower min_tokens.",
@@ -259,3 +359,11 @@ class AgentSDState:
                 w,
                 limited[0],
             )
+
+
+def _add(call: CallPlan, phases: Counter, acting: Counter, layers: dict[str, Counter]) -> None:
+    modes = call.modes()
+    phases[call.phase] += 1
+    acting.update(set(modes.values()) - {EXACT})
+    for name, mode in modes.items():
+        layers.setdefault(name, Counter())[mode] += 1

@@ -162,13 +162,15 @@ def status(pipe_or_unet: Any) -> PatchStatus:
     if record is None:
         return PatchStatus(installed=False, acting=False)
     state = record.state
+    call = state.view  # the current thread's latest call, else the latest in any thread
     blocked = {layer.name: _blocker(layer, record) for layer in record.layers}
     phases, acting, per_layer = state.counts()
-    modes = state.latest_modes() if state.latent_hw is not None else {}
-    reasons = {**state.reasons, **state.handed_over, **{n: r for n, r in blocked.items() if r}}
+    modes = call.modes() if call is not None else {}
+    latest_reasons = {**call.reasons, **call.handed_over} if call is not None else {}
+    reasons = {**latest_reasons, **{n: r for n, r in blocked.items() if r}}
     layers = []
     for layer in record.layers:
-        plan = state.plans.get(layer.name)
+        plan = call.plans.get(layer.name) if call is not None else None
         processor = layer.module.processor
         ours = _is_ours(processor, record)
         delegate = _delegate_of(processor)
@@ -183,7 +185,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
                 processor=type(delegate).__name__,
                 backend=choose_backend(state.config.attention_backend, delegate, unet.device),
                 mode=mode,
-                grid=(plan.h, plan.w) if plan is not None else _grid(state, layer.downsample),
+                grid=(plan.h, plan.w) if plan is not None else _grid(call, layer.downsample),
                 merged=plan.merged_tokens if plan is not None and mode != EXACT else None,
                 agents=plan.agents if plan is not None and mode == AGENT else None,
                 reason=reason if mode in (None, EXACT) or not ours else None,
@@ -200,17 +202,17 @@ def status(pipe_or_unet: Any) -> PatchStatus:
         installed=True,
         acting=any(reason is None for reason in blocked.values()),
         config=state.config,
-        latent=state.latent_hw,
-        phase=state.phase if state.latent_hw is not None else None,
+        latent=call.latent_hw if call is not None else None,
+        phase=call.phase if call is not None else None,
         layers=tuple(layers),
         activity=activity,
     )
 
 
-def _grid(state: Any, downsample: int) -> tuple[int, int] | None:
-    if state.latent_hw is None:
+def _grid(call: Any, downsample: int) -> tuple[int, int] | None:
+    if call is None:
         return None
-    height, width = state.latent_hw
+    height, width = call.latent_hw
     return -(-height // downsample), -(-width // downsample)
 
 

@@ -36,9 +36,9 @@ def agent_calls(monkeypatch):
     calls = []
     forward = AgentSDProcessor._forward
 
-    def counting(self, attn, hidden_states, plan):
+    def counting(self, attn, hidden_states, plan, call):
         calls.append((self.name, plan.mode))
-        return forward(self, attn, hidden_states, plan)
+        return forward(self, attn, hidden_states, plan, call)
 
     monkeypatch.setattr(AgentSDProcessor, "_forward", counting)
     return calls
@@ -237,11 +237,12 @@ def test_recording_phases_gives_the_phase_of_every_unet_call():
     from agentsd.status import describe_phases, recording_phases
 
     pipe = agentsd.patch(tiny_pipeline("sd15"), min_tokens=0)
+    hooks = dict(pipe.unet._forward_hooks)  # agentsd's own
     with recording_phases(pipe) as phases:
         generate(pipe, steps=5)
     assert phases == ["agent", "agent", "tome", "tome", "tome"]
     assert describe_phases(phases) == "1-2 agent attention, 3-5 token merging"
-    assert not pipe.unet._forward_hooks  # the recording hook is gone after the block
+    assert pipe.unet._forward_hooks == hooks  # the recording hook is gone after the block
     sdxl = agentsd.patch(tiny_pipeline("sdxl"))  # max_downsample=1: no layer
     with recording_phases(sdxl) as phases:
         generate(sdxl, steps=2)

@@ -278,3 +278,73 @@ def test_a_failure_in_the_middle_of_patch_leaves_the_pipeline_as_it_was(monkeypa
     assert len(pipe.unet._forward_pre_hooks) == 1
     agentsd.unpatch(pipe)
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+
+
+def test_a_unet_without_self_attention_layers_is_not_told_to_raise_max_downsample(caplog):
+    """IF / Kandinsky / UnCLIP-style blocks attend without a transformer `attn1`: no level helps."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("SimpleCrossAttnDownBlock2D", "ResnetDownsampleBlock2D"),
+        up_block_types=("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=32, attention_head_dim=8,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="agentsd"):
+        agentsd.patch(unet, max_downsample=8)
+    assert "patched no layer" in caplog.text and "no self-attention layer agentsd can patch" in caplog.text
+    assert "max_downsample" not in caplog.text
+
+
+def test_a_call_handed_over_at_run_time_is_reported_as_exact():
+    """One layer gets a token more than its grid (another patch on its block, say): it hands
+    its call to the original processor, and `status` says so; the other layers act."""
+    pipe = agentsd.patch(tiny_pipeline("sd15"), min_tokens=0)
+    name = sorted(patched_names(pipe.unet))[0]
+    module = pipe.unet.get_submodule(name.removesuffix(".processor"))
+    module.register_forward_pre_hook(
+        lambda m, args, kwargs: ((torch.cat([args[0], args[0][:, :1]], dim=1), *args[1:]), kwargs), with_kwargs=True
+    )
+    module.register_forward_hook(lambda m, args, out: out[:, :-1])
+    generate(pipe, steps=1)
+    report = agentsd.status(pipe)
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers[name].mode == "exact" and "do not fit" in layers[name].reason
+    assert report.activity.layer_calls[name] == {"exact": 1}
+    assert all(layer.mode == "tome" for n, layer in layers.items() if n != name)  # one step: t = 1
+
+
+def test_unpatch_right_after_processors_are_rebuilt_from_their_class():
+    """`load_ip_adapter` rebuilds processors from their class with no arguments: an unbound
+    agentsd processor; unpatching before any UNet call must remove those too."""
+    pipe = agentsd.patch(tiny_pipeline("sd15"))
+    rebuilt = {name: type(p)() for name, p in pipe.unet.attn_processors.items()}
+    pipe.unet.set_attn_processor(rebuilt)
+    assert any(isinstance(p, AgentSDProcessor) and p.state is None for p in pipe.unet.attn_processors.values())
+    agentsd.unpatch(pipe)
+    assert not any(isinstance(p, AgentSDProcessor) for p in pipe.unet.attn_processors.values())
+
+
+def test_unpatch_after_the_unets_own_fuse_leaves_no_agentsd_processor_in_its_stash():
+    unet = tiny_pipeline("sd15").unet
+    if not hasattr(unet, "fuse_qkv_projections"):
+        pytest.skip("this diffusers has no fuse_qkv_projections")
+    agentsd.patch(unet)
+    unet.fuse_qkv_projections()  # keeps the processors it replaces, agentsd's among them
+    agentsd.unpatch(unet)
+    assert not any(isinstance(p, AgentSDProcessor) for p in unet.original_attn_processors.values())
+    unet.unfuse_qkv_projections()  # the UNet's own method: it puts the stash back
+    assert not any(isinstance(p, AgentSDProcessor) for p in unet.attn_processors.values())
+
+
+def test_running_unpatched_for_a_while_keeps_the_counters_and_the_phase():
+    pipe = agentsd.patch(tiny_pipeline("sd15"), min_tokens=0)
+    generate(pipe, steps=3)
+    activity, phase = agentsd.status(pipe).activity, agentsd.current_phase(pipe)
+    assert activity.calls == 3 and phase == "tome"
+    with agentsd.unpatched(pipe):
+        assert agentsd.current_phase(pipe) is None and not agentsd.is_patched(pipe)
+        generate(pipe, steps=2)
+    assert agentsd.status(pipe).activity == activity and agentsd.current_phase(pipe) == phase
+    generate(pipe, steps=1)
+    assert agentsd.status(pipe).activity.calls == 4

@@ -4,6 +4,7 @@ import diffusers
 import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
+from diffusers.utils import OptionalDependencyNotAvailable
 
 import agentsd
 from agentsd.processor import AgentSDProcessor
@@ -107,3 +108,90 @@ def test_every_scheduler_switches_at_the_same_point_of_the_trajectory(name, monk
     assert phases == ["agent" if 1 - t / 1000 < 0.4 else "tome" for t, _ in calls]
     assert phases[0] == "agent" and phases[-1] == "tome"
     assert phases == sorted(phases)  # "agent" < "tome": one switch, never back
+
+
+# Every scheduler the SD / SDXL pipelines take: the Karras family they are typed with, the EDM
+# scheduler of Playground v2.5 (an SDXL pipeline), the few-step LCM and TCD, and Euler's continuous
+# mode. Those marked NOISE_LEVEL hand the UNet a function of sigma (0.25 log sigma), not a training
+# timestep: their progress is the step's position on their own schedule, i / (N - 1).
+def _scheduler_cases():
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+
+    names = [e.name for e in KarrasDiffusionSchedulers] + [
+        "EDMDPMSolverMultistepScheduler",
+        "LCMScheduler",
+        "TCDScheduler",
+    ]
+    cases = [pytest.param(name, {}, id=name) for name in dict.fromkeys(names)]
+    continuous = dict(timestep_type="continuous", prediction_type="v_prediction")
+    return cases + [pytest.param("EulerDiscreteScheduler", continuous, id="EulerDiscreteScheduler-continuous")]
+
+
+NOISE_LEVEL = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+
+
+@pytest.mark.parametrize("name, options", _scheduler_cases())
+def test_the_phase_follows_the_trajectory_under_every_scheduler(name, options, monkeypatch):
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        pytest.skip(f"diffusers {diffusers.__version__} has no {name}")
+    pipe = tiny_pipeline("sd15")
+    try:
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
+        steps = 12
+        calls = record_run(pipe, steps, monkeypatch)
+    except (ImportError, OptionalDependencyNotAvailable) as err:  # DPMSolverSDE needs torchsde
+        pytest.skip(f"{name} cannot run here: {err}")
+    phases = [{m for modes in layer.values() for m in modes} for _, layer in calls]
+    assert all(len(p) == 1 for p in phases)
+    phases = [p.pop() for p in phases]
+    if name in NOISE_LEVEL or options:
+        assert len(calls) == steps  # one UNet call per step: the i-th call is step i
+        expected = ["agent" if i / (steps - 1) < 0.4 else "tome" for i in range(steps)]
+    else:
+        expected = ["agent" if 1 - t / 1000 < 0.4 else "tome" for t, _ in calls]
+    assert phases == expected
+    assert phases[0] == "agent" and phases[-1] == "tome" and phases == sorted(phases)
+
+
+def test_playground_style_sdxl_with_the_edm_scheduler_runs_both_phases(monkeypatch):
+    """Playground v2.5 is an SDXL pipeline with EDMDPMSolverMultistepScheduler."""
+    if not hasattr(diffusers, "EDMDPMSolverMultistepScheduler"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no EDMDPMSolverMultistepScheduler")
+    pipe = tiny_pipeline("sdxl")
+    pipe.scheduler = diffusers.EDMDPMSolverMultistepScheduler()
+    calls = record_run(pipe, 7, monkeypatch, max_downsample=2, min_tokens=0)
+    phases = [{m for modes in layer.values() for m in modes}.pop() for _, layer in calls]
+    assert phases == ["agent"] * 3 + ["tome"] * 4  # i / 6 < 0.4 for steps 0, 1 and 2
+
+
+def test_a_bare_unet_given_a_timestep_outside_0_to_T_says_so_once(caplog):
+    unet = agentsd.patch(tiny_pipeline("sd15").unet, min_tokens=0)
+    sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="agentsd"):
+        for t in (-0.4, -0.5, 500.0):
+            unet(sample, torch.tensor(t), encoder_hidden_states=context)
+    warnings = [r.getMessage() for r in caplog.records if "outside [0, 1000]" in r.getMessage()]
+    assert len(warnings) == 1 and "agentsd.patch(pipe)" in warnings[0]
+
+
+def phases_at(unet, timesteps):
+    sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    phases = []
+    with torch.no_grad():
+        for t in timesteps:
+            unet(sample, torch.tensor(float(t)), encoder_hidden_states=context)
+            phases.append(agentsd.current_phase(unet))
+    return phases
+
+
+def test_agent_steps_1_keeps_the_agent_phase_to_the_last_step():
+    """Schedulers ending at t = 0 reach progress 1.0: agent_steps=1.0 means every step."""
+    unet = agentsd.patch(tiny_pipeline("sd15").unet, min_tokens=0, agent_steps=1.0)
+    assert phases_at(unet, (999, 1, 0)) == ["agent"] * 3
+
+
+def test_the_agent_phase_ends_where_progress_reaches_agent_steps():
+    """Progress 1 - t / T under agent_steps is the agent phase; exactly at it, the ToMe phase."""
+    unet = agentsd.patch(tiny_pipeline("sd15").unet, min_tokens=0, agent_steps=0.5)
+    assert phases_at(unet, (501, 500, 499)) == ["agent", "tome", "tome"]
