@@ -6,6 +6,19 @@ import math
 import torch
 
 
+def top_left_destinations(h, w, sx, sy):
+    """Destinations without randomness: the top-left token of every whole sy x sx cell of an
+    h x w grid (partial cells at the bottom and right hold none), in row-major cell order."""
+    return [top * w + left for top in range(0, h - sy + 1, sy) for left in range(0, w - sx + 1, sx)]
+
+
+def check_one_per_whole_cell(dst, h, w, sx, sy):
+    """Drawn destinations: exactly one token in each whole sy x sx cell, none elsewhere."""
+    cells = sorted(((int(p) // w) // sy, (int(p) % w) // sx) for p in dst)
+    whole = [(i, j) for i in range(h // sy) for j in range(w // sx)]
+    assert cells == whole, f"destinations {list(map(int, dst))} are not one per whole {sx}x{sy} cell"
+
+
 def _merge(x, dst, src, best, order, r):
     """Tokens after merging the r best-ranked sources: unmerged sources, then destinations
     (each the mean of itself and its merged sources); and each position's merged index."""
@@ -49,7 +62,9 @@ def reference_self_attention(attn, x, dst, ratio, agent_ratio, k_scale2, k_short
 
     Options: `match_x` ranks and matches tokens by the similarity of another tensor of x's
     shape (a matching shared from another layer); `pool_cells=(h, w, sx, sy)` makes the
-    agents the means of the whole grid cells instead of a merge at `agent_ratio`."""
+    agents the means of the whole grid cells instead of a merge at `agent_ratio`. The module's
+    `residual_connection` and `rescale_output_factor` apply to the unmerged output, as in
+    diffusers."""
     lin = {name: (getattr(attn, name).weight.double(), getattr(attn, name).bias) for name in ("to_q", "to_k", "to_v")}
 
     def project(name, t):
@@ -98,5 +113,8 @@ def reference_self_attention(attn, x, dst, ratio, agent_ratio, k_scale2, k_short
             per_head.append(o)
         o = torch.cat(per_head, dim=-1)
         o = torch.einsum("nc,oc->no", o, attn.to_out[0].weight.double()) + attn.to_out[0].bias.double()
-        outputs.append(torch.stack([o[slot[p]] for p in range(num_tokens)]))
+        o = torch.stack([o[slot[p]] for p in range(num_tokens)])
+        if attn.residual_connection:
+            o = o + xb
+        outputs.append(o / attn.rescale_output_factor)
     return torch.stack(outputs), use_agents

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from reference import reference_self_attention
+from reference import check_one_per_whole_cell, reference_self_attention, top_left_destinations
 
 import agentsd.attention
 import agentsd.state
@@ -21,8 +21,12 @@ def make_attention(dim=32, heads=2, seed=0):
     return attn.eval()
 
 
-def run_processor(attn, x, h, w, config, timestep, monkeypatch):
-    """Run the processor as the patched UNet would, and capture the destinations it used."""
+def run_processor(attn, x, h, w, config, timestep, monkeypatch, downsample=1, latent=None):
+    """Run the processor as the patched UNet would, on the h x w grid of a layer at `downsample`
+    (of `latent`, h x w by default). Returns its output and the destinations the reference
+    uses: without randomness (`use_rand` off, or an odd batch), the test's own top-left ones of
+    the phase's cells; with it, the processor's draw, once checked to hold one token of every
+    whole cell of the phase's cell size."""
     drawn = []
     fixed = agentsd.state.destination_indices
 
@@ -32,13 +36,17 @@ def run_processor(attn, x, h, w, config, timestep, monkeypatch):
 
     monkeypatch.setattr(agentsd.state, "destination_indices", recording)
     # Most grids here are under the default min_tokens floor: the algorithm tests switch it off.
-    state = AgentSDState(config.replace(min_tokens=0))
-    attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1"))
-    state.begin_call(torch.zeros(x.shape[0], 4, h, w), torch.tensor(timestep))
+    state = AgentSDState(config.replace(min_tokens=0, max_downsample=max(downsample, config.max_downsample)))
+    attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1", downsample))
+    state.begin_call(torch.zeros(x.shape[0], 4, *(latent or (h, w))), torch.tensor(timestep))
     with torch.no_grad():
         out = attn(x)
     assert len(drawn) == 1, "one destination draw per layer and UNet call"
-    return out, drawn[0]
+    sx, sy = (config.sx, config.sy) if timestep == AGENT_T else (config.late_sx, config.late_sy)
+    if config.use_rand and x.shape[0] % 2 == 0:
+        check_one_per_whole_cell(drawn[0], h, w, sx, sy)
+        return out, drawn[0]
+    return out, top_left_destinations(h, w, sx, sy)
 
 
 def relative_error(out, ref):
@@ -81,9 +89,11 @@ def test_explicit_backends_match_reference(backend, monkeypatch):
 
 @pytest.mark.parametrize("grid", CASES)
 @pytest.mark.parametrize("batch", [1, 2, 3])
-def test_tome_phase_matches_reference(grid, batch, monkeypatch):
+@pytest.mark.parametrize("use_rand", [False, True])
+def test_tome_phase_matches_reference(grid, batch, use_rand, monkeypatch):
+    """The ToMe-only phase merges on its own cells (late_sx x late_sy), not the agent phase's."""
     h, w, _, _ = grid
-    config = AgentSDConfig(late_sx=2, late_sy=2, late_ratio=0.4)
+    config = AgentSDConfig(sx=4, sy=4, late_sx=2, late_sy=2, late_ratio=0.4, use_rand=use_rand, seed=2)
     attn = make_attention(seed=1)
     x = torch.randn(batch, h * w, 32)
     out, dst = run_processor(attn, x, h, w, config, LATE_T, monkeypatch)
@@ -116,10 +126,17 @@ def test_agents_without_merging(monkeypatch):
 
 @pytest.mark.parametrize(
     "precision, upcast, expected",
-    [(None, False, torch.bfloat16), ("fp32", False, torch.float32), (None, True, torch.float32)],
+    [
+        (None, None, torch.bfloat16),
+        ("fp32", None, torch.float32),
+        (None, "upcast_attention", torch.float32),
+        (None, "upcast_softmax", torch.float32),
+    ],
 )
-def test_softmax_precision(precision, upcast, expected, monkeypatch):
-    """fp32 softmaxes when asked, or when the layer upcasts (SD 2.x); bf16 out either way."""
+@pytest.mark.parametrize("timestep", [AGENT_T, LATE_T], ids=["agent", "tome"])
+def test_softmax_precision(precision, upcast, expected, timestep, monkeypatch):
+    """fp32 softmaxes when asked, or when the layer upcasts (SD 2.x), in both phases; bf16 out
+    either way."""
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -130,14 +147,16 @@ def test_softmax_precision(precision, upcast, expected, monkeypatch):
     monkeypatch.setattr(agentsd.attention.F, "scaled_dot_product_attention", spy)
     config = AgentSDConfig(attn_precision=precision, use_rand=False)
     attn = make_attention(seed=5).to(torch.bfloat16)
-    attn.upcast_attention = upcast
+    if upcast is not None:
+        setattr(attn, upcast, True)
     x = torch.randn(2, 256, 32).to(torch.bfloat16)
-    out, dst = run_processor(attn, x, 16, 16, config, AGENT_T, monkeypatch)
+    out, dst = run_processor(attn, x, 16, 16, config, timestep, monkeypatch)
     assert seen and all(dtypes == (expected,) * 3 for dtypes in seen)
     assert out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
-    ref, _ = reference_self_attention(attn.float(), x.float(), dst, 0.4, 0.95, 0.3, 0.075)
-    assert relative_error(out.float(), ref) <= 0.1  # bf16 projections and merges
+    if timestep == AGENT_T:  # the ToMe phase's bf16 matching may rank near-ties otherwise than in fp64
+        ref, _ = reference_self_attention(attn.float(), x.float(), dst, 0.4, 0.95, 0.3, 0.075)
+        assert relative_error(out.float(), ref) <= 0.1  # bf16 projections and merges
 
 
 def test_calls_it_does_not_handle_go_to_the_original_processor():
@@ -263,6 +282,8 @@ def test_shared_matching_reuses_the_first_layers_merges(monkeypatch):
             out1, out2 = first(x1), second(x2)
         agent_ratio = 0.95 if timestep == AGENT_T else None
         dst = drawn[0]  # layer "a" is planned first (plans are made in name order)
+        cells = (4, 4) if timestep == AGENT_T else (2, 2)
+        check_one_per_whole_cell(dst, 10, 16, *cells)
         ref1, _ = reference_self_attention(first, x1, dst, 0.4, agent_ratio, 0.3, 0.075)
         ref2, _ = reference_self_attention(second, x2, dst, 0.4, agent_ratio, 0.3, 0.075, match_x=x1)
         assert len(calls) == 1
@@ -322,7 +343,40 @@ def test_fused_projections_are_used_and_match_reference(phase_t, monkeypatch):
     with torch.no_grad():
         out = attn(x)
     assert used
-    dst = state.plans["attn1"].dst
+    dst = top_left_destinations(16, 16, 4, 4) if phase_t == AGENT_T else top_left_destinations(16, 16, 2, 2)
     agent_ratio = 0.95 if phase_t == AGENT_T else None
+    ref, _ = reference_self_attention(attn, x, dst, 0.4, agent_ratio, 0.3, 0.075)
+    assert relative_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("timestep", [AGENT_T, LATE_T], ids=["agent", "tome"])
+def test_a_downsampled_level_of_an_odd_latent_plans_on_the_rounded_up_grid(timestep, monkeypatch):
+    """A 9x5 latent at downsample 2 is a 5x3 token grid (sides rounded up, as the UNet's strided
+    convolutions do): the layer plans on it and acts, rather than handing its calls over."""
+    config = AgentSDConfig(sx=2, sy=2, use_rand=False)
+    attn = make_attention(seed=16)
+    x = torch.randn(2, 5 * 3, 32)
+    out, dst = run_processor(attn, x, 5, 3, config, timestep, monkeypatch, downsample=2, latent=(9, 5))
+    agent_ratio = 0.95 if timestep == AGENT_T else None
+    ref, _ = reference_self_attention(attn, x, dst, 0.4, agent_ratio, 0.3, 0.075)
+    assert relative_error(out, ref) <= 1e-5
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor2_0())
+        assert relative_error(attn(x), ref) > 1e-3  # not exact attention
+
+
+@pytest.mark.parametrize("timestep", [AGENT_T, LATE_T], ids=["agent", "tome"])
+def test_residual_connection_and_output_rescaling_apply(timestep, monkeypatch):
+    """Layers built with `residual_connection` and `rescale_output_factor` (diffusers applies
+    them in the processor) get both on agentsd's output too."""
+    torch.manual_seed(17)
+    attn = Attention(query_dim=32, heads=2, dim_head=16, out_bias=True, residual_connection=True,
+                     rescale_output_factor=2.5)  # fmt: skip
+    for param in attn.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    x = torch.randn(2, 256, 32)
+    config = AgentSDConfig(use_rand=False)
+    out, dst = run_processor(attn.eval(), x, 16, 16, config, timestep, monkeypatch)
+    agent_ratio = 0.95 if timestep == AGENT_T else None
     ref, _ = reference_self_attention(attn, x, dst, 0.4, agent_ratio, 0.3, 0.075)
     assert relative_error(out, ref) <= 1e-5
