@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 ATTN_PRECISIONS = (None, "fp32")
 ATTENTION_BACKENDS = (None, "sdpa", "xformers", "einsum")
 AGENT_SELECTIONS = ("match", "pool")
@@ -60,6 +62,9 @@ class AgentSDConfig:
             whole `sx x sy` cells, no matching; with `ratio=0` the agent phase needs no
             matching at all).
 
+    numpy scalars (`np.float32(0.5)`, `np.int64(4)`, `np.bool_(True)`) are stored as the
+    Python float, int or bool they hold, and validated as such.
+
     Example:
         >>> from agentsd import AgentSDConfig
         >>> AgentSDConfig(ratio=0.5).agent_ratio
@@ -90,6 +95,10 @@ class AgentSDConfig:
     agent_selection: str = "match"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (np.bool_, np.integer, np.floating)):
+                object.__setattr__(self, f.name, value.item())  # frozen: set through object
         for name in ("ratio", "agent_ratio", "late_ratio"):
             _check_real(name, getattr(self, name), "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
         _check_real("agent_steps", self.agent_steps, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
