@@ -7,8 +7,7 @@ import dataclasses
 
 # AgentSDConfig fields whose flag name differs from the field name (`--seed` seeds the images).
 FLAG_NAMES = {"seed": "agent-seed"}
-# AgentSDConfig fields that take a name or None; "auto" on the command line stands for None.
-# Fields with a fixed set of values; "auto" stands for None.
+# AgentSDConfig fields with a fixed set of values, any case; "auto" (or "none", "null") stands for None.
 CHOICE_FLAGS = {
     "attn_precision": ["auto", "fp32"],
     "attention_backend": ["auto", "sdpa", "xformers", "einsum"],
@@ -87,6 +86,14 @@ def config_dest(field: str) -> str:
     return config_flag(field)[2:].replace("-", "_")
 
 
+def _automatic_choice(text: str) -> str:
+    """A choice flag's value in lower case, with AgentSDConfig's words for None spelled "auto"."""
+    from .config import AUTOMATIC_WORDS
+
+    text = text.strip().lower()
+    return "auto" if text in AUTOMATIC_WORDS else text
+
+
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     from .config import AgentSDConfig
 
@@ -102,7 +109,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type in (bool, "bool"):
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name in CHOICE_FLAGS:
-            group.add_argument(flag, dest=dest, choices=CHOICE_FLAGS[f.name], default=None, help=text)
+            kind = _automatic_choice if "auto" in CHOICE_FLAGS[f.name] else str.lower
+            group.add_argument(flag, dest=dest, type=kind, choices=CHOICE_FLAGS[f.name], default=None, help=text)
         else:
             kind = int if isinstance(f.default, int) else float
             group.add_argument(flag, dest=dest, type=kind, default=None, help=text)

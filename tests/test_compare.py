@@ -93,6 +93,24 @@ def test_parse_method():
         compare.parse_method("tomesd:1.5")
 
 
+@pytest.mark.parametrize("word", ["None", "none", "null", "AUTO", "auto"])
+def test_automatic_is_spelled_alike_in_method_specs_and_flags(word):
+    """`paper:attn_precision=None` means what `generate --attn-precision auto` means, and so do
+    `none`, `null` and `auto` in any case, for both optional fields, in a spec and as a flag."""
+    from agentsd.cli import agent_config, build_parser
+
+    for field in ("attn_precision", "attention_backend"):
+        base = "sd21" if field == "attn_precision" else "paper"  # sd21 sets fp32: the override must clear it
+        assert getattr(compare.parse_method(f"{base}:{field}={word}").config, field) is None
+        flag = "--" + field.replace("_", "-")
+        args = build_parser().parse_args(["generate", "--prompt", "p", "--preset", base, flag, word])
+        assert getattr(agent_config(args), field) is None
+    args = build_parser().parse_args(
+        ["generate", "--prompt", "p", "--attn-precision", "FP32", "--agent-selection", "Pool"]
+    )
+    assert (agent_config(args).attn_precision, agent_config(args).agent_selection) == ("fp32", "pool")
+
+
 def test_missing_inception_weights_fail_at_once_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "_reachable", lambda host, timeout=3.0: False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))

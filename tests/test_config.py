@@ -43,6 +43,7 @@ BAD_VALUES = [
     ("sx", np.float32(2.0)),
     ("seed", np.int64(-1)),
     ("use_rand", np.int64(1)),
+    ("attn_precision", "automatic"),
 ]
 
 
@@ -87,3 +88,10 @@ def test_numpy_scalars_are_stored_as_python_numbers():
     assert types == dict(ratio=float, k_shortcut=float, sx=int, seed=int, use_rand=bool)
     assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
     assert type(AgentSDConfig().replace(min_tokens=np.uint16(64)).min_tokens) is int
+
+
+@pytest.mark.parametrize("word", ["None", "none", "AUTO", "auto", "null", "Null", " none "])
+def test_words_for_automatic_mean_none(word):
+    config = AgentSDConfig(attn_precision=word, attention_backend=word)
+    assert config.attn_precision is None and config.attention_backend is None
+    assert config == AgentSDConfig()
