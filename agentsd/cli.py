@@ -325,10 +325,21 @@ COMMANDS = {"generate": _generate, "bench": _bench, "compare": _compare, "preset
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    parser = build_parser()
+    """Run the `agentsd` command line; returns the exit code. Ctrl-C at any point, the imports of
+    torch and diffusers and the loading of the model included, exits 130 with one line (a
+    command interrupted in its work says what it kept)."""
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     debug = "--debug" in argv
+    parser = build_parser()
     from .generation import GenerationError
 
     try:
@@ -343,9 +354,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"agentsd: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:  # before the work started (the commands handle it during the work)
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except SystemExit as stop:  # --help, --version: an exit code when called as a function too
         return stop.code if isinstance(stop.code, int) else 0
 
