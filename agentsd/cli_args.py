@@ -118,7 +118,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
     """--steps, --guidance, --width, --height, --batch-size, --seed, --scheduler, --dtype, --device."""
-    from .generation import SCHEDULERS
+    from .loading import SCHEDULERS
 
     parser.add_argument("--width", type=int, help="image width, a multiple of 8; default: the model's")
     parser.add_argument("--height", type=int, help="image height, a multiple of 8; default: the model's")
@@ -150,7 +150,7 @@ def _bench_epilog() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .benchmark import DEFAULT_PRESETS, METHODS, OPTIONAL_METHODS
-    from .generation import DEFAULT_MODEL
+    from .loading import DEFAULT_MODEL
     from .metrics import INCEPTION_FILE
 
     formatter = _HelpFormatter

@@ -37,6 +37,7 @@ from .generation import (
     ImageJob,
     MethodRun,
     call_pipeline,
+    check_run,
     generate_runs,
     prepare_folder,
 )
@@ -222,13 +223,14 @@ def run_comparison(
     if state.is_main_process:  # the main process alone scores
         for skipped in check_scoring(methods, scoring, pipe.device):
             logger.warning("%s will be skipped", skipped)
+    jobs = [ImageJob(i, prompt, seed + i) for i, prompt in enumerate(prompts)]
+    check_run(pipe, jobs, settings)
     out = prepare_folder(Path(out_dir))
     metric = None
     if scoring.reference is not None and state.is_main_process:
         # Built before generating: a missing package, weight file or reference fails now, not hours later.
         metric = fid_metric(scoring.feature_extractor, scoring.inception_weights)
         load_reference(metric, scoring.reference)
-    jobs = [ImageJob(i, prompt, seed + i) for i, prompt in enumerate(prompts)]
     runs = [m.run(prepare_folder(out / "images" / m.folder_name)) for m in methods]
     generate_runs(pipe, shard_jobs(jobs), runs, settings, progress=progress and state.is_main_process)
     memory = {}

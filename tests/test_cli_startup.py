@@ -70,3 +70,94 @@ def test_ctrl_c_while_loading_the_model_exits_130_and_leaves_no_folder(model, tm
     assert result.returncode == 130, result.stderr[-2000:]
     assert result.stderr.splitlines()[-1] == "interrupted" and "Traceback" not in result.stderr
     assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------- refused before any work
+
+
+def run_main(capsys, *args):
+    """`agentsd ARGS` in this process: (exit code, the `agentsd: error:` lines)."""
+    from agentsd.cli import main
+
+    code = main([str(a) for a in args])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("agentsd: error:")]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading the model fails the test: what these check must be refused before."""
+    from agentsd import loading
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_pipeline", load)
+
+
+def test_the_seed_range_is_torchs():
+    import torch
+
+    from agentsd.loading import SEED_MAX, SEED_MIN
+
+    for seed in (SEED_MIN, SEED_MAX):
+        torch.Generator().manual_seed(seed)
+    for seed in (SEED_MIN - 1, SEED_MAX + 1):
+        with pytest.raises((RuntimeError, ValueError)):
+            torch.Generator().manual_seed(seed)
+
+
+BIG = 2**64 - 1  # the largest seed torch.Generator takes
+
+
+@pytest.mark.parametrize(
+    "command, args, message",
+    [
+        ("generate", ["--steps", "1001"], "DDIMScheduler takes with this model: use --steps 1000 or fewer"),
+        ("generate", ["--scheduler", "lcm", "--steps", "51"], "LCMScheduler takes with this model: use --steps 50 "),
+        ("compare", ["--steps", "5000"], "--steps 5000 is more than DDIMScheduler takes"),
+        ("generate", ["--seed", str(BIG + 1)], f"--seed {BIG + 1} gives image seeds up to {BIG + 1}"),
+        ("generate", ["--seed", str(BIG), "--num-images", "3"], f"use --seed {BIG - 2} or less"),
+        ("generate", ["--seed", str(-(2**63) - 1)], "below the smallest seed torch.Generator takes"),
+        ("compare", ["--seed", str(BIG - 1), "--num-prompts", "3"], f"image seeds up to {BIG + 1}"),
+    ],
+)  # fmt: skip
+def test_steps_and_seeds_are_refused_before_the_model_is_loaded(
+    model, tmp_path, capsys, no_loading, command, args, message
+):
+    out = tmp_path / "new" / "out"
+    base = {"generate": ["generate", "--prompt", "x"], "compare": ["compare", "--num-prompts", "1", "--no-memory"]}
+    code, errors = run_main(capsys, *base[command], "--model", model, *args, "--out", out)
+    assert code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "new").exists()
+
+
+def test_steps_are_refused_after_loading_when_the_scheduler_config_cannot_be_read_first(
+    model, tmp_path, capsys, monkeypatch
+):
+    """A hub model that is not cached: its scheduler is known once loaded, still before any image
+    and without leaving the output folder behind."""
+    from agentsd import generation, loading
+
+    monkeypatch.setattr(loading, "model_scheduler", lambda model, name=None: None)
+    monkeypatch.setattr(generation, "generate_runs", lambda *a, **k: pytest.fail("generation started"))
+    out = tmp_path / "new" / "out"
+    code, errors = run_main(capsys, "generate", "--prompt", "x", "--model", model, "--steps", "1001", "--out", out)
+    assert code == 2 and "--steps 1001 is more than DDIMScheduler takes" in errors[0], errors
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_library_refuses_steps_and_seeds_before_creating_anything(tmp_path):
+    from agentsd import compare
+    from agentsd.generation import GenerationError, GenerationSettings, ImageJob, generate
+
+    pipe = tiny_pipeline("sd15")
+    out = tmp_path / "out"
+    with pytest.raises(GenerationError, match="steps 1001 is more than DDIMScheduler takes"):
+        generate(pipe, [ImageJob(0, "x", 0)], out, GenerationSettings(model="tiny", steps=1001), None)
+    with pytest.raises(GenerationError, match=f"image seeds up to {BIG + 1}"):
+        generate(pipe, [ImageJob(0, "x", BIG), ImageJob(0, "x", BIG + 1)], out, GenerationSettings(model="t"), None)
+    settings = GenerationSettings(model="tiny", steps=1001)
+    scoring = compare.ComparisonSettings(measure_memory=False)
+    with pytest.raises(GenerationError, match="steps 1001"):
+        compare.run_comparison(pipe, ["x"], [compare.parse_method("paper")], out, settings, scoring, progress=False)
+    assert not out.exists()
