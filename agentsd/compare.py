@@ -141,13 +141,25 @@ def parse_method(spec: str) -> MethodSpec:
 
 
 def with_baseline(methods: Sequence[MethodSpec]) -> list[MethodSpec]:
-    """`methods` with the baseline first unless already there; refuses repeated methods."""
+    """`methods` with the baseline first unless already there.
+
+    Refuses repeated methods, and methods whose names map to the same image folder (`x/a.yaml`
+    and `x_a.yaml` both give `x_a.yaml`; folders are compared ignoring case, as some file
+    systems do), which would share their images and scores."""
     methods = list(methods)
     if not any(m.name == "baseline" for m in methods):
         methods.insert(0, MethodSpec("baseline"))
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise GenerationError(f"methods must be distinct, got {', '.join(names)}: give each --method once.")
+    folders: dict[str, MethodSpec] = {}
+    for method in methods:
+        other = folders.setdefault(method.folder_name.casefold(), method)
+        if other is not method:
+            raise GenerationError(
+                f"methods {other.name!r} and {method.name!r} would share the image folder images/{method.folder_name}: "
+                "rename or move one of their preset files (folder names keep letters, digits and _.=- only)."
+            )
     return methods
 
 

@@ -323,6 +323,24 @@ def test_duplicate_methods_are_refused_before_anything_is_created(tiny_model, tm
     assert not out.exists()
 
 
+def test_methods_sharing_an_image_folder_are_refused_before_anything_is_created(tiny_model, tmp_path, capsys):
+    """`x/a.yaml` and `x_a.yaml` sanitize to one folder: they would write into it and get the same
+    scores. So would names differing only in case, on a case-insensitive file system."""
+    (tmp_path / "x").mkdir()
+    for path in (tmp_path / "x" / "a.yaml", tmp_path / "x_a.yaml", tmp_path / "Mine.yaml", tmp_path / "mine.yaml"):
+        path.write_text("config:\n  ratio: 0.3\n")
+    for first, second in (("x/a.yaml", "x_a.yaml"), ("Mine.yaml", "mine.yaml")):
+        specs = [str(tmp_path / first), str(tmp_path / second)]
+        with pytest.raises(compare.GenerationError, match="would share the image folder") as err:
+            compare.with_baseline([compare.parse_method(s) for s in specs])
+        assert all(repr(s) in str(err.value) for s in specs)
+    out = tmp_path / "out"
+    methods = ["--method", tmp_path / "x" / "a.yaml", "--method", tmp_path / "x_a.yaml"]
+    code, _, errors = run_compare(capsys, tiny_model, out, *methods)
+    assert code == 2 and "would share the image folder" in errors[0], errors
+    assert not out.exists()
+
+
 def test_the_metrics_extra_installs_every_package_compare_checks_for(tmp_path, monkeypatch):
     """`pip install 'agentsd[metrics]'` is the fix the errors name: it must bring every package
     the up-front check asks for with every output chosen (torchvision comes with torch-fidelity,
