@@ -306,7 +306,7 @@ def _compare(args: argparse.Namespace) -> int:
     _check_scheduler(args)
     settings = gen.GenerationSettings(
         model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, overwrite=args.overwrite,
     )  # fmt: skip
     scoring = cmp.ComparisonSettings(
         reference=args.reference, inception_weights=args.inception_weights, clip_model=args.clip_model,

@@ -214,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="FID, fidelity and speed of methods on one prompt set", formatter_class=formatter,
         description="Generate every method's images with the same prompts and seeds, then score them from "
         "the files.",
-        epilog="output in --out: images/<method>/ (resumable), results.json, results.md (also printed),\n"
-        "fid_vs_time.png (needs matplotlib; skipped with a warning without it) and samples.png.",
+        epilog="output in --out: images/<method>/, results.json (with the settings the images were made with),\n"
+        "results.md (also printed), fid_vs_time.png (needs matplotlib; skipped with a warning without it) and\n"
+        "samples.png. A rerun resumes: it reuses the images made with the same settings (each image's .json\n"
+        "sidecar says how it was made) and stops, naming the settings, at images made with others.",
     )  # fmt: skip
     cmp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder")
     cmp.add_argument("--method", action="append",
@@ -233,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     _run_flags(cmp, "auto (accelerate's device for this process), cpu, cuda or cuda:N")
     cmp.add_argument("--out", default="compare-out", help="output folder")
+    cmp.add_argument(
+        "--overwrite", action="store_true",
+        help="make again the images in --out made with other settings (without it they stop the run, naming the "
+        "settings that differ); images made with these settings are reused either way",
+    )  # fmt: skip
     cmp.set_defaults(prompt=None)
 
     commands.add_parser("presets", help="list the preset configs", formatter_class=formatter)

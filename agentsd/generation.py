@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,7 @@ from .loading import (  # re-exported: `generation` has been their home
     resolve_dtype,  # noqa: F401
     set_scheduler,  # noqa: F401
 )
-from .output import atomic_write, save_image, side_by_side
+from .output import atomic_write, read_sidecar, save_image, setting_differences, side_by_side
 from .patch import patched
 from .status import Activity, recording_phases, status
 
@@ -144,6 +144,46 @@ def call_pipeline(
     return images
 
 
+def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | None = None) -> dict[str, Any]:
+    """What every image of a run records about how it was made (its sidecar adds the image's own
+    fields, see `image_record`): the model, the scheduler (its name and config), steps, guidance,
+    size, negative prompt, dtype and the agentsd version."""
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return dict(
+        model=settings.model,
+        scheduler=scheduler_name or type(pipe.scheduler).__name__,
+        scheduler_config={k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
+        steps=settings.steps,
+        guidance=settings.guidance,
+        width=settings.width or side,
+        height=settings.height or side,
+        negative_prompt=settings.negative_prompt,
+        dtype=str(pipe.unet.dtype).replace("torch.", ""),
+        agentsd_version=__version__,
+    )
+
+
+def image_record(record: dict[str, Any], run: MethodRun, job: ImageJob) -> dict[str, Any]:
+    """The run's `record` with what is the image's own: its prompt, seed and method."""
+    config = None if run.config is None else run.config.to_dict()
+    return dict(record, prompt=job.prompt, prompt_index=job.prompt_index, seed=job.seed, method=run.label,
+                agentsd_config=config)  # fmt: skip
+
+
+def stale_images(runs: Sequence[MethodRun], jobs: Sequence[ImageJob], record: dict[str, Any]) -> dict[Path, list[str]]:
+    """The existing images of `runs` made with other settings than `record` (a `run_record`)
+    says, each with how its sidecar differs (`output.setting_differences`)."""
+    stale = {}
+    for run in runs:
+        for job in jobs:
+            path = run.folder / f"{job.name}.png"
+            if path.exists():
+                differences = setting_differences(read_sidecar(path), image_record(record, run, job))
+                if differences:
+                    stale[path] = differences
+    return stale
+
+
 def _sync(pipe: Any) -> None:
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
@@ -199,46 +239,40 @@ def generate_runs(
     scheduler_name: str | None = None,
     progress: bool = True,
     warmup: bool = False,
+    stale: Collection[Path] | None = None,
 ) -> list[MethodRun]:
     """Generate `jobs` for every method of `runs`, batch by batch, methods interleaved.
 
     Args:
         compare_dir: if given, side-by-side pairs of the first two runs go there.
         warmup: run one 1-step call per method first, so no method pays first-call costs.
+        stale: existing images to replace, found to be made with other settings (see
+            `stale_images`); the other existing images are skipped, whatever `settings.overwrite`.
+            None: every existing image is skipped, unless `settings.overwrite`.
     """
     from tqdm.auto import tqdm
 
     runs = list(runs)
-
+    replace = set() if stale is None else set(stale)
     pending: dict[str, set[ImageJob]] = {}
     for run in runs:
         pending[run.label] = set()
         for job in jobs:
             path = run.folder / f"{job.name}.png"
-            if path.exists() and not settings.overwrite:
+            if path.exists() and (path not in replace if stale is not None else not settings.overwrite):
                 run.skipped.append(path)
             else:
                 pending[run.label].add(job)
-    if any(run.skipped for run in runs):
-        logger.warning(
-            "skipping %d existing images (pass --overwrite to replace them)", sum(len(r.skipped) for r in runs)
-        )
+    skipped = sum(len(r.skipped) for r in runs)
+    if skipped:
+        note = "pass --overwrite to replace them" if stale is None else "made with the same settings"
+        logger.warning("skipping %d existing images (%s)", skipped, note)
     todo = [job for job in jobs if any(job in pending[r.label] for r in runs)]
     if warmup and todo:
         for run in runs:
             call_pipeline(pipe, todo[:1], settings, run, steps=1)
 
-    base_meta = dict(
-        model=settings.model,
-        scheduler=scheduler_name or type(pipe.scheduler).__name__,
-        steps=settings.steps,
-        guidance=settings.guidance,
-        width=settings.width or pipe.unet.config.sample_size * pipe.vae_scale_factor,
-        height=settings.height or pipe.unet.config.sample_size * pipe.vae_scale_factor,
-        negative_prompt=settings.negative_prompt,
-        dtype=str(pipe.unet.dtype).replace("torch.", ""),
-        agentsd_version=__version__,
-    )
+    base_meta = run_record(pipe, settings, scheduler_name)
     bar = tqdm(total=sum(len(v) for v in pending.values()), desc="images", unit="img", disable=not progress)
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
@@ -253,16 +287,8 @@ def generate_runs(
             _sync(pipe)
             per_image = (time.perf_counter() - begin) / len(mine)
             for job, image in zip(mine, images, strict=True):
-                meta = dict(
-                    base_meta,
-                    prompt=job.prompt,
-                    prompt_index=job.prompt_index,
-                    seed=job.seed,
-                    method=run.label,
-                    agentsd_config=None if run.config is None else run.config.to_dict(),
-                    agentsd_phases=run.phases or None,
-                    seconds=round(per_image, 4),
-                )
+                meta = dict(image_record(base_meta, run, job), agentsd_phases=run.phases or None)
+                meta["seconds"] = round(per_image, 4)
                 path = run.folder / f"{job.name}.png"
                 save_image(image, path, meta)
                 run.written.append(path)
