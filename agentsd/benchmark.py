@@ -205,8 +205,15 @@ def time_methods(
     repeats: int = 3,
     warmup: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    """Milliseconds of each repeat and the peak memory per method, interleaved."""
+    """Milliseconds of each repeat and the peak memory per method, interleaved.
+
+    With `warmup=0`, one untimed call of the plain UNet comes first: the cold start (allocations,
+    kernel selection) would otherwise be charged to whichever method runs first."""
     results: dict[str, dict[str, Any]] = {}
+    if warmup == 0:
+        args, kwargs = inputs
+        with torch.no_grad():
+            unet(*args, **kwargs)
     for round_index in range(warmup + repeats):
         for method in methods:
             with torch.no_grad(), method_context(method, unet, config):

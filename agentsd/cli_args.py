@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="methods to time (listed below); default: every method that runs here")  # fmt: skip
     bench.add_argument("--preset", help="agentsd preset name or YAML file; default per arch: paper, sd21, sdxl")
     bench.add_argument("--repeats", type=int, default=3, help="timed rounds per method (the median is reported)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed rounds per method first")
+    bench.add_argument(
+        "--warmup", type=int, default=1, help="untimed rounds per method first (0: one untimed call of the plain UNet)"
+    )
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (CUDA requested: no fallback)")
     bench.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: fp16 on CUDA, fp32 on the CPU")
     bench.add_argument(

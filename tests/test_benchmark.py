@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from agentsd import benchmark, results
+import agentsd
+from agentsd import AgentSDConfig, benchmark, results
 
 
 def test_harness_writes_every_documented_field(tmp_path):
@@ -58,6 +59,22 @@ def test_methods_leave_the_unet_as_it_was():
             assert torch.equal(unet(*args, **kwargs).sample, expected), method
     assert all(unet.attn_processors[k] is v for k, v in before.items())
     assert not unet._forward_pre_hooks
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_the_cold_start_is_charged_to_no_method(warmup):
+    """The first UNet call of a scenario pays for allocations and kernel selection: with
+    `warmup=0` an untimed call of the plain UNet takes it, never a method's timed call."""
+    unet = benchmark.build_unet("tiny")
+    calls = []
+    unet.register_forward_pre_hook(lambda module, args: calls.append(agentsd.patched_config(module)))
+    methods = ["agentsd-agent", "baseline"]
+    timings = benchmark.time_methods(unet, benchmark.unet_inputs(unet, 64, 1), methods, AgentSDConfig(), 2, warmup)
+    assert {m: len(t["ms"]) for m, t in timings.items()} == dict.fromkeys(methods, 2)
+    untimed = len(calls) - 2 * len(methods)
+    assert untimed == (1 if warmup == 0 else warmup * len(methods))
+    if warmup == 0:
+        assert calls[0] is None  # the plain UNet, before the first method (agentsd) is patched in
 
 
 def test_real_architectures_build_with_the_published_layouts():
