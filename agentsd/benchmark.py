@@ -17,7 +17,6 @@ speedups and ceiling fractions are against the compiled baseline and the compile
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,6 @@ from diffusers import UNet2DConditionModel
 
 from .bench_methods import (
     AGENTSD_METHODS,
-    CEILING_OF,
     COMPILABLE,
     METHODS,
     OPTIONAL_METHODS,
@@ -47,6 +45,7 @@ from .results import (
     markdown_table,
     plot_speedups,
     run_info,
+    scenario_rows,
     target_lines,
     write_results,
 )
@@ -251,45 +250,6 @@ def time_compiled(
     return results
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def scenario_rows(
-    timings: dict[str, dict[str, Any]], scenario: dict[str, Any], config: AgentSDConfig
-) -> list[dict[str, Any]]:
-    """Rows of one scenario, with speedups against its baseline and the derived schedule row."""
-    median = {m: statistics.median(t["ms"]) for m, t in timings.items()}
-    for suffix in ("", COMPILE_SUFFIX):
-        agent, tome = median.get("agentsd-agent" + suffix), median.get("agentsd-tome" + suffix)
-        if agent is not None and tome is not None:
-            median["agentsd-schedule" + suffix] = config.agent_steps * agent + (1 - config.agent_steps) * tome
-    rows = []
-    for method, ms in median.items():
-        # Compiled rows are measured against the compiled baseline and ceiling.
-        suffix = COMPILE_SUFFIX if method.endswith(COMPILE_SUFFIX) else ""
-        ceiling_name = CEILING_OF.get(method.removesuffix(suffix), "ceiling")
-        base, ceiling = median["baseline" + suffix], median.get(ceiling_name + suffix)
-        measured = timings.get(method)
-        speedup = base / ms
-        row = dict(scenario, method=method, median_ms=round(ms, 3))
-        row["p10_ms"] = round(_percentile(measured["ms"], 0.1), 3) if measured else None
-        row["p90_ms"] = round(_percentile(measured["ms"], 0.9), 3) if measured else None
-        row["peak_mb"] = round(measured["peak_mb"], 1) if measured else None
-        row["speedup"] = round(speedup, 4)
-        if ceiling is not None and base > ceiling:
-            row["ceiling_fraction"] = round(speedup / (base / ceiling), 4)
-            row["saved_fraction"] = round((base - ms) / (base - ceiling), 4)
-        else:
-            row["ceiling_fraction"] = row["saved_fraction"] = None
-        row["repeats"] = len(measured["ms"]) if measured else None
-        rows.append({k: row.get(k) for k in FIELDS})
-    return rows
-
-
 def run_benchmark(
     archs: Sequence[str] = ("sd15",),
     sizes: Sequence[int] = (512,),
@@ -381,6 +341,7 @@ __all__ = [  # the names of bench_methods.py and results.py are re-exported: one
     "method_context",
     "plot_speedups",
     "run_benchmark",
+    "scenario_rows",
     "target_lines",
     "time_compiled",
     "time_methods",

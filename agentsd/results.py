@@ -1,10 +1,12 @@
-"""The benchmark's rows: their fields and run information, the speed targets read off them,
-and the files they are written to (JSON, CSV, Markdown, a plot)."""
+"""The benchmark's rows: their fields and run information, the rows of a scenario from its
+timings, the speed targets read off them, and the files they are written to (JSON, CSV,
+Markdown, a plot)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import statistics
 import subprocess
 import time
 from collections.abc import Sequence
@@ -13,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .bench_methods import CEILING_OF
+from .config import AgentSDConfig
 
 COMPILE_SUFFIX = "+compile"
 # Every row of every result file carries these: where, with what and when it was measured.
@@ -55,6 +60,45 @@ def run_info(device: torch.device) -> dict[str, str]:
         commit=git_commit(),
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     )
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def scenario_rows(
+    timings: dict[str, dict[str, Any]], scenario: dict[str, Any], config: AgentSDConfig
+) -> list[dict[str, Any]]:
+    """Rows of one scenario, with speedups against its baseline and the derived schedule row."""
+    median = {m: statistics.median(t["ms"]) for m, t in timings.items()}
+    for suffix in ("", COMPILE_SUFFIX):
+        agent, tome = median.get("agentsd-agent" + suffix), median.get("agentsd-tome" + suffix)
+        if agent is not None and tome is not None:
+            median["agentsd-schedule" + suffix] = config.agent_steps * agent + (1 - config.agent_steps) * tome
+    rows = []
+    for method, ms in median.items():
+        # Compiled rows are measured against the compiled baseline and ceiling.
+        suffix = COMPILE_SUFFIX if method.endswith(COMPILE_SUFFIX) else ""
+        ceiling_name = CEILING_OF.get(method.removesuffix(suffix), "ceiling")
+        base, ceiling = median["baseline" + suffix], median.get(ceiling_name + suffix)
+        measured = timings.get(method)
+        speedup = base / ms
+        row = dict(scenario, method=method, median_ms=round(ms, 3))
+        row["p10_ms"] = round(_percentile(measured["ms"], 0.1), 3) if measured else None
+        row["p90_ms"] = round(_percentile(measured["ms"], 0.9), 3) if measured else None
+        row["peak_mb"] = round(measured["peak_mb"], 1) if measured else None
+        row["speedup"] = round(speedup, 4)
+        if ceiling is not None and base > ceiling:
+            row["ceiling_fraction"] = round(speedup / (base / ceiling), 4)
+            row["saved_fraction"] = round((base - ms) / (base - ceiling), 4)
+        else:
+            row["ceiling_fraction"] = row["saved_fraction"] = None
+        row["repeats"] = len(measured["ms"]) if measured else None
+        rows.append({k: row.get(k) for k in FIELDS})
+    return rows
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
