@@ -36,6 +36,7 @@ from .bench_methods import (
     method_context,
 )
 from .config import AgentSDConfig
+from .patch import patched_config
 from .presets import load_preset
 from .results import (
     CEILING_TARGET,
@@ -49,6 +50,7 @@ from .results import (
     target_lines,
     write_results,
 )
+from .status import status
 
 logger = logging.getLogger(__name__)
 
@@ -190,10 +192,17 @@ def _timed_call(model: Callable, inputs: tuple[tuple, dict[str, Any]], device: t
     return elapsed, memory.peak_mb
 
 
-def _record(results: dict[str, dict[str, Any]], method: str, elapsed: float, peak_mb: float) -> None:
+def _record(results: dict[str, dict[str, Any]], method: str, elapsed: float, peak_mb: float, unet) -> None:
+    """Add a timed call of `method`; for an agentsd method (patched in now), also whether some
+    layer ran agent attention or token merging in the calls so far ("acted"), else why not."""
     entry = results.setdefault(method, {"ms": [], "peak_mb": 0.0})
     entry["ms"].append(elapsed)
     entry["peak_mb"] = max(entry["peak_mb"], peak_mb)
+    if patched_config(unet) is not None:
+        activity = status(unet).activity
+        entry["acted"] = entry.get("acted", False) or any(activity.acting_calls.values())
+        if not entry["acted"]:
+            entry["exact_reason"] = next(iter(activity.reasons.values()), "every patched layer ran exact attention")
 
 
 def time_methods(
@@ -217,8 +226,8 @@ def time_methods(
         for method in methods:
             with torch.no_grad(), method_context(method, unet, config):
                 elapsed, peak_mb = _timed_call(unet, inputs, unet.device)
-            if round_index >= warmup:
-                _record(results, method, elapsed, peak_mb)
+                if round_index >= warmup:
+                    _record(results, method, elapsed, peak_mb, unet)
     return results
 
 
@@ -245,7 +254,7 @@ def time_compiled(
             for round_index in range(warm + repeats):
                 elapsed, peak_mb = _timed_call(compiled, inputs, unet.device)
                 if round_index >= warm:
-                    _record(results, method + COMPILE_SUFFIX, elapsed, peak_mb)
+                    _record(results, method + COMPILE_SUFFIX, elapsed, peak_mb, unet)
     torch._dynamo.reset()
     return results
 
