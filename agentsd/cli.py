@@ -235,6 +235,8 @@ def _check_bench_args(args: argparse.Namespace, device) -> None:
     _check_backend(config, device)
     if args.methods and "xformers" in args.methods:
         _check_backend(AgentSDConfig(attention_backend="xformers"), device, "xformers")
+    if args.methods and "tomesd" in args.methods and importlib.util.find_spec("tomesd") is None:
+        raise UsageError("--methods tomesd needs ToMe for SD: pip install tomesd (or 'agentsd[bench]'), or drop it.")
     if args.compile is not None:
         import torch._dynamo
 

@@ -161,3 +161,14 @@ def test_the_library_refuses_steps_and_seeds_before_creating_anything(tmp_path):
     with pytest.raises(GenerationError, match="steps 1001"):
         compare.run_comparison(pipe, ["x"], [compare.parse_method("paper")], out, settings, scoring, progress=False)
     assert not out.exists()
+
+
+def test_bench_refuses_tomesd_without_the_package_before_building_a_unet(tmp_path, capsys, monkeypatch):
+    from agentsd import benchmark
+
+    monkeypatch.setitem(sys.modules, "tomesd", None)  # import fails, find_spec says None
+    monkeypatch.setattr(benchmark, "build_unet", lambda *a, **k: pytest.fail("a UNet was built"))
+    out = tmp_path / "out"
+    code, errors = run_main(capsys, *COMMANDS["bench"], "--methods", "baseline", "tomesd", "--out", out)
+    assert code == 2 and len(errors) == 1 and "pip install tomesd" in errors[0], errors
+    assert not out.exists()
