@@ -7,6 +7,7 @@ image when interrupted. Loading the pipeline and the checks before any work are 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -152,7 +153,7 @@ def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | No
     return dict(
         model=settings.model,
         scheduler=scheduler_name or type(pipe.scheduler).__name__,
-        scheduler_config={k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
+        scheduler_config=scheduler_record(pipe.scheduler),
         steps=settings.steps,
         guidance=settings.guidance,
         width=settings.width or side,
@@ -161,6 +162,13 @@ def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | No
         dtype=str(pipe.unet.dtype).replace("torch.", ""),
         agentsd_version=__version__,
     )
+
+
+def scheduler_record(scheduler: Any) -> dict[str, Any]:
+    """The scheduler's public config as JSON reads it back (arrays as lists, such as
+    `trained_betas`): what a sidecar records and is compared with."""
+    config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    return json.loads(json.dumps(config, default=lambda value: getattr(value, "tolist", lambda: str(value))()))
 
 
 def image_record(record: dict[str, Any], run: MethodRun, job: ImageJob) -> dict[str, Any]:

@@ -111,3 +111,24 @@ def test_the_command_names_the_setting_and_takes_overwrite(tmp_path, capsys):
     assert len(errors) == 1 and "4 images" in errors[0] and "steps 1 (now 2)" in errors[0], errors
     assert main([*argv, "--steps", "2", "--overwrite"]) == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["steps"] == 2
+
+
+def test_a_scheduler_config_holding_an_array_is_recorded_and_compared(pipe, tmp_path):
+    """Sidecars record the scheduler's config: an array in it (`trained_betas`) is written as a
+    list, and a rerun with the same array reuses the images."""
+    import diffusers
+    import numpy as np
+
+    original = pipe.scheduler
+    betas = np.linspace(0.00085, 0.012, 1000)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(original.config, trained_betas=betas)
+    try:
+        out = tmp_path / "out"
+        run(pipe, out)
+        sidecar = json.loads((out / "images" / "paper" / "p0000_s0.json").read_text())
+        assert sidecar["scheduler_config"]["trained_betas"] == betas.tolist()
+        made = files(out / "images")
+        run(pipe, out)
+        assert files(out / "images") == made
+    finally:
+        pipe.scheduler = original
