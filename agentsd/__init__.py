@@ -2,26 +2,71 @@
 
 >>> import agentsd
 >>> agentsd.patch(pipe)  # doctest: +SKIP
+
+The names below are imported on first use, so `import agentsd` (and the `agentsd` command,
+which handles Ctrl-C from its first line) does not import torch and diffusers by itself.
 """
 
-from .community import community_pipeline
-from .config import AgentSDConfig
-from .patch import current_phase, is_patched, patch, patched, patched_config, unpatch, unpatched
-from .status import PatchStatus, status
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AgentSDConfig",
-    "PatchStatus",
-    "__version__",
-    "community_pipeline",
-    "current_phase",
-    "is_patched",
-    "patch",
-    "patched",
-    "patched_config",
-    "status",
-    "unpatch",
-    "unpatched",
-]
+# Each public name -> the submodule that defines it.
+_EXPORTS = {
+    "AgentSDConfig": "config",
+    "PatchStatus": "status",
+    "community_pipeline": "community",
+    "current_phase": "patch",
+    "is_patched": "patch",
+    "patch": "patch",
+    "patched": "patch",
+    "patched_config": "patch",
+    "status": "status",
+    "unpatch": "patch",
+    "unpatched": "patch",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
+    from .community import community_pipeline as community_pipeline
+    from .config import AgentSDConfig as AgentSDConfig
+    from .patch import current_phase as current_phase
+    from .patch import is_patched as is_patched
+    from .patch import patch as patch
+    from .patch import patched as patched
+    from .patch import patched_config as patched_config
+    from .patch import unpatch as unpatch
+    from .patch import unpatched as unpatched
+    from .status import PatchStatus as PatchStatus
+    from .status import status as status
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+class _Package(types.ModuleType):
+    """The package module: `agentsd.patch` and `agentsd.status` stay the functions when their
+    submodules are imported (the import system would bind each submodule over its function)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

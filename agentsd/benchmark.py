@@ -17,7 +17,6 @@ speedups and ceiling fractions are against the compiled baseline and the compile
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,6 @@ from diffusers import UNet2DConditionModel
 
 from .bench_methods import (
     AGENTSD_METHODS,
-    CEILING_OF,
     COMPILABLE,
     METHODS,
     OPTIONAL_METHODS,
@@ -38,6 +36,7 @@ from .bench_methods import (
     method_context,
 )
 from .config import AgentSDConfig
+from .patch import patched_config
 from .presets import load_preset
 from .results import (
     CEILING_TARGET,
@@ -47,9 +46,11 @@ from .results import (
     markdown_table,
     plot_speedups,
     run_info,
+    scenario_rows,
     target_lines,
     write_results,
 )
+from .status import status
 
 logger = logging.getLogger(__name__)
 
@@ -191,10 +192,17 @@ def _timed_call(model: Callable, inputs: tuple[tuple, dict[str, Any]], device: t
     return elapsed, memory.peak_mb
 
 
-def _record(results: dict[str, dict[str, Any]], method: str, elapsed: float, peak_mb: float) -> None:
+def _record(results: dict[str, dict[str, Any]], method: str, elapsed: float, peak_mb: float, unet) -> None:
+    """Add a timed call of `method`; for an agentsd method (patched in now), also whether some
+    layer ran agent attention or token merging in the calls so far ("acted"), else why not."""
     entry = results.setdefault(method, {"ms": [], "peak_mb": 0.0})
     entry["ms"].append(elapsed)
     entry["peak_mb"] = max(entry["peak_mb"], peak_mb)
+    if patched_config(unet) is not None:
+        activity = status(unet).activity
+        entry["acted"] = entry.get("acted", False) or any(activity.acting_calls.values())
+        if not entry["acted"]:
+            entry["exact_reason"] = next(iter(activity.reasons.values()), "every patched layer ran exact attention")
 
 
 def time_methods(
@@ -205,14 +213,21 @@ def time_methods(
     repeats: int = 3,
     warmup: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    """Milliseconds of each repeat and the peak memory per method, interleaved."""
+    """Milliseconds of each repeat and the peak memory per method, interleaved.
+
+    With `warmup=0`, one untimed call of the plain UNet comes first: the cold start (allocations,
+    kernel selection) would otherwise be charged to whichever method runs first."""
     results: dict[str, dict[str, Any]] = {}
+    if warmup == 0:
+        args, kwargs = inputs
+        with torch.no_grad():
+            unet(*args, **kwargs)
     for round_index in range(warmup + repeats):
         for method in methods:
             with torch.no_grad(), method_context(method, unet, config):
                 elapsed, peak_mb = _timed_call(unet, inputs, unet.device)
-            if round_index >= warmup:
-                _record(results, method, elapsed, peak_mb)
+                if round_index >= warmup:
+                    _record(results, method, elapsed, peak_mb, unet)
     return results
 
 
@@ -239,48 +254,9 @@ def time_compiled(
             for round_index in range(warm + repeats):
                 elapsed, peak_mb = _timed_call(compiled, inputs, unet.device)
                 if round_index >= warm:
-                    _record(results, method + COMPILE_SUFFIX, elapsed, peak_mb)
+                    _record(results, method + COMPILE_SUFFIX, elapsed, peak_mb, unet)
     torch._dynamo.reset()
     return results
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def scenario_rows(
-    timings: dict[str, dict[str, Any]], scenario: dict[str, Any], config: AgentSDConfig
-) -> list[dict[str, Any]]:
-    """Rows of one scenario, with speedups against its baseline and the derived schedule row."""
-    median = {m: statistics.median(t["ms"]) for m, t in timings.items()}
-    for suffix in ("", COMPILE_SUFFIX):
-        agent, tome = median.get("agentsd-agent" + suffix), median.get("agentsd-tome" + suffix)
-        if agent is not None and tome is not None:
-            median["agentsd-schedule" + suffix] = config.agent_steps * agent + (1 - config.agent_steps) * tome
-    rows = []
-    for method, ms in median.items():
-        # Compiled rows are measured against the compiled baseline and ceiling.
-        suffix = COMPILE_SUFFIX if method.endswith(COMPILE_SUFFIX) else ""
-        ceiling_name = CEILING_OF.get(method.removesuffix(suffix), "ceiling")
-        base, ceiling = median["baseline" + suffix], median.get(ceiling_name + suffix)
-        measured = timings.get(method)
-        speedup = base / ms
-        row = dict(scenario, method=method, median_ms=round(ms, 3))
-        row["p10_ms"] = round(_percentile(measured["ms"], 0.1), 3) if measured else None
-        row["p90_ms"] = round(_percentile(measured["ms"], 0.9), 3) if measured else None
-        row["peak_mb"] = round(measured["peak_mb"], 1) if measured else None
-        row["speedup"] = round(speedup, 4)
-        if ceiling is not None and base > ceiling:
-            row["ceiling_fraction"] = round(speedup / (base / ceiling), 4)
-            row["saved_fraction"] = round((base - ms) / (base - ceiling), 4)
-        else:
-            row["ceiling_fraction"] = row["saved_fraction"] = None
-        row["repeats"] = len(measured["ms"]) if measured else None
-        rows.append({k: row.get(k) for k in FIELDS})
-    return rows
 
 
 def run_benchmark(
@@ -374,6 +350,7 @@ __all__ = [  # the names of bench_methods.py and results.py are re-exported: one
     "method_context",
     "plot_speedups",
     "run_benchmark",
+    "scenario_rows",
     "target_lines",
     "time_compiled",
     "time_methods",

@@ -93,11 +93,11 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def _device_and_dtype(args: argparse.Namespace, auto=None):
     """The (dtype, device) of --dtype/--device; a CUDA request without CUDA falls back to fp32."""
-    from . import generation as gen
+    from .loading import resolve_device, resolve_dtype
 
-    device = auto if args.device == "auto" and auto is not None else gen.resolve_device(args.device)
+    device = auto if args.device == "auto" and auto is not None else resolve_device(args.device)
     fell_back = device.type == "cpu" and args.device.startswith("cuda")
-    return gen.resolve_dtype(None if fell_back else args.dtype, device), device
+    return resolve_dtype(None if fell_back else args.dtype, device), device
 
 
 @contextlib.contextmanager
@@ -134,18 +134,36 @@ def _check_positive(flag: str, value: int, minimum: int = 1) -> None:
 
 
 def _check_scheduler(args: argparse.Namespace) -> None:
-    from .generation import SCHEDULERS
+    from .loading import SCHEDULERS
 
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {args.scheduler!r}: use one of {', '.join(SCHEDULERS)}.")
 
 
-def _load_pipeline(args: argparse.Namespace, dtype, device):
-    """The pipeline of --model on `device` in `dtype`, with --scheduler."""
-    from . import generation as gen
+def _check_seeds_and_steps(args: argparse.Namespace, images: int) -> None:
+    """Before loading the model: the seeds of `images` images from --seed, and --steps for the
+    scheduler, when the model's scheduler config can be read without loading it."""
+    from . import loading
 
-    pipe = gen.load_pipeline(args.model, dtype, device)
-    gen.set_scheduler(pipe, args.scheduler)
+    loading.check_seeds(args.seed, images)
+    scheduler = loading.model_scheduler(args.model, args.scheduler)
+    if scheduler is not None:
+        loading.check_steps(scheduler, args.steps)
+
+
+def _load_pipeline(args: argparse.Namespace, dtype, device, configs, out: Path):
+    """Create `out` (writable), then load --model on `device` in `dtype` with --scheduler and
+    refuse what only the loaded model tells (configs that patch nothing, --steps): on an error
+    (or Ctrl-C) the folder is removed again if this made it."""
+    from . import loading
+
+    with _no_empty_folder_on_error(out):
+        loading.prepare_folder(out)
+        pipe = loading.load_pipeline(args.model, dtype, device)
+        loading.set_scheduler(pipe, args.scheduler)
+        for config in filter(None, configs):
+            loading.check_config_patches(pipe, config)
+        loading.check_steps(pipe.scheduler, args.steps)
     return pipe
 
 
@@ -170,12 +188,9 @@ def _generate(args: argparse.Namespace) -> int:
     )
     dtype, device = _device_and_dtype(args)
     _check_backend(config, device)
+    _check_seeds_and_steps(args, args.num_images)
     out = Path(args.out)
-    with _no_empty_folder_on_error(out):
-        gen.prepare_folder(out)
-        pipe = _load_pipeline(args, dtype, device)
-        if config is not None:
-            gen.check_config_patches(pipe, config)
+    pipe = _load_pipeline(args, dtype, device, [config], out)
     jobs = gen.plan_jobs(prompts, args.num_images, args.seed)
     runs = []
     try:
@@ -220,6 +235,8 @@ def _check_bench_args(args: argparse.Namespace, device) -> None:
     _check_backend(config, device)
     if args.methods and "xformers" in args.methods:
         _check_backend(AgentSDConfig(attention_backend="xformers"), device, "xformers")
+    if args.methods and "tomesd" in args.methods and importlib.util.find_spec("tomesd") is None:
+        raise UsageError("--methods tomesd needs ToMe for SD: pip install tomesd (or 'agentsd[bench]'), or drop it.")
     if args.compile is not None:
         import torch._dynamo
 
@@ -236,7 +253,7 @@ def _bench(args: argparse.Namespace) -> int:
     import shlex
 
     from . import benchmark
-    from .generation import DTYPES, prepare_folder, resolve_device
+    from .loading import DTYPES, prepare_folder, resolve_device
 
     dtype = DTYPES.get(args.dtype)
     device = None if args.device == "auto" else resolve_device(args.device, fallback=False)
@@ -291,7 +308,7 @@ def _compare(args: argparse.Namespace) -> int:
     _check_scheduler(args)
     settings = gen.GenerationSettings(
         model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, overwrite=args.overwrite,
     )  # fmt: skip
     scoring = cmp.ComparisonSettings(
         reference=args.reference, inception_weights=args.inception_weights, clip_model=args.clip_model,
@@ -301,13 +318,8 @@ def _compare(args: argparse.Namespace) -> int:
     for method in methods:
         _check_backend(method.config, device, method.name)
     cmp.check_scoring(methods, scoring, device)  # a missing package or weight file fails before any work
-    out = Path(args.out)
-    with _no_empty_folder_on_error(out):
-        gen.prepare_folder(out)
-        pipe = _load_pipeline(args, dtype, device)
-        for method in methods:
-            if method.config is not None:
-                gen.check_config_patches(pipe, method.config)
+    _check_seeds_and_steps(args, len(prompts))
+    pipe = _load_pipeline(args, dtype, device, [m.config for m in methods], Path(args.out))
     try:
         results = cmp.run_comparison(pipe, prompts, methods, args.out, settings, scoring, seed=args.seed)
     except KeyboardInterrupt:
@@ -325,11 +337,22 @@ COMMANDS = {"generate": _generate, "bench": _bench, "compare": _compare, "preset
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    parser = build_parser()
+    """Run the `agentsd` command line; returns the exit code. Ctrl-C at any point, the imports of
+    torch and diffusers and the loading of the model included, exits 130 with one line (a
+    command interrupted in its work says what it kept)."""
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     debug = "--debug" in argv
-    from .generation import GenerationError
+    parser = build_parser()
+    from .loading import GenerationError
 
     try:
         args = parser.parse_args(argv)
@@ -343,9 +366,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"agentsd: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:  # before the work started (the commands handle it during the work)
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except SystemExit as stop:  # --help, --version: an exit code when called as a function too
         return stop.code if isinstance(stop.code, int) else 0
 

@@ -7,8 +7,7 @@ import dataclasses
 
 # AgentSDConfig fields whose flag name differs from the field name (`--seed` seeds the images).
 FLAG_NAMES = {"seed": "agent-seed"}
-# AgentSDConfig fields that take a name or None; "auto" on the command line stands for None.
-# Fields with a fixed set of values; "auto" stands for None.
+# AgentSDConfig fields with a fixed set of values, any case; "auto" (or "none", "null") stands for None.
 CHOICE_FLAGS = {
     "attn_precision": ["auto", "fp32"],
     "attention_backend": ["auto", "sdpa", "xformers", "einsum"],
@@ -87,6 +86,14 @@ def config_dest(field: str) -> str:
     return config_flag(field)[2:].replace("-", "_")
 
 
+def _automatic_choice(text: str) -> str:
+    """A choice flag's value in lower case, with AgentSDConfig's words for None spelled "auto"."""
+    from .config import AUTOMATIC_WORDS
+
+    text = text.strip().lower()
+    return "auto" if text in AUTOMATIC_WORDS else text
+
+
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     from .config import AgentSDConfig
 
@@ -102,7 +109,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type in (bool, "bool"):
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name in CHOICE_FLAGS:
-            group.add_argument(flag, dest=dest, choices=CHOICE_FLAGS[f.name], default=None, help=text)
+            kind = _automatic_choice if "auto" in CHOICE_FLAGS[f.name] else str.lower
+            group.add_argument(flag, dest=dest, type=kind, choices=CHOICE_FLAGS[f.name], default=None, help=text)
         else:
             kind = int if isinstance(f.default, int) else float
             group.add_argument(flag, dest=dest, type=kind, default=None, help=text)
@@ -110,7 +118,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
     """--steps, --guidance, --width, --height, --batch-size, --seed, --scheduler, --dtype, --device."""
-    from .generation import SCHEDULERS
+    from .loading import SCHEDULERS
 
     parser.add_argument("--width", type=int, help="image width, a multiple of 8; default: the model's")
     parser.add_argument("--height", type=int, help="image height, a multiple of 8; default: the model's")
@@ -142,7 +150,7 @@ def _bench_epilog() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .benchmark import DEFAULT_PRESETS, METHODS, OPTIONAL_METHODS
-    from .generation import DEFAULT_MODEL
+    from .loading import DEFAULT_MODEL
     from .metrics import INCEPTION_FILE
 
     formatter = _HelpFormatter
@@ -193,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="methods to time (listed below); default: every method that runs here")  # fmt: skip
     bench.add_argument("--preset", help="agentsd preset name or YAML file; default per arch: paper, sd21, sdxl")
     bench.add_argument("--repeats", type=int, default=3, help="timed rounds per method (the median is reported)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed rounds per method first")
+    bench.add_argument(
+        "--warmup", type=int, default=1, help="untimed rounds per method first (0: one untimed call of the plain UNet)"
+    )
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (CUDA requested: no fallback)")
     bench.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: fp16 on CUDA, fp32 on the CPU")
     bench.add_argument(
@@ -206,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="FID, fidelity and speed of methods on one prompt set", formatter_class=formatter,
         description="Generate every method's images with the same prompts and seeds, then score them from "
         "the files.",
-        epilog="output in --out: images/<method>/ (resumable), results.json, results.md (also printed),\n"
-        "fid_vs_time.png (needs matplotlib; skipped with a warning without it) and samples.png.",
+        epilog="output in --out: images/<method>/, results.json (with the settings the images were made with),\n"
+        "results.md (also printed), fid_vs_time.png (needs matplotlib; skipped with a warning without it) and\n"
+        "samples.png. A rerun resumes: it reuses the images made with the same settings (each image's .json\n"
+        "sidecar says how it was made) and stops, naming the settings, at images made with others.",
     )  # fmt: skip
     cmp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder")
     cmp.add_argument("--method", action="append",
@@ -225,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     _run_flags(cmp, "auto (accelerate's device for this process), cpu, cuda or cuda:N")
     cmp.add_argument("--out", default="compare-out", help="output folder")
+    cmp.add_argument(
+        "--overwrite", action="store_true",
+        help="make again the images in --out made with other settings (without it they stop the run, naming the "
+        "settings that differ); images made with these settings are reused either way",
+    )  # fmt: skip
     cmp.set_defaults(prompt=None)
 
     commands.add_parser("presets", help="list the preset configs", formatter_class=formatter)

@@ -1,8 +1,10 @@
 """Quality comparison: the published FID protocol, resumable and sharded with accelerate.
 
 Images for the baseline and every method are generated with the same prompts and seeds into
-`OUT/images/<method>/` (written as they finish, skipped when present, so a rerun resumes),
-then scored from the files on disk by the main process:
+`OUT/images/<method>/`, written as they finish. A rerun resumes: it reuses the images whose
+sidecars say they were made with the same settings, and refuses images made with other settings
+(unless asked to make those again), so one table never mixes two runs. Then the main process
+scores them from the files on disk:
 
 - FID against a folder of reference images or precomputed statistics (`.npz` with `mu` and
   `sigma`, as pytorch-fid writes them), through torchmetrics' `FrechetInceptionDistance`
@@ -37,8 +39,11 @@ from .generation import (
     ImageJob,
     MethodRun,
     call_pipeline,
+    check_run,
     generate_runs,
     prepare_folder,
+    run_record,
+    stale_images,
 )
 from .metrics import (  # MetricsError and image_paths: part of this module's interface too
     MetricsError,  # noqa: F401
@@ -140,13 +145,25 @@ def parse_method(spec: str) -> MethodSpec:
 
 
 def with_baseline(methods: Sequence[MethodSpec]) -> list[MethodSpec]:
-    """`methods` with the baseline first unless already there; refuses repeated methods."""
+    """`methods` with the baseline first unless already there.
+
+    Refuses repeated methods, and methods whose names map to the same image folder (`x/a.yaml`
+    and `x_a.yaml` both give `x_a.yaml`; folders are compared ignoring case, as some file
+    systems do), which would share their images and scores."""
     methods = list(methods)
     if not any(m.name == "baseline" for m in methods):
         methods.insert(0, MethodSpec("baseline"))
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise GenerationError(f"methods must be distinct, got {', '.join(names)}: give each --method once.")
+    folders: dict[str, MethodSpec] = {}
+    for method in methods:
+        other = folders.setdefault(method.folder_name.casefold(), method)
+        if other is not method:
+            raise GenerationError(
+                f"methods {other.name!r} and {method.name!r} would share the image folder images/{method.folder_name}: "
+                "rename or move one of their preset files (folder names keep letters, digits and _.=- only)."
+            )
     return methods
 
 
@@ -212,6 +229,11 @@ def run_comparison(
 ) -> dict[str, Any] | None:
     """Generate (this process's shard of) every method's images, then score on the main process.
 
+    Images already in `OUT/images` are reused when their sidecars say they were made with these
+    settings (model, scheduler and its config, steps, guidance, size, dtype, prompt, seed, method
+    and its config). Images made with other settings raise `GenerationError` naming the settings
+    that differ, before any work, unless `settings.overwrite`, which makes those images again.
+
     Returns:
         The results (also written to `OUT/results.json`, `results.md`, `fid_vs_time.png`,
         `samples.png`) on the main process; None on the others.
@@ -222,15 +244,23 @@ def run_comparison(
     if state.is_main_process:  # the main process alone scores
         for skipped in check_scoring(methods, scoring, pipe.device):
             logger.warning("%s will be skipped", skipped)
-    out = prepare_folder(Path(out_dir))
+    jobs = [ImageJob(i, prompt, seed + i) for i, prompt in enumerate(prompts)]
+    check_run(pipe, jobs, settings)
+    out = Path(out_dir)
+    runs = [m.run(out / "images" / m.folder_name) for m in methods]
+    record = run_record(pipe, settings)
+    stale = stale_images(runs, jobs, record)
+    if stale and not settings.overwrite:
+        raise GenerationError(_stale_message(stale, out))
+    prepare_folder(out)
     metric = None
     if scoring.reference is not None and state.is_main_process:
         # Built before generating: a missing package, weight file or reference fails now, not hours later.
         metric = fid_metric(scoring.feature_extractor, scoring.inception_weights)
         load_reference(metric, scoring.reference)
-    jobs = [ImageJob(i, prompt, seed + i) for i, prompt in enumerate(prompts)]
-    runs = [m.run(prepare_folder(out / "images" / m.folder_name)) for m in methods]
-    generate_runs(pipe, shard_jobs(jobs), runs, settings, progress=progress and state.is_main_process)
+    for run in runs:
+        prepare_folder(run.folder)
+    generate_runs(pipe, shard_jobs(jobs), runs, settings, progress=progress and state.is_main_process, stale=stale)
     memory = {}
     if scoring.measure_memory and state.is_main_process:
         memory = {m.name: memory_per_image(pipe, r, settings, prompts[0]) for m, r in zip(methods, runs, strict=True)}
@@ -238,9 +268,21 @@ def run_comparison(
     if not state.is_main_process:
         return None
     results = score(out, methods, jobs, scoring, memory, metric)
+    results["settings"] = dict(record, seed=seed)  # what every image was made with (checked above)
     results["activity"] = {r.label: r.activity.summary() for r in runs if r.config is not None and r.activity.calls}
     write_report(results, out, scoring.samples)
     return results
+
+
+def _stale_message(stale: dict[Path, list[str]], out: Path) -> str:
+    differences = list(dict.fromkeys(d for found in stale.values() for d in found))
+    shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+    example = next(iter(stale)).with_suffix(".json")
+    return (
+        f"{len(stale)} images in {out / 'images'} were made with other settings than this run's ({shown}; e.g. "
+        f"{example}): rerun with the settings they were made with to resume, pass --overwrite to make those images "
+        "again with these settings, or choose another --out."
+    )
 
 
 def score(

@@ -7,9 +7,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 ATTN_PRECISIONS = (None, "fp32")
 ATTENTION_BACKENDS = (None, "sdpa", "xformers", "einsum")
 AGENT_SELECTIONS = ("match", "pool")
+# Fields whose None means "choose automatically"; these words (any case) stand for None, as
+# `--attn-precision auto` does on the command line and `null` in YAML.
+AUTOMATIC_FIELDS = ("attn_precision", "attention_backend")
+AUTOMATIC_WORDS = ("none", "auto", "null")
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,8 @@ class AgentSDConfig:
         seed: seed of the library's own generator for the destination draws, >= 0.
         attn_precision: `"fp32"` computes both softmaxes in float32; `None` chooses fp32
             for layers whose diffusers `Attention` upcasts (SD 2.x) and the model dtype
-            elsewhere.
+            elsewhere. The strings "none", "auto" and "null" (any case) mean None here and in
+            `attention_backend`.
         agent_steps: fraction of the denoising trajectory, from the noisiest end, that runs
             the agent phase, in [0, 1]: 1.0 always, 0.0 never. Measured as
             `1 - t / num_train_timesteps`, so it does not depend on the sampler.
@@ -59,6 +66,9 @@ class AgentSDConfig:
             `agent_ratio`) or `"pool"` (opt-in, changes outputs: agents are the means of the
             whole `sx x sy` cells, no matching; with `ratio=0` the agent phase needs no
             matching at all).
+
+    numpy scalars (`np.float32(0.5)`, `np.int64(4)`, `np.bool_(True)`) are stored as the
+    Python float, int or bool they hold, and validated as such.
 
     Example:
         >>> from agentsd import AgentSDConfig
@@ -90,6 +100,12 @@ class AgentSDConfig:
     agent_selection: str = "match"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (np.bool_, np.integer, np.floating)):
+                object.__setattr__(self, f.name, value.item())  # frozen: set through object
+            elif f.name in AUTOMATIC_FIELDS and isinstance(value, str) and value.strip().lower() in AUTOMATIC_WORDS:
+                object.__setattr__(self, f.name, None)
         for name in ("ratio", "agent_ratio", "late_ratio"):
             _check_real(name, getattr(self, name), "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
         _check_real("agent_steps", self.agent_steps, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
@@ -106,13 +122,13 @@ class AgentSDConfig:
         if self.attn_precision not in ATTN_PRECISIONS:
             raise ValueError(
                 f"AgentSDConfig.attn_precision={self.attn_precision!r} is not supported: "
-                "use None (automatic) or 'fp32'."
+                "use None (automatic; also 'auto') or 'fp32'."
             )
 
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"AgentSDConfig.attention_backend={self.attention_backend!r} is not supported: "
-                "use None (automatic), 'sdpa', 'xformers' or 'einsum'."
+                "use None (automatic; also 'auto'), 'sdpa', 'xformers' or 'einsum'."
             )
         if self.agent_selection not in AGENT_SELECTIONS:
             raise ValueError(

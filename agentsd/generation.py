@@ -1,145 +1,46 @@
 """Text-to-image with and without agent attention, written to disk as images finish.
 
-The library side of `agentsd generate`: loading a pipeline by hub id or folder, choosing a
-scheduler, and generating a set of (prompt, seed) images into a folder with their
-parameters embedded, never overwriting unless asked, keeping every finished image when
-interrupted.
+The library side of `agentsd generate`: generating a set of (prompt, seed) images into a
+folder with their parameters embedded, never overwriting unless asked, keeping every finished
+image when interrupted. Loading the pipeline and the checks before any work are in `loading`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from . import __version__
-from .compat import dtype_kwargs
 from .config import AgentSDConfig
-from .output import atomic_write, save_image, side_by_side
-from .patch import attention_layers, patched
+from .loading import (  # re-exported: `generation` has been their home
+    DEFAULT_MODEL,  # noqa: F401
+    DTYPES,  # noqa: F401
+    SCHEDULERS,  # noqa: F401
+    GenerationError,
+    check_config_patches,
+    check_seeds,
+    check_steps,
+    load_pipeline,  # noqa: F401
+    prepare_folder,
+    resolve_device,  # noqa: F401
+    resolve_dtype,  # noqa: F401
+    set_scheduler,  # noqa: F401
+)
+from .output import atomic_write, read_sidecar, save_image, setting_differences, side_by_side
+from .patch import patched
 from .status import Activity, recording_phases, status
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-# Scheduler name -> (diffusers class name, extra config). Looked up by name when used: older
-# diffusers releases lack some (LCMScheduler arrived in 0.22).
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BASELINE, AGENTSD = "baseline", "agentsd"
-
-
-class GenerationError(Exception):
-    """A problem with the user's input or environment; the message names it and the fix."""
-
-
-def resolve_device(requested: str = "auto", fallback: bool = True) -> torch.device:
-    """The device named by `requested` (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`).
-
-    `auto` picks CUDA when present. A CUDA request without CUDA falls back to the CPU with a
-    warning, or raises with `fallback=False`.
-
-    Raises:
-        GenerationError: an unknown device, a CUDA index this machine does not have, or CUDA
-            (without `fallback`) or MPS requested where it is not available.
-    """
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise GenerationError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        if not fallback:
-            raise GenerationError(f"device {requested!r}: CUDA is not available here: use --device cpu or auto.")
-        logger.warning("CUDA is not available: running on the CPU in fp32 (slow).")
-        return torch.device("cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise GenerationError(f"device {requested!r} does not exist: this machine has cuda:0 to cuda:{count - 1}.")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise GenerationError(f"device {requested!r}: MPS is not available here: use --device cpu or auto.")
-    return device
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """fp16 on CUDA and fp32 on the CPU unless named."""
-    if name is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise GenerationError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}.")
-    return DTYPES[name]
-
-
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
-    """Load a Stable Diffusion pipeline (its class comes from the model) onto `device`.
-
-    Raises:
-        GenerationError: the model cannot be found, downloaded or loaded, or has no UNet.
-    """
-    local = Path(model).expanduser()
-    looks_local = model.startswith((".", "/", "~")) or local.exists()
-    if looks_local and not local.is_dir():
-        raise GenerationError(f"model folder {model!r} does not exist: pass an existing folder or a hub id.")
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(local) if looks_local else model, **dtype_kwargs(dtype))
-    except Exception as err:  # hub, network, auth and format errors come in many types
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise GenerationError(
-            f"cannot load model {model!r} ({reason[:200]}): check the id, log in with `hf auth login` for a "
-            "gated model, or pass a local folder saved with save_pretrained."
-        ) from err
-    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
-        raise GenerationError(
-            f"{model!r} loads as {type(pipe).__name__}, which has no Stable Diffusion UNet: agentsd supports "
-            "SD 1.x, 2.x and SDXL models."
-        )
-    return pipe.to(device)
-
-
-def set_scheduler(pipe: Any, name: str | None) -> None:
-    """Replace the pipeline's scheduler by name, keeping the model's noise schedule."""
-    if name is None:
-        return
-    if name not in SCHEDULERS:
-        raise GenerationError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}.")
-    class_name, extra = SCHEDULERS[name]
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
-        raise GenerationError(
-            f"scheduler {name!r} needs diffusers' {class_name}, which diffusers {diffusers.__version__} does not "
-            "have: upgrade diffusers or choose another scheduler."
-        )
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
-
-
-def check_config_patches(pipe: Any, config: AgentSDConfig) -> None:
-    """Refuse a config that would patch no layer (and so silently run the baseline)."""
-    if not attention_layers(pipe.unet, config.max_downsample):
-        raise GenerationError(
-            f"the agentsd config patches no layer of this UNet: it has no self-attention at downsample <= "
-            f"{config.max_downsample} (SDXL has none at 1). Use --preset sdxl or --max-downsample 2."
-        )
 
 
 @dataclass(frozen=True)
@@ -210,17 +111,13 @@ class MethodRun:
         return nullcontext() if self.config is None else patched(pipe, self.config)
 
 
-def prepare_folder(folder: Path) -> Path:
-    """Create `folder` and make sure files can be written there."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".agentsd-write-test"):
-            pass
-    except OSError as err:
-        raise GenerationError(
-            f"cannot write to output folder {str(folder)!r} ({err.strerror or err}): choose another --out."
-        ) from None
-    return folder
+def check_run(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings) -> None:
+    """Refuse, before any work, what would fail mid-run: a step count the pipeline's scheduler
+    refuses, image seeds the generator refuses."""
+    check_steps(pipe.scheduler, settings.steps, "steps")
+    if jobs:
+        seeds = [job.seed for job in jobs]
+        check_seeds(min(seeds), max(seeds) - min(seeds) + 1, "seed")
 
 
 def call_pipeline(
@@ -246,6 +143,53 @@ def call_pipeline(
             run.activity += status(pipe).activity
             run.phases = list(phases)
     return images
+
+
+def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | None = None) -> dict[str, Any]:
+    """What every image of a run records about how it was made (its sidecar adds the image's own
+    fields, see `image_record`): the model, the scheduler (its name and config), steps, guidance,
+    size, negative prompt, dtype and the agentsd version."""
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return dict(
+        model=settings.model,
+        scheduler=scheduler_name or type(pipe.scheduler).__name__,
+        scheduler_config=scheduler_record(pipe.scheduler),
+        steps=settings.steps,
+        guidance=settings.guidance,
+        width=settings.width or side,
+        height=settings.height or side,
+        negative_prompt=settings.negative_prompt,
+        dtype=str(pipe.unet.dtype).replace("torch.", ""),
+        agentsd_version=__version__,
+    )
+
+
+def scheduler_record(scheduler: Any) -> dict[str, Any]:
+    """The scheduler's public config as JSON reads it back (arrays as lists, such as
+    `trained_betas`): what a sidecar records and is compared with."""
+    config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    return json.loads(json.dumps(config, default=lambda value: getattr(value, "tolist", lambda: str(value))()))
+
+
+def image_record(record: dict[str, Any], run: MethodRun, job: ImageJob) -> dict[str, Any]:
+    """The run's `record` with what is the image's own: its prompt, seed and method."""
+    config = None if run.config is None else run.config.to_dict()
+    return dict(record, prompt=job.prompt, prompt_index=job.prompt_index, seed=job.seed, method=run.label,
+                agentsd_config=config)  # fmt: skip
+
+
+def stale_images(runs: Sequence[MethodRun], jobs: Sequence[ImageJob], record: dict[str, Any]) -> dict[Path, list[str]]:
+    """The existing images of `runs` made with other settings than `record` (a `run_record`)
+    says, each with how its sidecar differs (`output.setting_differences`)."""
+    stale = {}
+    for run in runs:
+        for job in jobs:
+            path = run.folder / f"{job.name}.png"
+            if path.exists():
+                differences = setting_differences(read_sidecar(path), image_record(record, run, job))
+                if differences:
+                    stale[path] = differences
+    return stale
 
 
 def _sync(pipe: Any) -> None:
@@ -281,7 +225,7 @@ def generate(
         One `MethodRun` per method with its seconds per image and the files written.
         Existing files are skipped (listed in `skipped`) unless `settings.overwrite`.
     """
-
+    check_run(pipe, jobs, settings)
     out = prepare_folder(Path(out_dir))
     if config is None:
         runs = [MethodRun(BASELINE, None, out)]
@@ -303,46 +247,40 @@ def generate_runs(
     scheduler_name: str | None = None,
     progress: bool = True,
     warmup: bool = False,
+    stale: Collection[Path] | None = None,
 ) -> list[MethodRun]:
     """Generate `jobs` for every method of `runs`, batch by batch, methods interleaved.
 
     Args:
         compare_dir: if given, side-by-side pairs of the first two runs go there.
         warmup: run one 1-step call per method first, so no method pays first-call costs.
+        stale: existing images to replace, found to be made with other settings (see
+            `stale_images`); the other existing images are skipped, whatever `settings.overwrite`.
+            None: every existing image is skipped, unless `settings.overwrite`.
     """
     from tqdm.auto import tqdm
 
     runs = list(runs)
-
+    replace = set() if stale is None else set(stale)
     pending: dict[str, set[ImageJob]] = {}
     for run in runs:
         pending[run.label] = set()
         for job in jobs:
             path = run.folder / f"{job.name}.png"
-            if path.exists() and not settings.overwrite:
+            if path.exists() and (path not in replace if stale is not None else not settings.overwrite):
                 run.skipped.append(path)
             else:
                 pending[run.label].add(job)
-    if any(run.skipped for run in runs):
-        logger.warning(
-            "skipping %d existing images (pass --overwrite to replace them)", sum(len(r.skipped) for r in runs)
-        )
+    skipped = sum(len(r.skipped) for r in runs)
+    if skipped:
+        note = "pass --overwrite to replace them" if stale is None else "made with the same settings"
+        logger.warning("skipping %d existing images (%s)", skipped, note)
     todo = [job for job in jobs if any(job in pending[r.label] for r in runs)]
     if warmup and todo:
         for run in runs:
             call_pipeline(pipe, todo[:1], settings, run, steps=1)
 
-    base_meta = dict(
-        model=settings.model,
-        scheduler=scheduler_name or type(pipe.scheduler).__name__,
-        steps=settings.steps,
-        guidance=settings.guidance,
-        width=settings.width or pipe.unet.config.sample_size * pipe.vae_scale_factor,
-        height=settings.height or pipe.unet.config.sample_size * pipe.vae_scale_factor,
-        negative_prompt=settings.negative_prompt,
-        dtype=str(pipe.unet.dtype).replace("torch.", ""),
-        agentsd_version=__version__,
-    )
+    base_meta = run_record(pipe, settings, scheduler_name)
     bar = tqdm(total=sum(len(v) for v in pending.values()), desc="images", unit="img", disable=not progress)
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
@@ -357,16 +295,8 @@ def generate_runs(
             _sync(pipe)
             per_image = (time.perf_counter() - begin) / len(mine)
             for job, image in zip(mine, images, strict=True):
-                meta = dict(
-                    base_meta,
-                    prompt=job.prompt,
-                    prompt_index=job.prompt_index,
-                    seed=job.seed,
-                    method=run.label,
-                    agentsd_config=None if run.config is None else run.config.to_dict(),
-                    agentsd_phases=run.phases or None,
-                    seconds=round(per_image, 4),
-                )
+                meta = dict(image_record(base_meta, run, job), agentsd_phases=run.phases or None)
+                meta["seconds"] = round(per_image, 4)
                 path = run.folder / f"{job.name}.png"
                 save_image(image, path, meta)
                 run.written.append(path)

@@ -1,12 +1,13 @@
 """Files `generate` and `compare` write: PNGs with their metadata and JSON sidecars, each written
-atomically with the permissions `open()` would give, and side-by-side pairs."""
+atomically with the permissions `open()` would give, and side-by-side pairs; reading a sidecar
+back and telling whether it was made with given settings."""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,36 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
     grid.paste(left, (0, 0))
     grid.paste(right, (left.width, 0))
     return grid
+
+
+# The sidecar fields that say how an image was made: a rerun reuses an image only when they match.
+SETTING_KEYS = (
+    "model", "scheduler", "scheduler_config", "steps", "guidance", "width", "height", "negative_prompt", "dtype",
+    "method", "agentsd_config", "prompt", "seed",
+)  # fmt: skip
+
+
+def read_sidecar(image: Path) -> dict[str, Any] | None:
+    """The JSON sidecar of `image`, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(image.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def setting_differences(recorded: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> list[str]:
+    """How the `SETTING_KEYS` of a sidecar (`recorded`) differ from `wanted`, one item each:
+    "steps 2 (now 3)", "agentsd_config.ratio 0.4 (now 0.5)"; empty when they do not. Mappings are
+    compared key by key, on the keys both have (a newer diffusers adds scheduler config keys)."""
+    if recorded is None:
+        return ["no readable sidecar"]
+    wanted = json.loads(json.dumps({k: wanted.get(k) for k in SETTING_KEYS}))  # as it reads back from a sidecar
+    parts = []
+    for key in SETTING_KEYS:
+        old, new = recorded.get(key, "missing"), wanted[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            parts += [f"{key}.{k} {old[k]!r} (now {new[k]!r})" for k in old if k in new and old[k] != new[k]]
+        elif old != new:
+            parts.append(f"{key} {old!r} (now {new!r})")
+    return parts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,23 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(PRESET_SUFFIX)] for p in _preset_dir().iterdir() if p.name.endswith(PRESET_SUFFIX))
 
 
+def is_preset_file(name_or_path: str | Path) -> bool:
+    """Whether `name_or_path` names a YAML file rather than a shipped preset: it has a `.yaml` /
+    `.yml` suffix or a path separator, or is an existing file. A folder of the same name (e.g.
+    an earlier `--out sdxl`) does not hide the preset."""
+    text = str(name_or_path)
+    separators = {"/", os.sep, os.altsep} - {None}
+    return Path(text).suffix in (".yaml", ".yml") or any(s in text for s in separators) or Path(text).is_file()
+
+
 def _read(name_or_path: str | Path) -> tuple[str, dict[str, Any]]:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if is_preset_file(name_or_path):
         if not path.is_file():
-            raise ValueError(f"preset file {str(path)!r} does not exist: pass an existing YAML file or a preset name.")
+            problem = "is a folder" if path.is_dir() else "does not exist"
+            raise ValueError(
+                f"preset file {str(name_or_path)!r} {problem}: pass an existing YAML file or a preset name."
+            )
         source, text = str(path), path.read_text()
     else:
         resource = _preset_dir() / f"{name_or_path}{PRESET_SUFFIX}"
@@ -50,8 +63,10 @@ def _read(name_or_path: str | Path) -> tuple[str, dict[str, Any]]:
 def load_preset(name_or_path: str | Path) -> AgentSDConfig:
     """The `AgentSDConfig` of a preset name (`paper`, `sd21`, `sdxl`, `highres`) or a YAML file.
 
-    The file holds a `config:` mapping of `AgentSDConfig` fields and optionally a
-    one-line `description:`. Fields not given keep their defaults.
+    A name is a shipped preset unless it is a file (see `is_preset_file`): a folder named
+    `paper` in the working directory does not change what `paper` means. The file holds a
+    `config:` mapping of `AgentSDConfig` fields and optionally a one-line `description:`.
+    Fields not given keep their defaults.
 
     Raises:
         ValueError: unknown preset, missing file, invalid YAML, unknown or invalid field.

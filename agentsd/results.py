@@ -1,10 +1,12 @@
-"""The benchmark's rows: their fields and run information, the speed targets read off them,
-and the files they are written to (JSON, CSV, Markdown, a plot)."""
+"""The benchmark's rows: their fields and run information, the rows of a scenario from its
+timings, the speed targets read off them, and the files they are written to (JSON, CSV,
+Markdown, a plot)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import statistics
 import subprocess
 import time
 from collections.abc import Sequence
@@ -14,13 +16,19 @@ from typing import Any
 
 import torch
 
+from .bench_methods import CEILING_OF
+from .config import AgentSDConfig
+
 COMPILE_SUFFIX = "+compile"
 # Every row of every result file carries these: where, with what and when it was measured.
 RUN_FIELDS = ("device", "torch", "diffusers", "commit", "date")
 FIELDS = (
     "arch", "size", "batch", "dtype", "device", "torch", "diffusers", "commit", "date", "method", "preset",
     "median_ms", "p10_ms", "p90_ms", "peak_mb", "speedup", "ceiling_fraction", "saved_fraction", "repeats",
+    "agentsd_acted", "agentsd_exact_reason",
 )  # fmt: skip
+# agentsd_acted: for an agentsd method, whether some patched layer ran agent attention or token
+# merging in its timed calls (None for the others); agentsd_exact_reason: why not, when it did not.
 
 
 def git_commit() -> str:
@@ -55,6 +63,50 @@ def run_info(device: torch.device) -> dict[str, str]:
         commit=git_commit(),
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     )
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def scenario_rows(
+    timings: dict[str, dict[str, Any]], scenario: dict[str, Any], config: AgentSDConfig
+) -> list[dict[str, Any]]:
+    """Rows of one scenario, with speedups against its baseline and the derived schedule row."""
+    median = {m: statistics.median(t["ms"]) for m, t in timings.items()}
+    for suffix in ("", COMPILE_SUFFIX):
+        agent, tome = median.get("agentsd-agent" + suffix), median.get("agentsd-tome" + suffix)
+        if agent is not None and tome is not None:
+            median["agentsd-schedule" + suffix] = config.agent_steps * agent + (1 - config.agent_steps) * tome
+    rows = []
+    for method, ms in median.items():
+        # Compiled rows are measured against the compiled baseline and ceiling.
+        suffix = COMPILE_SUFFIX if method.endswith(COMPILE_SUFFIX) else ""
+        ceiling_name = CEILING_OF.get(method.removesuffix(suffix), "ceiling")
+        base, ceiling = median["baseline" + suffix], median.get(ceiling_name + suffix)
+        measured = timings.get(method)
+        speedup = base / ms
+        row = dict(scenario, method=method, median_ms=round(ms, 3))
+        row["p10_ms"] = round(_percentile(measured["ms"], 0.1), 3) if measured else None
+        row["p90_ms"] = round(_percentile(measured["ms"], 0.9), 3) if measured else None
+        row["peak_mb"] = round(measured["peak_mb"], 1) if measured else None
+        row["speedup"] = round(speedup, 4)
+        if ceiling is not None and base > ceiling:
+            row["ceiling_fraction"] = round(speedup / (base / ceiling), 4)
+            row["saved_fraction"] = round((base - ms) / (base - ceiling), 4)
+        else:
+            row["ceiling_fraction"] = row["saved_fraction"] = None
+        row["repeats"] = len(measured["ms"]) if measured else None
+        parts = [measured] if measured else [timings.get(m + suffix, {}) for m in ("agentsd-agent", "agentsd-tome")]
+        acted = [p["acted"] for p in parts if "acted" in p]
+        row["agentsd_acted"] = any(acted) if acted else None  # the schedule acts where either phase does
+        if acted and not any(acted):
+            row["agentsd_exact_reason"] = next(p["exact_reason"] for p in parts if "exact_reason" in p)
+        rows.append({k: row.get(k) for k in FIELDS})
+    return rows
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -133,12 +185,32 @@ def _verdict(met: bool | None, applies_from: int | None = None) -> str:
     return ": met" if met else ": missed"
 
 
+def _idle_check(arch: str, size: int, batch: int, by: dict[str, dict[str, Any]]) -> tuple[Check | None, set[str]]:
+    """The rows of agentsd methods in which no layer acted (see `FIELDS`), and a check saying so:
+    such a row times the baseline's attention, so no never-slower or ceiling verdict is read off it."""
+    idle = {m: r for m, r in by.items() if r.get("agentsd_acted") is False}
+    if not idle:
+        return None, set()
+    reasons = [r["agentsd_exact_reason"] for r in idle.values() if r.get("agentsd_exact_reason")]
+    reason = reasons[0] if reasons else "every patched layer ran exact attention"
+    defaults = {m for m in by if m.removesuffix(COMPILE_SUFFIX) in DEFAULT_AGENTSD}
+    where = "at this size" if defaults <= set(idle) else f"in {', '.join(idle)}"
+    text = f"agentsd did not act {where}: {reason} (no never-slower or ceiling verdict for {', '.join(idle)})"
+    return Check(arch, size, batch, "did not act", text, None), set(idle)
+
+
 def _scenario_checks(arch: str, size: int, batch: int, by: dict[str, dict[str, Any]]) -> list[Check]:
-    verdict = _never_slower(by)
-    checks = [Check(arch, size, batch, "never slower", "never slower: " + verdict, not verdict.startswith("NO"))]
+    idle_check, idle = _idle_check(arch, size, batch, by)
+    checks = [idle_check] if idle_check else []
+    acting = {m: r for m, r in by.items() if m not in idle}
+    if not idle or any(m.removesuffix(COMPILE_SUFFIX) in DEFAULT_AGENTSD for m in acting):
+        verdict = _never_slower(acting)
+        checks.append(
+            Check(arch, size, batch, "never slower", "never slower: " + verdict, not verdict.startswith("NO"))
+        )
     applies = size >= TARGETS_FROM
     for suffix in ("", COMPILE_SUFFIX):
-        fraction = by.get("agentsd-agent" + suffix, {}).get("ceiling_fraction")
+        fraction = acting.get("agentsd-agent" + suffix, {}).get("ceiling_fraction")
         if fraction is not None:
             met = fraction >= CEILING_TARGET if applies else None
             text = (f"agent phase{suffix}: {fraction:.1%} of the ceiling's speedup "
@@ -146,7 +218,7 @@ def _scenario_checks(arch: str, size: int, batch: int, by: dict[str, dict[str, A
             checks.append(Check(arch, size, batch, "ceiling" + suffix, text, met))
     if "tomesd" in by:
         tomesd_ms = by["tomesd"]["median_ms"]
-        over = {m: tomesd_ms / by[m]["median_ms"] for m in ("agentsd-agent", "agentsd-schedule") if m in by}
+        over = {m: tomesd_ms / by[m]["median_ms"] for m in ("agentsd-agent", "agentsd-schedule") if m in acting}
         parts = [f"{LABELS[m]} {x:.2f}x" for m, x in over.items()]
         if parts and "ceiling" in by:  # no self-attention-only method can beat tomesd by more
             parts.append(f"bound (ceiling) {tomesd_ms / by['ceiling']['median_ms']:.2f}x")
@@ -157,8 +229,10 @@ def _scenario_checks(arch: str, size: int, batch: int, by: dict[str, dict[str, A
     for method, minimum in SPEEDUP_TARGETS.get((arch, size), ()):
         if method in by:
             speedup = by[method]["speedup"]
-            text = f"{LABELS.get(method, method)} {speedup:.2f}x (target {minimum}x{_verdict(speedup >= minimum)})"
-            checks.append(Check(arch, size, batch, f"speedup {method}", text, speedup >= minimum))
+            reading = ": agentsd did not act" if method in idle else f" {speedup:.2f}x"
+            met = speedup >= minimum and method not in idle
+            text = f"{LABELS.get(method, method)}{reading} (target {minimum}x{_verdict(met)})"
+            checks.append(Check(arch, size, batch, f"speedup {method}", text, met))
     return checks
 
 
@@ -173,6 +247,11 @@ def target_checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
     phase, both targets from `TARGETS_FROM` px up) next to its bound, the ceiling's speed
     over tomesd, and the speedups of `SPEEDUP_TARGETS`, where those rows were run. Medians
     of one run: compare them with the p10/p90 spread in the table.
+
+    Rows in which agentsd did not act (`agentsd_acted` False: e.g. every grid under
+    `min_tokens`) time the baseline's attention: no never-slower, ceiling or tomesd reading is
+    taken from them, one check says "agentsd did not act" with the reason, and a speedup target
+    of such a row is missed.
     """
     checks = []
     for arch, size, batch in dict.fromkeys((r["arch"], r["size"], r["batch"]) for r in rows):

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from agentsd import benchmark, results
+import agentsd
+from agentsd import AgentSDConfig, benchmark, results
 
 
 def test_harness_writes_every_documented_field(tmp_path):
@@ -58,6 +59,22 @@ def test_methods_leave_the_unet_as_it_was():
             assert torch.equal(unet(*args, **kwargs).sample, expected), method
     assert all(unet.attn_processors[k] is v for k, v in before.items())
     assert not unet._forward_pre_hooks
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_the_cold_start_is_charged_to_no_method(warmup):
+    """The first UNet call of a scenario pays for allocations and kernel selection: with
+    `warmup=0` an untimed call of the plain UNet takes it, never a method's timed call."""
+    unet = benchmark.build_unet("tiny")
+    calls = []
+    unet.register_forward_pre_hook(lambda module, args: calls.append(agentsd.patched_config(module)))
+    methods = ["agentsd-agent", "baseline"]
+    timings = benchmark.time_methods(unet, benchmark.unet_inputs(unet, 64, 1), methods, AgentSDConfig(), 2, warmup)
+    assert {m: len(t["ms"]) for m, t in timings.items()} == dict.fromkeys(methods, 2)
+    untimed = len(calls) - 2 * len(methods)
+    assert untimed == (1 if warmup == 0 else warmup * len(methods))
+    if warmup == 0:
+        assert calls[0] is None  # the plain UNet, before the first method (agentsd) is patched in
 
 
 def test_real_architectures_build_with_the_published_layouts():
@@ -173,3 +190,40 @@ def test_highres_is_measured_against_the_two_level_ceiling():
     assert by["highres"]["ceiling_fraction"] == pytest.approx((100 / 40) / (100 / 25), abs=1e-4)
     assert by["agentsd-agent"]["ceiling_fraction"] == pytest.approx((100 / 60) / (100 / 50), abs=1e-4)
     assert by["ceiling-2"]["ceiling_fraction"] == 1.0
+
+
+def test_rows_record_whether_agentsd_acted_and_targets_say_when_it_did_not():
+    """The tiny UNet at 64 px has an 8x8 grid, under min_tokens: the agentsd rows time the
+    baseline's attention, so the targets read no never-slower or ceiling verdict off them."""
+    methods = ["baseline", "agentsd-agent", "agentsd-tome", "ceiling"]
+    rows = benchmark.run_benchmark(archs=["tiny"], sizes=[64, 128], methods=methods, repeats=1, warmup=0,
+                                   progress=False)  # fmt: skip
+    acted = {(r["size"], r["method"]): r["agentsd_acted"] for r in rows}
+    for method in ("agentsd-agent", "agentsd-tome", "agentsd-schedule"):
+        assert (acted[(64, method)], acted[(128, method)]) == (False, True), method
+    assert acted[(64, "baseline")] is acted[(128, "ceiling")] is None
+    reasons = {r["agentsd_exact_reason"] for r in rows if r["size"] == 64 and r["method"].startswith("agentsd")}
+    assert reasons == {"grid 8x8 = 64 tokens < min_tokens=256"}
+    small, large = benchmark.target_lines(rows)
+    assert small.startswith("- tiny 64 px x1: agentsd did not act at this size: grid 8x8 = 64 tokens < min_tokens")
+    assert "never slower" not in small.replace("no never-slower", "") and "ceiling's speedup" not in small
+    assert "never slower: " in large and "did not act" not in large
+
+
+def test_targets_leave_out_the_rows_where_agentsd_did_not_act():
+    rows = [_row(1024, m, ms, 100, 50) for m, ms in dict(baseline=100, ceiling=50, tomesd=90).items()]
+    tome = dict(_row(1024, "agentsd-tome", 120, 100, 50), agentsd_acted=False, agentsd_exact_reason="late_ratio=0")
+    rows += [dict(_row(1024, "agentsd-agent", 70, 100, 50), agentsd_acted=True), tome]
+    checks = {c.name: c for c in results.target_checks(rows)}
+    assert (
+        checks["did not act"].met is None
+        and "agentsd did not act in agentsd-tome: late_ratio=0" in checks["did not act"].text
+    )
+    assert checks["never slower"].text == "never slower: yes"  # the ToMe row (0.83x) timed no agentsd work
+    assert "over tomesd: agent phase 1.29x" in checks["over tomesd"].text
+    idle = [dict(r, agentsd_acted=False) if r["method"].startswith("agentsd") else r for r in rows]
+    checks = {c.name: c for c in results.target_checks(idle)}
+    assert "never slower" not in checks and "ceiling" not in checks and "over tomesd" not in checks
+    assert checks["did not act"].text.startswith("agentsd did not act at this size: late_ratio=0")
+    speedup = checks["speedup agentsd-agent"]
+    assert speedup.met is False and speedup.text == "agent phase: agentsd did not act (target 1.7x: missed)"

@@ -93,6 +93,24 @@ def test_parse_method():
         compare.parse_method("tomesd:1.5")
 
 
+@pytest.mark.parametrize("word", ["None", "none", "null", "AUTO", "auto"])
+def test_automatic_is_spelled_alike_in_method_specs_and_flags(word):
+    """`paper:attn_precision=None` means what `generate --attn-precision auto` means, and so do
+    `none`, `null` and `auto` in any case, for both optional fields, in a spec and as a flag."""
+    from agentsd.cli import agent_config, build_parser
+
+    for field in ("attn_precision", "attention_backend"):
+        base = "sd21" if field == "attn_precision" else "paper"  # sd21 sets fp32: the override must clear it
+        assert getattr(compare.parse_method(f"{base}:{field}={word}").config, field) is None
+        flag = "--" + field.replace("_", "-")
+        args = build_parser().parse_args(["generate", "--prompt", "p", "--preset", base, flag, word])
+        assert getattr(agent_config(args), field) is None
+    args = build_parser().parse_args(
+        ["generate", "--prompt", "p", "--attn-precision", "FP32", "--agent-selection", "Pool"]
+    )
+    assert (agent_config(args).attn_precision, agent_config(args).agent_selection) == ("fp32", "pool")
+
+
 def test_missing_inception_weights_fail_at_once_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "_reachable", lambda host, timeout=3.0: False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
@@ -302,6 +320,24 @@ def test_duplicate_methods_are_refused_before_anything_is_created(tiny_model, tm
     out = tmp_path / "out"
     code, _, errors = run_compare(capsys, tiny_model, out, "--method", "paper", "--method", "paper")
     assert code == 2 and "methods must be distinct" in errors[0], errors
+    assert not out.exists()
+
+
+def test_methods_sharing_an_image_folder_are_refused_before_anything_is_created(tiny_model, tmp_path, capsys):
+    """`x/a.yaml` and `x_a.yaml` sanitize to one folder: they would write into it and get the same
+    scores. So would names differing only in case, on a case-insensitive file system."""
+    (tmp_path / "x").mkdir()
+    for path in (tmp_path / "x" / "a.yaml", tmp_path / "x_a.yaml", tmp_path / "Mine.yaml", tmp_path / "mine.yaml"):
+        path.write_text("config:\n  ratio: 0.3\n")
+    for first, second in (("x/a.yaml", "x_a.yaml"), ("Mine.yaml", "mine.yaml")):
+        specs = [str(tmp_path / first), str(tmp_path / second)]
+        with pytest.raises(compare.GenerationError, match="would share the image folder") as err:
+            compare.with_baseline([compare.parse_method(s) for s in specs])
+        assert all(repr(s) in str(err.value) for s in specs)
+    out = tmp_path / "out"
+    methods = ["--method", tmp_path / "x" / "a.yaml", "--method", tmp_path / "x_a.yaml"]
+    code, _, errors = run_compare(capsys, tiny_model, out, *methods)
+    assert code == 2 and "would share the image folder" in errors[0], errors
     assert not out.exists()
 
 

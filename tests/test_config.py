@@ -1,5 +1,8 @@
 """Every field of AgentSDConfig is validated, with a message naming the field and the fix."""
 
+import json
+
+import numpy as np
 import pytest
 
 from agentsd import AgentSDConfig
@@ -34,6 +37,13 @@ BAD_VALUES = [
     ("min_tokens", 256.0),
     ("share_matching", "yes"),
     ("agent_selection", "mean"),
+    ("ratio", np.float32("nan")),
+    ("k_scale2", np.float64("inf")),
+    ("sx", np.bool_(True)),
+    ("sx", np.float32(2.0)),
+    ("seed", np.int64(-1)),
+    ("use_rand", np.int64(1)),
+    ("attn_precision", "automatic"),
 ]
 
 
@@ -65,3 +75,23 @@ def test_replace_validates_and_rejects_unknown_fields():
 def test_boundaries_are_accepted():
     AgentSDConfig(ratio=0.0, agent_ratio=0.0, late_ratio=0.0, agent_steps=0.0, k_shortcut=0.0)
     AgentSDConfig(agent_steps=1.0, max_downsample=8, sx=1, sy=1, attn_precision="fp32")
+
+
+def test_numpy_scalars_are_stored_as_python_numbers():
+    """Values read from numpy (a sweep over np.linspace, a loaded .npz) are the Python numbers
+    they hold: equal to a config of Python values, of the same types, JSON-serialisable."""
+    config = AgentSDConfig(
+        ratio=np.float32(0.5), k_shortcut=np.float64(0.1), sx=np.int64(2), seed=np.int32(7), use_rand=np.bool_(False)
+    )
+    assert config == AgentSDConfig(ratio=0.5, k_shortcut=0.1, sx=2, seed=7, use_rand=False)
+    types = {name: type(getattr(config, name)) for name in ("ratio", "k_shortcut", "sx", "seed", "use_rand")}
+    assert types == dict(ratio=float, k_shortcut=float, sx=int, seed=int, use_rand=bool)
+    assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
+    assert type(AgentSDConfig().replace(min_tokens=np.uint16(64)).min_tokens) is int
+
+
+@pytest.mark.parametrize("word", ["None", "none", "AUTO", "auto", "null", "Null", " none "])
+def test_words_for_automatic_mean_none(word):
+    config = AgentSDConfig(attn_precision=word, attention_backend=word)
+    assert config.attn_precision is None and config.attention_backend is None
+    assert config == AgentSDConfig()

@@ -48,6 +48,31 @@ def test_preset_from_a_path_and_its_errors(tmp_path):
         load_preset(tmp_path / "absent.yaml")
 
 
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    """`--out sdxl` leaves a folder `sdxl`: the name still means the shipped preset, everywhere a
+    preset name is taken (the flag, compare's methods, the community pipelines' default). A file
+    is read as a file, with or without a suffix."""
+    from agentsd.cli import agent_config, build_parser
+    from agentsd.community import resolve_config
+    from agentsd.compare import parse_method
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("paper", "sdxl", "highres"):
+        (tmp_path / name).mkdir()
+    assert load_preset("paper") == AgentSDConfig() and load_preset("sdxl").max_downsample == 2
+    args = build_parser().parse_args(["generate", "--prompt", "p", "--preset", "sdxl"])
+    assert agent_config(args) == load_preset(ROOT / "configs" / "sdxl.yaml")
+    assert (
+        parse_method("highres:ratio=0.2").config.max_downsample
+        == load_preset(ROOT / "configs" / "highres.yaml").max_downsample
+    )
+    assert resolve_config(None, "sdxl").max_downsample == 2
+    (tmp_path / "mine").write_text("config:\n  ratio: 0.25\n")
+    assert load_preset("mine").ratio == 0.25
+    with pytest.raises(ValueError, match="'sdxl/' is a folder"):
+        load_preset("sdxl/")
+
+
 def test_community_pipeline_paths_are_the_repository_files_and_unknown_names_are_refused():
     # In a checkout the package hands out the top-level files themselves (no copies to drift).
     assert Path(agentsd.community_pipeline()) == ROOT / "pipelines" / "agentsd_sd.py"
