@@ -1,5 +1,6 @@
-"""The GPU suite end to end in --tiny mode on the CPU, as a GPU machine runs it: what it leaves
-in OUT against what may come back from that machine, a budget too small for the later scenarios,
+"""The GPU suite end to end in --tiny mode on the CPU, as a GPU machine runs it: the one command
+(`scripts/gpu_run.sh`, installing from a wheel folder built here, offline), what it leaves in
+OUT against what may come back from that machine, a budget too small for the later scenarios,
 a SIGTERM in the middle, and the report from the archive into copies of the docs; then the
 suite's pure helpers. No timing is asserted."""
 
@@ -17,12 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import agentsd
 from agentsd.results import RUN_FIELDS
 from agentsd.suite import DEFAULT_ORDER, PART_NAMES, SCENARIOS, breakeven, estimate, gpu_tests, pack, report, runner
 from agentsd.suite.budget import Budget
 from agentsd.suite.scenarios import Scenario
 
 ROOT = Path(__file__).parents[1]
+WRAPPER = ROOT / "scripts" / "gpu_run.sh"
 PLOTS = {"sd15": "speedup.png", "sdxl": "speedup.png", "sd15-highres": "speedup.png", "sd15-compile": "speedup.png",
          "sd15-compile-ceiling": "speedup.png", "pipeline": "pipeline.png", "breakeven": "breakeven.png"}  # fmt: skip
 # Numeric fields every row of a part carries.
@@ -49,12 +52,26 @@ def check_out_within_limits(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def suite_run(tmp_path_factory):
-    """The whole suite, as a GPU machine runs it, on the CPU: OUT and the staging folder."""
+def wheels(tmp_path_factory):
+    """agentsd's own wheel, built offline from the checkout (setuptools of this environment)."""
+    folder = tmp_path_factory.mktemp("wheels")
+    command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+               "--wheel-dir", str(folder), str(ROOT)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail("building agentsd's wheel offline failed (it needs setuptools>=77 here, as the dev extra "
+                    f"installs):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")  # fmt: skip
+    return folder
+
+
+@pytest.fixture(scope="module")
+def suite_run(wheels, tmp_path_factory):
+    """The one command of a GPU machine, on the CPU: OUT and the staging folder."""
     out, stage = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("stage")
-    command = [sys.executable, str(ROOT / "scripts" / "gpu_suite.py"), "--tiny", "--budget", "900", "--out", str(out),
-               "--stage", str(stage)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ, AGENTSD_WHEELS=str(wheels), AGENTSD_BUDGET="900", PYTHON=sys.executable)
+    env.pop("PYTHONPATH", None)  # the suite runs the checkout's agentsd without it
+    done = subprocess.run(["bash", str(WRAPPER), str(out), "--tiny", "--stage", str(stage)], capture_output=True,
+                          text=True, cwd=ROOT, env=env)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, stage
 
@@ -62,7 +79,8 @@ def suite_run(tmp_path_factory):
 def test_out_holds_a_few_plain_files_and_the_archive_every_part(suite_run, tmp_path):
     out, stage = suite_run
     check_out_within_limits(out)
-    assert {p.name for p in out.iterdir()} == {pack.ARCHIVE, pack.SUMMARY, pack.LOG}
+    assert {p.name for p in out.iterdir()} == {pack.ARCHIVE, pack.SUMMARY, pack.LOG, pack.INSTALL_LOG}
+    assert f"agentsd-{agentsd.__version__}-py3-none-any.whl" in (out / pack.INSTALL_LOG).read_text()  # the wheel
     folder = unpacked(out, tmp_path)
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == sorted(p.relative_to(stage) for p in
                                                                                 stage.rglob("*"))  # fmt: skip
