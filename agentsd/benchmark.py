@@ -273,6 +273,7 @@ def run_benchmark(
     compile_methods: Sequence[str] | None = None,
     progress: bool = True,
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+    build: Callable[[str], UNet2DConditionModel] | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmark every (arch, size, batch) scenario; see the module docstring for the methods.
 
@@ -287,6 +288,8 @@ def run_benchmark(
         compile: a torch.compile backend (`"inductor"`): also time the methods compiled.
         compile_methods: the methods to compile (default: every compilable one of `methods`).
         on_rows: called with each scenario's rows as soon as it finishes (to save as you go).
+        build: returns the UNet of an architecture (default: `build_unet` on `device` in
+            `dtype`); lets a caller keep a UNet between calls.
 
     Returns:
         One row per scenario and method, with the fields of `FIELDS`. A scenario that runs
@@ -312,7 +315,7 @@ def run_benchmark(
         bar.set_postfix_str(f"{arch} {size}px x{batch}")
         if built != arch:
             unet = None
-            unet, built = build_unet(arch, device, dtype), arch
+            unet, built = (build(arch) if build else build_unet(arch, device, dtype)), arch
         name = preset or DEFAULT_PRESETS[arch]
         config = load_preset(name)
         try:

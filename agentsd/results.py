@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -32,14 +33,16 @@ FIELDS = (
 
 
 def git_commit() -> str:
-    """The short commit of the checkout agentsd runs from, or "unknown" (an installed wheel)."""
+    """The short commit of the checkout agentsd runs from; where git cannot tell (an installed
+    wheel, a copy of the checkout without its .git), $AGENTSD_COMMIT, else "unknown"."""
+    fallback = os.environ.get("AGENTSD_COMMIT") or "unknown"
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
         )
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip() or fallback
     except OSError:
-        return "unknown"
+        return fallback
 
 
 def device_name(device: torch.device) -> str:

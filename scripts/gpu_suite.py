@@ -1,12 +1,14 @@
-"""Everything a GPU can tell about agentsd, one part per command (each under 8 minutes on one
-H100), and the documentation's GPU numbers written from the results.
+"""What a GPU can tell about agentsd, in one command within a time budget, packed into a few
+files, and the documentation's GPU numbers written from them.
 
-    python scripts/gpu_suite.py --part sd15 --out gpu-results       # tests, sd15, sd15-compile, ...
-    python scripts/gpu_suite.py --part all --tiny --out /tmp/suite  # every part, tiny, on the CPU
-    python scripts/gpu_suite.py --estimate                          # each part's time, from FLOPs
-    python scripts/gpu_suite.py --report gpu-results                # docs/benchmarks.md and README
+    python scripts/gpu_suite.py --budget 480 --out OUT           # every scenario that fits, in priority order
+    python scripts/gpu_suite.py --scenarios sd15-1024 --out OUT  # some of them, in this order
+    python scripts/gpu_suite.py --tiny --out /tmp/suite          # the same, tiny, on the CPU (CI)
+    python scripts/gpu_suite.py --estimate                       # each scenario's prior estimate
+    python scripts/gpu_suite.py --report OUT                     # unpack into docs/bench/gpu-<device>/, write the docs
 
-The parts, their files and the time estimates: docs/benchmarks.md ("GPU suite").
+On the project's GPU machine the one command is `bash scripts/gpu_run.sh $OUT` (it installs
+from wheelhouse/ first). The scenarios, the budget and OUT's files: docs/benchmarks.md ("The GPU suite").
 """
 
 import sys

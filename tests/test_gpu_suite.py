@@ -1,129 +1,302 @@
-"""The GPU suite end to end in --tiny mode on the CPU (what a GPU run writes, minus the
-numbers' meaning), its report into copies of the docs, and its pure helpers. No timing is
-asserted."""
+"""The GPU suite end to end in --tiny mode on the CPU, as a GPU machine runs it: the one command
+(`scripts/gpu_run.sh`, installing from a wheel folder built here, offline), what it leaves in
+OUT against what may come back from that machine, a budget too small for the later scenarios,
+a SIGTERM in the middle, and the report from the archive into copies of the docs; then the
+suite's pure helpers. No timing is asserted."""
 
 import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 import torch
 
+import agentsd
 from agentsd.results import RUN_FIELDS
-from agentsd.suite import PART_NAMES, breakeven, gpu_tests, report, runner
+from agentsd.suite import DEFAULT_ORDER, PART_NAMES, SCENARIOS, breakeven, estimate, gpu_tests, pack, report, runner
+from agentsd.suite.budget import Budget
+from agentsd.suite.scenarios import Scenario
 
 ROOT = Path(__file__).parents[1]
-SCRIPT = ROOT / "scripts" / "gpu_suite.py"
-PLOTS = {"sd15": "speedup.png", "sd15-compile": "speedup.png", "sd15-compile-ceiling": "speedup.png",
-         "sdxl": "speedup.png", "pipeline": "pipeline.png", "breakeven": "breakeven.png"}  # fmt: skip
+WRAPPER = ROOT / "scripts" / "gpu_run.sh"
+PLOTS = {"sd15": "speedup.png", "sdxl": "speedup.png", "sd15-highres": "speedup.png", "sd15-compile": "speedup.png",
+         "sd15-compile-ceiling": "speedup.png", "pipeline": "pipeline.png", "breakeven": "breakeven.png"}  # fmt: skip
 # Numeric fields every row of a part carries.
 NUMBERS = {
     "tests": ("duration_s",),
-    "sd15": ("median_ms", "speedup"),
-    "sd15-compile": ("median_ms", "speedup"),
-    "sd15-compile-ceiling": ("median_ms", "speedup"),
-    "sdxl": ("median_ms", "speedup"),
+    "tests-compile": ("duration_s",),
     "pipeline": ("seconds_per_image", "speedup", "gb_per_image", "ratio"),
     "breakeven": ("baseline_us", "agentsd_us", "speedup", "tokens"),
 }
+DEFAULT_PARTS = {SCENARIOS[name].part for name in DEFAULT_ORDER}
+
+
+def unpacked(out: Path, dest: Path) -> Path:
+    pack.unpack(out / pack.ARCHIVE, dest)
+    return dest
+
+
+def check_out_within_limits(out: Path) -> None:
+    """At most 8 plain files, no folder, names of letters, digits, '.', '_' and '-' only."""
+    entries = list(out.iterdir())
+    assert len(entries) <= 8 and all(p.is_file() and not p.is_symlink() for p in entries), entries
+    assert all(pack.NAME.fullmatch(p.name) for p in entries), entries
+    assert pack.out_problems(out) == []
 
 
 @pytest.fixture(scope="module")
-def suite_out(tmp_path_factory):
-    """The script itself, as CI and a GPU machine run it; the other tests call its functions."""
-    out = tmp_path_factory.mktemp("gpu-suite")
-    command = [sys.executable, str(SCRIPT), "--part", "all", "--tiny", "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+def wheels(tmp_path_factory):
+    """agentsd's own wheel, built offline from the checkout (setuptools of this environment)."""
+    folder = tmp_path_factory.mktemp("wheels")
+    command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+               "--wheel-dir", str(folder), str(ROOT)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail("building agentsd's wheel offline failed (it needs setuptools>=77 here, as the dev extra "
+                    f"installs):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")  # fmt: skip
+    return folder
+
+
+@pytest.fixture(scope="module")
+def suite_run(wheels, tmp_path_factory):
+    """The one command of a GPU machine, on the CPU: OUT and the staging folder."""
+    out, stage = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("stage")
+    env = dict(os.environ, AGENTSD_WHEELS=str(wheels), AGENTSD_BUDGET="900", PYTHON=sys.executable)
+    env.pop("PYTHONPATH", None)  # the suite runs the checkout's agentsd without it
+    done = subprocess.run(["bash", str(WRAPPER), str(out), "--tiny", "--stage", str(stage)], capture_output=True,
+                          text=True, cwd=ROOT, env=env)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out
+    return out, stage
 
 
-def test_every_part_writes_its_files_and_fields(suite_out):
-    assert runner.PARTS.keys() == set(PART_NAMES)
-    for part in PART_NAMES:
-        folder = suite_out / part
-        data = json.loads((folder / "results.json").read_text())
+def test_out_holds_a_few_plain_files_and_the_archive_every_part(suite_run, tmp_path):
+    out, stage = suite_run
+    check_out_within_limits(out)
+    assert {p.name for p in out.iterdir()} == {pack.ARCHIVE, pack.SUMMARY, pack.LOG, pack.INSTALL_LOG}
+    assert f"agentsd-{agentsd.__version__}-py3-none-any.whl" in (out / pack.INSTALL_LOG).read_text()  # the wheel
+    folder = unpacked(out, tmp_path)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == sorted(p.relative_to(stage) for p in
+                                                                                stage.rglob("*"))  # fmt: skip
+    suite = json.loads((folder / "suite.json").read_text())
+    assert [s["name"] for s in suite["scenarios"]] == list(DEFAULT_ORDER)
+    assert {s["status"] for s in suite["scenarios"]} == {"done"} and suite["state"] == "finished"
+    summary = (out / pack.SUMMARY).read_text()
+    assert "## Headline" in summary and all(f"| {name} |" in summary for name in DEFAULT_ORDER)
+    assert "sd15-2048: done" in (out / pack.LOG).read_text()
+
+
+def test_every_part_writes_its_files_and_fields(suite_run, tmp_path):
+    folder = unpacked(suite_run[0], tmp_path)
+    assert DEFAULT_PARTS <= set(PART_NAMES) and {s.part for s in SCENARIOS.values()} == set(PART_NAMES)
+    for part in DEFAULT_PARTS:
+        data = json.loads((folder / part / "results.json").read_text())
         rows = data["rows"]
         assert rows and data["date"] and "--tiny" in data["command"], part
         for row in rows:
             assert all(row[field] for field in RUN_FIELDS), (part, row)
-            assert all(isinstance(row[field], (int, float)) for field in NUMBERS[part]), (part, row)
-        with (folder / "results.csv").open() as f:
+            numbers = NUMBERS.get(part, ("median_ms", "speedup"))
+            assert all(isinstance(row[field], (int, float)) for field in numbers), (part, row)
+        with (folder / part / "results.csv").open() as f:
             table = list(csv.DictReader(f))
         assert len(table) == len(rows) and set(RUN_FIELDS) <= set(table[0]), part
-        markdown = (folder / "results.md").read_text()
+        markdown = (folder / part / "results.md").read_text()
         assert rows[0]["device"] in markdown and rows[0]["commit"] in markdown, part
         if part in PLOTS:
-            assert (folder / PLOTS[part]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", part
+            assert (folder / part / PLOTS[part]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", part
 
 
-def test_parts_hold_their_methods_and_the_recommendation(suite_out):
-    def methods(part):
-        return {r["method"] for r in json.loads((suite_out / part / "results.json").read_text())["rows"]}
+def test_parts_hold_their_scenarios_methods_and_the_recommendation(suite_run, tmp_path):
+    folder = unpacked(suite_run[0], tmp_path)
 
-    assert {"baseline", "agentsd-agent", "agentsd-tome", "agentsd-schedule", "highres", "ceiling", "ceiling-2"} <= (
-        methods("sd15")
-    )
-    assert {"baseline+compile", "agentsd-agent+compile"} <= methods("sd15-compile")
-    assert "ceiling+compile" not in methods("sd15-compile")
-    assert {"baseline+compile", "ceiling+compile"} == {m for m in methods("sd15-compile-ceiling") if "+" in m}
-    assert {"baseline", "paper:ratio=0.1", "paper:ratio=0.4", "paper:ratio=0.5"} <= methods("pipeline")
-    data = json.loads((suite_out / "breakeven" / "results.json").read_text())
+    def rows(part):
+        return json.loads((folder / part / "results.json").read_text())["rows"]
+
+    sd15 = rows("sd15")
+    assert len({r["size"] for r in sd15}) == 3  # 512, 1024 and 2048 px, in one part
+    assert {"baseline", "agentsd-agent", "agentsd-tome", "agentsd-schedule", "ceiling"} <= {r["method"] for r in sd15}
+    assert {"baseline", "highres", "ceiling-2"} == {r["method"] for r in rows("sd15-highres")}
+    assert {"baseline+compile", "agentsd-agent+compile"} <= {r["method"] for r in rows("sd15-compile")}
+    assert {m for r in rows("sd15-compile-ceiling") if "+" in (m := r["method"])} == {"baseline+compile",
+                                                                                        "ceiling+compile"}  # fmt: skip
+    assert {"baseline", "paper:ratio=0.1", "paper:ratio=0.4", "paper:ratio=0.5"} <= {r["method"] for r in
+                                                                                       rows("pipeline")}  # fmt: skip
+    data = json.loads((folder / "breakeven" / "results.json").read_text())
     assert {"min_grid", "min_tokens", "rule"} <= set(data["recommendation"])
-    assert {r["phase"] for r in data["rows"]} == {"agent", "tome"}
+    assert {r["phase"] for r in data["rows"]} == {"agent", "tome"} and {r["batch"] for r in data["rows"]} == {2, 8}
 
 
-def test_tests_part_runs_the_gpu_tests_and_not_itself(suite_out):
-    data = json.loads((suite_out / "tests" / "results.json").read_text())
-    files = {row["test"].split("::")[0] for row in data["rows"]}
-    assert {"tests/test_gpu.py", "tests/test_compat.py"} <= files
-    assert "tests/test_gpu_suite.py" not in files
-    outcomes = {row["outcome"] for row in data["rows"]}
+def test_tests_scenarios_run_the_gpu_tests_and_not_the_suite(suite_run, tmp_path):
+    folder = unpacked(suite_run[0], tmp_path)
+    short = json.loads((folder / "tests" / "results.json").read_text())["rows"]
+    compiled = json.loads((folder / "tests-compile" / "results.json").read_text())["rows"]
+    names = {row["test"] for row in short}
+    assert {"tests/test_gpu.py", "tests/test_compat.py"} <= {name.split("::")[0] for name in names}
+    assert any("bf16" in name for name in names) and any("identical" in name for name in names)
+    assert not any("inductor" in name for name in names) and all("inductor" in r["test"] for r in compiled)
+    assert compiled and not any("test_gpu_suite.py" in r["test"] for r in short + compiled)
     if not torch.cuda.is_available():
-        assert outcomes == {"skipped"} and all(row["reason"] == "needs CUDA" for row in data["rows"])
+        assert {row["outcome"] for row in short + compiled} == {"skipped"}
+        assert all(row["reason"] == "needs CUDA" for row in short + compiled)
 
 
-def test_report_writes_between_the_markers(suite_out, tmp_path):
-    docs, readme = tmp_path / "benchmarks.md", tmp_path / "README.md"
+def tiny_run(tmp_path, budget, scenarios):
+    """The suite in this process (the torch thread count restored after)."""
+    out, stage = tmp_path / "out", tmp_path / "stage"
+    threads = torch.get_num_threads()
+    try:
+        code = runner.main(["--tiny", "--budget", str(budget), "--out", str(out), "--stage", str(stage),
+                            "--scenarios", *scenarios], root=ROOT)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return code, out, json.loads((stage / "suite.json").read_text())
+
+
+def test_a_small_budget_skips_later_scenarios_with_the_reason_and_keeps_earlier_results(tmp_path):
+    # Between the first scenario's prior and the tests scenario's: the first runs, the second
+    # cannot fit whatever the first took.
+    first = Budget(1e9, estimate.priors(True)).estimate(SCENARIOS["sd15-512"].cost(True, None))
+    tests = estimate.tests_cost("short", True)["seconds"]
+    budget = tests / 2
+    assert first < budget
+    code, out, suite = tiny_run(tmp_path, budget, ["sd15-512", "tests"])
+    assert code == 0
+    status = {s["name"]: s for s in suite["scenarios"]}
+    assert status["sd15-512"]["status"] == "done" and status["tests"]["status"] == "skipped"
+    reason = status["tests"]["reason"]
+    assert f"estimated {tests:.0f} s" in reason and f"left of the {budget:.0f} s budget" in reason
+    check_out_within_limits(out)
+    folder = unpacked(out, tmp_path / "unpacked")
+    assert json.loads((folder / "sd15" / "results.json").read_text())["rows"] and not (folder / "tests").exists()
+    assert f"- tests (skipped): {reason}" in (out / pack.SUMMARY).read_text()
+
+
+def test_sigterm_packs_what_finished(tmp_path, monkeypatch):
+    """A SIGTERM (what `timeout` sends) in the middle of a scenario: that one is cut short, the
+    rest not reached, and OUT holds what finished."""
+
+    def terminated(context):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the SIGTERM handler did not stop the run")
+
+    monkeypatch.setitem(SCENARIOS, "sdxl-1024", Scenario("sdxl-1024", "sdxl", "SIGTERM", lambda *_: {}, terminated))
+    code, out, suite = tiny_run(tmp_path, 900, ["sd15-512", "sdxl-1024", "breakeven-2"])
+    assert code == 1 and suite["state"] == "cut short by SIGTERM"
+    assert [s["status"] for s in suite["scenarios"]] == ["done", "cut short", "not reached"]
+    assert signal.getsignal(signal.SIGTERM) is not runner._stop  # the handler is restored
+    check_out_within_limits(out)
+    assert (unpacked(out, tmp_path / "unpacked") / "sd15" / "results.json").is_file()
+
+
+def test_report_unpacks_the_archive_and_writes_between_the_markers(suite_run, tmp_path):
+    out = suite_run[0]
+    docs, readme, results = tmp_path / "benchmarks.md", tmp_path / "README.md", tmp_path / "bench" / "gpu-cpu"
     shutil.copy(ROOT / "docs" / "benchmarks.md", docs)
     shutil.copy(ROOT / "README.md", readme)
     before = {path: path.read_text() for path in (docs, readme)}
-    assert runner.main(["--report", str(suite_out), "--docs", str(docs), "--readme", str(readme)]) == 0
+    args = ["--docs", str(docs), "--readme", str(readme)]
+    assert runner.main(["--report", str(out), "--results-dir", str(results), *args]) == 0
+    assert (results / "sd15" / "results.json").is_file() and (results / "summary.md").is_file()
     for path, markers in ((docs, report.DOCS_MARKERS), (readme, report.README_MARKERS)):
         old, new = before[path], path.read_text()
         start, end = markers
         assert old.split(start)[0] == new.split(start)[0] and old.split(end)[1] == new.split(end)[1]
         assert new != old
     section = docs.read_text().split(report.DOCS_MARKERS[0])[1].split(report.DOCS_MARKERS[1])[0]
-    for title in ("### Targets", "### SD 1.5, one denoising step", "### A whole generation, DDIM",
-                  "Recommended `min_tokens`", "### GPU tests", "tests/test_gpu.py::"):  # fmt: skip
-        assert title in section
-    assert f"]({os.path.relpath(suite_out / 'sd15' / 'results.md', tmp_path)})" in section  # relative links
+    for title in ("### Targets", "### SD 1.5, one denoising step", "### SD 1.5 at 2048 px: `highres`",
+                  "### A whole generation, DDIM", "Recommended `min_tokens`", "### GPU tests", "tests/test_gpu.py::",
+                  "| compile-ceiling-1024 | done |"):  # fmt: skip
+        assert title in section, title
+    assert f"]({os.path.relpath(results / 'sd15' / 'results.md', tmp_path)})" in section  # relative links
     table = readme.read_text().split(report.README_MARKERS[0])[1]
     assert "baseline step ms" in table and "A whole 3-step generation at 64 px" in table  # --tiny's pipeline
-    report.write_report([suite_out], docs, readme)  # again: the sections are replaced, not added
+    # Unpacking again over the results refuses; the unpacked folder itself writes the report again.
+    assert runner.main(["--report", str(out / pack.ARCHIVE), "--results-dir", str(results), *args]) == 2
+    assert runner.main(["--report", str(results), *args]) == 0
     assert docs.read_text().count(report.DOCS_MARKERS[0]) == 1 and docs.read_text().count("### Targets") == 1
 
 
-def test_report_refuses_missing_markers_and_empty_folders(suite_out, tmp_path, capsys):
+def test_report_refuses_missing_markers_and_empty_folders(suite_run, tmp_path, capsys):
     page = tmp_path / "page.md"
     page.write_text("no markers here\n")
-    assert runner.main(["--report", str(suite_out), "--docs", str(page), "--readme", str(page)]) == 2
+    results = tmp_path / "results"
+    assert runner.main(["--report", str(suite_run[0]), "--results-dir", str(results), "--docs", str(page),
+                        "--readme", str(page)]) == 2  # fmt: skip
     assert "<!-- gpu-suite:start -->" in capsys.readouterr().err
     assert page.read_text() == "no markers here\n"
     assert runner.main(["--report", str(tmp_path / "empty")]) == 2
 
 
-def test_full_parts_refuse_to_run_without_cuda(tmp_path, capsys):
+def test_full_run_refuses_without_cuda(tmp_path, capsys):
     if torch.cuda.is_available():
-        pytest.skip("CUDA is present: the full parts would run")
-    assert runner.main(["--part", "sd15", "--out", str(tmp_path / "out")]) == 2
+        pytest.skip("CUDA is present: the full scenarios would run")
+    assert runner.main(["--scenarios", "sd15-512", "--out", str(tmp_path / "out")]) == 2
     assert "--tiny" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_out_must_hold_only_the_suites_files(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert runner.main(["--tiny", "--scenarios", "sd15-512", "--out", str(tmp_path / "out")]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+
+
+def test_estimate_prints_each_scenario_against_the_budget(capsys):
+    names = ["sd15-512", "tests", "breakeven-2"]
+    assert runner.main(["--estimate", "--tiny", "--budget", "10", "--scenarios", *names]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| {name} |" in printed for name in names)
+    assert "| no |" in printed and "against a budget of 10 s" in printed  # the tests' 30 s prior cannot fit
+
+
+def test_budget_estimates_from_measured_rates_and_says_why_it_skips():
+    now = [0.0]
+    budget = Budget(100, dict(flop=1e-12, call=0.5, compile=50.0, seconds=1.0), clock=lambda: now[0])
+    cost = dict(flop=20e12, call=10.0, compile=1.0)
+    assert budget.estimate(cost) == 20 + 5 + 50 and budget.decide(cost).runs
+    budget.measure("flop", 2e-12)  # the calls' launches are in a measured call time
+    assert budget.estimate(cost) == 40 + 0 + 50
+    budget.settle(cost, elapsed_s=70.0)  # 30 s beyond the 40 s of FLOPs: the compilation's
+    assert budget.rates["compile"] == 30.0 and budget.measured >= {"flop", "call", "compile"}
+    now[0] = 50.0
+    decision = budget.decide(dict(flop=30e12, compile=1.0))
+    assert not decision.runs and decision.estimate_s == 90.0 and decision.left_s == 50.0
+    assert decision.reason.startswith("estimated 90 s (30.0 TFLOP at 0.5 TFLOP/s (measured), 1 compile x 30.0 s")
+    assert decision.reason.endswith("> 50 s left of the 100 s budget")
+    with pytest.raises(KeyError, match="no prior for cost kind 'timing'"):
+        budget.estimate(dict(timing=1.0))
+
+
+def test_pack_is_atomic_and_out_problems_names_what_breaks_the_limits(tmp_path):
+    stage, out = tmp_path / "stage", tmp_path / "out"
+    (stage / "part").mkdir(parents=True)
+    (stage / "part" / "results.json").write_text("{}")
+    out.mkdir()
+    pack.pack(stage, out)
+    assert [p.name for p in out.iterdir()] == [pack.ARCHIVE] and pack.out_problems(out) == []
+    (out / "sub").mkdir()
+    (out / "bad name.txt").write_text("")
+    for i in range(8):
+        (out / f"f{i}").write_text("")
+    problems = " ".join(pack.out_problems(out))
+    assert "sub is a folder" in problems and "bad name.txt" in problems and "10 files, more than 8" in problems
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        tar.add(stage / "part" / "results.json", arcname="../outside.json")
+    with pytest.raises(ValueError, match="no plain file inside it"):
+        pack.unpack(evil, tmp_path / "dest")
+    assert not (tmp_path / "outside.json").exists()
+
+
+def test_device_folder_names_are_plain():
+    assert report.device_folder("NVIDIA H100 80GB HBM3") == "gpu-nvidia-h100-80gb-hbm3"
+    assert report.device_folder("") == "gpu-unknown"
 
 
 def _rows(speedups):
@@ -169,13 +342,6 @@ def test_estimate_counts_what_the_ceiling_removes():
     the ceiling's is the self-attention of the patched layers, by the formula. Tiny UNet at
     128 px: a 16x16 latent (N = 256 tokens), 3 top-level layers of C = 16 channels, CFG batch
     B = 2; per layer 4 projections of 2 B N C^2 FLOPs and 2 attention products of 2 B N^2 C."""
-    from agentsd.benchmark import build_unet
-    from agentsd.presets import load_preset
-    from agentsd.suite import estimate
-
-    unet, config = build_unet("tiny", "meta", torch.float16), load_preset("paper")
-    removed = estimate.unet_call_flops(unet, 128, 1, "baseline", config) - estimate.unet_call_flops(
-        unet, 128, 1, "ceiling", config
-    )
+    removed = estimate.call_flops("tiny", 128, 1, "baseline") - estimate.call_flops("tiny", 128, 1, "ceiling")
     batch, tokens, channels = 2, 256, 16
     assert removed == 3 * (4 * 2 * batch * tokens * channels**2 + 2 * 2 * batch * tokens**2 * channels)

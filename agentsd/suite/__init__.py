@@ -1,8 +1,10 @@
-"""The GPU suite: everything a GPU can tell about agentsd, in parts that each fit one
-10-minute command (`python scripts/gpu_suite.py --part PART --out DIR`), and the report
-that writes the documentation's GPU numbers from the result folders."""
+"""The GPU suite: what a GPU can tell about agentsd, measured in priority order within a time
+budget by one command (`python scripts/gpu_suite.py --budget SECONDS --out OUT`, wrapped by
+`scripts/gpu_run.sh` for a GPU machine) and packed into a few files, and the report that writes
+the documentation's GPU numbers from them."""
 
 from .common import PART_NAMES, PartContext
-from .runner import main, run_parts
+from .runner import main, run_scenarios
+from .scenarios import DEFAULT_ORDER, SCENARIOS
 
-__all__ = ["PART_NAMES", "PartContext", "main", "run_parts"]
+__all__ = ["DEFAULT_ORDER", "PART_NAMES", "SCENARIOS", "PartContext", "main", "run_scenarios"]

@@ -1,8 +1,9 @@
-"""The `breakeven` part: from which grid size a patched layer beats the SDPA layer here.
+"""The breakeven scenarios: from which grid size a patched layer beats the SDPA layer here.
 
 One SD 1.5 top-level self-attention layer (320 channels, 8 heads of 40) is timed with its
 SDPA processor and with agentsd's processor in each phase of the paper preset, over square
-token grids from 8x8 to 128x128 and CFG batches of 2 and 8 (one and four images). Timings
+token grids from 8x8 to 128x128, at a CFG batch of 2 (`breakeven-2`: one image) and of 8
+(`breakeven-8`: four images); both write the `breakeven` part. Timings
 are `torch.utils.benchmark`'s blocked autorange (CUDA synchronized around each block of
 calls; the median over the blocks). The per-UNet-call planning (phase, grids, destination
 draws) is shared by every patched layer of a call and is not part of a layer's time.
@@ -25,7 +26,7 @@ from torch.utils import benchmark as torch_benchmark
 
 from ..config import AgentSDConfig
 from ..processor import AgentSDProcessor, AgentSDState
-from .common import PartContext, markdown_rows, stamp_rows, write_part
+from .common import Outcome, PartContext, markdown_rows, stamp_rows, write_part
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +38,21 @@ FIELDS = ("channels", "heads", "grid", "tokens", "batch", "phase", "mode", "base
 
 @dataclass(frozen=True)
 class GridPlan:
-    """The layer shape, the grids (sides in tokens) and batches, and the timing budget."""
+    """The layer shape, the grids (sides in tokens) and the timing budget; the CFG batch is the
+    scenario's."""
 
     channels: int = 320
     heads: int = 8
     grids: tuple[int, ...] = (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128)
-    batches: tuple[int, ...] = (2, 8)
     min_run_time: float = 0.5  # seconds of calls per timing
 
 
 PLAN = GridPlan()
-TINY_PLAN = GridPlan(channels=64, heads=4, grids=(8, 16), batches=(2,), min_run_time=0.01)
+TINY_PLAN = GridPlan(channels=64, heads=4, grids=(8, 16), min_run_time=0.01)
+
+
+def plan(tiny: bool) -> GridPlan:
+    return TINY_PLAN if tiny else PLAN
 
 
 def _timed(call: Any, min_run_time: float) -> torch_benchmark.Measurement:
@@ -148,16 +153,17 @@ def write(folder: Path, rows: list[dict[str, Any]], command: str) -> dict[str, P
     return paths
 
 
-def run(context: PartContext) -> dict[str, Path]:
-    """Time every grid and batch and write the part's files with the recommendation (after
-    each batch's sweep, so an interrupted part keeps what finished)."""
-    folder = context.folder("breakeven")
-    plan = TINY_PLAN if context.tiny else PLAN
-    rows: list[dict[str, Any]] = []
-    paths: dict[str, Path] = {}
-    for batch in plan.batches:
-        for grid in plan.grids:
-            rows += stamp_rows(measure(plan, grid, batch, context.device, context.dtype), context.device)
-            logger.info("breakeven: %dx%d tokens, batch %d done", grid, grid, batch)
-        paths = write(folder, rows, context.command)
-    return paths
+def run_batch(batch: int, context: PartContext) -> Outcome:
+    """Time every grid at one CFG batch, add the rows to the part's and rewrite its files with
+    the recommendation over every batch measured so far."""
+    grid_plan = plan(context.tiny)
+    rows = context.rows.setdefault("breakeven", [])
+    for grid in grid_plan.grids:
+        rows += stamp_rows(measure(grid_plan, grid, batch, context.device, context.dtype), context.device)
+        logger.info("breakeven: %dx%d tokens, batch %d done", grid, grid, batch)
+    write(context.folder("breakeven"), rows, context.command)
+    advice = recommend_min_tokens(rows)
+    batches = sorted({r["batch"] for r in rows})
+    grid = advice["min_grid"]
+    found = "none" if grid is None else f"{advice['min_tokens']} ({grid}x{grid})"
+    return Outcome(headline=f"recommended min_tokens over the CFG batches {batches}: {found}")

@@ -1,9 +1,11 @@
-"""What the parts of the GPU suite share: their run context and how a part writes its files."""
+"""What the scenarios of the GPU suite share: their run context, what a scenario returns, and
+how a part writes its files."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +13,30 @@ import torch
 
 from ..results import RUN_FIELDS, run_info, write_tables
 
-# The parts, in the order `all` runs them; each writes into a folder of its name.
-PART_NAMES = ("tests", "sd15", "sd15-compile", "sd15-compile-ceiling", "sdxl", "pipeline", "breakeven")
+# The result folders (parts) the scenarios write, in the order the report shows them; a part
+# gathers the rows of its scenarios (`sd15` those of sd15-512, sd15-1024 and sd15-2048).
+PART_NAMES = ("sd15", "sdxl", "tests", "breakeven", "sd15-highres", "sd15-compile", "sd15-compile-ceiling",
+              "tests-compile", "pipeline", "sd21")  # fmt: skip
+
+
+def measured_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (what the targets are set for), fp32 on the CPU."""
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 @dataclass(frozen=True)
 class PartContext:
-    """Where and how a part runs.
+    """Where and how the scenarios run.
 
     Args:
-        out: the suite's output folder; a part writes into `out / <part name>`.
+        out: the staging folder; a part writes into `out / <part name>`.
         tiny: tiny architectures and few repeats, for a CPU check in seconds (what CI runs).
-        device: the device measured (CUDA for the real parts).
-        root: the checkout whose `tests/` the `tests` part runs.
+        device: the device measured (CUDA for the real scenarios).
+        root: the checkout whose `tests/` the tests scenarios run.
         command: the command line, recorded in every part's files.
+        models: the UNet kept between scenarios (`unet.ModelCache`).
+        rows: every part's rows so far (a part's files are rewritten with all of them).
+        seconds_left: the budget left (a subprocess is given no more).
     """
 
     out: Path
@@ -32,16 +44,33 @@ class PartContext:
     device: torch.device
     root: Path
     command: str = ""
+    models: Any = None
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    seconds_left: Callable[[], float] = lambda: math.inf
 
     @property
     def dtype(self) -> torch.dtype:
-        """fp16 on CUDA (what the targets are set for), fp32 on the CPU."""
-        return torch.float16 if self.device.type == "cuda" else torch.float32
+        return measured_dtype(self.device)
 
     def folder(self, part: str) -> Path:
         folder = self.out / part
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+
+@dataclass
+class Outcome:
+    """What a scenario tells the run besides its files.
+
+    Args:
+        headline: its result in a few words (speedups, test counts, the recommendation).
+        baseline_ms: its baseline's median ms, for one-step scenarios.
+        measured: rates it measured, by cost kind (`budget.py`): seconds per unit.
+    """
+
+    headline: str = ""
+    baseline_ms: float | None = None
+    measured: dict[str, float] = field(default_factory=dict)
 
 
 def stamp_rows(rows: Sequence[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:

@@ -1,17 +1,22 @@
-"""How long each part of the GPU suite takes on one H100, estimated from FLOPs.
+"""What each scenario of the GPU suite costs, in units the budget turns into seconds (`budget.py`).
 
 The FLOPs of every timed call are counted by `torch.utils.flop_counter.FlopCounterMode`
-on the meta device (no memory, no weights, seconds on any CPU): the UNet call of every
-scenario and method of the one-step parts, the UNet steps, VAE decode and text encoder of
-every generation of the pipeline part. Time = FLOPs / `THROUGHPUT` + calls x
-`CALL_OVERHEAD` + fixed costs (building the models, compiling). The breakeven part's time
-is set by its timing budget, the tests part's by its compilations; both are stated as such.
-Methods that cannot run on the meta device (tomesd, xformers) are counted as the baseline,
-an upper bound for them.
+on the meta device (no memory, no weights, well under a second per call on any CPU; each
+count is cached): the UNet call of every
+method of a one-step scenario, the UNet steps, VAE decode and text encoder of every
+generation of a pipeline scenario. Methods that cannot run on the meta device (tomesd,
+xformers) are counted as the baseline, an upper bound for them.
+Builds, compilations, the breakeven timings and the pytest subprocesses are counted as such.
+
+`PRIORS` are the seconds per unit on one H100 before anything is measured, deliberately
+pessimistic; `TINY_PRIORS` the same for --tiny on a CPU. A run replaces them by what it
+measures. `--estimate` prints every scenario's prior estimate against the budget.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .. import benchmark
 from ..presets import load_preset
-from . import breakeven, pipeline, unet
+from . import breakeven, gpu_tests, pipeline, unet
+from .budget import Budget, Cost
 
 # An effective fp16 rate well under the H100's dense peak (~990 TFLOP/s): eager SD UNets
 # reach a fraction of it (small kernels, head dims of 40-64).
@@ -27,12 +33,18 @@ THROUGHPUT = 100e12
 CALL_OVERHEAD = 0.02  # s per UNet call: ~1,500 eager kernel launches
 BUILD_S = {"sd15": 20.0, "sd21": 20.0, "sdxl": 60.0, "pipeline": 40.0}  # random init of the weights
 COMPILE_S = 150.0  # one inductor compilation of a whole UNet
-START_S = 20.0  # python, torch, diffusers imports and CUDA start-up, per part
+TIMING_S = 1.5  # one breakeven timing: its budget of calls (`min_run_time`) x 1.5, for the warm-up block
+PRIORS: dict[str, float] = dict(flop=1 / THROUGHPUT, call=CALL_OVERHEAD, compile=COMPILE_S, seconds=1.0,
+                                timing=TIMING_S * breakeven.PLAN.min_run_time,
+                                **{f"build:{arch}": s for arch, s in BUILD_S.items()})  # fmt: skip
+# --tiny on a CPU: tiny models, one repeat, Dynamo's eager backend (seconds to "compile").
+TINY_PRIORS: dict[str, float] = dict(flop=1 / 1e9, call=0.05, compile=5.0, seconds=1.0, timing=0.2,
+                                     **{f"build:{arch}": 1.0 for arch in BUILD_S})  # fmt: skip
 META_COUNTED = ("baseline", "agentsd-agent", "agentsd-tome", "highres", "ceiling", "ceiling-2")
-# The tests part: pytest start-up and collection, the inductor compilation of a tiny UNet in
-# each of the two phases, and the other tests (tiny pipelines, seconds each).
-TESTS_S = 30.0 + 2 * 90.0 + 60.0
-LIMIT_S = 480.0  # each part must end within 8 minutes
+
+
+def priors(tiny: bool) -> dict[str, float]:
+    return dict(TINY_PRIORS if tiny else PRIORS)
 
 
 def unet_call_flops(model: Any, size: int, images: int, method: str, config: Any) -> float:
@@ -45,71 +57,117 @@ def unet_call_flops(model: Any, size: int, images: int, method: str, config: Any
     return float(flops.get_total_flops())
 
 
-def unet_part(part: str) -> dict[str, Any]:
-    """FLOPs, calls and seconds of a one-step part."""
-    total_flops, calls, fixed = 0.0, 0, START_S
-    for plan in unet.PLANS[part]:
-        model = benchmark.build_unet(plan.arch, "meta", torch.float16)
-        config = load_preset(plan.preset or benchmark.DEFAULT_PRESETS[plan.arch])
-        fixed += BUILD_S[plan.arch] + COMPILE_S * len(plan.compiled)
-        rounds = unet.REPEATS + unet.WARMUP
-        for size in plan.sizes:
-            for images in plan.batches:
-                for method in (*plan.methods, *plan.compiled):
-                    total_flops += rounds * unet_call_flops(model, size, images, method, config)
-                    calls += rounds
-    return _summary(part, total_flops, calls, fixed)
+@functools.cache
+def _meta_unet(arch: str) -> Any:
+    # The meta device, also for the tiny UNets: torch's flop counter does not count the CPU's
+    # fused attention kernel.
+    return benchmark.build_unet(arch, "meta", torch.float16)
 
 
-def pipeline_part() -> dict[str, Any]:
-    """FLOPs, calls and seconds of the pipeline part, every method counted as the baseline."""
+@functools.cache
+def call_flops(arch: str, size: int, images: int, method: str, preset: str | None = None) -> float:
+    """`unet_call_flops` of `arch` with its default preset (or `preset`), counted once per run."""
+    counted = method if method in META_COUNTED else "baseline"
+    if counted != method:
+        return call_flops(arch, size, images, counted, preset)
+    config = load_preset(preset or benchmark.DEFAULT_PRESETS[arch])
+    return unet_call_flops(_meta_unet(arch), size, images, method, config)
+
+
+def unet_cost(plan: unet.UNetPlan, tiny: bool, built: str | None = None) -> Cost:
+    """A one-step scenario: every method's calls (warm-up and repeats), the build of its UNet
+    unless `built` (the model cache's architecture) is it already, and its compilations."""
+    run = unet.tiny_plan(plan) if tiny else plan
+    repeats, warmup = unet.rounds(tiny)
+    flops, calls = 0.0, 0
+    for size in run.sizes:
+        for images in run.batches:
+            for method in run.methods:
+                flops += (repeats + warmup) * call_flops(run.arch, size, images, method, run.preset)
+                calls += repeats + warmup
+            for method in run.compiled:
+                flops += (repeats + max(warmup, 1)) * call_flops(run.arch, size, images, method, run.preset)
+                calls += repeats + max(warmup, 1)
+    cost = dict(flop=flops, call=float(calls))
+    if built != run.arch:
+        cost[f"build:{plan.arch}"] = 1.0
+    if run.compiled:
+        cost["compile"] = float(len(run.compiled))
+    return cost
+
+
+@functools.cache
+def _pipeline_fixed_flops(size: int) -> tuple[float, float]:
+    """(text encoder, VAE decode) FLOPs of one 1-image generation at `size` px."""
     pipe = pipeline.sd15_pipeline("meta", torch.float16)
-    config = load_preset("paper")
-    methods = len(pipeline.METHODS)
-    total_flops, calls = 0.0, 0
     with torch.no_grad():
         with FlopCounterMode(display=False) as text:
             pipe.text_encoder(torch.zeros(2, 77, dtype=torch.long, device="meta"))
-        for plan in pipeline.PLANS:
-            step = unet_call_flops(pipe.unet, plan.size, 1, "baseline", config)
-            latent = torch.empty(1, 4, plan.size // 8, plan.size // 8, device="meta", dtype=torch.float16)
-            with FlopCounterMode(display=False) as vae:
-                pipe.vae.decode(latent)
-            image = plan.steps * step + vae.get_total_flops() + text.get_total_flops()
-            # Per method: a 1-step warm-up, the timed images, then 2-step generations of 1 and
-            # 2 images for the memory per image.
-            warmup_and_memory = (step + vae.get_total_flops()) + 3 * (2 * step + vae.get_total_flops())
-            total_flops += methods * (plan.images * image + warmup_and_memory)
-            calls += methods * (plan.images * plan.steps + 1 + 3 * 2)
-    return _summary("pipeline", total_flops, calls, START_S + BUILD_S["pipeline"])
+        latent = torch.empty(1, 4, size // 8, size // 8, device="meta", dtype=torch.float16)
+        with FlopCounterMode(display=False) as vae:
+            pipe.vae.decode(latent)
+    return float(text.get_total_flops()), float(vae.get_total_flops())
 
 
-def breakeven_part() -> dict[str, Any]:
-    """Seconds of the breakeven part: its timing budget per measurement, plus one warm-up
-    block each (its FLOPs are negligible)."""
-    plan = breakeven.PLAN
-    timings = len(plan.grids) * len(plan.batches) * (1 + len(breakeven.PHASES))
-    return dict(part="breakeven", tflop=None, calls=None, seconds=round(START_S + timings * 1.5 * plan.min_run_time))
+def pipeline_cost(size: int, tiny: bool) -> Cost:
+    """A pipeline scenario, every method counted as the baseline: per method a 1-step warm-up,
+    the timed images, then 2-step generations of 1 and 2 images for the memory per image. In
+    --tiny mode the calls alone (the tiny pipeline's FLOPs are nothing)."""
+    plan = pipeline.plan(size, tiny)
+    methods = len(pipeline.METHODS)
+    calls = methods * (plan.images * plan.steps + 1 + 3 * 2)
+    if tiny:
+        return {"call": float(calls), "build:pipeline": 1.0}
+    step = call_flops("sd15", plan.size, 1, "baseline")
+    text, vae = _pipeline_fixed_flops(plan.size)
+    image = plan.steps * step + vae + text
+    warmup_and_memory = (step + vae) + 3 * (2 * step + vae)
+    flops = methods * (plan.images * image + warmup_and_memory)
+    return {"flop": flops, "call": float(calls), "build:pipeline": 1.0}
 
 
-def _summary(part: str, flops: float, calls: int, fixed: float) -> dict[str, Any]:
-    seconds = flops / THROUGHPUT + calls * CALL_OVERHEAD + fixed
-    return dict(part=part, tflop=round(flops / 1e12, 1), calls=calls, seconds=round(seconds))
+def breakeven_cost(tiny: bool) -> Cost:
+    """A breakeven scenario (one batch): one baseline and one timing per phase, per grid."""
+    plan = breakeven.plan(tiny)
+    return {"timing": float(len(plan.grids) * (1 + len(breakeven.PHASES)))}
 
 
-def estimates() -> list[dict[str, Any]]:
-    """Every part's estimate: part, TFLOP timed, UNet calls, seconds (upper-bound assumptions)."""
-    rows = [dict(part="tests", tflop=None, calls=None, seconds=round(TESTS_S))]
-    rows += [unet_part(part) for part in unet.PLANS]
-    return rows + [pipeline_part(), breakeven_part()]
+def tests_cost(selection: str, tiny: bool) -> Cost:
+    """A tests scenario: its pytest subprocess, as fixed seconds."""
+    return {"seconds": gpu_tests.TINY_SECONDS if tiny else gpu_tests.SELECTIONS[selection].seconds}
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The estimates as a Markdown table, with the 8-minute limit checked."""
-    lines = ["| part | TFLOP timed | UNet calls | estimated s on one H100 | within 8 min |", "|---|---|---|---|---|"]
+def estimates(names: Sequence[str], tiny: bool, budget_s: float) -> list[dict[str, Any]]:
+    """Every scenario's prior estimate in the order given, the model cache followed along, with
+    the running total against `budget_s`."""
+    from .scenarios import SCENARIOS
+
+    budget = Budget(budget_s, priors(tiny))
+    rows, total, built = [], 0.0, None
+    for name in names:
+        scenario = SCENARIOS[name]
+        cost = scenario.cost(tiny, built)
+        seconds = budget.estimate(cost)
+        total += seconds
+        built = scenario.model(tiny) or built
+        tflop = cost.get("flop", 0.0) / 1e12
+        rows.append(dict(scenario=name, about=scenario.about, tflop=tflop, calls=int(cost.get("call", 0)),
+                         seconds=seconds, total=total, fits=total <= budget_s))  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], budget_s: float) -> str:
+    """The estimates as a Markdown table, the running total checked against the budget."""
+    lines = ["| scenario | measures | TFLOP timed | UNet calls | prior s | running total s | within the budget |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
-        tflop = "" if row["tflop"] is None else f"{row['tflop']:,.0f}"
-        calls = "" if row["calls"] is None else str(row["calls"])
-        fits = "yes" if row["seconds"] <= LIMIT_S else "NO"
-        lines.append(f"| {row['part']} | {tflop} | {calls} | {row['seconds']} | {fits} |")
+        tflop = f"{row['tflop']:,.0f}" if row["tflop"] >= 1 else ""
+        calls = str(row["calls"]) if row["calls"] else ""
+        fits = "yes" if row["fits"] else "no"
+        cells = [row["scenario"], row["about"], tflop, calls, f"{row['seconds']:.0f}", f"{row['total']:.0f}", fits]
+        lines.append("| " + " | ".join(cells) + " |")
+    total = rows[-1]["total"] if rows else 0.0
+    lines.append("")
+    lines.append(f"Total {total:.0f} s by the priors against a budget of {budget_s:.0f} s; a run measures its rates "
+                 "and re-estimates each scenario before it starts.")  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -1,7 +1,8 @@
-"""The `pipeline` part: the paper's table columns for a whole generation on this device.
+"""The pipeline scenarios: the paper's table columns for a whole generation on this device.
 
 Seconds per image and GB per extra image of a full 50-step DDIM SD 1.5 generation (text
-encoder, UNet with classifier-free guidance, VAE decode) at 512 and 1024 px, for the
+encoder, UNet with classifier-free guidance, VAE decode) at 512 px (`pipeline-512`; and
+`pipeline-1024`, not in the default order), for the
 baseline, ToMe for SD at r = 0.5 and agentsd (the paper preset) at r = 0.1, 0.4 and 0.5,
 next to the paper's RTX 4090 figures. The pipeline is a real `StableDiffusionPipeline`
 built from the published SD 1.5 component configs with random weights (nothing is
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import torch
 from ..benchmark import ARCHITECTURES
 from ..compare import MethodSpec, imagenet_prompts, memory_per_image, parse_method
 from ..generation import GenerationError, GenerationSettings, ImageJob, generate_runs, prepare_folder
-from .common import PartContext, markdown_rows, stamp_rows, write_part
+from .common import Outcome, PartContext, markdown_rows, stamp_rows, write_part
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +90,15 @@ class PipelinePlan:
     steps: int = 50
 
 
-PLANS = (PipelinePlan(512, 5), PipelinePlan(1024, 3))
+# By the image side of the scenario.
+PLANS = {512: PipelinePlan(512, 5), 1024: PipelinePlan(1024, 3)}
 # The tiny pipeline's VAE downsamples 4x: 64 px is a 16x16 latent (256 tokens).
-TINY_PLANS = (PipelinePlan(64, 1, steps=3), PipelinePlan(96, 1, steps=3))
+TINY_PLANS = {512: PipelinePlan(64, 1, steps=3), 1024: PipelinePlan(96, 1, steps=3)}
+
+
+def plan(size: int, tiny: bool) -> PipelinePlan:
+    """The plan of the scenario at `size` px (its tiny stand-in in --tiny mode)."""
+    return (TINY_PLANS if tiny else PLANS)[size]
 
 
 def sd15_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -185,25 +193,25 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run(context: PartContext) -> dict[str, Path]:
-    """Build the pipeline, run every plan and write the part's files."""
+def run_size(size: int, context: PartContext) -> Outcome:
+    """Build the pipeline, time every method at one size, add the rows to the part's and
+    rewrite its files."""
     from ..testing import tiny_pipeline
 
-    folder = context.folder("pipeline")
+    start = time.perf_counter()
     if context.tiny:
         pipe = tiny_pipeline("sd15").to(context.device, context.dtype)
     else:
         pipe = sd15_pipeline(context.device, context.dtype)
+    build_s = time.perf_counter() - start
     pipe.set_progress_bar_config(disable=True)
-    specs = method_specs()
-    rows: list[dict[str, Any]] = []
-    paths: dict[str, Path] = {}
+    rows = context.rows.setdefault("pipeline", [])
     with tempfile.TemporaryDirectory() as workdir:
-        for plan in TINY_PLANS if context.tiny else PLANS:
-            rows += stamp_rows(run_plan(pipe, plan, specs, Path(workdir)), context.device)
-            # Written after every size: an interrupted part keeps the sizes that finished.
-            paths = write_part(folder, rows, FIELDS, markdown_rows(rows, FIELDS), context.command,
-                               dict(paper=PAPER_RTX4090))  # fmt: skip
-            paths["png"] = folder / "pipeline.png"
-            plot(rows, paths["png"])
-    return paths
+        new = stamp_rows(run_plan(pipe, plan(size, context.tiny), method_specs(), Path(workdir)), context.device)
+    rows += new
+    folder = context.folder("pipeline")
+    write_part(folder, rows, FIELDS, markdown_rows(rows, FIELDS), context.command, dict(paper=PAPER_RTX4090))
+    plot(rows, folder / "pipeline.png")
+    timed = ", ".join(f"{r['method']} {r['seconds_per_image']:.2f}" for r in new)
+    headline = f"s/image, {new[0]['steps']} steps at {new[0]['size']} px: {timed}"
+    return Outcome(headline=headline, measured={"build:pipeline": build_s})

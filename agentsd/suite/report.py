@@ -1,9 +1,11 @@
-"""The documentation's GPU numbers, written from the suite's result folders.
+"""The documentation's GPU numbers, written from the suite's results.
 
-`write_report` reads every part's results.json found under the given folders and replaces
-the text between marker comments: the GPU section of docs/benchmarks.md (`DOCS_MARKERS`)
-and the README's performance table (`README_MARKERS`). Every number comes from the files;
-the targets are read off the rows by `results.target_checks`.
+`write_report` takes a run's OUT (or its results.tar.gz), unpacks the archive into the
+folder to commit (`docs/bench/gpu-<device>/` by default), or takes such a folder unpacked
+already, reads every part's results.json and the run's suite.json there, and replaces the
+text between marker comments: the GPU section of docs/benchmarks.md (`DOCS_MARKERS`) and the
+README's performance table (`README_MARKERS`). Every number comes from the files; the
+targets are read off the rows by `results.target_checks`.
 """
 
 from __future__ import annotations
@@ -11,18 +13,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..results import CEILING_TARGET, TARGETS_FROM, target_checks
+from . import pack
 from .common import PART_NAMES, format_cell
+from .summary import SUITE_JSON, scenario_table
 
 logger = logging.getLogger(__name__)
 
 DOCS_MARKERS = ("<!-- gpu-suite:start -->", "<!-- gpu-suite:end -->")
 README_MARKERS = ("<!-- performance:start -->", "<!-- performance:end -->")
-STEP_PARTS = ("sd15", "sd15-compile", "sd15-compile-ceiling", "sdxl")
+STEP_PARTS = ("sd15", "sdxl", "sd15-highres", "sd15-compile", "sd15-compile-ceiling", "sd21")
+TEST_PARTS = ("tests", "tests-compile")
 # Method columns of the one-step tables, in this order (others follow as found).
 METHOD_ORDER = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "agentsd-schedule", "highres", "tomesd",
                 "ceiling", "ceiling-2")  # fmt: skip
@@ -41,8 +47,42 @@ def load_results(folders: Sequence[Path]) -> dict[str, dict[str, Any]]:
                     logger.warning("part %s found twice: using %s", part, path)
                 found[part] = dict(json.loads(path.read_text()), folder=path.parent)
     if not found:
-        raise FileNotFoundError(f"no part results (PART/results.json) under {', '.join(map(str, folders))}.")
+        raise FileNotFoundError(
+            f"no part results (PART/results.json) under {', '.join(map(str, folders))}: give "
+            "--report a suite's OUT, its results.tar.gz, or the folder it was unpacked into."
+        )
     return found
+
+
+def device_folder(device: str) -> str:
+    """The folder name of a device's results: `gpu-nvidia-h100-80gb-hbm3` for "NVIDIA H100 80GB HBM3"."""
+    return "gpu-" + (re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "unknown")
+
+
+def result_folders(paths: Sequence[Path], results_dir: Path | None, bench_root: Path) -> list[Path]:
+    """The folders of part results the paths stand for: a folder of parts as it is; an archive
+    (or a folder holding one) unpacked first into `results_dir`, by default
+    `bench_root/gpu-<device>` (the device from the archive's suite.json)."""
+    archives = [pack.find_archive(Path(p)) for p in paths]
+    if results_dir is not None and sum(a is not None for a in archives) != 1:
+        raise ValueError("--results-dir takes the results of one archive: give --report one OUT or archive.")
+    folders = []
+    for path, archive in zip(paths, archives, strict=True):
+        if archive is None:
+            folders.append(Path(path))
+            continue
+        suite = pack.read_member(archive, SUITE_JSON)
+        device = json.loads(suite)["run"].get("device", "") if suite else ""
+        dest = results_dir or bench_root / device_folder(device)
+        if dest.exists() and any(dest.iterdir()):
+            raise ValueError(
+                f"{dest} already holds results (unpacked earlier?): write the report from it with "
+                f"--report {dest}, or remove it (or pass --results-dir) to unpack {archive} again."
+            )
+        pack.unpack(archive, dest)
+        logger.info("unpacked %s into %s", archive, dest)
+        folders.append(dest)
+    return folders
 
 
 def _rows(results: dict[str, dict[str, Any]], *parts: str) -> list[dict[str, Any]]:
@@ -62,6 +102,18 @@ def _runs(results: dict[str, dict[str, Any]], docs: Path) -> list[str]:
         versions = f"{first.get('torch', '')}, {first.get('diffusers', '')}"
         cells = [part, first.get("device", ""), versions, first.get("commit", ""), data["date"], f"`{data['command']}`"]
         lines.append("| " + " | ".join(cells) + f" | [results.md]({link}) |")
+    return lines
+
+
+def _scenarios(folders: Sequence[Path]) -> list[str]:
+    """Every run's scenarios (from its suite.json): status, estimate, time, and why one was skipped."""
+    lines = []
+    for folder in folders:
+        path = Path(folder) / SUITE_JSON
+        if path.is_file():
+            suite = json.loads(path.read_text())
+            state = f"{suite['state']}, {suite['used_s']:.0f} s of a {suite['budget_s']:.0f} s budget"
+            lines += ["", f"`{suite['command']}` ({state}):", "", scenario_table(suite["scenarios"]).rstrip()]
     return lines
 
 
@@ -147,12 +199,14 @@ def tests_table(data: dict[str, Any]) -> list[str]:
     return lines + _table(["test", "outcome", "reason", "s"], body)
 
 
-def docs_section(results: dict[str, dict[str, Any]], docs: Path) -> str:
+def docs_section(results: dict[str, dict[str, Any]], docs: Path, folders: Sequence[Path] = ()) -> str:
     """The GPU section of the benchmarks page."""
-    out = [GENERATED, "", *_runs(results, docs), "", "### Targets", "", *targets(results)]
-    titles = {"sd15": "SD 1.5, one denoising step", "sd15-compile": "SD 1.5 under torch.compile (inductor)",
+    out = [GENERATED, "", *_runs(results, docs), *_scenarios(folders), "", "### Targets", "", *targets(results)]
+    titles = {"sd15": "SD 1.5, one denoising step", "sdxl": "SDXL (`sdxl` preset), one denoising step",
+              "sd15-highres": "SD 1.5 at 2048 px: `highres` and the two-level ceiling",
+              "sd15-compile": "SD 1.5 under torch.compile (inductor)",
               "sd15-compile-ceiling": "SD 1.5 under torch.compile: the compiled ceiling",
-              "sdxl": "SDXL (`sdxl` preset) and SD 2.1 (`sd21` preset), one denoising step"}  # fmt: skip
+              "sd21": "SD 2.1 (`sd21` preset), one denoising step"}  # fmt: skip
     for part, title in titles.items():
         if _rows(results, part):
             note = "Baselines in ms; the other columns are speedups over the baseline of the same run."
@@ -165,17 +219,21 @@ def docs_section(results: dict[str, dict[str, Any]], docs: Path) -> str:
     if _rows(results, "breakeven"):
         out += ["", "### One layer against SDPA: the `min_tokens` break-even", ""]
         out += breakeven_table(results["breakeven"])
-    if "tests" in results:
-        out += ["", "### GPU tests", "", *tests_table(results["tests"])]
+    for part in TEST_PARTS:
+        if part in results:
+            title = "GPU tests" if part == "tests" else "GPU tests: inductor"
+            out += ["", f"### {title}", "", *tests_table(results[part])]
     return "\n".join(out) + "\n"
 
 
 def readme_table(results: dict[str, dict[str, Any]], docs: Path, readme: Path) -> str:
-    """The README's short performance table: batch-1 step speedups and the 512 px generation."""
+    """The README's short performance table: batch-1 step speedups (`highres` from its own
+    scenario, against its own baseline) and the 512 px generation."""
     rows = [r for r in _rows(results, "sd15", "sdxl") if r["batch"] == 1]
-    if not rows and not _rows(results, "pipeline"):
+    highres = [r for r in _rows(results, "sd15-highres") if r["batch"] == 1]
+    if not rows and not highres and not _rows(results, "pipeline"):
         return "No GPU results yet.\n"
-    first = (rows or _rows(results, "pipeline"))[0]
+    first = (rows or highres or _rows(results, "pipeline"))[0]
     link = os.path.relpath(docs, readme.parent)
     out = [f"{first['device']}, {first['dtype']}, random weights, one image with guidance; torch {first['torch']}, "
            f"diffusers {first['diffusers']}, commit {first['commit']}. Generated from the GPU suite's results; every "
@@ -183,8 +241,9 @@ def readme_table(results: dict[str, dict[str, Any]], docs: Path, readme: Path) -
     columns = ("agentsd-agent", "agentsd-schedule", "highres", "tomesd", "ceiling")
     header = ["model", "px", "baseline step ms", "agent phase", "50-step schedule", "highres", "ToMe for SD", "ceiling"]
     body = []
-    for scenario in dict.fromkeys((r["arch"], r["size"], r["preset"]) for r in rows):
-        by = {r["method"]: r for r in rows if (r["arch"], r["size"], r["preset"]) == scenario}
+    for scenario in dict.fromkeys((r["arch"], r["size"], r["preset"]) for r in rows + highres):
+        # The main scenario's baseline and methods where both ran; `highres` from its own.
+        by = {r["method"]: r for r in highres + rows if (r["arch"], r["size"], r["preset"]) == scenario}
         cells = [f"{by[m]['speedup']:.2f}x" if m in by else "" for m in columns]
         body.append([f"{scenario[0]} (`{scenario[2]}`)", scenario[1], by["baseline"]["median_ms"], *cells])
     out += _table(header, body) if body else []
@@ -214,14 +273,23 @@ def replace_between(path: Path, markers: tuple[str, str], text: str) -> None:
     path.write_text(f"{head}{start}\n{text}{end}{tail}")
 
 
-def write_report(folders: Sequence[Path], docs: Path, readme: Path) -> None:
-    """Write the GPU section of `docs` and the performance table of `readme` from the parts'
-    results under `folders`.
+def write_report(
+    paths: Sequence[Path], docs: Path, readme: Path, results_dir: Path | None = None, bench_root: Path | None = None
+) -> list[Path]:
+    """Write the GPU section of `docs` and the performance table of `readme` from suite results.
 
     Args:
-        folders: suite output folders (each with a subfolder per part).
+        paths: a run's OUT or results.tar.gz (unpacked first, see `result_folders`), or folders
+            of part results (a subfolder per part); a later one's part replaces an earlier one's.
         docs, readme: the files to write between their markers (`DOCS_MARKERS`, `README_MARKERS`).
+        results_dir: where to unpack an archive (default: `bench_root/gpu-<device>`).
+        bench_root: the folder of the committed results (default: docs/bench beside `docs`).
+
+    Returns:
+        The folders the report was written from (the ones to commit).
     """
+    folders = result_folders(paths, results_dir, bench_root or Path(docs).parent / "bench")
     results = load_results(folders)
-    replace_between(Path(docs), DOCS_MARKERS, docs_section(results, Path(docs)))
+    replace_between(Path(docs), DOCS_MARKERS, docs_section(results, Path(docs), folders))
     replace_between(Path(readme), README_MARKERS, readme_table(results, Path(docs), Path(readme)))
+    return folders

@@ -1,52 +1,48 @@
-"""The one-step parts: `agentsd bench` scenarios (`benchmark.run_benchmark`) on the real UNets.
+"""The one-step scenarios: `agentsd bench` runs (`benchmark.run_benchmark`) on the real UNets.
 
-    sd15          SD 1.5 at 512, 1024, 2048 px with 1 image and at 512, 1024 px with 4 images:
-                  baseline, xformers (where it runs), the paper preset's agent and ToMe
-                  phases and their 50-step schedule, `highres`, tomesd at the same ratio, and
-                  the ceiling at one and at two levels
-    sd15-compile  SD 1.5 at 1024 px: baseline and agent phase eager and under torch.compile
-                  (inductor), the ceiling eager
-    sd15-compile-ceiling
-                  SD 1.5 at 1024 px: baseline and ceiling eager and compiled
-                  Parts of their own, two compilations each: one compilation of a whole
-                  UNet can take minutes. The compiled agent phase's share of the compiled
-                  ceiling's speedup combines the two (each against its own compiled baseline).
-    sdxl          SDXL at 1024 and 2048 px with the `sdxl` preset, SD 2.1 at 768 px with `sd21`
+Each scenario is one architecture at one image size (`UNetPlan`), so the budget can stop
+between sizes. Its rows join those of its part (`sd15`, `sdxl`, `sd15-highres`,
+`sd15-compile`, `sd15-compile-ceiling`, `sd21`), whose files are rewritten after every
+scenario. The UNet is built once per architecture and kept between scenarios (`ModelCache`):
+one model at a time, so the peak memory of a scenario holds its own weights only.
 
-Each scenario's rows are written as soon as it finishes (an interrupted part keeps them).
+A compiled scenario times its methods eager and under torch.compile (inductor), one
+compilation per compiled method; the compiled agent phase's share of the compiled ceiling's
+speedup combines `sd15-compile` and `sd15-compile-ceiling` (each against its own compiled
+baseline), two scenarios so that the budget can run one without the other.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import benchmark
-from .common import PartContext
+from .common import Outcome, PartContext
 
 logger = logging.getLogger(__name__)
 
-SD15_METHODS = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "highres", "tomesd", "ceiling", "ceiling-2")
-SDXL_METHODS = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "tomesd", "ceiling")
-COMPILED_AGENT = ("baseline", "agentsd-agent")
-COMPILED_CEILING = ("baseline", "ceiling")
+SD15_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "tomesd", "ceiling")
+SDXL_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "tomesd", "ceiling")
+HIGHRES_METHODS = ("baseline", "highres", "ceiling-2")
 REPEATS, WARMUP = 10, 2  # per method and scenario on the GPU
-# The tiny stand-ins (agentsd.testing) and the image side they run at in --tiny mode.
+# The tiny stand-ins (agentsd.testing) of each architecture; in --tiny mode an image side is
+# divided by TINY_DIVISOR (2048 px -> 256 px: a 32x32 latent on the tiny UNet).
 TINY_ARCHS = {"sd15": "tiny", "sd21": "tiny-sd2", "sdxl": "tiny-sdxl"}
-TINY_SIZE = 128
+TINY_DIVISOR = 8
 
 
 @dataclass(frozen=True)
 class UNetPlan:
-    """One `run_benchmark` call of a part: an architecture's scenarios and methods.
+    """One `run_benchmark` call: an architecture's scenario and the methods timed.
 
     Args:
         arch: `sd15`, `sd21` or `sdxl`.
-        sizes, batches: image sides and images per prompt (every combination is a scenario).
+        sizes, batches: image sides and images per prompt (every combination is timed).
         methods: the methods to time (those that cannot run here are left out).
         preset: the agentsd preset; None: the architecture's default (`paper`, `sd21`, `sdxl`).
         compiled: the methods also timed under torch.compile.
@@ -60,20 +56,44 @@ class UNetPlan:
     compiled: tuple[str, ...] = ()
 
 
-PLANS: dict[str, tuple[UNetPlan, ...]] = {
-    "sd15": (
-        UNetPlan("sd15", (512, 1024, 2048), (1,), SD15_METHODS),
-        UNetPlan("sd15", (512, 1024), (4,), SD15_METHODS),
-    ),
-    "sd15-compile": (UNetPlan("sd15", (1024,), (1,), (*COMPILED_AGENT, "ceiling"), compiled=COMPILED_AGENT),),
-    "sd15-compile-ceiling": (UNetPlan("sd15", (1024,), (1,), COMPILED_CEILING, compiled=COMPILED_CEILING),),
-    "sdxl": (UNetPlan("sdxl", (1024, 2048), (1,), SDXL_METHODS), UNetPlan("sd21", (768,), (1,), SDXL_METHODS)),
-}
-
-
 def tiny_plan(plan: UNetPlan) -> UNetPlan:
-    """The plan on the tiny stand-in of its architecture, at one small size."""
-    return replace(plan, arch=TINY_ARCHS[plan.arch], sizes=(TINY_SIZE,))
+    """The plan on the tiny stand-in of its architecture, at sides divided by `TINY_DIVISOR`."""
+    sizes = tuple(max(64, size // TINY_DIVISOR) for size in plan.sizes)
+    return replace(plan, arch=TINY_ARCHS[plan.arch], sizes=sizes)
+
+
+def rounds(tiny: bool) -> tuple[int, int]:
+    """(repeats, warm-up rounds) per method: one repeat and no warm-up in --tiny mode."""
+    return (1, 0) if tiny else (REPEATS, WARMUP)
+
+
+class ModelCache:
+    """The UNet of one architecture at a time, built on first use and kept for the next
+    scenario of the same architecture (a new architecture drops the old model first).
+
+    Args:
+        device, dtype: where the UNets are built and their dtype.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.arch: str | None = None
+        self.unet: Any = None
+        self.builds: list[tuple[str, float]] = []  # (architecture, seconds) of every build
+
+    def get(self, arch: str) -> Any:
+        if arch != self.arch:
+            self.unet, self.arch = None, None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            start = time.perf_counter()
+            self.unet = benchmark.build_unet(arch, self.device, self.dtype)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.builds.append((arch, time.perf_counter() - start))
+            self.arch = arch
+            logger.info("built the %s UNet in %.1f s", arch, self.builds[-1][1])
+        return self.unet
 
 
 def xformers_runs(device: torch.device) -> bool:
@@ -94,7 +114,7 @@ def runnable(methods: tuple[str, ...], context: PartContext) -> list[str]:
     """`methods` without those that cannot run here (xformers off CUDA, not installed or not
     working; tomesd not installed)."""
     available = set(benchmark.available_methods(context.device)) | set(benchmark.OPTIONAL_METHODS)
-    if "xformers" in available and not xformers_runs(context.device):
+    if "xformers" in available and "xformers" in methods and not xformers_runs(context.device):
         available.remove("xformers")
     left_out = [m for m in methods if m not in available]
     if left_out:
@@ -102,56 +122,54 @@ def runnable(methods: tuple[str, ...], context: PartContext) -> list[str]:
     return [m for m in methods if m in available]
 
 
-def run_plans(part: str, context: PartContext) -> dict[str, Path]:
-    """Run the part's plans and write its files (`benchmark.write_results`) after every scenario."""
+def headline(rows: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """(baseline ms, the other methods' speedups) of one scenario's rows."""
+    base = next((r["median_ms"] for r in rows if r["method"] == "baseline"), None)
+    speedups = ", ".join(f"{r['method']} {r['speedup']:.2f}x" for r in rows if r["method"] != "baseline")
+    return base, speedups or "no rows (out of memory? see suite.log)"
+
+
+def run_scenario(part: str, plan: UNetPlan, context: PartContext) -> Outcome:
+    """Time the plan, add its rows to the part's and rewrite the part's files
+    (`benchmark.write_results`); the baseline's time per FLOP calibrates the budget."""
+    from .estimate import call_flops
+
+    run = tiny_plan(plan) if context.tiny else plan
+    rows = context.rows.setdefault(part, [])
+    new: list[dict[str, Any]] = []
     folder = context.folder(part)
-    rows: list[dict[str, Any]] = []
-    paths: dict[str, Path] = {}
 
-    def save(new_rows: list[dict[str, Any]]) -> None:
-        rows.extend(new_rows)
-        paths.update(benchmark.write_results(rows, folder, context.command))
+    def save(scenario_rows: list[dict[str, Any]]) -> None:
+        rows.extend(scenario_rows)
+        new.extend(scenario_rows)
+        benchmark.write_results(rows, folder, context.command)
 
-    for plan in PLANS[part]:
-        if context.tiny:
-            plan = tiny_plan(plan)
-        compiled = list(plan.compiled)
-        benchmark.run_benchmark(
-            archs=[plan.arch],
-            sizes=plan.sizes,
-            batches=plan.batches,
-            methods=runnable(plan.methods, context),
-            preset=plan.preset,
-            repeats=1 if context.tiny else REPEATS,
-            warmup=0 if context.tiny else WARMUP,
-            device=context.device,
-            dtype=context.dtype,
-            # Dynamo's eager backend in --tiny mode: the harness is checked, not inductor.
-            compile=("eager" if context.tiny else "inductor") if compiled else None,
-            compile_methods=compiled,
-            progress=False,
-            on_rows=save,
-        )
-    if not rows:  # every scenario ran out of memory: still write the (empty) files
-        paths.update(benchmark.write_results(rows, folder, context.command))
-    return paths
-
-
-def run_sd15(context: PartContext) -> dict[str, Path]:
-    """The `sd15` part."""
-    return run_plans("sd15", context)
-
-
-def run_sd15_compile(context: PartContext) -> dict[str, Path]:
-    """The `sd15-compile` part."""
-    return run_plans("sd15-compile", context)
-
-
-def run_sd15_compile_ceiling(context: PartContext) -> dict[str, Path]:
-    """The `sd15-compile-ceiling` part."""
-    return run_plans("sd15-compile-ceiling", context)
-
-
-def run_sdxl(context: PartContext) -> dict[str, Path]:
-    """The `sdxl` part."""
-    return run_plans("sdxl", context)
+    builds_before = len(context.models.builds)
+    repeats, warmup = rounds(context.tiny)
+    benchmark.run_benchmark(
+        archs=[run.arch],
+        sizes=run.sizes,
+        batches=run.batches,
+        methods=runnable(run.methods, context),
+        preset=run.preset,
+        repeats=repeats,
+        warmup=warmup,
+        device=context.device,
+        dtype=context.dtype,
+        # Dynamo's eager backend in --tiny mode: the harness is checked, not inductor.
+        compile=("eager" if context.tiny else "inductor") if run.compiled else None,
+        compile_methods=list(run.compiled),
+        progress=False,
+        on_rows=save,
+        build=context.models.get,
+    )
+    if not new:  # the scenario ran out of memory: the part's files are still written
+        benchmark.write_results(rows, folder, context.command)
+    # Priors and rates are keyed by the real architecture, also for its tiny stand-in.
+    measured = {f"build:{plan.arch}": seconds for _, seconds in context.models.builds[builds_before:]}
+    base = next((r for r in new if r["method"] == "baseline"), None)
+    if base is not None:
+        flops = call_flops(run.arch, base["size"], base["batch"], "baseline", run.preset)
+        measured["flop"] = base["median_ms"] / 1000 / flops
+    baseline_ms, speedups = headline(new)
+    return Outcome(headline=speedups, baseline_ms=baseline_ms, measured=measured)

@@ -1,0 +1,137 @@
+"""The scenarios of the GPU suite and their default priority order.
+
+A scenario is the smallest piece the budget runs or skips: one architecture at one size,
+one tests selection, one breakeven batch, one pipeline size. Each writes into its part's
+folder (several scenarios can share a part) and states its prior cost (`estimate.py`).
+
+Default order (`DEFAULT_ORDER`), most wanted first:
+  1. sd15-512, sd15-1024, sd15-2048   SD 1.5 fp16, 1 image: baseline, agent and ToMe phases
+                                      (and their 50-step schedule), tomesd at the same ratio, ceiling
+  2. sdxl-1024, sdxl-2048             SDXL fp16 with the `sdxl` preset, the same methods
+  3. tests                            the short CUDA tests (`pytest -m gpu`, not the inductor one)
+  4. breakeven-2, breakeven-8         the `min_tokens` break-even grids at CFG batches 2 and 8
+  5. highres-2048                     `highres` and the two-level ceiling at 2048 px
+  6. compile-agent-1024, compile-ceiling-1024, tests-compile
+                                      baseline, agent phase and ceiling under torch.compile at
+                                      1024 px (two compilations each), the inductor CUDA test
+  7. pipeline-512                     the 50-step pipeline s/image at 512 px, the paper's figures beside
+Not in the default order (run them with --scenarios): sd21-768, pipeline-1024.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import breakeven, estimate, gpu_tests, pipeline, unet
+from .budget import Cost
+from .common import Outcome, PartContext
+from .unet import UNetPlan
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One piece of the suite.
+
+    Args:
+        name: what --scenarios calls it.
+        part: the folder its files go to.
+        about: what it measures, in a few words.
+        cost: its prior units (`budget.Cost`), given --tiny and the architecture the model cache holds.
+        run: runs it and writes its part's files.
+        model: the UNet architecture it leaves in the model cache, given --tiny (None: none).
+    """
+
+    name: str
+    part: str
+    about: str
+    cost: Callable[[bool, str | None], Cost]
+    run: Callable[[PartContext], Outcome]
+    model: Callable[[bool], str | None] = lambda tiny: None
+
+
+def _unet(name: str, part: str, about: str, plan: UNetPlan) -> Scenario:
+    return Scenario(
+        name,
+        part,
+        about,
+        cost=lambda tiny, built: estimate.unet_cost(plan, tiny, built),
+        run=lambda context: unet.run_scenario(part, plan, context),
+        model=lambda tiny: unet.TINY_ARCHS[plan.arch] if tiny else plan.arch,
+    )
+
+
+def _tests(name: str, selection: str, about: str) -> Scenario:
+    return Scenario(name, name, about, cost=lambda tiny, built: estimate.tests_cost(selection, tiny),
+                    run=lambda context: gpu_tests.run_selection(name, selection, context))  # fmt: skip
+
+
+def _breakeven(batch: int) -> Scenario:
+    about = f"one SD 1.5 layer against SDPA, grids 8x8 to 128x128, CFG batch {batch}"
+    return Scenario(f"breakeven-{batch}", "breakeven", about, cost=lambda tiny, built: estimate.breakeven_cost(tiny),
+                    run=lambda context: breakeven.run_batch(batch, context))  # fmt: skip
+
+
+def _pipeline(size: int) -> Scenario:
+    about = f"a 50-step DDIM SD 1.5 generation at {size} px, s/image and GB/image, 5 methods"
+    return Scenario(f"pipeline-{size}", "pipeline", about, cost=lambda tiny, built: estimate.pipeline_cost(size, tiny),
+                    run=lambda context: pipeline.run_size(size, context))  # fmt: skip
+
+
+def _sd15(size: int) -> Scenario:
+    plan = UNetPlan("sd15", (size,), (1,), unet.SD15_METHODS)
+    return _unet(f"sd15-{size}", "sd15", f"SD 1.5 fp16 step at {size} px: agentsd, tomesd, ceiling", plan)
+
+
+def _sdxl(size: int) -> Scenario:
+    plan = UNetPlan("sdxl", (size,), (1,), unet.SDXL_METHODS)
+    return _unet(f"sdxl-{size}", "sdxl", f"SDXL fp16 step at {size} px, `sdxl` preset", plan)
+
+
+COMPILED_AGENT = UNetPlan("sd15", (1024,), (1,), ("baseline", "agentsd-agent", "ceiling"),
+                          compiled=("baseline", "agentsd-agent"))  # fmt: skip
+COMPILED_CEILING = UNetPlan("sd15", (1024,), (1,), ("baseline", "ceiling"), compiled=("baseline", "ceiling"))
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        _sd15(512),
+        _sd15(1024),
+        _sd15(2048),
+        _sdxl(1024),
+        _sdxl(2048),
+        _tests("tests", "short", "the short CUDA tests: fp16/bf16 patch cycles, identical calls, host syncs"),
+        _breakeven(2),
+        _breakeven(8),
+        _unet(
+            "highres-2048",
+            "sd15-highres",
+            "`highres` and the two-level ceiling at 2048 px",
+            UNetPlan("sd15", (2048,), (1,), unet.HIGHRES_METHODS),
+        ),  # fmt: skip
+        _unet(
+            "compile-agent-1024",
+            "sd15-compile",
+            "baseline and agent phase compiled (inductor), 1024 px",
+            COMPILED_AGENT,
+        ),  # fmt: skip
+        _unet(
+            "compile-ceiling-1024",
+            "sd15-compile-ceiling",
+            "baseline and ceiling compiled (inductor), 1024 px",
+            COMPILED_CEILING,
+        ),  # fmt: skip
+        _tests("tests-compile", "compile", "the inductor CUDA test: a compiled patched UNet, no recompiles"),
+        _pipeline(512),
+        _pipeline(1024),
+        _unet(
+            "sd21-768",
+            "sd21",
+            "SD 2.1 fp16 step at 768 px, `sd21` preset",
+            UNetPlan("sd21", (768,), (1,), unet.SDXL_METHODS),
+        ),  # fmt: skip
+    )
+}
+DEFAULT_ORDER = ("sd15-512", "sd15-1024", "sd15-2048", "sdxl-1024", "sdxl-2048", "tests", "breakeven-2",
+                 "breakeven-8", "highres-2048", "compile-agent-1024", "compile-ceiling-1024", "tests-compile",
+                 "pipeline-512")  # fmt: skip
