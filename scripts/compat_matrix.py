@@ -82,6 +82,68 @@ def rows() -> list[Row]:
             tests += (f"{published}[{name}]",)
         matrix.append(Row(f"scheduler-{name}", f"`agentsd generate --scheduler {name}`, 12 steps", checks, tests))
 
+    trajectory = "tests/test_schedule.py::test_the_phase_follows_the_trajectory_under_every_scheduler"
+    noise_level = "one agent-to-ToMe switch at 40 % of the scheduler's own schedule (its timesteps are noise levels)"
+    matrix += [
+        Row("scheduler-edm-euler", "`EDMEulerScheduler`, 12 steps", noise_level, (f"{trajectory}[EDMEulerScheduler]",)),
+        Row(
+            "scheduler-edm-dpm",
+            "`EDMDPMSolverMultistepScheduler` (Playground v2.5's), SD 1.x 12 steps and SDXL 7 steps",
+            noise_level,
+            (
+                f"{trajectory}[EDMDPMSolverMultistepScheduler]",
+                "tests/test_schedule.py::test_playground_style_sdxl_with_the_edm_scheduler_runs_both_phases",
+            ),
+        ),
+        Row(
+            "scheduler-euler-continuous",
+            "`EulerDiscreteScheduler(timestep_type='continuous', prediction_type='v_prediction')`, 12 steps",
+            noise_level,
+            (f"{trajectory}[EulerDiscreteScheduler-continuous]",),
+        ),
+    ]
+    sharing = "tests/test_sharing.py::"
+    pickled = f"{sharing}test_a_patched_unet_pickles_and_loads_back_patched"
+    matrix += [
+        Row(
+            "threads",
+            "4 requests at once, each its own pipeline (`type(pipe)(**components)`, own scheduler and tokenizer) "
+            "sharing one patched UNet: sizes, steps and `num_images_per_prompt` differ",
+            "each image bit for bit as made alone, with and without `share_matching`; every call counted once",
+            tuple(
+                f"{sharing}test_concurrent_requests_on_one_unet_get_what_they_get_alone[{o}]"
+                for o in ("default", "share_matching")
+            ),  # fmt: skip
+        ),
+        Row(
+            "deepcopy",
+            "`copy.deepcopy` of a patched UNet, and of a patched pipeline",
+            "an independent patched model; the copied pipeline's UNet follows the copied scheduler",
+            (
+                f"{sharing}test_a_deep_copy_is_an_independent_patched_unet",
+                f"{sharing}test_a_copied_pipeline_follows_its_own_scheduler",
+            ),  # fmt: skip
+        ),
+        Row(
+            "pickle",
+            "`pickle` and `torch.save` / `torch.load` of a patched UNet (as multiprocessing's spawn does)",
+            "loads back patched, same outputs in both phases, unpatches to the baseline",
+            (f"{pickled}[pickle]", f"{pickled}[torch.save]"),
+        ),
+        Row(
+            "inference-then-training",
+            "a call under `torch.inference_mode()`, then a training step (`use_rand=False`, and an odd batch)",
+            "the backward pass runs, finite gradients",
+            tuple(f"{sharing}test_validation_in_inference_mode_then_training[{c}]" for c in ("fixed", "odd-batch")),
+        ),
+        Row(
+            "custom-processor-kwargs",
+            "a custom processor with an argument of its own, passed in `cross_attention_kwargs`",
+            "the argument still reaches it under agentsd; no 'not expected' warning",
+            (f"{sharing}test_a_custom_processor_still_gets_its_own_arguments",),
+        ),
+    ]
+
     sizes = "tests/test_patch.py::test_sizes_that_strides_do_not_divide"
     for param, (h, w) in (("size0", (72, 40)), ("size1", (56, 104))):
         setting = f"{h}x{w} px (latent {h // 4}x{w // 4}): non-square, not a multiple of 64 px or of the cells"

@@ -141,6 +141,10 @@ def test_the_phase_follows_the_trajectory_under_every_scheduler(name, options, m
         if any(pipe.scheduler.config.get(key) != value for key, value in options.items()):
             pytest.skip(f"diffusers {diffusers.__version__}'s {name} has no {options}")
         steps = 12
+        try:  # some releases' schedulers fail on numpy 2 (DPMSolverSinglestep of diffusers 0.30)
+            cls.from_config(pipe.scheduler.config).set_timesteps(steps)
+        except ValueError as err:
+            pytest.skip(f"diffusers {diffusers.__version__}'s {name} cannot make a {steps}-step schedule here: {err}")
         calls = record_run(pipe, steps, monkeypatch)
     except (ImportError, OptionalDependencyNotAvailable) as err:  # DPMSolverSDE needs torchsde
         pytest.skip(f"{name} cannot run here: {err}")
