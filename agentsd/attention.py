@@ -82,6 +82,7 @@ def agent_attention(
     k_scale2: float,
     k_shortcut: float,
     backend: str = "sdpa",
+    shortcut: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention through a few agent tokens.
 
@@ -89,14 +90,17 @@ def agent_attention(
     `softmax(scale**k_scale2 * Q @ A^T) @ (softmax(scale * A @ K^T) @ V) + k_shortcut * V`.
 
     Args:
-        query, key, value: (B, H, N, D).
+        query: (B, H, N, D).
+        key, value: (B, H, M, D): what the agents gather from (M = N for self-attention; in
+            joint attention the queries' own tokens and the text's).
         agents: (B, H, n, D), the agent tokens projected with the query projection.
         scale: the layer's attention scale (`head_dim ** -0.5`).
         k_scale2: exponent of `scale` in the broadcast step.
         k_shortcut: weight of the value shortcut.
         backend: see `attend`.
+        shortcut: (B, H, N, D), the values of the queries' own tokens; `value` when None.
     """
     agent_values = attend(agents, key, value, scale, backend)
     out = attend(query, agents, agent_values, scale**k_scale2, backend)
     # Out of place: fused kernels save their output for the backward pass.
-    return torch.add(out, value, alpha=k_shortcut)
+    return torch.add(out, value if shortcut is None else shortcut, alpha=k_shortcut)

@@ -40,6 +40,7 @@ FIELD_HELP = {
     "min_tokens": "layers whose grid has fewer tokens run exact attention",
     "share_matching": "opt-in, changes outputs: one bipartite matching per grid and UNet call",
     "agent_selection": "pool (opt-in, changes outputs): agents are the cell means instead of a merge",
+    "block_range": "diffusion transformers (SD3, PixArt): patch blocks START to STOP-1 only; UNets ignore it",
 }
 BENCH_METHODS = {
     "baseline": "diffusers' default processors (SDPA)",
@@ -105,9 +106,12 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(AgentSDConfig):
         flag, dest = config_flag(f.name), config_dest(f.name)
         paper = "auto" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
+        paper = "every block" if f.name == "block_range" else paper
         text = f"{FIELD_HELP[f.name]} (paper: {paper})"
         if f.type in (bool, "bool"):
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.name == "block_range":
+            group.add_argument(flag, dest=dest, type=int, nargs=2, metavar=("START", "STOP"), default=None, help=text)
         elif f.name in CHOICE_FLAGS:
             kind = _automatic_choice if "auto" in CHOICE_FLAGS[f.name] else str.lower
             group.add_argument(flag, dest=dest, type=kind, choices=CHOICE_FLAGS[f.name], default=None, help=text)

@@ -71,6 +71,9 @@ class AgentSDConfig:
 
     numpy scalars (`np.float32(0.5)`, `np.int64(4)`, `np.bool_(True)`) are stored as the
     Python float, int or bool they hold, and validated as such.
+        block_range: which transformer blocks of a diffusion transformer (SD 3 / 3.5, PixArt) are
+            patched: `(start, stop)` block indices, stop excluded, as in `range(start, stop)`;
+            None: every block. UNets choose their layers by `max_downsample` and ignore it.
 
     Example:
         >>> from agentsd import AgentSDConfig
@@ -100,6 +103,7 @@ class AgentSDConfig:
     min_tokens: int = 256
     share_matching: bool = False
     agent_selection: str = "match"
+    block_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -132,10 +136,25 @@ class AgentSDConfig:
                 f"AgentSDConfig.attention_backend={self.attention_backend!r} is not supported: "
                 "use None (automatic; also 'auto'), 'sdpa', 'xformers' or 'einsum'."
             )
+        self._check_block_range()
         if self.agent_selection not in AGENT_SELECTIONS:
             raise ValueError(
                 f"AgentSDConfig.agent_selection={self.agent_selection!r} is not supported: use 'match' or 'pool'."
             )
+
+    def _check_block_range(self) -> None:
+        value = self.block_range
+        if value is None:
+            return
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            pair = tuple(v.item() if isinstance(v, np.integer) else v for v in value)
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in pair) and 0 <= pair[0] < pair[1]:
+                object.__setattr__(self, "block_range", pair)
+                return
+        raise ValueError(
+            f"AgentSDConfig.block_range={value!r} is not a block range: use None (every block) or two integers "
+            "(start, stop) with 0 <= start < stop, e.g. (0, 12) for the first 12 blocks."
+        )
 
     def replace(self, **overrides: Any) -> AgentSDConfig:
         """A copy with the given fields changed (validated); unknown names raise `TypeError`."""
@@ -146,7 +165,11 @@ class AgentSDConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as plain values (`block_range` as a list, as JSON and YAML hold it)."""
+        fields = dataclasses.asdict(self)
+        if fields["block_range"] is not None:
+            fields["block_range"] = list(fields["block_range"])
+        return fields
 
 
 def _check_real(name: str, value: Any, allowed: str, ok) -> None:

@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from .compat import dtype_kwargs
 from .config import AgentSDConfig
-from .patch import attention_layers
+from .families import find_model
 
 logger = logging.getLogger("agentsd.generation")  # the logger these messages always had
 
@@ -198,12 +198,17 @@ def check_seeds(first: int, count: int, flag: str = "--seed") -> None:
 
 
 def check_config_patches(pipe: Any, config: AgentSDConfig) -> None:
-    """Refuse a config that would patch no layer (and so silently run the baseline)."""
-    if not attention_layers(pipe.unet, config.max_downsample):
-        raise GenerationError(
-            f"the agentsd config patches no layer of this UNet: it has no self-attention at downsample <= "
-            f"{config.max_downsample} (SDXL has none at 1). Use --preset sdxl or --max-downsample 2."
-        )
+    """Refuse a config that would patch no layer (and so silently run the baseline), or a model
+    of no family agentsd patches."""
+    try:
+        kind, model = find_model(pipe)
+    except TypeError as err:
+        raise GenerationError(str(err)) from None
+    if not kind.layers(model, config):
+        why = kind.nothing_patched(model, config)
+        fix = " Use --preset sdxl or --max-downsample 2." if "max_downsample=" in why else ""
+        fix = " Change --block-range." if "block_range=" in why else fix
+        raise GenerationError(f"the agentsd config patches no layer of this model: {why}.{fix}")
 
 
 def prepare_folder(folder: Path) -> Path:

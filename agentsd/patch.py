@@ -1,9 +1,11 @@
-"""Patching a diffusers UNet (or a pipeline holding one) with agent attention.
+"""Patching a diffusers model (or a pipeline holding one) with agent attention.
 
-The patch uses two diffusers/PyTorch extension points only: the attention processor of
-each selected self-attention layer, and forward hooks on the UNet that read the latent size
-and the timestep at the start of a call and count what it did at its end. Nothing else of the
-model is touched, so unpatching restores it exactly.
+The model is a Stable Diffusion UNet or a diffusion transformer (SD 3 / 3.5, PixArt): its
+family (`agentsd.families`) says which attention layers to patch and how a call gives the
+latent, the token grid and the timestep; everything here is family-blind. The patch uses two
+diffusers/PyTorch extension points only: the attention processor of each selected layer, and
+forward hooks on the model that read the call's inputs at its start and count what it did at
+its end. Nothing else of the model is touched, so unpatching restores it exactly.
 
 The patch follows the pipeline: diffusers methods that replace processors
 (`enable_attention_slicing`, `enable_xformers_memory_efficient_attention`,
@@ -12,7 +14,7 @@ it. At the start of every UNet call the hook wraps whatever processor a patched 
 now, so agent attention keeps acting and delegates to the user's latest processor;
 `unpatch` hands each layer that processor back.
 
-A patched UNet may serve several calls at once (threads, pipelines made with `from_pipe`):
+A patched model may serve several calls at once (threads, pipelines made with `from_pipe`):
 each call's plan belongs to the thread running it (`agentsd.state`). It can be deep-copied
 (the copy is an independent patched model; copied with its pipeline, it follows the copied
 pipeline's scheduler) and pickled (it loads back patched).
@@ -29,21 +31,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from .attention import check_backend
 from .config import AgentSDConfig
-from .layers import _block_of, _find_unet, attention_layers
+from .families import family, find_model
+from .families.unet import attention_layers
 from .processor import AgentSDProcessor
 from .progress import ClockCache
 from .state import AgentSDState
 
+__all__ = ["attention_layers", "current_phase", "is_patched", "patch", "patched", "patched_config", "unpatch"]
+
 logger = logging.getLogger(__name__)
 
 PATCH_ATTR = "_agentsd_patch"
-# Deeper than any UNet level: where no self-attention is found even here, the UNet has none.
-ANY_LEVEL = 2**20
 TOMESD_REASON = (
     "its transformer block is token-merged by ToMe for SD, so agentsd never sees the layer's tokens: "
     "call tomesd.remove_patch(pipe) for agentsd to act"
@@ -52,21 +54,24 @@ TOMESD_REASON = (
 
 @dataclass
 class PatchedLayer:
-    """A self-attention layer the patch owns: its module, level and transformer block."""
+    """An attention layer the patch owns: its module, level, transformer block and the agentsd
+    processor class that wraps it."""
 
     name: str
-    module: Attention
+    module: torch.nn.Module
     downsample: int
     block: torch.nn.Module
+    processor: type = AgentSDProcessor
 
 
 @dataclass
 class _Patch:
-    """A patch installed on one UNet: its state, layers, the pipeline whose scheduler it reads
-    (weakly held), its hook handles and the warnings given."""
+    """A patch installed on one model: its state, layers, family (by name), the pipeline whose
+    scheduler it reads (weakly held), its hook handles and the warnings given."""
 
     state: AgentSDState
     layers: list[PatchedLayer]
+    family: str = "unet"
     pipe: weakref.ref | None = None
     hooks: tuple[torch.utils.hooks.RemovableHandle, ...] = ()
     warned: set[str] = field(default_factory=set)
@@ -92,12 +97,14 @@ class _Patch:
 
 
 def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: Any) -> Any:
-    """Replace the UNet's self-attention with agent attention, in place.
+    """Replace the model's self-attention with agent attention, in place.
 
     Args:
-        pipe_or_unet: a diffusers `UNet2DConditionModel`, or a pipeline with one as `unet`
-            (Stable Diffusion 1.x, 2.x, XL; txt2img, img2img, inpaint, ControlNet). Given a
-            pipeline, the phase schedule reads T from its current scheduler at every call.
+        pipe_or_unet: a pipeline, or its model: Stable Diffusion 1.x, 2.x, XL (a
+            `UNet2DConditionModel`; txt2img, img2img, inpaint, ControlNet), Stable Diffusion 3 /
+            3.5 (`SD3Transformer2DModel`), PixArt-alpha / -Sigma (`PixArtTransformer2DModel`).
+            Given a pipeline, the phase schedule reads progress through its current scheduler at
+            every call.
         config: the configuration; `AgentSDConfig()` (the published recipe) when None.
         **overrides: fields of `AgentSDConfig` to change, e.g. `ratio=0.5`.
 
@@ -105,8 +112,8 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
         `pipe_or_unet`, patched. Patching a patched model replaces the earlier patch.
 
     Raises:
-        TypeError: for a model without a diffusers UNet, or a config that is not an
-            `AgentSDConfig`, or an unknown override; nothing is modified then.
+        TypeError: for a model of no supported family (the message names them), or a config
+            that is not an `AgentSDConfig`, or an unknown override; nothing is modified then.
         ValueError: for an override out of range, or `attention_backend="xformers"` without
             the xformers package installed; nothing is modified then.
 
@@ -116,45 +123,37 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
         >>> image = pipe("a photo of a cat").images[0]  # doctest: +SKIP
         >>> agentsd.unpatch(pipe)  # doctest: +SKIP
     """
-    unet = _find_unet(pipe_or_unet)
+    kind, model = find_model(pipe_or_unet)
     if config is None:
         config = AgentSDConfig()
     elif not isinstance(config, AgentSDConfig):
         raise TypeError(f"config must be an agentsd.AgentSDConfig, got {type(config).__name__}.")
     if overrides:
         config = config.replace(**overrides)
-    # The package, not the device: a UNet patched on the CPU may be moved to CUDA before it runs.
+    # The package, not the device: a model patched on the CPU may be moved to CUDA before it runs.
     check_backend(config.attention_backend)
-    targets = attention_layers(unet, config.max_downsample)
+    targets = kind.layers(model, config)
 
     pipe = pipe_or_unet if hasattr(pipe_or_unet, "scheduler") else None
-    record = _Patch(AgentSDState(config), [], weakref.ref(pipe) if pipe is not None else None)
+    record = _Patch(AgentSDState(config), [], kind.name, weakref.ref(pipe) if pipe is not None else None)
     if pipe is not None:
         record.state.clock = record.clocks(pipe.scheduler)
-    record.layers = [PatchedLayer(name, module, ds, _block_of(unet, name)) for name, (module, ds) in targets.items()]
-    _install(unet, record)
-
-    if not record.layers and not attention_layers(unet, ANY_LEVEL):
-        logger.warning(
-            "agentsd patched no layer: this UNet has no self-attention layer agentsd can patch at any level "
-            "(its attention blocks have no transformer attn1, as in Kandinsky, IF or UnCLIP UNets), so agentsd "
-            "does nothing here."
-        )
-    elif not record.layers:
-        logger.warning(
-            "agentsd patched no layer: this UNet has no self-attention at downsample <= %d "
-            "(SDXL has none at 1). Set max_downsample=2 (or higher) to patch it.",
-            config.max_downsample,
-        )
+    record.layers = [
+        PatchedLayer(name, layer.module, layer.downsample, layer.block, layer.processor)
+        for name, layer in targets.items()
+    ]
+    _install(model, record)
+    if not record.layers:
+        logger.warning("agentsd patched no layer: %s.", kind.nothing_patched(model, config))
     return pipe_or_unet
 
 
-def _install(unet: UNet2DConditionModel, record: _Patch) -> None:
-    """Put `record` on `unet` in place of any other patch, all or nothing: processors wrapped,
+def _install(model: torch.nn.Module, record: _Patch) -> None:
+    """Put `record` on `model` in place of any other patch, all or nothing: processors wrapped,
     hooks registered. Also puts back a patch taken off by `unpatched`, counters and all."""
-    previous: _Patch | None = getattr(unet, PATCH_ATTR, None)
+    previous: _Patch | None = getattr(model, PATCH_ATTR, None)
     names = {layer.name for layer in record.layers}
-    saved = {module: module.processor for module in unet.modules() if isinstance(module, Attention)}
+    saved = {module: module.processor for module in model.modules() if isinstance(module, Attention)}
     record.state.active = True
     try:
         if previous is not None:  # layers of the earlier patch that this one leaves alone
@@ -168,14 +167,15 @@ def _install(unet: UNet2DConditionModel, record: _Patch) -> None:
                 module.set_processor(processor)
         raise
     if previous is not None:
-        _detach(unet, previous)
+        _detach(model, previous)
     record.hooks = (
-        unet.register_forward_pre_hook(_BeginCall(record), with_kwargs=True),
+        model.register_forward_pre_hook(_BeginCall(record), with_kwargs=True),
         # always_call: a call that raises is counted too.
-        unet.register_forward_hook(_EndCall(record), always_call=True),
+        model.register_forward_hook(_EndCall(record), always_call=True),
     )
-    unet.set_default_attn_processor = _DefaultProcessors(unet, record)
-    setattr(unet, PATCH_ATTR, record)
+    if callable(getattr(type(model), "set_default_attn_processor", None)):
+        model.set_default_attn_processor = _DefaultProcessors(model, record)
+    setattr(model, PATCH_ATTR, record)
 
 
 def unpatch(pipe_or_unet: Any) -> Any:
@@ -186,32 +186,32 @@ def unpatch(pipe_or_unet: Any) -> Any:
     `fuse_qkv_projections`, ...). A processor the user set after the last UNet call is left as
     the user set it. So the pipeline ends as it would be without agentsd.
     """
-    unet = _find_unet(pipe_or_unet)
-    record: _Patch | None = getattr(unet, PATCH_ATTR, None)
+    model = _model_of(pipe_or_unet)
+    record: _Patch | None = getattr(model, PATCH_ATTR, None)
     if record is None:
         return pipe_or_unet
     for layer in record.layers:
         current = layer.module.processor
         if isinstance(current, AgentSDProcessor) and current.state in (record.state, None):
             layer.module.set_processor(_delegate_of(current))
-    _detach(unet, record)
+    _detach(model, record)
     return pipe_or_unet
 
 
-def _detach(unet: UNet2DConditionModel, record: _Patch) -> None:
+def _detach(model: torch.nn.Module, record: _Patch) -> None:
     """Remove what the patch added to the UNet besides its processors."""
     for handle in record.hooks:
         handle.remove()
-    if isinstance(unet.__dict__.get("set_default_attn_processor"), _DefaultProcessors):
-        del unet.set_default_attn_processor
+    if isinstance(model.__dict__.get("set_default_attn_processor"), _DefaultProcessors):
+        del model.set_default_attn_processor
     # `fuse_qkv_projections` keeps the processors it replaced, to restore them when unfusing.
-    stash = getattr(unet, "original_attn_processors", None)
+    stash = getattr(model, "original_attn_processors", None)
     if isinstance(stash, dict):
         for name, processor in stash.items():
             stash[name] = _delegate_of(processor)
     record.state.active = False  # a stale agentsd processor put back later only delegates
-    if getattr(unet, PATCH_ATTR, None) is record:
-        delattr(unet, PATCH_ATTR)
+    if getattr(model, PATCH_ATTR, None) is record:
+        delattr(model, PATCH_ATTR)
 
 
 def is_patched(pipe_or_unet: Any) -> bool:
@@ -219,16 +219,16 @@ def is_patched(pipe_or_unet: Any) -> bool:
     least one layer. A patch that matched no layer, or whose every layer is out of its reach
     (token-merged by another patch), is not: `agentsd.status` says why."""
     try:
-        unet = _find_unet(pipe_or_unet)
+        model = _model_of(pipe_or_unet)
     except TypeError:
         return False
-    record = getattr(unet, PATCH_ATTR, None)
+    record = getattr(model, PATCH_ATTR, None)
     return record is not None and any(_blocker(layer, record) is None for layer in record.layers)
 
 
 def patched_config(pipe_or_unet: Any) -> AgentSDConfig | None:
     """The configuration of the patch installed, or None when not patched."""
-    record = getattr(_find_unet(pipe_or_unet), PATCH_ATTR, None)
+    record = getattr(_model_of(pipe_or_unet), PATCH_ATTR, None)
     return None if record is None else record.state.config
 
 
@@ -238,7 +238,7 @@ def current_phase(pipe_or_unet: Any) -> str | None:
     every layer ran exact attention (too small a grid, `late_ratio=0`, out of agentsd's reach).
     The latest call is the current thread's, when it made one. Handy in a
     `callback_on_step_end` to see the schedule at work: there it is the step just run."""
-    record = getattr(_find_unet(pipe_or_unet), PATCH_ATTR, None)
+    record = getattr(_model_of(pipe_or_unet), PATCH_ATTR, None)
     call = None if record is None else record.state.view
     return call.phase if call is not None and call.acting else None
 
@@ -252,8 +252,8 @@ def patched(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides:
         >>> with agentsd.patched(pipe, ratio=0.5):  # doctest: +SKIP
         ...     image = pipe("a photo of a cat").images[0]
     """
-    unet = _find_unet(pipe_or_unet)
-    previous = getattr(unet, PATCH_ATTR, None)
+    model = _model_of(pipe_or_unet)
+    previous = getattr(model, PATCH_ATTR, None)
     patch(pipe_or_unet, config, **overrides)
     try:
         yield pipe_or_unet
@@ -261,21 +261,26 @@ def patched(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides:
         if previous is None:
             unpatch(pipe_or_unet)
         else:
-            _install(unet, previous)
+            _install(model, previous)
 
 
 @contextmanager
 def unpatched(pipe_or_unet: Any) -> Iterator[Any]:
     """Run without agentsd for the duration of a `with` block, then put the patch back as it
     was, if there was one: its configuration, `status` counters and `current_phase` carry on."""
-    unet = _find_unet(pipe_or_unet)
-    previous = getattr(unet, PATCH_ATTR, None)
+    model = _model_of(pipe_or_unet)
+    previous = getattr(model, PATCH_ATTR, None)
     unpatch(pipe_or_unet)
     try:
         yield pipe_or_unet
     finally:
         if previous is not None:
-            _install(unet, previous)
+            _install(model, previous)
+
+
+def _model_of(obj: Any) -> torch.nn.Module:
+    """The model of a pipeline or a model (see `agentsd.families.find_model`)."""
+    return find_model(obj)[1]
 
 
 def _is_ours(processor: Any, record: _Patch) -> bool:
@@ -322,7 +327,7 @@ def _sync(record: _Patch) -> None:
             blocked[layer.name] = reason
         elif not _is_ours(current, record):  # ours may also come back, e.g. by unfuse_qkv_projections
             delegate = _delegate_of(current)
-            layer.module.set_processor(AgentSDProcessor(delegate, record.state, layer.name, layer.downsample))
+            layer.module.set_processor(layer.processor(delegate, record.state, layer.name, layer.downsample))
     record.state.blocked = blocked
     for reason in dict.fromkeys(blocked.values()):
         names = [name for name, r in blocked.items() if r == reason]
@@ -333,7 +338,8 @@ def _sync(record: _Patch) -> None:
 
 
 class _BeginCall:
-    """The UNet forward pre-hook: follows processor and scheduler changes, then plans the call."""
+    """The model's forward pre-hook: follows processor and scheduler changes, then plans the call
+    from what the family reads off its inputs (latent, timestep, token grid)."""
 
     def __init__(self, record: _Patch):
         self.record = record
@@ -345,13 +351,12 @@ class _BeginCall:
         if pipe is not None:
             record.state.clock = record.clocks(getattr(pipe, "scheduler", None))
         _sync(record)
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        record.state.begin_call(sample, timestep)
+        call = family(record.family).read_call(module, args, kwargs)
+        record.state.begin_call(call.sample, call.timestep, call.grid)
 
 
 class _EndCall:
-    """The UNet forward hook: counts what the call did."""
+    """The model's forward hook: counts what the call did."""
 
     def __init__(self, record: _Patch):
         self.record = record
@@ -361,18 +366,18 @@ class _EndCall:
 
 
 class _DefaultProcessors:
-    """`unet.set_default_attn_processor()` on a patched UNet: diffusers' own method, run on the
+    """`model.set_default_attn_processor()` on a patched model: diffusers' own method, run on the
     processors agentsd delegates to; agentsd then wraps the default processors it sets. It holds
-    its UNet (not a weak reference), so a copy of the UNet gets one acting on the copy."""
+    its model (not a weak reference), so a copy of the model gets one acting on the copy."""
 
-    def __init__(self, unet: UNet2DConditionModel, record: _Patch):
-        self.unet, self.record = unet, record
+    def __init__(self, model: torch.nn.Module, record: _Patch):
+        self.model, self.record = model, record
 
     def __call__(self) -> None:
         try:
             for layer in self.record.layers:
                 if _is_ours(layer.module.processor, self.record):
                     layer.module.set_processor(_delegate_of(layer.module.processor))
-            type(self.unet).set_default_attn_processor(self.unet)
+            type(self.model).set_default_attn_processor(self.model)
         finally:
             _sync(self.record)

@@ -17,9 +17,14 @@ from .state import AGENT, TOME, AgentSDState, CallPlan, LayerPlan
 
 __all__ = ["AGENT", "TOME", "AgentSDProcessor", "AgentSDState", "CallPlan", "LayerPlan", "choose_backend"]
 
-# Processors that project with the fused `to_qkv` of `fuse_qkv_projections()`.
+# Processors that project with the fused `to_qkv` (and `to_added_qkv`) of `fuse_qkv_projections()`.
 FUSED_PROCESSORS = tuple(
-    cls for cls in (getattr(attention_processor, "FusedAttnProcessor2_0", None),) if cls is not None
+    cls
+    for cls in (
+        getattr(attention_processor, "FusedAttnProcessor2_0", None),
+        getattr(attention_processor, "FusedJointAttnProcessor2_0", None),
+    )
+    if cls is not None
 )
 
 
@@ -56,8 +61,11 @@ class AgentSDProcessor:
         downsample: how many times the layer's level is downsampled relative to the latent.
     """
 
+    # What an unbound processor (rebuilt by diffusers from the class alone) runs.
+    default_processor: type = AttnProcessor2_0
+
     def __init__(self, original: Any = None, state: AgentSDState | None = None, name: str = "", downsample: int = 1):
-        self.original = AttnProcessor2_0() if original is None else original
+        self.original = self.default_processor() if original is None else original
         self.state = state
         self.name = name
         if state is not None:
@@ -114,7 +122,7 @@ class AgentSDProcessor:
                 attention_mask=attention_mask,
                 **kwargs,
             )
-        return self._forward(attn, hidden_states, plan, call)
+        return self._forward(attn, hidden_states, plan, call, encoder_hidden_states)
 
     def plan(
         self,
@@ -134,20 +142,27 @@ class AgentSDProcessor:
         plan = None if call is None else call.plans.get(self.name)
         if plan is None:
             return None
-        reason = None
-        if encoder_hidden_states is not None or attention_mask is not None or temb is not None:
-            reason = "called with context, a mask or temb"
-        elif hidden_states.ndim != 3 or plan.h * plan.w != hidden_states.shape[1]:
+        reason = self.unsupported_call(encoder_hidden_states, attention_mask, temb)
+        if reason is None and (hidden_states.ndim != 3 or plan.h * plan.w != hidden_states.shape[1]):
             reason = (
                 f"{hidden_states.shape[1] if hidden_states.ndim == 3 else 'image-shaped'} tokens do not fit the "
                 f"{plan.h}x{plan.w} grid (another patch changes this block's tokens?)"
             )
-        elif attn.spatial_norm is not None or attn.group_norm is not None:
+        if reason is None and (attn.spatial_norm is not None or attn.group_norm is not None):
             reason = "the layer normalizes spatially"
         if reason is not None:
             self.state.hand_over(call, self.name, reason)
             return None
         return plan
+
+    def unsupported_call(
+        self, encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None, temb: torch.Tensor | None
+    ) -> str | None:
+        """Why a call with these inputs goes to the original (None: agentsd can run it): this
+        processor runs self-attention only, unmasked."""
+        if encoder_hidden_states is not None or attention_mask is not None or temb is not None:
+            return "called with context, a mask or temb"
+        return None
 
     def precision(self, attn: Attention) -> torch.dtype | None:
         """The dtype both softmaxes run in; None keeps the model's dtype."""
@@ -198,7 +213,22 @@ class AgentSDProcessor:
             shared[key] = (merge, agent_merge)
         return merge, agent_merge
 
-    def _forward(self, attn: Attention, hidden_states: torch.Tensor, plan: LayerPlan, call: CallPlan) -> torch.Tensor:
+    def agents(
+        self, attn: Attention, hidden_states: torch.Tensor, plan: LayerPlan, agent_merge: TokenMerge | None, heads: Any
+    ) -> torch.Tensor:
+        """The agents, split into heads: the agent tokens (a merge, or the cell means) projected
+        with the query projection, and normalized as queries are (`norm_q`)."""
+        if plan.pool:
+            tokens = cell_means(hidden_states, plan.h, plan.w, plan.sx, plan.sy)
+        else:
+            tokens = agent_merge.merge(hidden_states)
+        agents = heads(self.project_q(attn, tokens))
+        norm_q = getattr(attn, "norm_q", None)
+        return agents if norm_q is None else norm_q(agents)
+
+    def _forward(
+        self, attn: Attention, hidden_states: torch.Tensor, plan: LayerPlan, call: CallPlan, context: Any = None
+    ) -> torch.Tensor:
         config = self.state.config
         batch = hidden_states.shape[0]
         merge, agent_merge = self.merges(hidden_states, plan, call)
@@ -218,13 +248,7 @@ class AgentSDProcessor:
         dtype = self.precision(attn) or out_dtype
         backend = self.backend(hidden_states.device)
         if plan.mode == AGENT:
-            if plan.pool:
-                agent_tokens = cell_means(hidden_states, plan.h, plan.w, plan.sx, plan.sy)
-            else:
-                agent_tokens = agent_merge.merge(hidden_states)
-            agents = heads(self.project_q(attn, agent_tokens))
-            if norm_q is not None:
-                agents = norm_q(agents)
+            agents = self.agents(attn, hidden_states, plan, agent_merge, heads)
             out = agent_attention(
                 query.to(dtype),
                 key.to(dtype),

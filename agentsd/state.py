@@ -206,10 +206,20 @@ class AgentSDState:
         return self.view.phase if self.view is not None else TOME
 
     @torch.compiler.disable
-    def begin_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> CallPlan:
-        """Decide the phase and every layer's plan for the UNet call about to run in this thread."""
+    def begin_call(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, grid: tuple[int, int] | None = None
+    ) -> CallPlan:
+        """Decide the phase and every layer's plan for the model call about to run in this thread.
+
+        Args:
+            sample: the model's latent input (its batch size and device; its last two sides are
+                the grid at downsample 1 unless `grid` is given).
+            timestep: the call's timestep (the first one decides when there is one per sample).
+            grid: the token grid at downsample 1, where it is not the latent's sides (a diffusion
+                transformer's patch grid).
+        """
         self._count(self._calls.call)  # a call that never reached `end_call` (it raised)
-        latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        latent_hw = grid if grid is not None else (int(sample.shape[-2]), int(sample.shape[-1]))
         # The one synchronisation per UNet call when `timestep` is a device tensor.
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         self._check_timestep(t)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import AgentSDConfig
-from .patch import PATCH_ATTR, _blocker, _delegate_of, _find_unet, _is_ours, current_phase
+from .patch import PATCH_ATTR, _blocker, _delegate_of, _is_ours, _model_of, current_phase
 from .processor import choose_backend
 from .state import AGENT, EXACT, TOME
 
@@ -157,7 +157,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
     Raises:
         TypeError: for an object without a diffusers UNet.
     """
-    unet = _find_unet(pipe_or_unet)
+    unet = _model_of(pipe_or_unet)
     record = getattr(unet, PATCH_ATTR, None)
     if record is None:
         return PatchStatus(installed=False, acting=False)
@@ -231,7 +231,7 @@ def recording_phases(pipe_or_unet: Any) -> Iterator[list[str]]:
         >>> phases  # doctest: +SKIP
         ['agent', 'agent', 'tome', 'tome', 'tome']
     """
-    unet = _find_unet(pipe_or_unet)
+    unet = _model_of(pipe_or_unet)
     phases: list[str] = []
     handle = unet.register_forward_hook(lambda *_: phases.append(current_phase(unet) or EXACT))
     try:

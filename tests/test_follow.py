@@ -36,9 +36,9 @@ def agent_calls(monkeypatch):
     calls = []
     forward = AgentSDProcessor._forward
 
-    def counting(self, attn, hidden_states, plan, call):
+    def counting(self, attn, hidden_states, plan, *rest):
         calls.append((self.name, plan.mode))
-        return forward(self, attn, hidden_states, plan, call)
+        return forward(self, attn, hidden_states, plan, *rest)
 
     monkeypatch.setattr(AgentSDProcessor, "_forward", counting)
     return calls

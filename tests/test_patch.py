@@ -109,13 +109,24 @@ def test_global_rng_state_is_neither_used_nor_consumed():
     assert torch.equal(torch.rand(1), after_a)
 
 
+def flux_transformer():
+    """A diffusion transformer of a family agentsd does not patch (yet)."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "model, message",
     [
-        (lambda: AutoencoderKL(block_out_channels=(8,), norm_num_groups=8), "AutoencoderKL is neither"),
-        (lambda: torch.nn.Linear(2, 2), "Linear is neither"),
-        (lambda: types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), "transformer-based"),
-        (lambda: "runwayml/stable-diffusion-v1-5", "str is neither"),
+        (lambda: AutoencoderKL(block_out_channels=(8,), norm_num_groups=8), "not support AutoencoderKL"),
+        (lambda: torch.nn.Linear(2, 2), "not support Linear"),
+        (lambda: types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), "holding a Linear as `transformer`"),
+        (lambda: "runwayml/stable-diffusion-v1-5", "not support str"),
+        (lambda: flux_transformer(), "not support FluxTransformer2DModel"),
     ],
 )
 def test_unsupported_models_raise_and_are_left_alone(model, message):
@@ -123,7 +134,8 @@ def test_unsupported_models_raise_and_are_left_alone(model, message):
     before = dict(obj.attn_processors) if hasattr(obj, "attn_processors") else None
     with pytest.raises(TypeError, match=message) as err:
         agentsd.patch(obj)
-    assert "SD 1.x, 2.x, XL" in str(err.value)
+    for family in ("SD 1.x, 2.x, XL", "SD3Transformer2DModel", "PixArtTransformer2DModel"):
+        assert family in str(err.value)
     assert not agentsd.is_patched(obj)
     if before is not None:
         assert all(obj.attn_processors[k] is v for k, v in before.items())

@@ -1,0 +1,116 @@
+"""Agent attention in joint attention: image and text tokens attending together (SD 3 / 3.5).
+
+diffusers' `JointAttnProcessor2_0` projects the image tokens with `to_q/k/v` and the text tokens
+with `add_q/k/v_proj`, normalizes each (SD 3.5: `norm_q`, `norm_k`, `norm_added_q`,
+`norm_added_k`), runs one attention over [image; text] and splits the output: the image part
+through `to_out`, the text part through `to_add_out` (unless the block is `context_pre_only`).
+Called without text (SD 3.5's image-only `attn2`) it is plain self-attention.
+
+Here the image tokens are merged on their patch grid and their agents chosen exactly as in the
+UNet path; the text tokens are never merged:
+
+- agent phase: the agents gather from every key, image (merged) and text; the image queries
+  take the agents' broadcast plus the value shortcut of their own tokens; the text queries run
+  exact attention over every key (a few hundred text tokens: cheap);
+- ToMe phase: exact attention of every query over every key, the image tokens merged.
+
+The image output is unmerged back to every image token; the text output is as diffusers gives it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models import attention_processor
+from diffusers.models.attention_processor import Attention
+
+from .attention import agent_attention, attend
+from .processor import AgentSDProcessor
+from .state import AGENT, CallPlan, LayerPlan
+
+__all__ = ["JointAgentSDProcessor"]
+
+# diffusers releases before SD 3 have no joint processor: such a processor is then never made.
+_JOINT = getattr(attention_processor, "JointAttnProcessor2_0", None)
+
+
+class JointAgentSDProcessor(AgentSDProcessor):
+    """Agent attention for one SD 3 / 3.5 joint-attention layer (see the module docstring).
+
+    Takes the same arguments as `AgentSDProcessor`; it hands to the processor it replaced every
+    call it does not act on (a masked call, a grid that does not fit, the phases' exact layers).
+    """
+
+    default_processor = _JOINT
+
+    def unsupported_call(
+        self, encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None, temb: torch.Tensor | None
+    ) -> str | None:
+        """Joint attention takes text (`encoder_hidden_states`); a mask or temb goes to the original."""
+        if attention_mask is not None or temb is not None:
+            return "called with a mask or temb"
+        return None
+
+    def project_added_qkv(self, attn: Attention, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The text tokens' query, key and value: one fused product where the projections are fused."""
+        if self.fused(attn) and getattr(attn, "to_added_qkv", None) is not None:
+            return attn.to_added_qkv(context).chunk(3, dim=-1)
+        return attn.add_q_proj(context), attn.add_k_proj(context), attn.add_v_proj(context)
+
+    def _forward(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        plan: LayerPlan,
+        call: CallPlan,
+        context: torch.Tensor | None = None,
+    ) -> Any:
+        config = self.state.config
+        batch = hidden_states.shape[0]
+        merge, agent_merge = self.merges(hidden_states, plan, call)
+        x = merge.merge(hidden_states) if merge is not None else hidden_states
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+
+        query, key, value = (heads(t) for t in self.project_qkv(attn, x))
+        query, key = _norm(attn, "norm_q", query), _norm(attn, "norm_k", key)
+        keys, values = key, value
+        text_query = None
+        if context is not None:
+            text_query, text_key, text_value = (heads(t) for t in self.project_added_qkv(attn, context))
+            text_query, text_key = _norm(attn, "norm_added_q", text_query), _norm(attn, "norm_added_k", text_key)
+            keys, values = torch.cat([key, text_key], dim=2), torch.cat([value, text_value], dim=2)
+        out_dtype = query.dtype
+        dtype = self.precision(attn) or out_dtype
+        backend = self.backend(hidden_states.device)
+        scale = query.shape[-1] ** -0.5  # what diffusers' joint processor uses (SDPA's default)
+        keys, values = keys.to(dtype), values.to(dtype)
+        if plan.mode == AGENT:
+            agents = self.agents(attn, hidden_states, plan, agent_merge, heads).to(dtype)
+            image = agent_attention(
+                query.to(dtype), keys, values, agents, scale, config.k_scale2, config.k_shortcut, backend,
+                shortcut=value.to(dtype),
+            )  # fmt: skip
+            text = None if text_query is None else attend(text_query.to(dtype), keys, values, scale, backend)
+        else:
+            queries = query if text_query is None else torch.cat([query, text_query], dim=2)
+            out = attend(queries.to(dtype), keys, values, scale, backend)
+            image, text = out[:, :, : query.shape[2]], (None if text_query is None else out[:, :, query.shape[2] :])
+
+        image = image.to(out_dtype).transpose(1, 2).reshape(batch, -1, attn.heads * image.shape[-1])
+        image = attn.to_out[1](attn.to_out[0](image))
+        if merge is not None:
+            image = merge.unmerge(image)
+        if text is None:
+            return image
+        text = text.to(out_dtype).transpose(1, 2).reshape(batch, -1, attn.heads * text.shape[-1])
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return image, text
+
+
+def _norm(attn: Attention, name: str, t: torch.Tensor) -> torch.Tensor:
+    norm = getattr(attn, name, None)
+    return t if norm is None else norm(t)
