@@ -91,6 +91,20 @@ def tiny_unet(kind: str = "sd15", sample_size: int = 16) -> UNet2DConditionModel
     raise ValueError(f"unknown tiny pipeline kind {kind!r}: use one of {', '.join(KINDS)}.")
 
 
+def tiny_vae(image_size: int, latent_channels: int = 4, **config) -> AutoencoderKL:
+    """A toy AutoencoderKL that downsamples 4x (three blocks), with `image_size` as its sample
+    size; `config` adds to its config (SD3's `shift_factor`, `use_quant_conv`, ...)."""
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=image_size,
+        **config,
+    )
+
+
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int = 16):
     """A tiny StableDiffusionPipeline (`sd15`, `sd2`) or StableDiffusionXLPipeline (`sdxl`).
 
@@ -100,14 +114,7 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int = 16):
         raise ValueError(f"unknown tiny pipeline kind {kind!r}: use one of {', '.join(KINDS)}.")
     torch.manual_seed(seed)
     unet = tiny_unet(kind, sample_size)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size * 4,
-    )
+    vae = tiny_vae(sample_size * 4)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
