@@ -30,9 +30,10 @@ from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, 
 
 from .testing import TEXT_HIDDEN, TRANSFORMER_KINDS, _text_config, tiny_tokenizer, tiny_vae
 
-PATCH = 2
 SAMPLE_SIZE = 32  # the latent side by default: 128 px images, a 16x16 patch grid
-HEADS, HEAD_DIM = 4, 8  # the transformers' width: 32
+# Both transformers' shape: 2 blocks of 4 heads of 8 channels (width 32) on 2x2 latent patches.
+SHAPE = dict(patch_size=2, num_layers=2, num_attention_heads=4, attention_head_dim=8)
+WIDTH = SHAPE["num_attention_heads"] * SHAPE["attention_head_dim"]
 # SD3's T5 width: twice the two CLIP encoders' concatenated one, as in SD3 (2048 -> 4096); the CLIP
 # states are zero-padded to it.
 SD3_JOINT = 4 * TEXT_HIDDEN
@@ -117,15 +118,12 @@ def tiny_sd3_pipeline(
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=sample_size,
-        patch_size=PATCH,
         in_channels=16,
         out_channels=16,
-        num_layers=2,
-        num_attention_heads=HEADS,
-        attention_head_dim=HEAD_DIM,
         joint_attention_dim=SD3_JOINT,
-        caption_projection_dim=HEADS * HEAD_DIM,
+        caption_projection_dim=WIDTH,
         pooled_projection_dim=2 * TEXT_HIDDEN,
+        **SHAPE,
         **{name: value for name, value in sd35.items() if value},  # diffusers before 0.31 lacks both
     )
     vae = tiny_vae(
@@ -169,19 +167,16 @@ def tiny_pixart_pipeline(seed: int = 0, sample_size: int = SAMPLE_SIZE) -> PixAr
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
         sample_size=sample_size,
-        patch_size=PATCH,
         in_channels=4,
         out_channels=8,
-        num_layers=2,
-        num_attention_heads=HEADS,
-        attention_head_dim=HEAD_DIM,
-        cross_attention_dim=HEADS * HEAD_DIM,
-        caption_channels=HEADS * HEAD_DIM,
+        cross_attention_dim=WIDTH,
+        caption_channels=WIDTH,  # the T5 encoder's width
+        **SHAPE,
     )
     vae = tiny_vae(sample_size * 4)
     return PixArtSigmaPipeline(
         tokenizer=tiny_t5_tokenizer(),
-        text_encoder=tiny_t5_encoder(HEADS * HEAD_DIM),
+        text_encoder=tiny_t5_encoder(WIDTH),
         vae=vae,
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
