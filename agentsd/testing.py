@@ -2,7 +2,9 @@
 
 They have the real diffusers architectures (SD 1.x, SD 2.x, SDXL) at toy sizes, with
 self-attention at the latent resolution, so tests, examples and the benchmark harness can
-run the whole library without downloading anything.
+run the whole library without downloading anything. The diffusion transformers (SD3, SD 3.5,
+PixArt-Sigma) are in `agentsd.tiny_dit`, imported when first used (it needs a newer diffusers);
+`tiny_pipeline` builds every kind.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 KINDS = ("sd15", "sd2", "sdxl")
+TRANSFORMER_KINDS = ("sd3", "sd35", "pixart")  # agentsd.tiny_dit
 TEXT_HIDDEN = 32
 
 
@@ -91,23 +94,38 @@ def tiny_unet(kind: str = "sd15", sample_size: int = 16) -> UNet2DConditionModel
     raise ValueError(f"unknown tiny pipeline kind {kind!r}: use one of {', '.join(KINDS)}.")
 
 
-def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int = 16):
-    """A tiny StableDiffusionPipeline (`sd15`, `sd2`) or StableDiffusionXLPipeline (`sdxl`).
-
-    The VAE downsamples 4x, so the default 16x16 latent is a 64x64 image.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"unknown tiny pipeline kind {kind!r}: use one of {', '.join(KINDS)}.")
-    torch.manual_seed(seed)
-    unet = tiny_unet(kind, sample_size)
-    vae = AutoencoderKL(
+def tiny_vae(image_size: int, latent_channels: int = 4, **config) -> AutoencoderKL:
+    """A toy AutoencoderKL that downsamples 4x (three blocks), with `image_size` as its sample
+    size; `config` adds to its config (SD3's `shift_factor`, `use_quant_conv`, ...)."""
+    return AutoencoderKL(
         block_out_channels=(8, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
-        sample_size=sample_size * 4,
+        sample_size=image_size,
+        **config,
     )
+
+
+def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int | None = None):
+    """A tiny StableDiffusionPipeline (`sd15`, `sd2`), StableDiffusionXLPipeline (`sdxl`),
+    StableDiffusion3Pipeline (`sd3`, `sd35`) or PixArtSigmaPipeline (`pixart`).
+
+    The VAE downsamples 4x, so the UNets' default 16x16 latent is a 64x64 image; the
+    transformers default to a 32x32 latent, a 128x128 image with a 16x16 patch grid (their
+    calls take `agentsd.tiny_dit.CALL_KWARGS[kind]`; see `agentsd.tiny_dit`).
+    """
+    if kind in TRANSFORMER_KINDS:
+        from .tiny_dit import SAMPLE_SIZE, tiny_transformer_pipeline
+
+        return tiny_transformer_pipeline(kind, seed, SAMPLE_SIZE if sample_size is None else sample_size)
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny pipeline kind {kind!r}: use one of {', '.join(KINDS + TRANSFORMER_KINDS)}.")
+    sample_size = 16 if sample_size is None else sample_size
+    torch.manual_seed(seed)
+    unet = tiny_unet(kind, sample_size)
+    vae = tiny_vae(sample_size * 4)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -138,3 +156,13 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int = 16):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def __getattr__(name: str):
+    """The transformer builders, re-exported from `agentsd.tiny_dit` on first use, so this module
+    still imports on a diffusers without SD3 or PixArt."""
+    if name in ("tiny_sd3_pipeline", "tiny_pixart_pipeline", "tiny_t5_tokenizer"):
+        from . import tiny_dit
+
+        return getattr(tiny_dit, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,27 +2,38 @@
 
 python scripts/make_tiny_model.py tiny-sd            # SD 1.x architecture, 256 px images
 python scripts/make_tiny_model.py tiny-sdxl --kind sdxl
+python scripts/make_tiny_model.py tiny-sd3 --kind sd3  # also sd35 and pixart: 128 px images
 agentsd generate --model tiny-sd --prompt "a cat" --steps 20 --compare --out out
 
-The default latent is 64x64 (256 px images: the tiny VAE downsamples 4x), so the top level
-has 4096 tokens, as SD 1.5 at 512 px: there agent attention pays off even in a toy UNet
+The UNets' default latent is 64x64 (256 px images: the tiny VAE downsamples 4x), so the top
+level has 4096 tokens, as SD 1.5 at 512 px: there agent attention pays off even in a toy UNet
 (about 2x with --compare on a 2-core CPU). At the tiny UNet's smallest sizes (64 px, 256
 tokens) the matching costs more than it saves and agentsd is no faster than the baseline.
+
+The diffusion transformers (sd3, sd35, pixart) default to a 32x32 latent: 128 px images and a
+16x16 patch grid (256 tokens); 256 px images give 32x32 (1024). PixArt-Sigma snaps sizes to its
+resolution bins unless called with use_resolution_binning=False: at latent 32 the 256 px bins, so
+256x256 runs as asked while 128 px runs at 256 and is resized (with a latent of 64, the 512 px bins).
 """
 
 import argparse
 
-from agentsd.testing import KINDS, tiny_pipeline
+from agentsd.testing import KINDS, TRANSFORMER_KINDS, tiny_pipeline
+
+DEFAULT_LATENT = {**dict.fromkeys(KINDS, 64), **dict.fromkeys(TRANSFORMER_KINDS, 32)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
-    parser.add_argument("--kind", choices=KINDS, default="sd15")
-    parser.add_argument("--latent", type=int, default=64, help="default latent side; the image is 4x larger")
+    parser.add_argument("--kind", choices=KINDS + TRANSFORMER_KINDS, default="sd15")
+    parser.add_argument(
+        "--latent", type=int, help="default latent side; the image is 4x larger (default: 64, transformers 32)"
+    )
     args = parser.parse_args()
-    tiny_pipeline(args.kind, sample_size=args.latent).save_pretrained(args.folder)
-    print(f"saved a tiny {args.kind} pipeline to {args.folder} ({4 * args.latent} px images by default)")
+    latent = args.latent or DEFAULT_LATENT[args.kind]
+    tiny_pipeline(args.kind, sample_size=latent).save_pretrained(args.folder)
+    print(f"saved a tiny {args.kind} pipeline to {args.folder} ({4 * latent} px images by default)")
 
 
 if __name__ == "__main__":
