@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("sdpa", "xformers", "einsum")
+# diffusers' attention dispatcher (`dispatch_attention_fn`): "dispatch" runs its active backend,
+# "dispatch:<name>" the named one. agentsd picks it where the processor it delegates to dispatches
+# (it has `_attention_backend`, which `model.set_attention_backend(...)` sets).
+DISPATCH = "dispatch"
 
 
 def check_backend(name: str | None, device: torch.device | str | None = None) -> None:
@@ -57,9 +61,19 @@ def attend(
         value: (B, H, Lk, D).
         scale: the softmax scale, applied as given.
         backend: `"sdpa"` (torch's scaled_dot_product_attention), `"xformers"`
-            (`xformers.ops.memory_efficient_attention`, CUDA only) or `"einsum"` (unfused:
-            the Lq x Lk weights are materialised, as in the published AgentSD code).
+            (`xformers.ops.memory_efficient_attention`, CUDA only), `"einsum"` (unfused:
+            the Lq x Lk weights are materialised, as in the published AgentSD code), or
+            `"dispatch"` / `"dispatch:<name>"` (diffusers' attention dispatcher, its active
+            backend or the named one).
     """
+    if backend.startswith(DISPATCH):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        name = backend.partition(":")[2] or None
+        out = dispatch_attention_fn(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale, backend=name
+        )
+        return out.transpose(1, 2)
     if backend == "einsum":
         weights = torch.einsum("bhqd,bhkd->bhqk", query, key).mul_(scale).softmax(dim=-1)
         return torch.einsum("bhqk,bhkd->bhqd", weights, value)

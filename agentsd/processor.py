@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers.models import attention_processor
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
 
-from .attention import agent_attention, attend
+from .attention import DISPATCH, agent_attention, attend
 from .merge import TokenMerge, bipartite_matching, cell_means
 from .state import AGENT, TOME, AgentSDState, CallPlan, LayerPlan
 
@@ -29,10 +29,15 @@ FUSED_PROCESSORS = tuple(
 
 
 def choose_backend(configured: str | None, delegate: Any, device: torch.device) -> str:
-    """The attention kernel of agentsd's calls: the configured one, else xformers where the
-    processor agentsd delegates to is xformers' and the device is CUDA, else SDPA."""
+    """The attention kernel of agentsd's calls: the configured one; else, where the processor
+    agentsd delegates to goes through diffusers' attention dispatcher, the same dispatcher with
+    the backend the user set on the model (`set_attention_backend`), or its active one; else
+    xformers where that processor is xformers' and the device is CUDA; else SDPA."""
     if configured is not None:
         return configured
+    if hasattr(delegate, "_attention_backend"):
+        name = delegate._attention_backend
+        return DISPATCH if name is None else f"{DISPATCH}:{getattr(name, 'value', name)}"
     return "xformers" if isinstance(delegate, XFormersAttnProcessor) and device.type == "cuda" else "sdpa"
 
 
@@ -93,6 +98,17 @@ class AgentSDProcessor:
 
         call.__signature__ = inspect.Signature(sorted(params.values(), key=lambda p: p.kind))
         self.__dict__["__call__"] = types.MethodType(call, self)
+
+    @property
+    def _attention_backend(self) -> Any:
+        """The delegate's dispatcher backend: `model.set_attention_backend(...)` sets it on every
+        processor that has this attribute, so after patching it still reaches the delegate."""
+        return getattr(self.original, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend: Any) -> None:
+        if hasattr(self.original, "_attention_backend"):
+            self.original._attention_backend = backend
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "__call__"}  # rebuilt when loaded
