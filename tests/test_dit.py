@@ -182,3 +182,57 @@ def test_compiled_transformer_matches_eager_without_recompiling(kind):
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = generate(pipe, kind, steps=4)
     assert np.allclose(warm, eager, atol=1e-4) and np.allclose(again, eager, atol=1e-4)
+
+
+def _variant(name):
+    import diffusers
+
+    return getattr(diffusers, name, None)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", "StableDiffusion3ControlNetPipeline"],
+)
+def test_sd3_img2img_inpaint_and_controlnet(variant):
+    """The SD 3 variants share the transformer: the patch cycle holds for each."""
+    cls = _variant(variant)
+    if cls is None:
+        pytest.skip(f"this diffusers has no {variant}")
+    base = tiny_pipeline("sd3")
+    components = dict(base.components)
+    image = torch.rand(1, 3, 128, 128)
+    extra = {}
+    if variant == "StableDiffusion3ControlNetPipeline":
+        from diffusers import SD3ControlNetModel
+
+        torch.manual_seed(1)
+        components["controlnet"] = SD3ControlNetModel.from_transformer(
+            base.transformer, num_layers=1, num_extra_conditioning_channels=0
+        )
+        extra = dict(control_image=image, controlnet_conditioning_scale=0.7)
+    else:
+        extra = dict(image=image, strength=0.9)
+        if variant == "StableDiffusion3InpaintPipeline":
+            mask = torch.zeros(1, 1, 128, 128)
+            mask[..., 64:] = 1.0
+            extra["mask_image"] = mask
+    expected, optional = cls._get_signature_keys(cls)
+    pipe = cls(**{k: v for k, v in components.items() if k in {*expected, *optional}})
+    baseline = generate(pipe, "sd3", steps=3, **extra)
+    agentsd.patch(pipe, **PATCH)
+    patched = generate(pipe, "sd3", steps=3, **extra)
+    assert np.isfinite(patched).all() and not np.array_equal(patched, baseline)
+    assert agentsd.status(pipe).activity.ran_agent_attention
+    agentsd.unpatch(pipe)
+    assert np.array_equal(generate(pipe, "sd3", steps=3, **extra), baseline)
+
+
+def test_grids_under_min_tokens_run_exact_attention_and_say_why():
+    pipe = agentsd.patch(tiny_pipeline("pixart"))  # default min_tokens=256; 64 px is an 8x8 grid
+    baseline = agentsd.unpatched
+    with baseline(pipe):
+        expected = generate(pipe, "pixart", size=64)
+    assert np.array_equal(generate(pipe, "pixart", size=64), expected)
+    reasons = {layer.reason for layer in agentsd.status(pipe).layers}
+    assert reasons == {"grid 8x8 = 64 tokens < min_tokens=256"}
