@@ -128,3 +128,12 @@ def test_tiny_tokenizer_knows_every_byte():
     ids = tokenizer(text).input_ids
     assert ids[0] == 0 and ids[-1] == 1
     assert 1 not in ids[1:-1] and len(ids) > 100
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    """setuptools ships only the packages pyproject names: a new subpackage left out installs
+    from a checkout (editable) but is missing from the wheel and from CI's pinned stacks."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "agentsd").rglob("__init__.py")}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
