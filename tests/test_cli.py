@@ -182,6 +182,9 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
         if isinstance(f.default, bool):
             argv.append(flag if not f.default else "--no-" + flag[2:])
             expected[f.name] = not f.default
+        elif f.name == "block_range":  # two values: START STOP
+            argv += [flag, "1", "3"]
+            expected[f.name] = [1, 3]  # as to_dict writes it
         else:
             value = other.get(f.name, 2 if isinstance(f.default, int) else 0.25)
             argv += [flag, str(value)]
