@@ -58,14 +58,15 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def agent_config(args: argparse.Namespace):
-    """The AgentSDConfig of the command line: the preset, then the per-field flags."""
+def agent_config(args: argparse.Namespace, default_preset: str = "paper"):
+    """The AgentSDConfig of the command line: --preset (else `default_preset`, the model family's:
+    see `loading.default_preset`), then the per-field flags."""
     from .config import AgentSDConfig
     from .presets import load_preset
 
     if args.no_agent:
         return None
-    config = load_preset(args.preset) if args.preset else AgentSDConfig()
+    config = load_preset(args.preset or default_preset)
     overrides = {}
     for f in dataclasses.fields(AgentSDConfig):
         value = getattr(args, config_dest(f.name))
@@ -140,31 +141,48 @@ def _check_scheduler(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown scheduler {args.scheduler!r}: use one of {', '.join(SCHEDULERS)}.")
 
 
-def _check_seeds_and_steps(args: argparse.Namespace, images: int) -> None:
-    """Before loading the model: the seeds of `images` images from --seed, and --steps for the
-    scheduler, when the model's scheduler config can be read without loading it."""
+def _check_model_settings(args: argparse.Namespace, images: int) -> None:
+    """Before loading the model: the seeds of `images` images from --seed; and, where the model's
+    config files can be read without loading it, --scheduler and --steps for its scheduler and
+    --max-sequence-length for its family."""
     from . import loading
 
     loading.check_seeds(args.seed, images)
+    loading.check_max_sequence_length(args.max_sequence_length, loading.model_family(args.model))
     scheduler = loading.model_scheduler(args.model, args.scheduler)
     if scheduler is not None:
         loading.check_steps(scheduler, args.steps)
 
 
-def _load_pipeline(args: argparse.Namespace, dtype, device, configs, out: Path):
-    """Create `out` (writable), then load --model on `device` in `dtype` with --scheduler and
-    refuse what only the loaded model tells (configs that patch nothing, --steps): on an error
-    (or Ctrl-C) the folder is removed again if this made it."""
+def _default_preset(args: argparse.Namespace, pipe=None) -> str:
+    """The preset of the model's family (`loading.default_preset`): of the loaded `pipe`, else
+    read from the model's config files (`paper` where they cannot be read without downloading)."""
     from . import loading
+
+    if pipe is not None:
+        return loading.default_preset(pipe)
+    return loading.model_default_preset(args.model) or "paper"
+
+
+def _load_pipeline(args: argparse.Namespace, dtype, device, out: Path, configs_for):
+    """Create `out` (writable), then load --model on `device` in `dtype` with --scheduler and
+    refuse what only the loaded model tells (sizes, --max-sequence-length, --scheduler and
+    --steps, the configs `configs_for(pipe)` gives that patch nothing): on an error (or Ctrl-C)
+    the folder is removed again if this made it. Returns the pipeline and those configs."""
+    from . import loading
+    from .families import find_model
 
     with _no_empty_folder_on_error(out):
         loading.prepare_folder(out)
         pipe = loading.load_pipeline(args.model, dtype, device)
+        loading.check_size(pipe, args.width, args.height)
+        loading.check_max_sequence_length(args.max_sequence_length, find_model(pipe)[0].name)
         loading.set_scheduler(pipe, args.scheduler)
+        configs = configs_for(pipe)
         for config in filter(None, configs):
             loading.check_config_patches(pipe, config)
         loading.check_steps(pipe.scheduler, args.steps)
-    return pipe
+    return pipe, configs
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -173,8 +191,10 @@ def _generate(args: argparse.Namespace) -> int:
     _check_positive("--num-images", args.num_images)
     if args.compare and args.no_agent:
         raise UsageError("--compare runs the baseline next to agent attention: drop --no-agent (or --compare).")
+    if args.max_sequence_length is not None:
+        _check_positive("--max-sequence-length", args.max_sequence_length)
     prompts = _prompts(args)
-    config = agent_config(args)
+    config = agent_config(args, _default_preset(args))  # checked now; final once the model is loaded
     _check_scheduler(args)
     settings = gen.GenerationSettings(
         model=args.model,
@@ -185,12 +205,15 @@ def _generate(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
+        max_sequence_length=args.max_sequence_length,
     )
     dtype, device = _device_and_dtype(args)
     _check_backend(config, device)
-    _check_seeds_and_steps(args, args.num_images)
+    _check_model_settings(args, args.num_images)
     out = Path(args.out)
-    pipe = _load_pipeline(args, dtype, device, [config], out)
+    pipe, (config,) = _load_pipeline(
+        args, dtype, device, out, lambda pipe: [agent_config(args, _default_preset(args, pipe))]
+    )
     jobs = gen.plan_jobs(prompts, args.num_images, args.seed)
     runs = []
     try:
@@ -297,6 +320,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     _check_positive("--images-per-class", args.images_per_class)
     _check_positive("--samples", args.samples)
+    if args.max_sequence_length is not None:
+        _check_positive("--max-sequence-length", args.max_sequence_length)
     if args.prompts_file:
         prompts = _prompts(args)
     else:
@@ -304,11 +329,15 @@ def _compare(args: argparse.Namespace) -> int:
     if args.num_prompts is not None:
         _check_positive("--num-prompts", args.num_prompts)
         prompts = prompts[: args.num_prompts]
-    methods = cmp.with_baseline([cmp.parse_method(spec) for spec in (args.method or ["baseline", "paper"])])
+
+    def methods_for(preset: str) -> list:  # the default methods: the baseline and the model family's preset
+        return cmp.with_baseline([cmp.parse_method(spec) for spec in (args.method or ["baseline", preset])])
+
+    methods = methods_for(_default_preset(args))  # checked now; final once the model is loaded
     _check_scheduler(args)
     settings = gen.GenerationSettings(
         model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-        batch_size=args.batch_size, overwrite=args.overwrite,
+        batch_size=args.batch_size, overwrite=args.overwrite, max_sequence_length=args.max_sequence_length,
     )  # fmt: skip
     scoring = cmp.ComparisonSettings(
         reference=args.reference, inception_weights=args.inception_weights, clip_model=args.clip_model,
@@ -318,8 +347,15 @@ def _compare(args: argparse.Namespace) -> int:
     for method in methods:
         _check_backend(method.config, device, method.name)
     cmp.check_scoring(methods, scoring, device)  # a missing package or weight file fails before any work
-    _check_seeds_and_steps(args, len(prompts))
-    pipe = _load_pipeline(args, dtype, device, [m.config for m in methods], Path(args.out))
+    _check_model_settings(args, len(prompts))
+
+    def configs_for(pipe) -> list:
+        nonlocal methods
+        methods = methods_for(_default_preset(args, pipe))
+        cmp.check_methods(pipe, methods)
+        return [m.config for m in methods]
+
+    pipe, _ = _load_pipeline(args, dtype, device, Path(args.out), configs_for)
     try:
         results = cmp.run_comparison(pipe, prompts, methods, args.out, settings, scoring, seed=args.seed)
     except KeyboardInterrupt:

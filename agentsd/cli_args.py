@@ -101,7 +101,11 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "agent attention (each flag overrides one field of the preset; the defaults shown are paper's)"
     )
-    group.add_argument("--preset", help="preset name (see `agentsd presets`) or a YAML file; default: paper")
+    group.add_argument(
+        "--preset",
+        help="preset name (see `agentsd presets`) or a YAML file; default: the model's, paper for SD 1.x/2.x, "
+        "sdxl for SDXL, sd3 for SD 3/3.5, pixart for PixArt",
+    )
     group.add_argument("--no-agent", action="store_true", help="run the baseline only, without agent attention")
     for f in dataclasses.fields(AgentSDConfig):
         flag, dest = config_flag(f.name), config_dest(f.name)
@@ -121,15 +125,27 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
-    """--steps, --guidance, --width, --height, --batch-size, --seed, --scheduler, --dtype, --device."""
-    from .loading import SCHEDULERS
+    """--steps, --guidance, --width, --height, --batch-size, --scheduler, --max-sequence-length,
+    --dtype, --device."""
+    from .loading import FLOW_SCHEDULERS, SCHEDULERS
 
     parser.add_argument("--width", type=int, help="image width, a multiple of 8; default: the model's")
     parser.add_argument("--height", type=int, help="image height, a multiple of 8; default: the model's")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
-    parser.add_argument("--scheduler", help=f"one of {', '.join(SCHEDULERS)}; default: the model's own")
+    others = [name for name in SCHEDULERS if name not in FLOW_SCHEDULERS]
+    parser.add_argument(
+        "--scheduler",
+        help=f"SD 1.x/2.x/XL and PixArt: {', '.join(others)}; SD 3/3.5 (flow matching): "
+        f"{', '.join(FLOW_SCHEDULERS)}; default: the model's own",
+    )
+    parser.add_argument(
+        "--max-sequence-length",
+        type=int,
+        help="T5 prompt tokens of SD 3/3.5 and PixArt (fewer: faster, longer prompts cut); default: the "
+        "pipeline's (SD 3: 256, PixArt-Sigma: 300, PixArt-alpha: 120)",
+    )
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--device", default="auto", help=device_help)
 
@@ -160,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = _HelpFormatter
     parser = _Parser(
         prog="agentsd",
-        description="Training-free agent attention for diffusers Stable Diffusion pipelines.",
+        description="Training-free agent attention for diffusers pipelines: Stable Diffusion 1.x, 2.x, XL, "
+        "3 / 3.5 and PixArt.",
         formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -173,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="output: OUT/p{prompt index}_s{seed}.png, each with a .json sidecar (and the same record in the "
         "PNG);\nwith --compare also OUT/baseline/ and side-by-side pairs in OUT/compare/.",
     )  # fmt: skip
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder (SD 1.x, 2.x or XL)")
+    gen.add_argument(
+        "--model", default=DEFAULT_MODEL, help="hub id or local folder (SD 1.x, 2.x, XL, 3 / 3.5 or PixArt)"
+    )
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for more")
     gen.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line")
     gen.add_argument("--negative-prompt", help="the negative prompt of every image")
@@ -225,10 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         "samples.png. A rerun resumes: it reuses the images made with the same settings (each image's .json\n"
         "sidecar says how it was made) and stops, naming the settings, at images made with others.",
     )  # fmt: skip
-    cmp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder")
+    cmp.add_argument(
+        "--model", default=DEFAULT_MODEL, help="hub id or local folder (SD 1.x, 2.x, XL, 3 / 3.5 or PixArt)"
+    )
     cmp.add_argument("--method", action="append",
                      help="baseline, a preset (paper), preset:field=value,..., agentsd:field=value, tomesd:RATIO; "
-                     "repeatable; default: baseline and paper")  # fmt: skip
+                     "repeatable; default: baseline and the model's preset (as generate's --preset)")  # fmt: skip
     cmp.add_argument("--prompts-file", help="a UTF-8 file, one prompt per line; default: the ImageNet protocol")
     cmp.add_argument("--images-per-class", type=int, default=2, help="ImageNet protocol: prompts per class")
     cmp.add_argument("--num-prompts", type=int, help="use only the first N prompts (a quick run)")

@@ -13,7 +13,7 @@ from .presets import load_preset
 
 # Name -> file in `pipelines/`. The file names differ because diffusers caches a local custom
 # pipeline under its file name.
-COMMUNITY_PIPELINES = {"sd": "agentsd_sd.py", "sdxl": "agentsd_sdxl.py"}
+COMMUNITY_PIPELINES = {"sd": "agentsd_sd.py", "sdxl": "agentsd_sdxl.py", "sd3": "agentsd_sd3.py"}
 
 
 def _pipeline_dir() -> Path:
@@ -29,7 +29,8 @@ def community_pipeline(name: str = "sd") -> str:
     """The path of a community pipeline file, for diffusers' `custom_pipeline`.
 
     Args:
-        name: `"sd"` (SD 1.x / 2.x, default preset `paper`) or `"sdxl"` (default preset `sdxl`).
+        name: `"sd"` (SD 1.x / 2.x, default preset `paper`), `"sdxl"` (default preset `sdxl`) or
+            `"sd3"` (SD 3 / 3.5, default preset `sd3`; needs diffusers 0.29 or newer).
 
     Raises:
         ValueError: for another name.

@@ -33,6 +33,7 @@ import yaml
 from PIL import Image
 
 from .config import AgentSDConfig
+from .families import find_model
 from .generation import (
     GenerationError,
     GenerationSettings,
@@ -144,6 +145,18 @@ def parse_method(spec: str) -> MethodSpec:
         raise GenerationError(f"method {spec!r}: {err}") from None
 
 
+def check_methods(pipe: Any, methods: Sequence[MethodSpec]) -> None:
+    """Refuse a method the pipeline's model cannot run: ToMe for SD (`tomesd:RATIO`) patches
+    Stable Diffusion UNets only, not SD 3's or PixArt's transformers."""
+    kind, model = find_model(pipe)
+    for method in methods:
+        if method.tomesd_ratio is not None and kind.name != "unet":
+            raise GenerationError(
+                f"method {method.name!r}: ToMe for SD patches Stable Diffusion UNets only, and this model is a "
+                f"{type(model).__name__}: drop it."
+            )
+
+
 def with_baseline(methods: Sequence[MethodSpec]) -> list[MethodSpec]:
     """`methods` with the baseline first unless already there.
 
@@ -245,6 +258,7 @@ def run_comparison(
         for skipped in check_scoring(methods, scoring, pipe.device):
             logger.warning("%s will be skipped", skipped)
     jobs = [ImageJob(i, prompt, seed + i) for i, prompt in enumerate(prompts)]
+    check_methods(pipe, methods)
     check_run(pipe, jobs, settings)
     out = Path(out_dir)
     runs = [m.run(out / "images" / m.folder_name) for m in methods]

@@ -20,16 +20,21 @@ import torch
 
 from . import __version__
 from .config import AgentSDConfig
+from .families import find_model
 from .loading import (  # re-exported: `generation` has been their home
     DEFAULT_MODEL,  # noqa: F401
     DTYPES,  # noqa: F401
     SCHEDULERS,  # noqa: F401
     GenerationError,
+    call_options,
     check_config_patches,
+    check_max_sequence_length,
     check_seeds,
+    check_size,
     check_steps,
     load_pipeline,  # noqa: F401
     prepare_folder,
+    prompt_length,
     resolve_device,  # noqa: F401
     resolve_dtype,  # noqa: F401
     set_scheduler,  # noqa: F401
@@ -63,7 +68,8 @@ def plan_jobs(prompts: Sequence[str], num_images: int, seed: int) -> list[ImageJ
 
 @dataclass
 class GenerationSettings:
-    """What every image of a run shares."""
+    """What every image of a run shares. `max_sequence_length`: the T5 prompt length of SD 3 /
+    3.5 and PixArt pipelines (None: the pipeline's default)."""
 
     model: str
     negative_prompt: str | None = None
@@ -73,6 +79,7 @@ class GenerationSettings:
     guidance: float = 7.5
     batch_size: int = 1
     overwrite: bool = False
+    max_sequence_length: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -83,6 +90,7 @@ class GenerationSettings:
             raise GenerationError(f"steps {self.steps} must be positive: use e.g. 50.")
         if self.batch_size <= 0:
             raise GenerationError(f"batch size {self.batch_size} must be positive.")
+        check_max_sequence_length(self.max_sequence_length, None, "max_sequence_length")
 
 
 @dataclass
@@ -98,7 +106,7 @@ class MethodRun:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     activity: Activity = field(default_factory=Activity)
-    phases: list[str] = field(default_factory=list)  # of each UNet call (step) of the latest pipeline call
+    phases: list[str] = field(default_factory=list)  # of each model call (step) of the latest pipeline call
 
     @property
     def seconds_per_image(self) -> float | None:
@@ -113,8 +121,10 @@ class MethodRun:
 
 def check_run(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings) -> None:
     """Refuse, before any work, what would fail mid-run: a step count the pipeline's scheduler
-    refuses, image seeds the generator refuses."""
+    refuses, image seeds the generator refuses, a size or prompt length the model refuses."""
     check_steps(pipe.scheduler, settings.steps, "steps")
+    check_size(pipe, settings.width, settings.height)
+    check_max_sequence_length(settings.max_sequence_length, find_model(pipe)[0].name, "max_sequence_length")
     if jobs:
         seeds = [job.seed for job in jobs]
         check_seeds(min(seeds), max(seeds) - min(seeds) + 1, "seed")
@@ -125,7 +135,8 @@ def call_pipeline(
 ):
     """The images of `jobs` (one generator per image, seeded by its job) run as `run` says; with
     `track`, what agentsd did in the call is added to `run.activity`, and `run.phases` is the
-    phase of each of its UNet calls."""
+    phase of each of its model calls (UNet or transformer). The pipeline's own options are set
+    as `loading.call_options` says (PixArt runs the size asked for, and the prompt as written)."""
     kwargs = dict(
         prompt=[j.prompt for j in jobs],
         num_inference_steps=steps,
@@ -133,6 +144,7 @@ def call_pipeline(
         width=settings.width,
         height=settings.height,
         generator=[torch.Generator().manual_seed(j.seed) for j in jobs],
+        **call_options(pipe, settings.max_sequence_length),
     )
     if settings.negative_prompt is not None:
         kwargs["negative_prompt"] = [settings.negative_prompt] * len(jobs)
@@ -148,8 +160,10 @@ def call_pipeline(
 def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | None = None) -> dict[str, Any]:
     """What every image of a run records about how it was made (its sidecar adds the image's own
     fields, see `image_record`): the model, the scheduler (its name and config), steps, guidance,
-    size, negative prompt, dtype and the agentsd version."""
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size, negative prompt, the T5 prompt length (SD 3 / 3.5 and PixArt; None for the others),
+    dtype and the agentsd version."""
+    _, model = find_model(pipe)
+    side = model.config.sample_size * pipe.vae_scale_factor
     return dict(
         model=settings.model,
         scheduler=scheduler_name or type(pipe.scheduler).__name__,
@@ -159,7 +173,8 @@ def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | No
         width=settings.width or side,
         height=settings.height or side,
         negative_prompt=settings.negative_prompt,
-        dtype=str(pipe.unet.dtype).replace("torch.", ""),
+        max_sequence_length=prompt_length(pipe, settings.max_sequence_length),
+        dtype=str(model.dtype).replace("torch.", ""),
         agentsd_version=__version__,
     )
 
@@ -210,7 +225,7 @@ def generate(
     """Generate `jobs` into `out_dir`, image files appearing as their batch finishes.
 
     Args:
-        pipe: a loaded Stable Diffusion pipeline (SD 1.x, 2.x, XL).
+        pipe: a loaded pipeline of a family agentsd patches (SD 1.x, 2.x, XL, 3 / 3.5, PixArt).
         jobs: the images to make (see `plan_jobs`).
         out_dir: agentsd images go here (baseline images too when `config` is None);
             with `compare`, baseline images go to `baseline/` and side-by-side pairs

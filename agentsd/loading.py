@@ -1,12 +1,15 @@
 """Loading what a run needs, and checking its settings before any work: the device and dtype, a
-Stable Diffusion pipeline by hub id or folder, its scheduler by name; the step count the
-scheduler takes, the seeds the generator takes, a config that patches something, an output
-folder that can be written."""
+pipeline of a family agentsd patches (Stable Diffusion 1.x, 2.x, XL, 3 / 3.5, PixArt) by hub id
+or folder, its scheduler by name, its default preset; the step count the scheduler takes, the
+seeds the generator takes, the image size and prompt length the model takes, a config that
+patches something, an output folder that can be written."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +19,15 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from .compat import dtype_kwargs
 from .config import AgentSDConfig
-from .families import find_model
+from .families import family, find_model, supported
 
 logger = logging.getLogger("agentsd.generation")  # the logger these messages always had
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Scheduler name -> (diffusers class name, extra config). Looked up by name when used: older
-# diffusers releases lack some (LCMScheduler arrived in 0.22).
+# diffusers releases lack some (LCMScheduler arrived in 0.22, the flow-matching ones in 0.28-0.29).
+# The flow-matching ones (`FLOW_SCHEDULERS`) are for flow-matching models (SD 3 / 3.5) only, the
+# others for noise-prediction models (SD 1.x, 2.x, XL, PixArt) only: see `check_scheduler_fits`.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -32,7 +37,15 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
 }
+FLOW_SCHEDULERS = ("flow-euler", "flow-heun")
+# The preset `generate` and `compare` use unless told, by model family (see `default_preset`).
+FAMILY_PRESETS = {"unet": "paper", "sd3": "sd3", "pixart": "pixart"}
+SDXL_PRESET = "sdxl"
+# SD 3's pipeline refuses longer prompts (T5's limit there).
+SD3_MAX_SEQUENCE_LENGTH = 512
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # The seeds torch.Generator.manual_seed takes (negative ones stand for seeds from 2**63 up).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -83,10 +96,11 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
-    """Load a Stable Diffusion pipeline (its class comes from the model) onto `device`.
+    """Load a pipeline (its class comes from the model) of a family agentsd patches onto `device`.
 
     Raises:
-        GenerationError: the model cannot be found, downloaded or loaded, or has no UNet.
+        GenerationError: the model cannot be found, downloaded or loaded, or holds no model of a
+            family agentsd patches (see `agentsd.families`).
     """
     local = Path(model).expanduser()
     looks_local = model.startswith((".", "/", "~")) or local.exists()
@@ -100,12 +114,85 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: torch.
             f"cannot load model {model!r} ({reason[:200]}): check the id, log in with `hf auth login` for a "
             "gated model, or pass a local folder saved with save_pretrained."
         ) from err
-    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+    try:
+        find_model(pipe)
+    except TypeError:
         raise GenerationError(
-            f"{model!r} loads as {type(pipe).__name__}, which has no Stable Diffusion UNet: agentsd supports "
-            "SD 1.x, 2.x and SDXL models."
-        )
+            f"{model!r} loads as {type(pipe).__name__}, which holds no model agentsd patches: it supports "
+            f"{supported()}."
+        ) from None
     return pipe.to(device)
+
+
+def default_preset(pipe: Any) -> str:
+    """The preset for this pipeline's model when none is named: `paper` for SD 1.x / 2.x, `sdxl`
+    for SDXL (a UNet with SDXL's text-time embedding), `sd3` for SD 3 / 3.5, `pixart` for PixArt."""
+    kind, model = find_model(pipe)
+    return _preset_of(kind.name, model.config)
+
+
+def _preset_of(family_name: str, model_config: Mapping[str, Any]) -> str:
+    if family_name == "unet" and model_config.get("addition_embed_type") == "text_time":
+        return SDXL_PRESET
+    return FAMILY_PRESETS.get(family_name, "paper")  # a family added later: the published recipe
+
+
+def _model_config(model: str) -> tuple[str, dict[str, Any]] | None:
+    """The family name and model config of a hub id or folder, read from its config files alone
+    (no weights); None when they cannot be read without downloading."""
+    local = Path(model).expanduser()
+    source = str(local) if local.is_dir() else model
+    for name in FAMILY_PRESETS:
+        kind = family(name)
+        try:  # any ConfigMixin reads any component's config.json
+            config = UNet2DConditionModel.load_config(source, subfolder=kind.attribute, local_files_only=True)
+        except Exception:  # not there (or not without a download)
+            continue
+        if config.get("_class_name") == kind.model_class:
+            return name, config
+    return None
+
+
+def model_default_preset(model: str) -> str | None:
+    """`default_preset` of the pipeline `load_pipeline(model)` gives, from the model's config files
+    alone; None when they cannot be read without downloading or name no family agentsd patches."""
+    found = _model_config(model)
+    return None if found is None else _preset_of(*found)
+
+
+def model_family(model: str) -> str | None:
+    """The family name (`unet`, `sd3`, `pixart`) of a hub id or folder from its config files
+    alone; None when they cannot be read without downloading or name no family agentsd patches."""
+    found = _model_config(model)
+    return None if found is None else found[0]
+
+
+def is_flow_matching(class_name: str, config: Mapping[str, Any]) -> bool:
+    """Whether a scheduler (its class name and config) samples a flow-matching model (SD 3)."""
+    flow_config = config.get("prediction_type") == "flow_prediction" or bool(config.get("use_flow_sigmas"))
+    return class_name.startswith("FlowMatch") or flow_config
+
+
+def check_scheduler_fits(name: str, class_name: str, config: Mapping[str, Any]) -> None:
+    """Refuse a scheduler name of the other kind than the model's own scheduler (`class_name`,
+    `config`): a flow-matching model (SD 3) takes `FLOW_SCHEDULERS` only, the others (SD 1.x, 2.x,
+    XL, PixArt) the rest. Built from the other kind's config, a scheduler would run but sample
+    nonsense.
+
+    Raises:
+        GenerationError: naming the scheduler names that fit.
+    """
+    flow = is_flow_matching(class_name, config)
+    if flow == (name in FLOW_SCHEDULERS):
+        return
+    fits = ", ".join(n for n in SCHEDULERS if (n in FLOW_SCHEDULERS) == flow)
+    if flow:
+        what = f"is for noise-prediction models (SD 1.x, 2.x, XL, PixArt); this model's {class_name} does flow matching"
+    else:
+        what = f"is for flow-matching models (SD 3 / 3.5); this model's {class_name} does not do flow matching"
+    raise GenerationError(
+        f"scheduler {name!r} {what}: use one of {fits}, or leave out --scheduler to keep the model's own."
+    )
 
 
 def _scheduler_class(name: str) -> tuple[type, dict[str, Any]]:
@@ -123,9 +210,14 @@ def _scheduler_class(name: str) -> tuple[type, dict[str, Any]]:
 
 
 def set_scheduler(pipe: Any, name: str | None) -> None:
-    """Replace the pipeline's scheduler by name, keeping the model's noise schedule."""
+    """Replace the pipeline's scheduler by name, keeping the model's noise schedule.
+
+    Raises:
+        GenerationError: an unknown name, or one that does not fit the model (`check_scheduler_fits`).
+    """
     if name is not None:
         cls, extra = _scheduler_class(name)
+        check_scheduler_fits(name, type(pipe.scheduler).__name__, pipe.scheduler.config)
         pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
 
 
@@ -135,7 +227,8 @@ def model_scheduler(model: str, name: str | None = None) -> Any | None:
     without downloading (neither a local folder nor in the hub cache).
 
     Raises:
-        GenerationError: an unknown scheduler name, as `set_scheduler`.
+        GenerationError: an unknown scheduler name, or one that does not fit the model, as
+            `set_scheduler`.
     """
     local = Path(model).expanduser()
     try:
@@ -146,6 +239,7 @@ def model_scheduler(model: str, name: str | None = None) -> Any | None:
         return None
     if name is not None:
         cls, extra = _scheduler_class(name)
+        check_scheduler_fits(name, str(config.get("_class_name")), config)
         return cls.from_config(config, **extra)
     cls = getattr(diffusers, str(config.get("_class_name")), None)
     return cls.from_config(config) if isinstance(cls, type) else None
@@ -195,6 +289,72 @@ def check_seeds(first: int, count: int, flag: str = "--seed") -> None:
             f"{flag} {first} gives image seeds up to {last} (seed + image index), beyond the largest seed "
             f"torch.Generator takes ({SEED_MAX}): use {flag} {SEED_MAX - count + 1} or less."
         )
+
+
+def check_size(pipe: Any, width: int | None, height: int | None) -> None:
+    """Refuse an image size the model cannot take: a diffusion transformer's latent must be whole
+    patches, so its sides are multiples of the VAE's factor times the patch side (16 for SD 3 and
+    PixArt); a UNet takes multiples of the VAE's factor (8), as `GenerationSettings` checks.
+
+    Raises:
+        GenerationError: naming the side, the multiple and the nearest size below that fits.
+    """
+    _, model = find_model(pipe)
+    patch = model.config.get("patch_size") or 1
+    multiple = pipe.vae_scale_factor * patch
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and value % multiple:
+            fits = value - value % multiple or multiple
+            raise GenerationError(
+                f"{name} {value} is not a multiple of {multiple}, which {type(model).__name__} needs (the VAE's "
+                f"{pipe.vae_scale_factor}x times its {patch}x{patch} patches): use e.g. {fits}."
+            )
+
+
+def check_max_sequence_length(value: int | None, family_name: str | None, flag: str = "--max-sequence-length") -> None:
+    """Refuse a prompt length in T5 tokens that the model family's pipelines do not take: UNet
+    pipelines have no T5 encoder, SD 3's refuses more than 512 (`family_name` None: only the sign
+    is checked).
+
+    Raises:
+        GenerationError: naming `flag` and what to pass instead.
+    """
+    if value is None:
+        return
+    if value < 1:
+        raise GenerationError(f"{flag} {value} must be positive: use e.g. 256.")
+    if family_name == "unet":
+        raise GenerationError(
+            f"{flag} sets the T5 prompt length of SD 3 / 3.5 and PixArt; this Stable Diffusion UNet model's "
+            "pipeline has no T5 encoder (its CLIP prompts are 77 tokens): leave it out."
+        )
+    if family_name == "sd3" and value > SD3_MAX_SEQUENCE_LENGTH:
+        raise GenerationError(
+            f"{flag} {value} is more than SD 3's pipeline takes: use {SD3_MAX_SEQUENCE_LENGTH} or fewer."
+        )
+
+
+def call_options(pipe: Any, max_sequence_length: int | None = None) -> dict[str, Any]:
+    """The call arguments a pipeline needs beyond the prompt, steps, guidance, size and generators,
+    as far as its `__call__` takes them: `max_sequence_length` when given (SD 3 / 3.5, PixArt),
+    `use_resolution_binning=False` (PixArt would otherwise run the nearest size of its aspect-ratio
+    bins, 256 px and up, and resize the image to the size asked for: the size asked for is what
+    runs) and `clean_caption=False` (PixArt's caption cleaning needs beautifulsoup4 and ftfy: the
+    prompt is used as written)."""
+    takes = inspect.signature(pipe.__call__).parameters
+    options: dict[str, Any] = dict(use_resolution_binning=False, clean_caption=False)
+    if max_sequence_length is not None:
+        options["max_sequence_length"] = max_sequence_length
+    return {name: value for name, value in options.items() if name in takes}
+
+
+def prompt_length(pipe: Any, max_sequence_length: int | None = None) -> int | None:
+    """The T5 prompt length a call runs with: `max_sequence_length`, else the pipeline's default;
+    None for a pipeline without one (SD 1.x, 2.x, XL)."""
+    parameter = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+    if parameter is None:
+        return None
+    return max_sequence_length if max_sequence_length is not None else parameter.default
 
 
 def check_config_patches(pipe: Any, config: AgentSDConfig) -> None:

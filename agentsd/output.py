@@ -58,8 +58,10 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
 # The sidecar fields that say how an image was made: a rerun reuses an image only when they match.
 SETTING_KEYS = (
     "model", "scheduler", "scheduler_config", "steps", "guidance", "width", "height", "negative_prompt", "dtype",
-    "method", "agentsd_config", "prompt", "seed",
+    "method", "agentsd_config", "prompt", "seed", "max_sequence_length",
 )  # fmt: skip
+# Keys added to the sidecar later: one missing from an older sidecar had no value then (None).
+NEWER_KEYS = ("max_sequence_length",)
 
 
 def read_sidecar(image: Path) -> dict[str, Any] | None:
@@ -80,7 +82,7 @@ def setting_differences(recorded: Mapping[str, Any] | None, wanted: Mapping[str,
     wanted = json.loads(json.dumps({k: wanted.get(k) for k in SETTING_KEYS}))  # as it reads back from a sidecar
     parts = []
     for key in SETTING_KEYS:
-        old, new = recorded.get(key, "missing"), wanted[key]
+        old, new = recorded.get(key, None if key in NEWER_KEYS else "missing"), wanted[key]
         if isinstance(old, dict) and isinstance(new, dict):
             parts += [f"{key}.{k} {old[k]!r} (now {new[k]!r})" for k in old if k in new and old[k] != new[k]]
         elif old != new:

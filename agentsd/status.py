@@ -1,4 +1,4 @@
-"""What a patch does now: a small, printable report of a patched UNet.
+"""What a patch does now: a small, printable report of a patched model (UNet or transformer).
 
 >>> print(agentsd.status(pipe))  # doctest: +SKIP
 >>> agentsd.status(pipe).activity.summary()  # doctest: +SKIP
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import AgentSDConfig
+from .families import find_model
 from .patch import PATCH_ATTR, _blocker, _delegate_of, _is_ours, _model_of, current_phase
 from .processor import choose_backend
 from .state import AGENT, EXACT, TOME
@@ -50,19 +51,21 @@ class LayerStatus:
 
 @dataclass(frozen=True)
 class Activity:
-    """What agentsd did over a number of UNet calls; activities of several patches add up.
+    """What agentsd did over a number of model calls; activities of several patches add up.
 
     Attributes:
         phase_calls: UNet calls per schedule phase ("agent", "tome").
         acting_calls: UNet calls in which at least one layer ran each mode ("agent", "tome").
         layer_calls: per layer, its calls per mode ("agent", "tome", "exact").
         reasons: per layer that ran exact attention or was out of reach, the latest reason.
+        model: what the calls went to, for the summary: "UNet" or "transformer".
     """
 
     phase_calls: dict[str, int] = field(default_factory=dict)
     acting_calls: dict[str, int] = field(default_factory=dict)
     layer_calls: dict[str, dict[str, int]] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    model: str = "UNet"
 
     def __add__(self, other: Activity) -> Activity:
         layers: dict[str, Counter] = {}
@@ -74,6 +77,7 @@ class Activity:
             dict(Counter(self.acting_calls) + Counter(other.acting_calls)),
             {name: dict(calls) for name, calls in layers.items()},
             {**self.reasons, **other.reasons},
+            self.model if self.calls else other.model,
         )
 
     @property
@@ -91,7 +95,7 @@ class Activity:
         """One line: the calls per phase, in how many of them and in how many layers agent
         attention and token merging ran, and why layers stayed exact."""
         if not self.calls:
-            return "agentsd: no UNet call yet"
+            return f"agentsd: no {self.model} call yet"
         total = len(self.layer_calls)
         phases = f"{self.phase_calls.get(AGENT, 0)} agent phase, {self.phase_calls.get(TOME, 0)} ToMe phase"
         done = [
@@ -99,7 +103,7 @@ class Activity:
             for mode, label in ((AGENT, "agent attention"), (TOME, "token merging"))
             if self.acting_calls.get(mode)
         ]
-        line = f"agentsd: {self.calls} UNet calls ({phases}); " + (
+        line = f"agentsd: {self.calls} {self.model} calls ({phases}); " + (
             ", ".join(done) if done else "no layer ran agent attention or token merging"
         )
         exact = {name: r for name, r in self.reasons.items() if name not in self._acting_layers()}
@@ -129,7 +133,7 @@ class PatchStatus:
         if not self.installed:
             return "agentsd: not patched"
         head = "agentsd: patched" if self.acting else "agentsd: patched, but acting on no layer"
-        latest = "no UNet call yet"
+        latest = f"no {self.activity.model} call yet"
         if self.latent is not None:
             latest = f"latest call: latent {self.latent[0]}x{self.latent[1]}, {self.phase} phase"
         lines = [f"{head}; {len(self.layers)} layers; {latest}", self.activity.summary()]
@@ -155,9 +159,9 @@ def status(pipe_or_unet: Any) -> PatchStatus:
     `.activity.summary()` is one line.
 
     Raises:
-        TypeError: for an object without a diffusers UNet.
+        TypeError: for an object holding no model of a family agentsd patches.
     """
-    unet = _model_of(pipe_or_unet)
+    kind, unet = find_model(pipe_or_unet)
     record = getattr(unet, PATCH_ATTR, None)
     if record is None:
         return PatchStatus(installed=False, acting=False)
@@ -197,6 +201,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
         dict(acting),
         {name: dict(calls) for name, calls in per_layer.items()},
         {name: reasons[name] for name in reasons if name in {layer.name for layer in record.layers}},
+        "UNet" if kind.name == "unet" else "transformer",
     )
     return PatchStatus(
         installed=True,

@@ -99,7 +99,7 @@ def test_no_agent_and_prompts_file(models, tmp_path):
         (["--preset", "fastest"], "unknown preset 'fastest'"),
         (["--ratio", "1.5"], "AgentSDConfig.ratio=1.5 is out of range"),
         (["--out", "{tmp}/file.txt/sub"], "cannot write to output folder"),
-        (["--model", "{models}/sdxl"], "--preset sdxl or --max-downsample 2"),
+        (["--model", "{models}/sdxl", "--preset", "paper"], "--preset sdxl or --max-downsample 2"),
         (["--num-images", "0"], "--num-images 0 must be positive"),
         (["--sx", "two"], "invalid int value"),
     ],
@@ -182,6 +182,9 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
         if isinstance(f.default, bool):
             argv.append(flag if not f.default else "--no-" + flag[2:])
             expected[f.name] = not f.default
+        elif f.name == "block_range":  # two values: START STOP
+            argv += [flag, "1", "3"]
+            expected[f.name] = [1, 3]  # as to_dict writes it
         else:
             value = other.get(f.name, 2 if isinstance(f.default, int) else 0.25)
             argv += [flag, str(value)]
@@ -217,6 +220,17 @@ def test_a_run_without_agent_attention_warns(models, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "no layer ran agent attention in the agentsd run" in result.stderr
     assert "8x8 = 64 tokens < min_tokens=256" in result.stderr
+
+
+def test_sdxl_runs_the_sdxl_preset_unless_told(models, tmp_path, capsys):
+    """The default preset follows the model: SDXL's (max_downsample 2, its first attention level),
+    with the flags on top; the paper's patches no layer of it (the case above)."""
+    from agentsd.presets import load_preset
+
+    assert run_main("generate", "--model", models / "sdxl", "--prompt", "x", "--steps", "1", "--ratio", "0.3",
+                    "--out", tmp_path) == 0  # fmt: skip
+    record = json.loads((tmp_path / "p0000_s0.json").read_text())
+    assert record["agentsd_config"] == load_preset("sdxl").replace(ratio=0.3).to_dict()
 
 
 def test_image_seed_and_agent_seed_are_independent(tmp_path):

@@ -37,3 +37,17 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
         output.atomic_write(tmp_path / "kept.png", fail)
     assert [p.name for p in tmp_path.iterdir()] == ["kept.png"]
     assert (tmp_path / "kept.png").read_bytes() == b"old"
+
+
+def test_a_sidecar_from_before_a_setting_existed_matches_its_absence():
+    """`max_sequence_length` came later: an older sidecar without it matches a run without one
+    (SD 1.x, 2.x, XL: None), and not a run with one."""
+    wanted = dict.fromkeys(output.SETTING_KEYS, 1) | {"max_sequence_length": None}
+    older = {k: v for k, v in wanted.items() if k != "max_sequence_length"}
+    assert output.setting_differences(older, wanted) == []
+    assert output.setting_differences(older, wanted | {"max_sequence_length": 256}) == [
+        "max_sequence_length None (now 256)"
+    ]
+    assert output.setting_differences({k: v for k, v in wanted.items() if k != "steps"}, wanted) == [
+        "steps 'missing' (now 1)"
+    ]

@@ -77,7 +77,8 @@ def test_community_pipeline_paths_are_the_repository_files_and_unknown_names_are
     # In a checkout the package hands out the top-level files themselves (no copies to drift).
     assert Path(agentsd.community_pipeline()) == ROOT / "pipelines" / "agentsd_sd.py"
     assert Path(agentsd.community_pipeline("sdxl")) == ROOT / "pipelines" / "agentsd_sdxl.py"
-    with pytest.raises(ValueError, match="unknown community pipeline 'xl': use one of 'sd', 'sdxl'"):
+    assert Path(agentsd.community_pipeline("sd3")) == ROOT / "pipelines" / "agentsd_sd3.py"
+    with pytest.raises(ValueError, match="unknown community pipeline 'xl': use one of 'sd', 'sdxl', 'sd3'"):
         agentsd.community_pipeline("xl")
 
 
@@ -109,3 +110,30 @@ def test_community_pipeline_loads_through_custom_pipeline(kind, name, default, t
     assert seen[-1].ratio == 0.2
     with pytest.raises(TypeError, match="agentsd_config=3"):
         image(agentsd_config=3)
+
+
+def test_sd3_community_pipeline_loads_through_custom_pipeline(tmp_path, monkeypatch):
+    """The SD 3 pipeline file: its `sd3` preset by default (patched for the call only), the
+    baseline with `agentsd_config=False`, a dict of fields."""
+    tiny_dit = pytest.importorskip("agentsd.tiny_dit", reason="this diffusers has no SD3")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_pipeline("sd3").save_pretrained(tmp_path)
+    pipe = DiffusionPipeline.from_pretrained(
+        tmp_path, custom_pipeline=agentsd.community_pipeline("sd3"), trust_remote_code=True
+    )
+    assert type(pipe).__name__ == "AgentSDStableDiffusion3Pipeline"
+    pipe.set_progress_bar_config(disable=True)
+    run = dict(prompt="x", num_inference_steps=3, output_type="np", **tiny_dit.CALL_KWARGS["sd3"])
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a: seen.append(agentsd.patched_config(m)))
+
+    def image(**kwargs):
+        return pipe(generator=torch.Generator().manual_seed(0), **run, **kwargs).images
+
+    patched = image()  # 128 px: a 16x16 grid, at the preset's min_tokens: agentsd acts
+    assert seen[-1] == load_preset("sd3") and not agentsd.is_patched(pipe)
+    baseline = image(agentsd_config=False)
+    assert seen[-1] is None
+    assert np.isfinite(patched).all() and not np.array_equal(patched, baseline)
+    image(agentsd_config={"ratio": 0.2})
+    assert seen[-1].ratio == 0.2
