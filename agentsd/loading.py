@@ -20,6 +20,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from .compat import dtype_kwargs
 from .config import AgentSDConfig
 from .families import family, find_model, supported
+from .families import names as family_names
 
 logger = logging.getLogger("agentsd.generation")  # the logger these messages always had
 
@@ -42,7 +43,6 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 FLOW_SCHEDULERS = ("flow-euler", "flow-heun")
 # The preset `generate` and `compare` use unless told, by model family (see `default_preset`).
-FAMILY_PRESETS = {"unet": "paper", "sd3": "sd3", "pixart": "pixart"}
 SDXL_PRESET = "sdxl"
 # SD 3's pipeline refuses longer prompts (T5's limit there).
 SD3_MAX_SEQUENCE_LENGTH = 512
@@ -134,7 +134,7 @@ def default_preset(pipe: Any) -> str:
 def _preset_of(family_name: str, model_config: Mapping[str, Any]) -> str:
     if family_name == "unet" and model_config.get("addition_embed_type") == "text_time":
         return SDXL_PRESET
-    return FAMILY_PRESETS.get(family_name, "paper")  # a family added later: the published recipe
+    return family(family_name).preset
 
 
 def _model_config(model: str) -> tuple[str, dict[str, Any]] | None:
@@ -142,7 +142,7 @@ def _model_config(model: str) -> tuple[str, dict[str, Any]] | None:
     (no weights); None when they cannot be read without downloading."""
     local = Path(model).expanduser()
     source = str(local) if local.is_dir() else model
-    for name in FAMILY_PRESETS:
+    for name in family_names():
         kind = family(name)
         try:  # any ConfigMixin reads any component's config.json
             config = UNet2DConditionModel.load_config(source, subfolder=kind.attribute, local_files_only=True)

@@ -201,7 +201,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
         dict(acting),
         {name: dict(calls) for name, calls in per_layer.items()},
         {name: reasons[name] for name in reasons if name in {layer.name for layer in record.layers}},
-        "UNet" if kind.name == "unet" else "transformer",
+        kind.noun,
     )
     return PatchStatus(
         installed=True,

@@ -61,6 +61,8 @@ class Family:
         layers: the layers to patch under a config: `{processor name: Layer}`.
         read_call: a model call's `ModelCall`, from the model and the forward's args and kwargs.
         nothing_patched: why `layers` found nothing, for the warning (given the model and config).
+        preset: the preset the command line uses for it when none is named.
+        noun: what its model is called in reports ("UNet", "transformer").
     """
 
     name: str
@@ -70,6 +72,8 @@ class Family:
     layers: Callable[[Any, AgentSDConfig], dict[str, Layer]]
     read_call: Callable[[Any, tuple, dict], ModelCall]
     nothing_patched: Callable[[Any, AgentSDConfig], str]
+    preset: str = "paper"
+    noun: str = "transformer"
 
     def holds(self, model: Any) -> bool:
         """Whether `model` is this family's model (in the installed diffusers)."""
@@ -83,6 +87,11 @@ def _registry() -> dict[str, Family]:
     from . import pixart, sd3, unet
 
     return {family.name: family for family in (unet.FAMILY, sd3.FAMILY, pixart.FAMILY)}
+
+
+def names() -> list[str]:
+    """The families' names."""
+    return list(_registry())
 
 
 def family(name: str) -> Family:

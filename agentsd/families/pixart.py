@@ -37,4 +37,5 @@ FAMILY = Family(
     layers=layers,
     read_call=read_call,
     nothing_patched=nothing_patched,
+    preset="pixart",
 )

@@ -95,4 +95,6 @@ FAMILY = Family(
     layers=layers,
     read_call=read_call,
     nothing_patched=nothing_patched,
+    preset="paper",
+    noun="UNet",
 )
