@@ -154,8 +154,9 @@ def parts_rows(block, config, grid, batch, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grids", nargs="+", type=int, default=[16, 24, 32, 40, 48, 64], help="patch-grid sides")
-    parser.add_argument("--parts", nargs="+", type=int, default=[32, 64], help="grid sides to split into parts")
+    grids = [16, 24, 32, 40, 48, 64]
+    parser.add_argument("--grids", nargs="*", type=int, default=grids, help="patch-grid sides (none: skip)")
+    parser.add_argument("--parts", nargs="*", type=int, default=[32, 64], help="grids split into parts (none: skip)")
     parser.add_argument("--preset", default="sd3")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2, help="sequences per call (2: one image with CFG)")
