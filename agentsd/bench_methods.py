@@ -1,4 +1,4 @@
-"""The methods the benchmark times: how each one runs a UNet, and which can run here.
+"""The methods the benchmark times: how each one runs a model, and which can run here.
 
 Methods:
     baseline          diffusers' default processors (SDPA)
@@ -8,12 +8,14 @@ Methods:
     agentsd-schedule  derived: agent_steps x agent + (1 - agent_steps) x tome
     tomesd            ToMe for SD at the preset's ratio and max_downsample (when installed)
     reference         the agent phase computed with unfused einsum, as the published code does
-    ceiling           the patched self-attention layers replaced by a zero-cost stand-in: the
-                      bound of any method that changes self-attention only
+    ceiling           the layers the preset patches replaced by a zero-cost stand-in: the bound
+                      of any method that changes only those (the UNets' self-attention; SD 3's
+                      joint attention, its stand-in returning the image and text tokens as
+                      given; PixArt's self-attention)
 
 Opt-in methods (run only when named in `methods`): the agent phase with an option that
 changes outputs,
-    agentsd-shared    one matching per grid and UNet call (`share_matching=True`)
+    agentsd-shared    one matching per grid and model call (`share_matching=True`)
     agentsd-pool      pooled agents (`agent_selection="pool"`)
     agentsd-pool-r0   pooled agents and no merge (`ratio=0`): no matching at all
 and methods for large images,
@@ -29,10 +31,11 @@ import importlib.util
 from collections.abc import Callable, Iterator
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from .config import AgentSDConfig
-from .patch import attention_layers, patch, unpatch
+from .families import Layer, find_model
+from .joint import JointAgentSDProcessor
+from .patch import patch, unpatch
 from .presets import load_preset
 
 METHODS = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "tomesd", "reference", "ceiling")
@@ -61,43 +64,61 @@ class ZeroCostAttention:
         return hidden_states
 
 
+class ZeroCostJointAttention:
+    """The ceiling's stand-in for SD 3's joint attention: returns the image tokens and, when
+    called with text, the text tokens too, as the `(image, text)` pair diffusers' joint
+    processor returns (the same shapes: both streams keep the model's width), computing nothing.
+    Called without text (SD 3.5's image-only `attn2`) it returns the image tokens alone."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
+
+
+def zero_cost(layer: Layer) -> ZeroCostAttention | ZeroCostJointAttention:
+    """The ceiling's stand-in for a layer the family patches."""
+    return ZeroCostJointAttention() if issubclass(layer.processor, JointAgentSDProcessor) else ZeroCostAttention()
+
+
 @contextlib.contextmanager
-def _replaced_processors(unet: UNet2DConditionModel, replace: Callable[[], None]) -> Iterator[None]:
-    saved = dict(unet.attn_processors)
+def _replaced_processors(model: torch.nn.Module, replace: Callable[[], None]) -> Iterator[None]:
+    saved = dict(model.attn_processors)
     replace()
     try:
         yield
     finally:
-        unet.set_attn_processor(saved)
+        model.set_attn_processor(saved)
 
 
-def method_context(method: str, unet: UNet2DConditionModel, config: AgentSDConfig):
-    """A context manager that runs `unet` as `method` inside it and restores it after."""
+def method_context(method: str, model: torch.nn.Module, config: AgentSDConfig):
+    """A context manager that runs `model` (a UNet or a diffusion transformer) as `method`
+    inside it and restores it after."""
     if method == "baseline":
         return contextlib.nullcontext()
     if method == "xformers":
-        return _replaced_processors(unet, unet.enable_xformers_memory_efficient_attention)
+        return _replaced_processors(model, model.enable_xformers_memory_efficient_attention)
     if method == "ceiling" or method in CEILINGS:
-        layers = attention_layers(unet, CEILINGS.get(method, config.max_downsample))
-        return _replaced_processors(unet, lambda: [m.set_processor(ZeroCostAttention()) for m, _ in layers.values()])
+        levels = config.replace(max_downsample=CEILINGS[method]) if method in CEILINGS else config
+        family, found = find_model(model)
+        layers = family.layers(found, levels).values()
+        return _replaced_processors(model, lambda: [layer.module.set_processor(zero_cost(layer)) for layer in layers])
     if method == "tomesd":
         import tomesd
 
-        return _tomesd(unet, tomesd, config)
+        return _tomesd(model, tomesd, config)
     if method in PRESET_METHODS:
-        return _agentsd(unet, load_preset(PRESET_METHODS[method]))
+        return _agentsd(model, load_preset(PRESET_METHODS[method]))
     if method not in AGENTSD_METHODS:
         raise ValueError(f"unknown method {method!r}: use any of {', '.join(METHODS + OPTIONAL_METHODS)}.")
-    return _agentsd(unet, config.replace(**AGENTSD_METHODS[method]))
+    return _agentsd(model, config.replace(**AGENTSD_METHODS[method]))
 
 
 @contextlib.contextmanager
-def _agentsd(unet, config):
-    patch(unet, config)
+def _agentsd(model, config):
+    patch(model, config)
     try:
         yield
     finally:
-        unpatch(unet)
+        unpatch(model)
 
 
 @contextlib.contextmanager

@@ -1,15 +1,18 @@
 """Speed and memory of one denoising step, side by side, on the real SD architectures.
 
-The UNets are built from the published configs with random weights (speed does not depend
-on the weights, and nothing is downloaded). One step is one UNet forward of a
+The UNets (SD 1.5, 2.1, XL) and the diffusion transformers (SD 3.5 Medium and Large,
+PixArt-Sigma: `bench_dit`) are built from the published configs with random weights (speed
+does not depend on the weights, and nothing is downloaded); a transformer may be built at its
+first K blocks (`sd35-medium:2`), its real widths kept. One step is one model forward of a
 classifier-free-guidance batch (2 x images). All methods of a scenario run interleaved in
 one process: warm-up rounds first and thrown away, then the repeats cycle through the
 methods, so drift hits them alike. Speedups are against the baseline of the same run.
 
 The methods (`bench_methods`): the baseline, xformers, the preset's agent and ToMe phases
 (and their derived 50-step schedule), tomesd, the unfused reference and the ceiling, plus
-opt-in ones. With `compile` set, each method (or each of `compile_methods`) also runs under
-`torch.compile(unet)` as `<method>+compile`. Those rows are timed one method after the other
+opt-in ones; tomesd and xformers are UNet methods, skipped on the transformers. With
+`compile` set, each method (or each of `compile_methods`) also runs under
+`torch.compile(model)` as `<method>+compile`. Those rows are timed one method after the other
 (one compilation each, thrown away with the warm-up rounds), not interleaved, and their
 speedups and ceiling fractions are against the compiled baseline and the compiled ceiling.
 """
@@ -26,12 +29,21 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
+from .bench_dit import (
+    ALL_TRANSFORMERS,
+    BENCH_TIMESTEP,
+    TRANSFORMERS,
+    build_transformer,
+    transformer_config,
+    transformer_inputs,
+)
 from .bench_methods import (
     AGENTSD_METHODS,
     COMPILABLE,
     METHODS,
     OPTIONAL_METHODS,
     ZeroCostAttention,
+    ZeroCostJointAttention,
     available_methods,
     method_context,
 )
@@ -91,11 +103,51 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         sample_size=128,
     ),
 }
-# The tiny architectures (agentsd.testing) stand in for the real ones in tests.
+# The tiny architectures (agentsd.testing; bench_dit's tiny-*) stand in for the real ones in tests.
 TINY_ARCHITECTURES = {"tiny": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
-DEFAULT_PRESETS = {"sd15": "paper", "sd21": "sd21", "sdxl": "sdxl", "tiny": "paper", "tiny-sd2": "sd21",
-                   "tiny-sdxl": "sdxl"}  # fmt: skip
+DEFAULT_PRESETS = {"sd15": "paper", "sd21": "sd21", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3",
+                   "pixart-sigma": "pixart", "tiny": "paper", "tiny-sd2": "sd21", "tiny-sdxl": "sdxl",
+                   "tiny-sd35": "sd3", "tiny-pixart": "pixart"}  # fmt: skip
 LATENT_FACTOR = 8  # image pixels per latent pixel in every SD VAE
+# Methods that act on UNets only: not run on the diffusion transformers, with this note.
+UNET_ONLY_METHODS = {
+    "tomesd": "ToMe for SD patches UNet blocks only",
+    "xformers": "the xformers row times diffusers' UNet processors",
+}
+
+
+def split_arch(arch: str) -> tuple[str, int | None]:
+    """An architecture as `run_benchmark` takes it, `NAME` or `NAME:K` (a diffusion transformer's
+    first K blocks), as (NAME, K or None: the whole model).
+
+    Raises:
+        ValueError: for an unknown name, a depth given to a UNet, or one outside the model's.
+    """
+    name, _, depth = arch.partition(":")
+    if name not in DEFAULT_PRESETS:
+        raise ValueError(f"unknown architecture {name!r}: use one of {', '.join(DEFAULT_PRESETS)}.")
+    if not depth:
+        return name, None
+    if name not in ALL_TRANSFORMERS:
+        raise ValueError(f"{arch!r}: only the diffusion transformers ({', '.join(TRANSFORMERS)}) have a depth to cut.")
+    if not depth.isdigit():
+        raise ValueError(f"{arch!r}: the depth after ':' must be a number of blocks, e.g. {name}:2.")
+    blocks = int(depth)
+    transformer_config(name, blocks)  # in range
+    return name, None if blocks == ALL_TRANSFORMERS[name].depth else blocks
+
+
+def with_blocks(archs: Sequence[str], blocks: int | None) -> list[str]:
+    """`archs` with every diffusion transformer at its first `blocks` blocks (`sd35-medium:2`);
+    UNets stay whole. None leaves them as they are."""
+    if blocks is None:
+        return list(archs)
+    return [f"{arch}:{blocks}" if arch in ALL_TRANSFORMERS else arch for arch in archs]
+
+
+def is_transformer(arch: str) -> bool:
+    """Whether `arch` (`NAME` or `NAME:K`) is a diffusion transformer."""
+    return arch.partition(":")[0] in ALL_TRANSFORMERS
 
 
 def build_unet(arch: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -120,9 +172,32 @@ def build_unet(arch: str, device: torch.device | str = "cpu", dtype: torch.dtype
     return torch.nn.Module.to(unet, dtype=dtype).eval()
 
 
-def unet_inputs(unet: UNet2DConditionModel, size: int, images: int) -> tuple[tuple, dict[str, Any]]:
+def build_model(arch: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A random-weight model of `arch` (`NAME` or `NAME:K`, see `split_arch`) on `device`: a UNet
+    (`build_unet`) or a diffusion transformer (`bench_dit.build_transformer`)."""
+    name, blocks = split_arch(arch)
+    if name in ALL_TRANSFORMERS:
+        return build_transformer(name, device, dtype, blocks)
+    return build_unet(name, device, dtype)
+
+
+def model_inputs(
+    model: torch.nn.Module, size: int, images: int, timestep_device: torch.device | str | None = None
+) -> tuple[tuple, dict[str, Any]]:
+    """The model's (args, kwargs) for one CFG step of `images` images of `size` px, as its
+    pipeline passes them (`unet_inputs`, `bench_dit.transformer_inputs`); the timestep made on
+    `timestep_device` (default: the model's device)."""
+    if isinstance(model, UNet2DConditionModel):
+        return unet_inputs(model, size, images, timestep_device)
+    return transformer_inputs(model, size, images, timestep_device)
+
+
+def unet_inputs(
+    unet: UNet2DConditionModel, size: int, images: int, timestep_device: torch.device | str | None = None
+) -> tuple[tuple, dict[str, Any]]:
     """The UNet's (args, kwargs) for one CFG step of `images` images of `size` x `size` pixels,
-    passed as the pipelines pass them (sample and timestep positional)."""
+    passed as the pipelines pass them (sample and timestep positional); the timestep made on
+    `timestep_device` (default: the UNet's device)."""
     if size % LATENT_FACTOR:
         raise ValueError(f"size {size} is not a multiple of {LATENT_FACTOR}.")
     batch, side = 2 * images, size // LATENT_FACTOR
@@ -132,7 +207,8 @@ def unet_inputs(unet: UNet2DConditionModel, size: int, images: int) -> tuple[tup
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
-    args = (randn(batch, config.in_channels, side, side), torch.tensor(500, device=device))
+    timestep = torch.tensor(BENCH_TIMESTEP, device=device if timestep_device is None else timestep_device)
+    args = (randn(batch, config.in_channels, side, side), timestep)
     kwargs: dict[str, Any] = dict(encoder_hidden_states=randn(batch, 77, config.cross_attention_dim))
     if config.addition_embed_type == "text_time":
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
@@ -192,21 +268,21 @@ def _timed_call(model: Callable, inputs: tuple[tuple, dict[str, Any]], device: t
     return elapsed, memory.peak_mb
 
 
-def _record(results: dict[str, dict[str, Any]], method: str, elapsed: float, peak_mb: float, unet) -> None:
+def _record(results: dict[str, dict[str, Any]], method: str, elapsed: float, peak_mb: float, model) -> None:
     """Add a timed call of `method`; for an agentsd method (patched in now), also whether some
     layer ran agent attention or token merging in the calls so far ("acted"), else why not."""
     entry = results.setdefault(method, {"ms": [], "peak_mb": 0.0})
     entry["ms"].append(elapsed)
     entry["peak_mb"] = max(entry["peak_mb"], peak_mb)
-    if patched_config(unet) is not None:
-        activity = status(unet).activity
+    if patched_config(model) is not None:
+        activity = status(model).activity
         entry["acted"] = entry.get("acted", False) or any(activity.acting_calls.values())
         if not entry["acted"]:
             entry["exact_reason"] = next(iter(activity.reasons.values()), "every patched layer ran exact attention")
 
 
 def time_methods(
-    unet: UNet2DConditionModel,
+    model: torch.nn.Module,
     inputs: tuple[tuple, dict[str, Any]],
     methods: Sequence[str],
     config: AgentSDConfig,
@@ -215,24 +291,24 @@ def time_methods(
 ) -> dict[str, dict[str, Any]]:
     """Milliseconds of each repeat and the peak memory per method, interleaved.
 
-    With `warmup=0`, one untimed call of the plain UNet comes first: the cold start (allocations,
+    With `warmup=0`, one untimed call of the plain model comes first: the cold start (allocations,
     kernel selection) would otherwise be charged to whichever method runs first."""
     results: dict[str, dict[str, Any]] = {}
     if warmup == 0:
         args, kwargs = inputs
         with torch.no_grad():
-            unet(*args, **kwargs)
+            model(*args, **kwargs)
     for round_index in range(warmup + repeats):
         for method in methods:
-            with torch.no_grad(), method_context(method, unet, config):
-                elapsed, peak_mb = _timed_call(unet, inputs, unet.device)
+            with torch.no_grad(), method_context(method, model, config):
+                elapsed, peak_mb = _timed_call(model, inputs, model.device)
                 if round_index >= warmup:
-                    _record(results, method, elapsed, peak_mb, unet)
+                    _record(results, method, elapsed, peak_mb, model)
     return results
 
 
 def time_compiled(
-    unet: UNet2DConditionModel,
+    model: torch.nn.Module,
     inputs: tuple[tuple, dict[str, Any]],
     methods: Sequence[str],
     config: AgentSDConfig,
@@ -240,7 +316,7 @@ def time_compiled(
     warmup: int = 1,
     backend: str = "inductor",
 ) -> dict[str, dict[str, Any]]:
-    """Like `time_methods` under `torch.compile(unet, backend=backend)`, one method after the
+    """Like `time_methods` under `torch.compile(model, backend=backend)`, one method after the
     other (a compilation each); results keyed `<method>+compile`. At least one warm-up round
     runs, so the compilation is never timed. tomesd and xformers are left out."""
     results: dict[str, dict[str, Any]] = {}
@@ -248,13 +324,13 @@ def time_compiled(
         if method not in COMPILABLE:
             continue
         torch._dynamo.reset()
-        compiled = torch.compile(unet, backend=backend)
+        compiled = torch.compile(model, backend=backend)
         warm = max(warmup, 1)
-        with torch.no_grad(), method_context(method, unet, config):
+        with torch.no_grad(), method_context(method, model, config):
             for round_index in range(warm + repeats):
-                elapsed, peak_mb = _timed_call(compiled, inputs, unet.device)
+                elapsed, peak_mb = _timed_call(compiled, inputs, model.device)
                 if round_index >= warm:
-                    _record(results, method + COMPILE_SUFFIX, elapsed, peak_mb, unet)
+                    _record(results, method + COMPILE_SUFFIX, elapsed, peak_mb, model)
     torch._dynamo.reset()
     return results
 
@@ -273,27 +349,34 @@ def run_benchmark(
     compile_methods: Sequence[str] | None = None,
     progress: bool = True,
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
-    build: Callable[[str], UNet2DConditionModel] | None = None,
+    build: Callable[[str], torch.nn.Module] | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmark every (arch, size, batch) scenario; see the module docstring for the methods.
 
     Args:
-        archs: architectures (`sd15`, `sd21`, `sdxl`, `tiny`).
+        archs: architectures (`sd15`, `sd21`, `sdxl`, `sd35-medium`, `sd35-large`,
+            `pixart-sigma`, or a tiny stand-in of `DEFAULT_PRESETS`); a diffusion transformer as
+            `NAME:K` is built at its first K blocks (`split_arch`, `with_blocks`).
         sizes: image sides in pixels (the latent is 1/8 of it).
-        batches: images per prompt; the UNet batch is twice that (CFG).
-        methods: subset of `METHODS`; default every method that can run here.
+        batches: images per prompt; the model's batch is twice that (CFG).
+        methods: subset of `METHODS`; default every method that can run here. The UNet-only
+            ones (`UNET_ONLY_METHODS`) are skipped on the transformers, with a warning.
         preset: agentsd preset (name or YAML); default per arch (`DEFAULT_PRESETS`).
         repeats, warmup: timed and discarded rounds per method.
         device, dtype: default CUDA in fp16 when present, else the CPU in fp32.
         compile: a torch.compile backend (`"inductor"`): also time the methods compiled.
         compile_methods: the methods to compile (default: every compilable one of `methods`).
         on_rows: called with each scenario's rows as soon as it finishes (to save as you go).
-        build: returns the UNet of an architecture (default: `build_unet` on `device` in
-            `dtype`); lets a caller keep a UNet between calls.
+        build: returns the model of an architecture as given in `archs` (default:
+            `build_model` on `device` in `dtype`); lets a caller keep a model between calls.
 
     Returns:
-        One row per scenario and method, with the fields of `FIELDS`. A scenario that runs
-        out of memory is skipped with a warning.
+        One row per scenario and method, with the fields of `FIELDS` (`blocks`: the depth of a
+        truncated transformer, None for a whole model). A scenario that runs out of memory is
+        skipped with a warning.
+
+    Raises:
+        ValueError: for an unknown method or architecture (before any model is built).
     """
     from tqdm.auto import tqdm
 
@@ -306,35 +389,49 @@ def run_benchmark(
     if unknown:
         known = ", ".join(METHODS + OPTIONAL_METHODS)
         raise ValueError(f"unknown methods {', '.join(unknown)}: use any of {known}.")
+    depths = {arch: split_arch(arch) for arch in archs}
     common = dict(run_info(device), dtype=str(dtype).replace("torch.", ""))
     rows: list[dict[str, Any]] = []
     scenarios = [(a, s, b) for a in archs for s in sizes for b in batches]
     bar = tqdm(scenarios, desc="scenarios", disable=not progress)
-    unet, built = None, None
+    model, built = None, None
     for arch, size, batch in bar:
         bar.set_postfix_str(f"{arch} {size}px x{batch}")
         if built != arch:
-            unet = None
-            unet, built = (build(arch) if build else build_unet(arch, device, dtype)), arch
-        name = preset or DEFAULT_PRESETS[arch]
-        config = load_preset(name)
+            model = None
+            model, built = (build(arch) if build else build_model(arch, device, dtype)), arch
+            here = _methods_of(arch, chosen)
+        name, blocks = depths[arch]
+        preset_name = preset or DEFAULT_PRESETS[name]
+        config = load_preset(preset_name)
         try:
-            inputs = unet_inputs(unet, size, batch)
-            timings = time_methods(unet, inputs, chosen, config, repeats, warmup)
+            inputs = model_inputs(model, size, batch)
+            timings = time_methods(model, inputs, here, config, repeats, warmup)
             if compile:
-                compiled = [m for m in chosen if compile_methods is None or m in compile_methods]
-                timings.update(time_compiled(unet, inputs, compiled, config, repeats, warmup, compile))
+                compiled = [m for m in here if compile_methods is None or m in compile_methods]
+                timings.update(time_compiled(model, inputs, compiled, config, repeats, warmup, compile))
         except torch.OutOfMemoryError:
             logger.warning("%s at %d px x%d ran out of memory: skipped", arch, size, batch)
             torch.cuda.empty_cache()
             continue
-        scenario = dict(common, arch=arch, size=size, batch=batch, preset=Path(name).stem)
+        scenario = dict(common, arch=name, blocks=blocks, size=size, batch=batch, preset=Path(preset_name).stem)
         scenario["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         new = scenario_rows(timings, scenario, config)
         rows += new
         if on_rows is not None:
             on_rows(new)
     return rows
+
+
+def _methods_of(arch: str, methods: list[str]) -> list[str]:
+    """`methods` without the UNet-only ones when `arch` is a diffusion transformer (saying so)."""
+    if not is_transformer(arch):
+        return methods
+    skipped = [m for m in methods if m in UNET_ONLY_METHODS]
+    for method in skipped:
+        logger.warning("%s: %s does not apply to diffusion transformers (%s): skipped", arch, method,
+                       UNET_ONLY_METHODS[method])  # fmt: skip
+    return [m for m in methods if m not in skipped]
 
 
 __all__ = [  # the names of bench_methods.py and results.py are re-exported: one import for all
@@ -346,17 +443,25 @@ __all__ = [  # the names of bench_methods.py and results.py are re-exported: one
     "METHODS",
     "OPTIONAL_METHODS",
     "TOMESD_TARGET",
+    "TRANSFORMERS",
+    "UNET_ONLY_METHODS",
     "ZeroCostAttention",
+    "ZeroCostJointAttention",
     "available_methods",
+    "build_model",
     "build_unet",
+    "is_transformer",
     "markdown_table",
     "method_context",
+    "model_inputs",
     "plot_speedups",
     "run_benchmark",
     "scenario_rows",
+    "split_arch",
     "target_lines",
     "time_compiled",
     "time_methods",
     "unet_inputs",
+    "with_blocks",
     "write_results",
 ]

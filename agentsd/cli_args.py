@@ -44,12 +44,12 @@ FIELD_HELP = {
 }
 BENCH_METHODS = {
     "baseline": "diffusers' default processors (SDPA)",
-    "xformers": "diffusers' xformers processors (CUDA with xformers installed)",
+    "xformers": "diffusers' xformers processors (CUDA with xformers installed; UNets only)",
     "agentsd-agent": "the preset in its agent phase",
     "agentsd-tome": "the preset in its ToMe-only phase",
-    "tomesd": "ToMe for SD at the preset's ratio (when tomesd is installed)",
+    "tomesd": "ToMe for SD at the preset's ratio (when tomesd is installed; UNets only)",
     "reference": "the agent phase with unfused einsum attention, as the published code computes it",
-    "ceiling": "the patched self-attention layers replaced by a zero-cost stand-in: the bound",
+    "ceiling": "the patched attention layers replaced by a zero-cost stand-in: the bound",
     "agentsd-shared": "agent phase, one matching per grid and UNet call (share_matching)",
     "agentsd-pool": "agent phase, pooled agents (agent_selection=pool)",
     "agentsd-pool-r0": "agent phase, pooled agents and no merge: no matching at all",
@@ -74,6 +74,26 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of usage + message
         raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+class _ArchAtDepth(argparse.Action):
+    """`bench --arch` and `--blocks`: `args.arch` lists the architectures as
+    `benchmark.run_benchmark` takes them, each diffusion transformer cut to its first --blocks
+    blocks (`sd35-medium:2`), whichever of the two flags comes first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .benchmark import split_arch, with_blocks
+
+        setattr(namespace, self.dest, values)
+        if namespace.blocks is not None and namespace.blocks < 1:
+            parser.error(f"--blocks {namespace.blocks} must be positive")
+        archs = with_blocks(namespace.arch_names, namespace.blocks)
+        try:
+            for arch in archs:
+                split_arch(arch)
+        except ValueError as err:
+            parser.error(str(err).rstrip("."))
+        namespace.arch = archs
 
 
 def config_flag(field: str) -> str:
@@ -207,13 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="time one denoising step against the baseline and peers", formatter_class=formatter,
-        description="Time one denoising step (a UNet forward of a classifier-free-guidance batch) of the real\n"
-        "SD architectures with random weights, every method interleaved in one run.",
+        description="Time one denoising step (a UNet or transformer forward of a classifier-free-guidance batch)\n"
+        "of the real SD architectures with random weights, every method interleaved in one run.",
         epilog=_bench_epilog(),
     )  # fmt: skip
     archs = list(DEFAULT_PRESETS)  # every architecture the benchmark builds, the tiny stand-ins too
-    bench.add_argument("--arch", nargs="+", default=["sd15"], choices=archs, metavar="ARCH",
-                       help=f"{', '.join(archs)} (tiny*: toy UNets, for trying the harness)")  # fmt: skip
+    bench.add_argument("--arch", nargs="+", default=["sd15"], choices=archs, metavar="ARCH", dest="arch_names",
+                       action=_ArchAtDepth,
+                       help=f"{', '.join(archs)} (tiny*: toy models, for trying the harness)")  # fmt: skip
+    bench.add_argument(
+        "--blocks", type=int, metavar="K", action=_ArchAtDepth,
+        help="build the diffusion transformers (sd35-*, pixart-sigma) at their first K blocks, real widths kept: "
+        "speed per block, for models too large for memory (SD 3.5 Medium's first 13 blocks are dual-attention, "
+        "as in the model); UNets are built whole",
+    )  # fmt: skip
+    bench.set_defaults(arch=["sd15"])
     bench.add_argument(
         "--sizes", nargs="+", type=int, metavar="PX", default=[512], help="image sides in pixels, multiples of 8"
     )
@@ -222,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--methods", nargs="+", choices=METHODS + OPTIONAL_METHODS, metavar="METHOD",
                        help="methods to time (listed below); default: every method that runs here")  # fmt: skip
-    bench.add_argument("--preset", help="agentsd preset name or YAML file; default per arch: paper, sd21, sdxl")
+    bench.add_argument(
+        "--preset", help="agentsd preset name or YAML file; default per arch: paper, sd21, sdxl, sd3 (sd35-*), pixart"
+    )
     bench.add_argument("--repeats", type=int, default=3, help="timed rounds per method (the median is reported)")
     bench.add_argument(
         "--warmup", type=int, default=1, help="untimed rounds per method first (0: one untimed call of the plain UNet)"

@@ -11,12 +11,13 @@ import statistics
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .bench_dit import ALL_TRANSFORMERS
 from .bench_methods import CEILING_OF
 from .config import AgentSDConfig
 
@@ -24,12 +25,20 @@ COMPILE_SUFFIX = "+compile"
 # Every row of every result file carries these: where, with what and when it was measured.
 RUN_FIELDS = ("device", "torch", "diffusers", "commit", "date")
 FIELDS = (
-    "arch", "size", "batch", "dtype", "device", "torch", "diffusers", "commit", "date", "method", "preset",
+    "arch", "blocks", "size", "batch", "dtype", "device", "torch", "diffusers", "commit", "date", "method", "preset",
     "median_ms", "p10_ms", "p90_ms", "peak_mb", "speedup", "ceiling_fraction", "saved_fraction", "repeats",
     "agentsd_acted", "agentsd_exact_reason",
 )  # fmt: skip
-# agentsd_acted: for an agentsd method, whether some patched layer ran agent attention or token
-# merging in its timed calls (None for the others); agentsd_exact_reason: why not, when it did not.
+# blocks: the depth of a diffusion transformer built at its first blocks only (None: the whole
+# model). agentsd_acted: for an agentsd method, whether some patched layer ran agent attention or
+# token merging in its timed calls (None for the others); agentsd_exact_reason: why not, when it
+# did not.
+
+
+def arch_label(arch: str, blocks: int | None = None) -> str:
+    """An architecture as the tables and target lines name it: `sd35-medium, 2 blocks` for a
+    truncated transformer."""
+    return arch if blocks is None else f"{arch}, {blocks} block{'s' if blocks > 1 else ''}"
 
 
 def git_commit() -> str:
@@ -118,6 +127,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
                "ceiling_fraction", "saved_fraction")  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
+        row = dict(row, arch=arch_label(row["arch"], row.get("blocks")))
         cells = [
             "" if row[c] is None else (f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])) for c in columns
         ]
@@ -130,13 +140,18 @@ CEILING_TARGET = 0.9  # fraction of the ceiling's speedup reached in the agent p
 TOMESD_TARGET = 1.3  # agentsd's speed over ToMe for SD at the same ratio
 TARGETS_FROM = 1024  # the two targets above apply from this image side up
 DEFAULT_AGENTSD = ("agentsd-agent", "agentsd-tome", "agentsd-schedule")
-# Speedups of a whole UNet step over the baseline: (arch, image side) -> (method, minimum)s.
+# Speedups of a whole model's step over the baseline: (arch, image side) -> (method, minimum)s.
+# Judged on whole models only: a transformer cut to its first blocks has other shares.
 SPEEDUP_TARGETS: dict[tuple[str, int], tuple[tuple[str, float], ...]] = {
     ("sd15", 1024): (("agentsd-agent", 1.7),),
     ("sd15", 2048): (("agentsd-agent", 4.0), ("highres", 5.0)),
     ("sdxl", 1024): (("agentsd-schedule", 1.15),),
     ("sdxl", 2048): (("agentsd-schedule", 1.8),),
+    ("sd35-medium", 1024): (("agentsd-agent", 1.3),),
+    ("sd35-medium", 2048): (("agentsd-agent", 2.0),),
 }
+# What the target lines say of the UNet-only methods on a diffusion transformer.
+NOT_FOR_TRANSFORMERS = "tomesd, xformers: UNet methods, not run on diffusion transformers"
 LABELS = {"agentsd-agent": "agent phase", "agentsd-tome": "ToMe phase", "agentsd-schedule": "schedule"}
 
 
@@ -146,9 +161,11 @@ class Check:
 
     Args:
         arch, size, batch: the scenario.
-        name: what is checked (`never slower`, `ceiling`, `over tomesd`, or `speedup <method>`).
+        name: what is checked (`never slower`, `ceiling`, `over tomesd`, or `speedup <method>`;
+            unjudged notes: `did not act`, `not run`).
         text: the check as `target_lines` prints it.
         met: whether the target is met; None where no target applies (shown for information).
+        blocks: the scenario's depth, for a truncated transformer (None: the whole model).
     """
 
     arch: str
@@ -157,6 +174,7 @@ class Check:
     name: str
     text: str
     met: bool | None
+    blocks: int | None = None
 
 
 def _never_slower(by: dict[str, dict[str, Any]]) -> str:
@@ -229,6 +247,8 @@ def _scenario_checks(arch: str, size: int, batch: int, by: dict[str, dict[str, A
             met = over["agentsd-agent"] >= TOMESD_TARGET if applies and "agentsd-agent" in over else None
             text = f"over tomesd: {', '.join(parts)} (target {TOMESD_TARGET}x{_verdict(met, TARGETS_FROM)})"
             checks.append(Check(arch, size, batch, "over tomesd", text, met))
+    if arch in ALL_TRANSFORMERS:
+        checks.append(Check(arch, size, batch, "not run", NOT_FOR_TRANSFORMERS, None))
     for method, minimum in SPEEDUP_TARGETS.get((arch, size), ()):
         if method in by:
             speedup = by[method]["speedup"]
@@ -255,33 +275,43 @@ def target_checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
     `min_tokens`) time the baseline's attention: no never-slower, ceiling or tomesd reading is
     taken from them, one check says "agentsd did not act" with the reason, and a speedup target
     of such a row is missed.
+
+    A diffusion transformer cut to its first blocks (`blocks` set) is a scenario of its own; the
+    `SPEEDUP_TARGETS` are whole models' and are not read off it.
     """
     checks = []
-    for arch, size, batch in dict.fromkeys((r["arch"], r["size"], r["batch"]) for r in rows):
-        by = {r["method"]: r for r in rows if (r["arch"], r["size"], r["batch"]) == (arch, size, batch)}
-        checks += _scenario_checks(arch, size, batch, by)
+    for arch, blocks, size, batch in dict.fromkeys(_scenario(r) for r in rows):
+        by = {r["method"]: r for r in rows if _scenario(r) == (arch, blocks, size, batch)}
+        found = _scenario_checks(arch, size, batch, by)
+        if blocks is not None:
+            found = [replace(c, blocks=blocks) for c in found if not c.name.startswith("speedup ")]
+        checks += found
     return checks
+
+
+def _scenario(row: dict[str, Any]) -> tuple[str, int | None, int, int]:
+    return row["arch"], row.get("blocks"), row["size"], row["batch"]
 
 
 def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """`target_checks` as one Markdown list item per scenario."""
     lines: dict[tuple[str, int, int], list[str]] = {}
     for check in target_checks(rows):
-        lines.setdefault((check.arch, check.size, check.batch), []).append(check.text)
+        lines.setdefault((arch_label(check.arch, check.blocks), check.size, check.batch), []).append(check.text)
     return [f"- {arch} {size} px x{batch}: " + "; ".join(texts) for (arch, size, batch), texts in lines.items()]
 
 
 def plot_speedups(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Speedup against resolution, one line per method, one panel per (arch, batch)."""
+    """Speedup against resolution, one line per method, one panel per (arch, depth, batch)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["arch"], r["batch"]) for r in rows})
+    panels = list(dict.fromkeys((arch_label(r["arch"], r.get("blocks")), r["batch"]) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (arch, batch) in zip(axes[0], panels, strict=True):
-        mine = [r for r in rows if r["arch"] == arch and r["batch"] == batch]
+        mine = [r for r in rows if arch_label(r["arch"], r.get("blocks")) == arch and r["batch"] == batch]
         for method in dict.fromkeys(r["method"] for r in mine):
             points = sorted((r["size"], r["speedup"]) for r in mine if r["method"] == method)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)

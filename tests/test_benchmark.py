@@ -10,6 +10,7 @@ import torch
 
 import agentsd
 from agentsd import AgentSDConfig, benchmark, results
+from agentsd.bench_methods import zero_cost
 
 
 def test_harness_writes_every_documented_field(tmp_path):
@@ -227,3 +228,112 @@ def test_targets_leave_out_the_rows_where_agentsd_did_not_act():
     assert checks["did not act"].text.startswith("agentsd did not act at this size: late_ratio=0")
     speedup = checks["speedup agentsd-agent"]
     assert speedup.met is False and speedup.text == "agent phase: agentsd did not act (target 1.7x: missed)"
+
+
+def test_transformers_build_from_the_published_configs_at_their_first_blocks():
+    """The published widths at any depth (meta device: no memory, no weights): SD 3.5 Medium's
+    first 13 blocks dual-attention as in the model, and a cut model's blocks all keep their text
+    stream (only the whole model's last block drops it)."""
+    layers = {}
+    for arch in ("sd35-medium", "sd35-medium:2", "sd35-medium:14", "sd35-large:3", "pixart-sigma:4"):
+        model = benchmark.build_model(arch, "meta")
+        blocks = model.transformer_blocks
+        name, depth = benchmark.split_arch(arch)
+        assert model.config.num_layers == len(blocks) == (depth or 24)
+        width = {"sd35-medium": 1536, "sd35-large": 2432, "pixart-sigma": 1152}[name]
+        assert (blocks[0].attn1 if name == "pixart-sigma" else blocks[0].attn).inner_dim == width
+        if name.startswith("sd35"):
+            dual = [i for i, block in enumerate(blocks) if block.attn2 is not None]
+            pre_only = [i for i, block in enumerate(blocks) if block.context_pre_only]
+            assert dual == (list(range(min(len(blocks), 13))) if name == "sd35-medium" else []), arch
+            assert pre_only == ([23] if depth is None else []), arch
+        family, found = agentsd.families.find_model(model)
+        layers[arch] = len(family.layers(found, benchmark.load_preset(benchmark.DEFAULT_PRESETS[name])))
+    assert layers == {"sd35-medium": 24 + 13, "sd35-medium:2": 4, "sd35-medium:14": 14 + 13, "sd35-large:3": 3,
+                      "pixart-sigma:4": 4}  # fmt: skip
+    args, kwargs = benchmark.model_inputs(benchmark.build_model("sd35-medium:1", "meta"), 1024, 1)
+    shapes = {k: tuple(v.shape) for k, v in kwargs.items()}
+    assert args == () and shapes == dict(hidden_states=(2, 16, 128, 128), encoder_hidden_states=(2, 333, 4096),
+                                         pooled_projections=(2, 2048), timestep=(2,))  # fmt: skip
+    args, kwargs = benchmark.model_inputs(benchmark.build_model("pixart-sigma:1", "meta"), 2048, 2)
+    assert kwargs["hidden_states"].shape == (4, 4, 256, 256) and kwargs["encoder_hidden_states"].shape == (4, 300, 4096)
+    assert kwargs["encoder_attention_mask"].shape == (4, 300)
+    for arch, message in [("sd35-medium:25", "must be 1 to 24"), ("sd15:2", "only the diffusion transformers"),
+                          ("sd36", "unknown architecture")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            benchmark.split_arch(arch)
+    assert benchmark.split_arch("pixart-sigma:28") == ("pixart-sigma", None)  # every block: the whole model
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd35", "tiny-pixart"])
+def test_the_ceiling_stand_ins_return_what_each_patched_layer_returns(arch):
+    """Under the ceiling every layer the family patches returns what it returns under the baseline,
+    in kind and shape: SD 3's joint attention an (image, text) pair, its last block's too (whose
+    text goes nowhere), SD 3.5's image-only attn2 and PixArt's self-attention one tensor."""
+    model = benchmark.build_model(arch)
+    family, _ = agentsd.families.find_model(model)
+    layers = family.layers(model, benchmark.load_preset(benchmark.DEFAULT_PRESETS[arch]))
+    inputs = benchmark.model_inputs(model, 128, 1)
+
+    def run(method):
+        """Each layer's output (a pair as a list of shapes, one tensor as its shape), the model
+        output's shape, and the processor classes the layers ran."""
+        seen = {}
+        hooks = [layer.module.register_forward_hook(lambda m, a, out, name=name: seen.setdefault(name, out))
+                 for name, layer in layers.items()]  # fmt: skip
+        with torch.no_grad(), benchmark.method_context(method, model, AgentSDConfig()):
+            out = model(*inputs[0], **inputs[1]).sample
+            ran = {type(layer.module.processor) for layer in layers.values()}
+        for hook in hooks:
+            hook.remove()
+        kinds = {n: [tuple(t.shape) for t in o] if isinstance(o, tuple) else tuple(o.shape) for n, o in seen.items()}
+        return kinds, tuple(out.shape), ran
+
+    baseline, ceiling = run("baseline"), run("ceiling")
+    assert ceiling[:2] == baseline[:2] and set(baseline[0]) == set(layers)
+    pairs = {n for n, kind in baseline[0].items() if isinstance(kind, list)}
+    assert pairs == ({f"transformer_blocks.{i}.attn.processor" for i in (0, 1)} if arch == "tiny-sd35" else set())
+    stand_in = benchmark.ZeroCostJointAttention if arch == "tiny-sd35" else benchmark.ZeroCostAttention
+    assert ceiling[2] == {stand_in} and all(isinstance(zero_cost(layer), stand_in) for layer in layers.values())
+
+
+def test_transformer_rows_name_their_depth_and_skip_the_unet_methods(caplog):
+    methods = ["baseline", "agentsd-agent", "agentsd-tome", "tomesd", "ceiling"]
+    rows = benchmark.run_benchmark(archs=["tiny-sd35:1", "tiny-pixart"], sizes=[256], methods=methods, repeats=1,
+                                   warmup=0, progress=False)  # fmt: skip
+    assert "tiny-sd35:1: tomesd does not apply to diffusion transformers" in caplog.text
+    for arch, blocks, preset in [("tiny-sd35", 1, "sd3"), ("tiny-pixart", None, "pixart")]:
+        mine = {r["method"]: r for r in rows if r["arch"] == arch}
+        assert set(mine) == {"baseline", "agentsd-agent", "agentsd-tome", "agentsd-schedule", "ceiling"}, arch
+        assert all(r["blocks"] == blocks and r["preset"] == preset for r in mine.values()), arch
+        assert mine["agentsd-agent"]["agentsd_acted"] and mine["agentsd-tome"]["agentsd_acted"]  # 16x16 = 256 tokens
+    sd35, pixart = benchmark.target_lines(rows)
+    assert sd35.startswith("- tiny-sd35, 1 block 256 px x1: never slower: ") and pixart.startswith("- tiny-pixart 256")
+    assert all("tomesd, xformers: UNet methods, not run on diffusion transformers" in line for line in (sd35, pixart))
+    assert "| tiny-sd35, 1 block | 256 | 1 | ceiling |" in benchmark.markdown_table(rows)
+
+
+def test_sd35_speedup_targets_are_judged_on_the_whole_model_only():
+    rows = [_row(size, m, ms, 1000, 400) for size in (1024, 2048)
+            for m, ms in dict(baseline=1000, ceiling=400, **{"agentsd-agent": 700}).items()]  # fmt: skip
+    whole = [dict(r, arch="sd35-medium") for r in rows]
+    met = {(c.size, c.name): c.met for c in results.target_checks(whole)}
+    assert met[(1024, "speedup agentsd-agent")] is True and met[(2048, "speedup agentsd-agent")] is False  # 1.43x
+    cut = [dict(r, arch="sd35-medium", blocks=2) for r in rows]
+    checks = results.target_checks(cut)
+    assert not any(c.name.startswith("speedup") for c in checks) and {c.blocks for c in checks} == {2}
+    assert benchmark.target_lines(cut)[0].startswith("- sd35-medium, 2 blocks 1024 px x1: never slower: yes")
+
+
+@pytest.mark.parametrize("order", ["blocks first", "arch first"])
+def test_cli_blocks_cut_every_transformer_whichever_flag_comes_first(order):
+    from agentsd.cli_args import UsageError, build_parser
+
+    flags = [["--blocks", "2"], ["--arch", "sd15", "sd35-medium", "pixart-sigma"]]
+    args = build_parser().parse_args(["bench", *sum(flags if order == "blocks first" else flags[::-1], [])])
+    assert args.arch == ["sd15", "sd35-medium:2", "pixart-sigma:2"]
+    assert build_parser().parse_args(["bench"]).arch == ["sd15"]
+    for argv, message in [(["--blocks", "25", "--arch", "sd35-medium"], "sd35-medium has 24 transformer blocks"),
+                          (["--blocks", "-1"], "--blocks -1 must be positive")]:  # fmt: skip
+        with pytest.raises(UsageError, match=message):
+            build_parser().parse_args(["bench", *argv])

@@ -26,8 +26,9 @@ from agentsd.suite.scenarios import Scenario
 
 ROOT = Path(__file__).parents[1]
 WRAPPER = ROOT / "scripts" / "gpu_run.sh"
-PLOTS = {"sd15": "speedup.png", "sdxl": "speedup.png", "sd15-highres": "speedup.png", "sd15-compile": "speedup.png",
-         "sd15-compile-ceiling": "speedup.png", "pipeline": "pipeline.png", "breakeven": "breakeven.png"}  # fmt: skip
+PLOTS = {"sd15": "speedup.png", "sdxl": "speedup.png", "sd35": "speedup.png", "sd15-highres": "speedup.png",
+         "sd15-compile": "speedup.png", "sd15-compile-ceiling": "speedup.png", "pipeline": "pipeline.png",
+         "breakeven": "breakeven.png"}  # fmt: skip
 # Numeric fields every row of a part carries.
 NUMBERS = {
     "tests": ("duration_s",),
@@ -122,6 +123,12 @@ def test_parts_hold_their_scenarios_methods_and_the_recommendation(suite_run, tm
     assert len({r["size"] for r in sd15}) == 3  # 512, 1024 and 2048 px, in one part
     assert {"baseline", "agentsd-agent", "agentsd-tome", "agentsd-schedule", "ceiling"} <= {r["method"] for r in sd15}
     assert {"baseline", "highres", "ceiling-2"} == {r["method"] for r in rows("sd15-highres")}
+    # The SD 3.5 scenarios on the tiny SD 3.5 transformer, at grids where the `sd3` preset acts.
+    sd35 = rows("sd35")
+    scenarios = {(r["arch"], r["size"], r["preset"], r["blocks"]) for r in sd35}
+    assert scenarios == {("tiny-sd35", 256, "sd3", None), ("tiny-sd35", 512, "sd3", None)}
+    assert {r["method"] for r in sd35} == {"baseline", "agentsd-agent", "agentsd-tome", "agentsd-schedule", "ceiling"}
+    assert all(r["agentsd_acted"] for r in sd35 if r["method"].startswith("agentsd"))
     assert {"baseline+compile", "agentsd-agent+compile"} <= {r["method"] for r in rows("sd15-compile")}
     assert {m for r in rows("sd15-compile-ceiling") if "+" in (m := r["method"])} == {"baseline+compile",
                                                                                         "ceiling+compile"}  # fmt: skip
@@ -210,6 +217,7 @@ def test_report_unpacks_the_archive_and_writes_between_the_markers(suite_run, tm
         assert new != old
     section = docs.read_text().split(report.DOCS_MARKERS[0])[1].split(report.DOCS_MARKERS[1])[0]
     for title in ("### Targets", "### SD 1.5, one denoising step", "### SD 1.5 at 2048 px: `highres`",
+                  "### SD 3.5 Medium, the whole transformer (`sd3` preset)", "| sd35-2048 | done |",
                   "### A whole generation, DDIM", "Recommended `min_tokens`", "### GPU tests", "tests/test_gpu.py::",
                   "| compile-ceiling-1024 | done |"):  # fmt: skip
         assert title in section, title
@@ -345,3 +353,23 @@ def test_estimate_counts_what_the_ceiling_removes():
     removed = estimate.call_flops("tiny", 128, 1, "baseline") - estimate.call_flops("tiny", 128, 1, "ceiling")
     batch, tokens, channels = 2, 256, 16
     assert removed == 3 * (4 * 2 * batch * tokens * channels**2 + 2 * 2 * batch * tokens**2 * channels)
+
+
+def test_estimate_counts_what_the_joint_ceiling_removes():
+    """The same for the tiny SD 3.5 transformer at 256 px (the --tiny sd35-1024): a 16x16 patch
+    grid (N = 256 image tokens), T = 333 text tokens, C = 16, CFG batch B = 2. Block 0: joint
+    attention (4 image and 4 text projections, 2 products over N + T tokens) and the image-only
+    attn2 (4 projections, 2 products over N); block 1, the last, is `context_pre_only`: its
+    text output is not projected (3 text projections)."""
+    removed = estimate.call_flops("tiny-sd35", 256, 1, "baseline") - estimate.call_flops("tiny-sd35", 256, 1, "ceiling")
+    batch, image, text, channels = 2, 256, 333, 16
+
+    def projections(tokens, count):
+        return count * 2 * batch * tokens * channels**2
+
+    def products(tokens):
+        return 2 * 2 * batch * tokens**2 * channels
+
+    joint = projections(image, 4) + products(image + text)
+    attn2 = projections(image, 4) + products(image)
+    assert removed == (joint + projections(text, 4)) + attn2 + (joint + projections(text, 3))

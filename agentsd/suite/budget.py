@@ -3,7 +3,7 @@
 A scenario's cost is a count of units of a few kinds (`Cost`, written by `estimate.py`):
 
     flop        FLOPs of the timed calls (UNet steps; VAE and text encoder in the pipeline)
-    call        UNet calls (kernel-launch overhead)
+    call        model calls (kernel-launch overhead)
     build:ARCH  building the random-weight model of ARCH
     compile     whole-UNet torch.compile compilations
     timing      `torch.utils.benchmark` timings of the breakeven grids

@@ -15,7 +15,7 @@ from ..results import RUN_FIELDS, run_info, write_tables
 
 # The result folders (parts) the scenarios write, in the order the report shows them; a part
 # gathers the rows of its scenarios (`sd15` those of sd15-512, sd15-1024 and sd15-2048).
-PART_NAMES = ("sd15", "sdxl", "tests", "breakeven", "sd15-highres", "sd15-compile", "sd15-compile-ceiling",
+PART_NAMES = ("sd15", "sdxl", "sd35", "tests", "breakeven", "sd15-highres", "sd15-compile", "sd15-compile-ceiling",
               "tests-compile", "pipeline", "sd21")  # fmt: skip
 
 
@@ -34,7 +34,7 @@ class PartContext:
         device: the device measured (CUDA for the real scenarios).
         root: the checkout whose `tests/` the tests scenarios run.
         command: the command line, recorded in every part's files.
-        models: the UNet kept between scenarios (`unet.ModelCache`).
+        models: the model kept between scenarios (`step.ModelCache`).
         rows: every part's rows so far (a part's files are rewritten with all of them).
         seconds_left: the budget left (a subprocess is given no more).
     """

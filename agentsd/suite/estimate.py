@@ -2,7 +2,7 @@
 
 The FLOPs of every timed call are counted by `torch.utils.flop_counter.FlopCounterMode`
 on the meta device (no memory, no weights, well under a second per call on any CPU; each
-count is cached): the UNet call of every
+count is cached): the model call (UNet or transformer) of every
 method of a one-step scenario, the UNet steps, VAE decode and text encoder of every
 generation of a pipeline scenario. Methods that cannot run on the meta device (tomesd,
 xformers) are counted as the baseline, an upper bound for them.
@@ -24,14 +24,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .. import benchmark
 from ..presets import load_preset
-from . import breakeven, gpu_tests, pipeline, unet
+from . import breakeven, gpu_tests, pipeline, step
 from .budget import Budget, Cost
 
 # An effective fp16 rate well under the H100's dense peak (~990 TFLOP/s): eager SD UNets
 # reach a fraction of it (small kernels, head dims of 40-64).
 THROUGHPUT = 100e12
 CALL_OVERHEAD = 0.02  # s per UNet call: ~1,500 eager kernel launches
-BUILD_S = {"sd15": 20.0, "sd21": 20.0, "sdxl": 60.0, "pipeline": 40.0}  # random init of the weights
+# Random init of the weights (SD 3.5 Medium's 2.5 B parameters as SDXL's 2.6 B).
+BUILD_S = {"sd15": 20.0, "sd21": 20.0, "sdxl": 60.0, "sd35-medium": 60.0, "pipeline": 40.0}
 COMPILE_S = 150.0  # one inductor compilation of a whole UNet
 TIMING_S = 1.5  # one breakeven timing: its budget of calls (`min_run_time`) x 1.5, for the warm-up block
 PRIORS: dict[str, float] = dict(flop=1 / THROUGHPUT, call=CALL_OVERHEAD, compile=COMPILE_S, seconds=1.0,
@@ -47,38 +48,54 @@ def priors(tiny: bool) -> dict[str, float]:
     return dict(TINY_PRIORS if tiny else PRIORS)
 
 
-def unet_call_flops(model: Any, size: int, images: int, method: str, config: Any) -> float:
-    """FLOPs of one UNet call of `images` CFG images of `size` px as `method`, on the meta device."""
-    args, kwargs = benchmark.unet_inputs(model, size, images)
-    args = (args[0], torch.tensor(500))  # a CPU timestep: the agentsd hook reads its value
+def model_call_flops(model: Any, size: int, images: int, method: str, config: Any) -> float:
+    """FLOPs of one model call (UNet or transformer) of `images` CFG images of `size` px as
+    `method`, on the meta device.
+
+    The timestep is made on the CPU: agentsd's hook reads its value, which a meta tensor has
+    not. A UNet moves it to the latent's device itself; a transformer's is moved by a hook that
+    runs after agentsd's."""
+    args, kwargs = benchmark.model_inputs(model, size, images, timestep_device="cpu")
     counted = method if method in META_COUNTED else "baseline"
-    with torch.no_grad(), benchmark.method_context(counted, model, config), FlopCounterMode(display=False) as flops:
-        model(*args, **kwargs)
+    with torch.no_grad(), benchmark.method_context(counted, model, config):
+        moved = model.register_forward_pre_hook(_timestep_to_meta, with_kwargs=True)  # after agentsd's
+        try:
+            with FlopCounterMode(display=False) as flops:
+                model(*args, **kwargs)
+        finally:
+            moved.remove()
     return float(flops.get_total_flops())
 
 
+def _timestep_to_meta(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    timestep = kwargs.get("timestep")
+    if isinstance(timestep, torch.Tensor):
+        kwargs = dict(kwargs, timestep=timestep.to("meta"))
+    return args, kwargs
+
+
 @functools.cache
-def _meta_unet(arch: str) -> Any:
-    # The meta device, also for the tiny UNets: torch's flop counter does not count the CPU's
+def _meta_model(arch: str) -> Any:
+    # The meta device, also for the tiny models: torch's flop counter does not count the CPU's
     # fused attention kernel.
-    return benchmark.build_unet(arch, "meta", torch.float16)
+    return benchmark.build_model(arch, "meta", torch.float16)
 
 
 @functools.cache
 def call_flops(arch: str, size: int, images: int, method: str, preset: str | None = None) -> float:
-    """`unet_call_flops` of `arch` with its default preset (or `preset`), counted once per run."""
+    """`model_call_flops` of `arch` with its default preset (or `preset`), counted once per run."""
     counted = method if method in META_COUNTED else "baseline"
     if counted != method:
         return call_flops(arch, size, images, counted, preset)
-    config = load_preset(preset or benchmark.DEFAULT_PRESETS[arch])
-    return unet_call_flops(_meta_unet(arch), size, images, method, config)
+    config = load_preset(preset or benchmark.DEFAULT_PRESETS[benchmark.split_arch(arch)[0]])
+    return model_call_flops(_meta_model(arch), size, images, method, config)
 
 
-def unet_cost(plan: unet.UNetPlan, tiny: bool, built: str | None = None) -> Cost:
-    """A one-step scenario: every method's calls (warm-up and repeats), the build of its UNet
+def step_cost(plan: step.StepPlan, tiny: bool, built: str | None = None) -> Cost:
+    """A one-step scenario: every method's calls (warm-up and repeats), the build of its model
     unless `built` (the model cache's architecture) is it already, and its compilations."""
-    run = unet.tiny_plan(plan) if tiny else plan
-    repeats, warmup = unet.rounds(tiny)
+    run = step.tiny_plan(plan) if tiny else plan
+    repeats, warmup = step.rounds(tiny)
     flops, calls = 0.0, 0
     for size in run.sizes:
         for images in run.batches:
@@ -158,7 +175,7 @@ def estimates(names: Sequence[str], tiny: bool, budget_s: float) -> list[dict[st
 
 def markdown(rows: list[dict[str, Any]], budget_s: float) -> str:
     """The estimates as a Markdown table, the running total checked against the budget."""
-    lines = ["| scenario | measures | TFLOP timed | UNet calls | prior s | running total s | within the budget |",
+    lines = ["| scenario | measures | TFLOP timed | model calls | prior s | running total s | within the budget |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         tflop = f"{row['tflop']:,.0f}" if row["tflop"] >= 1 else ""

@@ -27,8 +27,8 @@ from . import estimate, pack
 from .budget import Budget
 from .common import PartContext, measured_dtype
 from .scenarios import DEFAULT_ORDER, SCENARIOS
+from .step import ModelCache
 from .summary import SUITE_JSON, Record, RunInfo, suite_json, summary_markdown
-from .unet import ModelCache
 
 logger = logging.getLogger(__name__)
 

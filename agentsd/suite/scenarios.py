@@ -8,13 +8,15 @@ Default order (`DEFAULT_ORDER`), most wanted first:
   1. sd15-512, sd15-1024, sd15-2048   SD 1.5 fp16, 1 image: baseline, agent and ToMe phases
                                       (and their 50-step schedule), tomesd at the same ratio, ceiling
   2. sdxl-1024, sdxl-2048             SDXL fp16 with the `sdxl` preset, the same methods
-  3. tests                            the short CUDA tests (`pytest -m gpu`, not the inductor one)
-  4. breakeven-2, breakeven-8         the `min_tokens` break-even grids at CFG batches 2 and 8
-  5. highres-2048                     `highres` and the two-level ceiling at 2048 px
-  6. compile-agent-1024, compile-ceiling-1024, tests-compile
+  3. sd35-1024, sd35-2048             the whole SD 3.5 Medium transformer fp16 with the `sd3` preset:
+                                      baseline, agent and ToMe phases (and schedule), ceiling
+  4. tests                            the short CUDA tests (`pytest -m gpu`, not the inductor one)
+  5. breakeven-2, breakeven-8         the `min_tokens` break-even grids at CFG batches 2 and 8
+  6. highres-2048                     `highres` and the two-level ceiling at 2048 px
+  7. compile-agent-1024, compile-ceiling-1024, tests-compile
                                       baseline, agent phase and ceiling under torch.compile at
                                       1024 px (two compilations each), the inductor CUDA test
-  7. pipeline-512                     the 50-step pipeline s/image at 512 px, the paper's figures beside
+  8. pipeline-512                     the 50-step pipeline s/image at 512 px, the paper's figures beside
 Not in the default order (run them with --scenarios): sd21-768, pipeline-1024.
 """
 
@@ -23,10 +25,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import breakeven, estimate, gpu_tests, pipeline, unet
+from . import breakeven, estimate, gpu_tests, pipeline, step
 from .budget import Cost
 from .common import Outcome, PartContext
-from .unet import UNetPlan
+from .step import StepPlan
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Scenario:
         about: what it measures, in a few words.
         cost: its prior units (`budget.Cost`), given --tiny and the architecture the model cache holds.
         run: runs it and writes its part's files.
-        model: the UNet architecture it leaves in the model cache, given --tiny (None: none).
+        model: the architecture it leaves in the model cache, given --tiny (None: none).
     """
 
     name: str
@@ -50,14 +52,14 @@ class Scenario:
     model: Callable[[bool], str | None] = lambda tiny: None
 
 
-def _unet(name: str, part: str, about: str, plan: UNetPlan) -> Scenario:
+def _step(name: str, part: str, about: str, plan: StepPlan) -> Scenario:
     return Scenario(
         name,
         part,
         about,
-        cost=lambda tiny, built: estimate.unet_cost(plan, tiny, built),
-        run=lambda context: unet.run_scenario(part, plan, context),
-        model=lambda tiny: unet.TINY_ARCHS[plan.arch] if tiny else plan.arch,
+        cost=lambda tiny, built: estimate.step_cost(plan, tiny, built),
+        run=lambda context: step.run_scenario(part, plan, context),
+        model=lambda tiny: step.TINY_ARCHS[plan.arch] if tiny else plan.arch,
     )
 
 
@@ -79,18 +81,24 @@ def _pipeline(size: int) -> Scenario:
 
 
 def _sd15(size: int) -> Scenario:
-    plan = UNetPlan("sd15", (size,), (1,), unet.SD15_METHODS)
-    return _unet(f"sd15-{size}", "sd15", f"SD 1.5 fp16 step at {size} px: agentsd, tomesd, ceiling", plan)
+    plan = StepPlan("sd15", (size,), (1,), step.SD15_METHODS)
+    return _step(f"sd15-{size}", "sd15", f"SD 1.5 fp16 step at {size} px: agentsd, tomesd, ceiling", plan)
 
 
 def _sdxl(size: int) -> Scenario:
-    plan = UNetPlan("sdxl", (size,), (1,), unet.SDXL_METHODS)
-    return _unet(f"sdxl-{size}", "sdxl", f"SDXL fp16 step at {size} px, `sdxl` preset", plan)
+    plan = StepPlan("sdxl", (size,), (1,), step.SDXL_METHODS)
+    return _step(f"sdxl-{size}", "sdxl", f"SDXL fp16 step at {size} px, `sdxl` preset", plan)
 
 
-COMPILED_AGENT = UNetPlan("sd15", (1024,), (1,), ("baseline", "agentsd-agent", "ceiling"),
+def _sd35(size: int) -> Scenario:
+    plan = StepPlan("sd35-medium", (size,), (1,), step.SD35_METHODS)
+    about = f"SD 3.5 Medium transformer fp16 step at {size} px, `sd3` preset: agentsd, ceiling"
+    return _step(f"sd35-{size}", "sd35", about, plan)
+
+
+COMPILED_AGENT = StepPlan("sd15", (1024,), (1,), ("baseline", "agentsd-agent", "ceiling"),
                           compiled=("baseline", "agentsd-agent"))  # fmt: skip
-COMPILED_CEILING = UNetPlan("sd15", (1024,), (1,), ("baseline", "ceiling"), compiled=("baseline", "ceiling"))
+COMPILED_CEILING = StepPlan("sd15", (1024,), (1,), ("baseline", "ceiling"), compiled=("baseline", "ceiling"))
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -100,22 +108,24 @@ SCENARIOS: dict[str, Scenario] = {
         _sd15(2048),
         _sdxl(1024),
         _sdxl(2048),
+        _sd35(1024),
+        _sd35(2048),
         _tests("tests", "short", "the short CUDA tests: fp16/bf16 patch cycles, identical calls, host syncs"),
         _breakeven(2),
         _breakeven(8),
-        _unet(
+        _step(
             "highres-2048",
             "sd15-highres",
             "`highres` and the two-level ceiling at 2048 px",
-            UNetPlan("sd15", (2048,), (1,), unet.HIGHRES_METHODS),
+            StepPlan("sd15", (2048,), (1,), step.HIGHRES_METHODS),
         ),  # fmt: skip
-        _unet(
+        _step(
             "compile-agent-1024",
             "sd15-compile",
             "baseline and agent phase compiled (inductor), 1024 px",
             COMPILED_AGENT,
         ),  # fmt: skip
-        _unet(
+        _step(
             "compile-ceiling-1024",
             "sd15-compile-ceiling",
             "baseline and ceiling compiled (inductor), 1024 px",
@@ -124,14 +134,14 @@ SCENARIOS: dict[str, Scenario] = {
         _tests("tests-compile", "compile", "the inductor CUDA test: a compiled patched UNet, no recompiles"),
         _pipeline(512),
         _pipeline(1024),
-        _unet(
+        _step(
             "sd21-768",
             "sd21",
             "SD 2.1 fp16 step at 768 px, `sd21` preset",
-            UNetPlan("sd21", (768,), (1,), unet.SDXL_METHODS),
+            StepPlan("sd21", (768,), (1,), step.SDXL_METHODS),
         ),  # fmt: skip
     )
 }
-DEFAULT_ORDER = ("sd15-512", "sd15-1024", "sd15-2048", "sdxl-1024", "sdxl-2048", "tests", "breakeven-2",
-                 "breakeven-8", "highres-2048", "compile-agent-1024", "compile-ceiling-1024", "tests-compile",
-                 "pipeline-512")  # fmt: skip
+DEFAULT_ORDER = ("sd15-512", "sd15-1024", "sd15-2048", "sdxl-1024", "sdxl-2048", "sd35-1024", "sd35-2048", "tests",
+                 "breakeven-2", "breakeven-8", "highres-2048", "compile-agent-1024", "compile-ceiling-1024",
+                 "tests-compile", "pipeline-512")  # fmt: skip

@@ -1,9 +1,10 @@
-"""The one-step scenarios: `agentsd bench` runs (`benchmark.run_benchmark`) on the real UNets.
+"""The one-step scenarios: `agentsd bench` runs (`benchmark.run_benchmark`) on the real UNets
+and diffusion transformers.
 
-Each scenario is one architecture at one image size (`UNetPlan`), so the budget can stop
-between sizes. Its rows join those of its part (`sd15`, `sdxl`, `sd15-highres`,
+Each scenario is one architecture at one image size (`StepPlan`), so the budget can stop
+between sizes. Its rows join those of its part (`sd15`, `sdxl`, `sd35`, `sd15-highres`,
 `sd15-compile`, `sd15-compile-ceiling`, `sd21`), whose files are rewritten after every
-scenario. The UNet is built once per architecture and kept between scenarios (`ModelCache`):
+scenario. The model is built once per architecture and kept between scenarios (`ModelCache`):
 one model at a time, so the peak memory of a scenario holds its own weights only.
 
 A compiled scenario times its methods eager and under torch.compile (inductor), one
@@ -28,23 +29,28 @@ logger = logging.getLogger(__name__)
 
 SD15_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "tomesd", "ceiling")
 SDXL_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "tomesd", "ceiling")
+SD35_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "ceiling")  # tomesd patches UNets only
 HIGHRES_METHODS = ("baseline", "highres", "ceiling-2")
 REPEATS, WARMUP = 10, 2  # per method and scenario on the GPU
-# The tiny stand-ins (agentsd.testing) of each architecture; in --tiny mode an image side is
-# divided by TINY_DIVISOR (2048 px -> 256 px: a 32x32 latent on the tiny UNet).
-TINY_ARCHS = {"sd15": "tiny", "sd21": "tiny-sd2", "sdxl": "tiny-sdxl"}
+# The tiny stand-ins (agentsd.testing, benchmark's tiny-*) of each architecture; in --tiny mode an
+# image side is divided by TINY_DIVISOR (2048 px -> 256 px: a 32x32 latent on the tiny UNet), a
+# transformer's by 4: its 2x2 patches halve the grid, and at 1024 px / 4 it is 16x16 = 256
+# tokens, where the `sd3` preset starts to act.
+TINY_ARCHS = {"sd15": "tiny", "sd21": "tiny-sd2", "sdxl": "tiny-sdxl", "sd35-medium": "tiny-sd35"}
 TINY_DIVISOR = 8
+TINY_TRANSFORMER_DIVISOR = 4
 
 
 @dataclass(frozen=True)
-class UNetPlan:
+class StepPlan:
     """One `run_benchmark` call: an architecture's scenario and the methods timed.
 
     Args:
-        arch: `sd15`, `sd21` or `sdxl`.
+        arch: `sd15`, `sd21`, `sdxl` or `sd35-medium` (whole models).
         sizes, batches: image sides and images per prompt (every combination is timed).
         methods: the methods to time (those that cannot run here are left out).
-        preset: the agentsd preset; None: the architecture's default (`paper`, `sd21`, `sdxl`).
+        preset: the agentsd preset; None: the architecture's default (`paper`, `sd21`, `sdxl`,
+            `sd3`).
         compiled: the methods also timed under torch.compile.
     """
 
@@ -56,9 +62,11 @@ class UNetPlan:
     compiled: tuple[str, ...] = ()
 
 
-def tiny_plan(plan: UNetPlan) -> UNetPlan:
-    """The plan on the tiny stand-in of its architecture, at sides divided by `TINY_DIVISOR`."""
-    sizes = tuple(max(64, size // TINY_DIVISOR) for size in plan.sizes)
+def tiny_plan(plan: StepPlan) -> StepPlan:
+    """The plan on the tiny stand-in of its architecture, at sides divided by `TINY_DIVISOR`
+    (a transformer's by `TINY_TRANSFORMER_DIVISOR`)."""
+    divisor = TINY_TRANSFORMER_DIVISOR if benchmark.is_transformer(plan.arch) else TINY_DIVISOR
+    sizes = tuple(max(64, size // divisor) for size in plan.sizes)
     return replace(plan, arch=TINY_ARCHS[plan.arch], sizes=sizes)
 
 
@@ -68,32 +76,32 @@ def rounds(tiny: bool) -> tuple[int, int]:
 
 
 class ModelCache:
-    """The UNet of one architecture at a time, built on first use and kept for the next
-    scenario of the same architecture (a new architecture drops the old model first).
+    """The model (UNet or transformer) of one architecture at a time, built on first use and kept
+    for the next scenario of the same architecture (a new architecture drops the old model first).
 
     Args:
-        device, dtype: where the UNets are built and their dtype.
+        device, dtype: where the models are built and their dtype.
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
         self.arch: str | None = None
-        self.unet: Any = None
+        self.model: Any = None
         self.builds: list[tuple[str, float]] = []  # (architecture, seconds) of every build
 
     def get(self, arch: str) -> Any:
         if arch != self.arch:
-            self.unet, self.arch = None, None
+            self.model, self.arch = None, None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             start = time.perf_counter()
-            self.unet = benchmark.build_unet(arch, self.device, self.dtype)
+            self.model = benchmark.build_model(arch, self.device, self.dtype)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.builds.append((arch, time.perf_counter() - start))
             self.arch = arch
-            logger.info("built the %s UNet in %.1f s", arch, self.builds[-1][1])
-        return self.unet
+            logger.info("built the %s model in %.1f s", arch, self.builds[-1][1])
+        return self.model
 
 
 def xformers_runs(device: torch.device) -> bool:
@@ -129,7 +137,7 @@ def headline(rows: list[dict[str, Any]]) -> tuple[float | None, str]:
     return base, speedups or "no rows (out of memory? see suite.log)"
 
 
-def run_scenario(part: str, plan: UNetPlan, context: PartContext) -> Outcome:
+def run_scenario(part: str, plan: StepPlan, context: PartContext) -> Outcome:
     """Time the plan, add its rows to the part's and rewrite the part's files
     (`benchmark.write_results`); the baseline's time per FLOP calibrates the budget."""
     from .estimate import call_flops
