@@ -149,6 +149,16 @@ class TokenMerge:
         sums = x.new_zeros(batch * self.size, channels).index_add_(0, self.flat_index, x.reshape(-1, channels))
         return sums.mul_(self.inverse_counts.to(x.dtype)).view(batch, self.size, channels)
 
+    def representatives(self, dst: torch.Tensor) -> torch.Tensor:
+        """(B, N') the token each slot stands for: its destination where it has one (every slot
+        holding a merged source does), else the one token in it. Where a token's position
+        matters after merging (Flux's rotary angles), a slot takes its representative's."""
+        batch, num_tokens = self.index.shape
+        tokens = torch.arange(num_tokens, device=self.index.device).expand(batch, -1)
+        slots = self.index.new_empty(batch, self.size)
+        slots.scatter_(1, self.index, tokens)  # some token of each slot; destinations win below
+        return slots.scatter_(1, self.index[:, dst], dst.expand(batch, -1))
+
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """(B, N', C) -> (B, N, C): every token gets the value of its slot."""
         # Whole-row index_select over the flattened batch: on the CPU about 10x faster than a

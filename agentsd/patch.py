@@ -352,7 +352,7 @@ class _BeginCall:
             record.state.clock = record.clocks(getattr(pipe, "scheduler", None))
         _sync(record)
         call = family(record.family).read_call(module, args, kwargs)
-        record.state.begin_call(call.sample, call.timestep, call.grid)
+        record.state.begin_call(call.sample, call.timestep, call.grid, call.sequence)
 
 
 class _EndCall:

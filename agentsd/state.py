@@ -84,16 +84,31 @@ class LayerPlan:
         return self.dst.numel() if self.pool else self.h * self.w - self.r_agent
 
 
+@dataclass(frozen=True)
+class Sequence:
+    """Where the image grid's tokens sit in what a layer is given, when that is not the grid
+    alone (Flux): `text` text tokens before them where a layer gets the text and the image in
+    one sequence (its single-stream blocks), `extra` tokens after them that are never merged
+    (a Kontext reference image); `unfit` says why the image tokens do not form the grid (every
+    layer then runs exact attention)."""
+
+    text: int = 0
+    extra: int = 0
+    unfit: str | None = None
+
+
 @dataclass
 class CallPlan:
     """One UNet call: its latent size, phase, every patched layer's plan (None: the layer hands
     the call to its original processor, for `reasons[name]`), the layers whose call was handed
-    over at run time and why, and the merges shared by the layers of a grid (`share_matching`)."""
+    over at run time and why, the merges shared by the layers of a grid (`share_matching`), and
+    where the grid's tokens sit in the layers' sequences."""
 
     latent_hw: tuple[int, int]
     agent_phase: bool
     plans: dict[str, LayerPlan | None]
     reasons: dict[str, str]
+    sequence: Sequence = Sequence()
     handed_over: dict[str, str] = field(default_factory=dict)
     shared: dict[tuple[int, int], tuple[TokenMerge | None, TokenMerge | None]] = field(default_factory=dict)
     counted: bool = False
@@ -207,7 +222,11 @@ class AgentSDState:
 
     @torch.compiler.disable
     def begin_call(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float, grid: tuple[int, int] | None = None
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        grid: tuple[int, int] | None = None,
+        sequence: Sequence | None = None,
     ) -> CallPlan:
         """Decide the phase and every layer's plan for the model call about to run in this thread.
 
@@ -217,7 +236,9 @@ class AgentSDState:
             timestep: the call's timestep (the first one decides when there is one per sample).
             grid: the token grid at downsample 1, where it is not the latent's sides (a diffusion
                 transformer's patch grid).
+            sequence: where the grid's tokens sit in the layers' sequences, when not alone.
         """
+        sequence = sequence or Sequence()
         self._count(self._calls.call)  # a call that never reached `end_call` (it raised)
         latent_hw = grid if grid is not None else (int(sample.shape[-2]), int(sample.shape[-1]))
         # The one synchronisation per UNet call when `timestep` is a device tensor.
@@ -231,10 +252,12 @@ class AgentSDState:
         for name, downsample in sorted(self.layers.items()):
             if name in self.blocked:
                 plans[name], reasons[name] = None, self.blocked[name]
+            elif sequence.unfit is not None:
+                plans[name], reasons[name] = None, sequence.unfit
             else:
                 plans[name], reasons[name] = self._plan(latent_hw, downsample, settings, randomize, generator, sample)
         self._send_indices([p for p in plans.values() if p is not None], sample.device)
-        call = CallPlan(latent_hw, agent_phase, plans, {n: r for n, r in reasons.items() if r is not None})
+        call = CallPlan(latent_hw, agent_phase, plans, {n: r for n, r in reasons.items() if r is not None}, sequence)
         self._calls.call = self.latest = call
         self._warn_if_too_small(call)
         return call

@@ -8,6 +8,7 @@ latent, the timestep and the token grid, and where a pipeline keeps the model. T
     unet    UNet2DConditionModel: Stable Diffusion 1.x, 2.x, XL (`families/unet.py`)
     sd3     SD3Transformer2DModel: Stable Diffusion 3 / 3.5 (`families/sd3.py`)
     pixart  PixArtTransformer2DModel: PixArt-alpha, PixArt-Sigma (`families/pixart.py`)
+    flux    FluxTransformer2DModel: Flux.1 (`families/flux.py`)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from ..config import AgentSDConfig
+from ..state import Sequence
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,13 @@ class Layer:
 @dataclass(frozen=True)
 class ModelCall:
     """What a model call gives the per-call plan: the latent input (its batch and device), the
-    timestep, and the token grid at downsample 1 (None: the latent's own sides)."""
+    timestep, the token grid at downsample 1 (None: the latent's own sides), and where the grid's
+    tokens sit in the layers' sequences (None: they are the whole sequence)."""
 
     sample: torch.Tensor
     timestep: Any
     grid: tuple[int, int] | None = None
+    sequence: Sequence | None = None
 
 
 @dataclass(frozen=True)
@@ -84,9 +88,9 @@ class Family:
 
 
 def _registry() -> dict[str, Family]:
-    from . import pixart, sd3, unet
+    from . import flux, pixart, sd3, unet
 
-    return {family.name: family for family in (unet.FAMILY, sd3.FAMILY, pixart.FAMILY)}
+    return {family.name: family for family in (unet.FAMILY, sd3.FAMILY, pixart.FAMILY, flux.FAMILY)}
 
 
 def names() -> list[str]:

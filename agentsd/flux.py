@@ -1,0 +1,235 @@
+"""Agent attention in Flux's attention: rotary positions, double- and single-stream blocks.
+
+diffusers' `FluxAttnProcessor` projects, normalizes (`norm_q`, `norm_k`; the text's
+`norm_added_q`, `norm_added_k`), applies rotary position embeddings to every query and key,
+and runs one attention over the sequence [text; image] through diffusers' attention dispatcher:
+
+- a double-stream block's layer gets the image stream (`hidden_states`) and the text
+  (`encoder_hidden_states`, its own projections) and returns both, through `to_out` and
+  `to_add_out`;
+- a single-stream block's layer gets [text; image] as one sequence, projected alike, and
+  returns the attention output with no projection. It is not told where the text ends: the
+  per-call plan is (`Sequence.text`, read from the transformer's call).
+
+Here the image grid's tokens (the first h x w of the image stream, row-major) are merged and
+their agents chosen as in the other families; the text tokens, and the tokens after the grid
+(Kontext's reference image, `Sequence.extra`), are never merged. The agents gather from every
+key; the grid's queries take the agents' broadcast plus their own value shortcut; the other
+queries run exact attention over every key. In the ToMe phase every query attends exactly over
+the merged sequence.
+
+Rotary rule: a merged slot takes the rotary angle of its representative token: the destination
+for a slot that holds merged sources, the token itself otherwise; an agent takes its group's
+representative's (a pooled agent, its cell's destination's). The merged token is the mean of
+its group, and the destination stands for the group in position as it does in value: an angle
+averaged over the group would be no token's position (rotations do not average to a rotation),
+and the relative angles between unmerged tokens stay exactly Flux's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .attention import agent_attention, attend
+from .processor import AgentSDProcessor
+from .state import AGENT, CallPlan, LayerPlan
+
+__all__ = ["FluxAgentSDProcessor", "flux_attention_class"]
+
+
+def flux_attention_class() -> type | None:
+    """diffusers' `FluxAttention` (the attention module of Flux from diffusers 0.35), or None."""
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxAttention
+    except ImportError:
+        return None
+    return FluxAttention
+
+
+def _default_flux_processor() -> Any:
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    return FluxAttnProcessor()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, H, S, D) with angles (B or 1, 1, S, D), as diffusers'
+    `apply_rotary_emb` computes it for Flux: interleaved pairs, in float32."""
+    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    turned = torch.stack((-imag, real), dim=-1).flatten(-2)
+    return (x.float() * cos + turned.float() * sin).to(x.dtype)
+
+
+class FluxAgentSDProcessor(AgentSDProcessor):
+    """Agent attention for one Flux attention layer (see the module docstring).
+
+    Takes the same arguments as `AgentSDProcessor`. Calls it does not act on go to the
+    processor it replaced: masked calls, IP-Adapter processors (their image-prompt attention is
+    theirs), a sequence that does not hold the planned grid.
+    """
+
+    @property
+    def default_processor(self) -> Any:  # diffusers rebuilds an unbound one from the class
+        return _default_flux_processor
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        call = self.state.call if self.state is not None else None
+        plan = self.flux_plan(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs, call)
+        if plan is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+        return self._flux_forward(attn, hidden_states, encoder_hidden_states, image_rotary_emb, plan, call)
+
+    def flux_plan(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        kwargs: dict,
+        call: CallPlan | None,
+    ) -> LayerPlan | None:
+        """This layer's plan in the call, or None to hand it to the original (recorded with the
+        reason when a planned call cannot run as planned)."""
+        if self.state is None or not self.state.active or call is None:
+            return None
+        plan = call.plans.get(self.name)
+        if plan is None:
+            return None
+        reason = None
+        if attention_mask is not None:
+            reason = "called with an attention mask"
+        elif kwargs.get("ip_hidden_states") is not None or type(self.original).__name__ != "FluxAttnProcessor":
+            reason = f"served by {type(self.original).__name__}, which agentsd hands every call to"
+        else:
+            sequence = call.sequence
+            text = 0 if context is not None else sequence.text
+            expected = text + plan.h * plan.w + sequence.extra
+            if hidden_states.ndim != 3 or hidden_states.shape[1] != expected:
+                reason = (
+                    f"{hidden_states.shape[1] if hidden_states.ndim == 3 else 'image-shaped'} tokens are not the "
+                    f"{text} text + {plan.h}x{plan.w} grid + {sequence.extra} extra tokens of this call"
+                )
+        if reason is not None:
+            self.state.hand_over(call, self.name, reason)
+            return None
+        return plan
+
+    def precision(self, attn: Any) -> torch.dtype | None:
+        """Flux's attention has no upcast flags: only the config's `attn_precision` upcasts."""
+        return torch.float32 if self.state.config.attn_precision == "fp32" else None
+
+    def _flux_forward(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None,
+        rotary: Any,
+        plan: LayerPlan,
+        call: CallPlan,
+    ) -> Any:
+        config, sequence = self.state.config, call.sequence
+        batch, grid_tokens = hidden_states.shape[0], plan.h * plan.w
+        single = context is None
+        text_len = sequence.text if single else context.shape[1]
+        grid = hidden_states[:, text_len : text_len + grid_tokens] if single else hidden_states[:, :grid_tokens]
+        merge, agent_merge = self.merges(grid, plan, call)
+        merged = merge.merge(grid) if merge is not None else grid
+        size = merged.shape[1]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+
+        # The sequence in diffusers' order, with the grid merged: [text; merged grid; extra].
+        if single:
+            x = torch.cat([hidden_states[:, :text_len], merged, hidden_states[:, text_len + grid_tokens :]], dim=1)
+            query, key, value = (heads(t) for t in self.project_qkv(attn, x))
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        else:
+            x = torch.cat([merged, hidden_states[:, grid_tokens:]], dim=1) if sequence.extra else merged
+            query, key, value = (heads(t) for t in self.project_qkv(attn, x))
+            query, key = attn.norm_q(query), attn.norm_k(key)
+            text_q, text_k, text_v = (heads(t) for t in self.project_added_qkv(attn, context))
+            text_q, text_k = attn.norm_added_q(text_q), attn.norm_added_k(text_k)
+            query, key, value = (torch.cat(pair, dim=2) for pair in ((text_q, query), (text_k, key), (text_v, value)))
+        angles = None
+        if rotary is not None:
+            angles = self.angles(rotary, text_len, grid_tokens, merge, plan, batch)
+            query, key = rotate(query, *angles), rotate(key, *angles)
+
+        out_dtype = query.dtype
+        dtype = self.precision(attn) or out_dtype
+        backend = self.backend(hidden_states.device)
+        scale = query.shape[-1] ** -0.5  # what diffusers' dispatcher uses by default
+        keys, values = key.to(dtype), value.to(dtype)
+        start, stop = text_len, text_len + size  # the merged grid in the sequence
+        if plan.mode == AGENT:
+            agents = self.agents(attn, grid, plan, agent_merge, heads)
+            if angles is not None:
+                agents = rotate(agents, *self.agent_angles(rotary, text_len, agent_merge, plan, batch))
+            image = agent_attention(
+                query[:, :, start:stop].to(dtype), keys, values, agents.to(dtype), scale, config.k_scale2,
+                config.k_shortcut, backend, shortcut=values[:, :, start:stop],
+            )  # fmt: skip
+            others = torch.cat([query[:, :, :start], query[:, :, stop:]], dim=2)
+            others = attend(others.to(dtype), keys, values, scale, backend)
+            out = torch.cat([others[:, :, :start], image, others[:, :, start:]], dim=2)
+        else:
+            out = attend(query.to(dtype), keys, values, scale, backend)
+        out = out.to(out_dtype).transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1])
+
+        if single:
+            grid_out = out[:, start:stop]
+            grid_out = merge.unmerge(grid_out) if merge is not None else grid_out
+            return torch.cat([out[:, :start], grid_out, out[:, stop:]], dim=1)
+        text, image = out[:, :text_len], out[:, text_len:]
+        image = attn.to_out[1](attn.to_out[0](image))
+        if merge is not None:
+            image = torch.cat([merge.unmerge(image[:, :size]), image[:, size:]], dim=1)
+        return image, attn.to_add_out(text)
+
+    def project_added_qkv(self, attn: Any, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The text's query, key and value: one product where `fuse_qkv_projections` fused them."""
+        if getattr(attn, "fused_projections", False) and getattr(attn, "to_added_qkv", None) is not None:
+            return attn.to_added_qkv(context).chunk(3, dim=-1)
+        return attn.add_q_proj(context), attn.add_k_proj(context), attn.add_v_proj(context)
+
+    def fused(self, attn: Any) -> bool:
+        """Flux's attention marks fused projections itself (`fused_projections`)."""
+        return bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_qkv", None) is not None
+
+    @staticmethod
+    def angles(
+        rotary: Any, text_len: int, grid_tokens: int, merge: Any, plan: LayerPlan, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the sequence [text; merged grid; extra], each (B or 1, 1, S, D): the
+        merged grid's slots at their representatives' angles."""
+        result = []
+        for table in rotary:
+            if merge is None:
+                result.append(table[None, None])
+                continue
+            grid = table[text_len : text_len + grid_tokens][merge.representatives(plan.dst)]  # (B, N', D)
+            text, extra = table[:text_len].expand(batch, -1, -1), table[text_len + grid_tokens :].expand(batch, -1, -1)
+            result.append(torch.cat([text, grid, extra], dim=1).unsqueeze(1))
+        return result[0], result[1]
+
+    @staticmethod
+    def agent_angles(
+        rotary: Any, text_len: int, agent_merge: Any, plan: LayerPlan, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The agents' (cos, sin): their groups' representatives' angles (pooled agents: their
+        cells' destinations')."""
+        tokens = plan.dst.expand(batch, -1) if agent_merge is None else agent_merge.representatives(plan.dst)
+        cos, sin = (table[text_len:][tokens].unsqueeze(1) for table in rotary)
+        return cos, sin
+
