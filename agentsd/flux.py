@@ -232,4 +232,3 @@ class FluxAgentSDProcessor(AgentSDProcessor):
         tokens = plan.dst.expand(batch, -1) if agent_merge is None else agent_merge.representatives(plan.dst)
         cos, sin = (table[text_len:][tokens].unsqueeze(1) for table in rotary)
         return cos, sin
-

@@ -3,6 +3,7 @@
 import logging
 import types
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -109,13 +110,14 @@ def test_global_rng_state_is_neither_used_nor_consumed():
     assert torch.equal(torch.rand(1), after_a)
 
 
-def flux_transformer():
-    """A diffusion transformer of a family agentsd does not patch (yet)."""
-    from diffusers import FluxTransformer2DModel
+def sana_transformer():
+    """A diffusion transformer of a family agentsd does not patch."""
+    from diffusers import SanaTransformer2DModel
 
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    return SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=8,
+        sample_size=8,
     )  # fmt: skip
 
 
@@ -126,7 +128,11 @@ def flux_transformer():
         (lambda: torch.nn.Linear(2, 2), "not support Linear"),
         (lambda: types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), "holding a Linear as `transformer`"),
         (lambda: "runwayml/stable-diffusion-v1-5", "not support str"),
-        (lambda: flux_transformer(), "not support FluxTransformer2DModel"),
+        pytest.param(
+            sana_transformer,
+            "not support SanaTransformer2DModel",
+            marks=pytest.mark.skipif(not hasattr(diffusers, "SanaTransformer2DModel"), reason="no Sana here"),
+        ),
     ],
 )
 def test_unsupported_models_raise_and_are_left_alone(model, message):
@@ -134,7 +140,7 @@ def test_unsupported_models_raise_and_are_left_alone(model, message):
     before = dict(obj.attn_processors) if hasattr(obj, "attn_processors") else None
     with pytest.raises(TypeError, match=message) as err:
         agentsd.patch(obj)
-    for family in ("SD 1.x, 2.x, XL", "SD3Transformer2DModel", "PixArtTransformer2DModel"):
+    for family in ("SD 1.x, 2.x, XL", "SD3Transformer2DModel", "PixArtTransformer2DModel", "FluxTransformer2DModel"):
         assert family in str(err.value)
     assert not agentsd.is_patched(obj)
     if before is not None:

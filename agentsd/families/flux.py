@@ -73,7 +73,7 @@ def read_call(model: Any, args: tuple, kwargs: dict) -> ModelCall:
     """`transformer(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
     txt_ids, ...)`, as Flux pipelines call it (keywords)."""
     names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids")
-    given = dict(zip(names, args)) | {k: kwargs[k] for k in names if k in kwargs}
+    given = dict(zip(names, args, strict=False)) | {k: kwargs[k] for k in names if k in kwargs}
     sample, text = given["hidden_states"], given.get("encoder_hidden_states")
     timestep = given["timestep"]
     timestep = timestep * 1000 if isinstance(timestep, torch.Tensor) else float(timestep) * 1000
