@@ -2,9 +2,12 @@
 the asked size, square or not, and reloads from a saved folder bit for bit; the transformer gets
 what Flux's does (sigma as the timestep, one (index, row, column) id per token, the T5 prompt at
 `max_sequence_length`); the img2img, inpainting, Kontext and ControlNet pipelines run from the
-tiny one."""
+tiny one; `make_tiny_model.py --kind flux` saves a folder FluxPipeline loads offline."""
 
 import math
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from agentsd.testing import FLUX_KINDS, tiny_pipeline
 
 tiny_flux = pytest.importorskip("agentsd.tiny_flux", reason="this diffusers has no Flux")
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red cube"
 SIDE = tiny_flux.SIZE
 
@@ -159,6 +163,20 @@ def test_kontext_reference_tokens_follow_the_image_tokens(pipes):
     assert ids.shape == (2 * tokens, 3)
     assert not ids[:tokens, 0].any() and (ids[tokens:, 0] == 1).all()
     assert torch.equal(ids[tokens:, 1:], ids[:tokens, 1:])  # a reference of the same size: the same grid
+
+
+@pytest.mark.parametrize("kind", FLUX_KINDS)
+def test_make_tiny_model_saves_a_folder_the_pipeline_class_loads(kind, tmp_path, monkeypatch, capsys):
+    from diffusers import FluxFillPipeline, FluxPipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", ["make_tiny_model.py", "tiny", "--kind", kind])
+    runpy.run_path(str(ROOT / "scripts" / "make_tiny_model.py"), run_name="__main__")
+    assert "ask for 128 px images" in capsys.readouterr().out
+    pipe = (FluxFillPipeline if kind == "flux-fill" else FluxPipeline).from_pretrained("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    assert generate(pipe, kind, steps=1, output_type="latent", **inputs(kind)).shape == (1, 256, tiny_flux.PACKED)
 
 
 def test_unknown_variants_are_refused_naming_every_variant(pipes):
