@@ -3,8 +3,8 @@
 They have the real diffusers architectures (SD 1.x, SD 2.x, SDXL) at toy sizes, with
 self-attention at the latent resolution, so tests, examples and the benchmark harness can
 run the whole library without downloading anything. The diffusion transformers (SD3, SD 3.5,
-PixArt-Sigma) are in `agentsd.tiny_dit`, imported when first used (it needs a newer diffusers);
-`tiny_pipeline` builds every kind.
+PixArt-Sigma) are in `agentsd.tiny_dit`, Flux in `agentsd.tiny_flux`, imported when first used
+(they need a newer diffusers); `tiny_pipeline` builds every kind.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 KINDS = ("sd15", "sd2", "sdxl")
-TRANSFORMER_KINDS = ("sd3", "sd35", "pixart")  # agentsd.tiny_dit
+DIT_KINDS = ("sd3", "sd35", "pixart")  # agentsd.tiny_dit
+FLUX_KINDS = ("flux", "flux-fill")  # agentsd.tiny_flux
+TRANSFORMER_KINDS = DIT_KINDS + FLUX_KINDS
 TEXT_HIDDEN = 32
 
 
@@ -110,12 +112,19 @@ def tiny_vae(image_size: int, latent_channels: int = 4, **config) -> Autoencoder
 
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int | None = None):
     """A tiny StableDiffusionPipeline (`sd15`, `sd2`), StableDiffusionXLPipeline (`sdxl`),
-    StableDiffusion3Pipeline (`sd3`, `sd35`) or PixArtSigmaPipeline (`pixart`).
+    StableDiffusion3Pipeline (`sd3`, `sd35`), PixArtSigmaPipeline (`pixart`), FluxPipeline
+    (`flux`) or FluxFillPipeline (`flux-fill`).
 
     The VAE downsamples 4x, so the UNets' default 16x16 latent is a 64x64 image; the
     transformers default to a 32x32 latent, a 128x128 image with a 16x16 patch grid (their
-    calls take `agentsd.tiny_dit.CALL_KWARGS[kind]`; see `agentsd.tiny_dit`).
+    calls take `agentsd.tiny_dit.CALL_KWARGS[kind]`; see `agentsd.tiny_dit`). Flux pipelines
+    default to 512 px whatever the model: call them with `height=128, width=128` and
+    `agentsd.tiny_flux.CALL_KWARGS[kind]` (see `agentsd.tiny_flux`).
     """
+    if kind in FLUX_KINDS:
+        from .tiny_flux import SAMPLE_SIZE, tiny_flux_pipeline
+
+        return tiny_flux_pipeline(seed, SAMPLE_SIZE if sample_size is None else sample_size, fill=kind == "flux-fill")
     if kind in TRANSFORMER_KINDS:
         from .tiny_dit import SAMPLE_SIZE, tiny_transformer_pipeline
 
@@ -159,10 +168,14 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int | None = N
 
 
 def __getattr__(name: str):
-    """The transformer builders, re-exported from `agentsd.tiny_dit` on first use, so this module
-    still imports on a diffusers without SD3 or PixArt."""
+    """The transformer builders, re-exported from `agentsd.tiny_dit` and `agentsd.tiny_flux` on
+    first use, so this module still imports on a diffusers without SD3, PixArt or Flux."""
     if name in ("tiny_sd3_pipeline", "tiny_pixart_pipeline", "tiny_t5_tokenizer"):
         from . import tiny_dit
 
         return getattr(tiny_dit, name)
+    if name in ("tiny_flux_pipeline", "tiny_flux_controlnet", "tiny_flux_variant"):
+        from . import tiny_flux
+
+        return getattr(tiny_flux, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

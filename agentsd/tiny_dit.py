@@ -28,7 +28,7 @@ from diffusers import (
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
-from .testing import TEXT_HIDDEN, TRANSFORMER_KINDS, _text_config, tiny_tokenizer, tiny_vae
+from .testing import DIT_KINDS, TEXT_HIDDEN, _text_config, tiny_tokenizer, tiny_vae
 
 SAMPLE_SIZE = 32  # the latent side by default: 128 px images, a 16x16 patch grid
 # Both transformers' shape: 2 blocks of 4 heads of 8 channels (width 32) on 2x2 latent patches.
@@ -192,4 +192,4 @@ def tiny_transformer_pipeline(kind: str, seed: int = 0, sample_size: int = SAMPL
         return tiny_sd3_pipeline(seed, sample_size, qk_norm="rms_norm", dual_attention_layers=(0,))
     if kind == "pixart":
         return tiny_pixart_pipeline(seed, sample_size)
-    raise ValueError(f"unknown tiny transformer kind {kind!r}: use one of {', '.join(TRANSFORMER_KINDS)}.")
+    raise ValueError(f"unknown tiny transformer kind {kind!r}: use one of {', '.join(DIT_KINDS)}.")

@@ -3,6 +3,7 @@
 python scripts/make_tiny_model.py tiny-sd            # SD 1.x architecture, 256 px images
 python scripts/make_tiny_model.py tiny-sdxl --kind sdxl
 python scripts/make_tiny_model.py tiny-sd3 --kind sd3  # also sd35 and pixart: 128 px images
+python scripts/make_tiny_model.py tiny-flux --kind flux  # also flux-fill: ask for 128 px
 agentsd generate --model tiny-sd --prompt "a cat" --steps 20 --compare --out out
 
 The UNets' default latent is 64x64 (256 px images: the tiny VAE downsamples 4x), so the top
@@ -14,11 +15,15 @@ The diffusion transformers (sd3, sd35, pixart) default to a 32x32 latent: 128 px
 16x16 patch grid (256 tokens); 256 px images give 32x32 (1024). PixArt-Sigma snaps sizes to its
 resolution bins unless called with use_resolution_binning=False: at latent 32 the 256 px bins, so
 256x256 runs as asked while 128 px runs at 256 and is resized (with a latent of 64, the 512 px bins).
+
+Flux (flux, flux-fill) has the same 16x16 token grid at 128 px, but its pipelines default to 512 px
+whatever the model (a 64x64 grid): ask for --width 128 --height 128. FluxPipeline.from_pretrained
+(or FluxFillPipeline's) loads the folder offline.
 """
 
 import argparse
 
-from agentsd.testing import KINDS, TRANSFORMER_KINDS, tiny_pipeline
+from agentsd.testing import FLUX_KINDS, KINDS, TRANSFORMER_KINDS, tiny_pipeline
 
 DEFAULT_LATENT = {**dict.fromkeys(KINDS, 64), **dict.fromkeys(TRANSFORMER_KINDS, 32)}
 
@@ -33,7 +38,9 @@ def main() -> None:
     args = parser.parse_args()
     latent = args.latent or DEFAULT_LATENT[args.kind]
     tiny_pipeline(args.kind, sample_size=latent).save_pretrained(args.folder)
-    print(f"saved a tiny {args.kind} pipeline to {args.folder} ({4 * latent} px images by default)")
+    # Flux pipelines read no default size from the model: the size is only the one to ask for.
+    size = f"ask for {4 * latent} px images" if args.kind in FLUX_KINDS else f"{4 * latent} px images by default"
+    print(f"saved a tiny {args.kind} pipeline to {args.folder} ({size})")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 import agentsd
 from agentsd.processor import AgentSDProcessor
 from agentsd.status import recording_phases
-from agentsd.testing import TRANSFORMER_KINDS, tiny_pipeline
+from agentsd.testing import DIT_KINDS, tiny_pipeline
 
 tiny_dit = pytest.importorskip("agentsd.tiny_dit", reason="this diffusers has no SD3 or PixArt-Sigma")
 from agentsd.joint import JointAgentSDProcessor  # noqa: E402 (after the skip)
@@ -38,7 +38,7 @@ def patched_layers(model):
     }
 
 
-@pytest.mark.parametrize("kind", TRANSFORMER_KINDS)
+@pytest.mark.parametrize("kind", DIT_KINDS)
 def test_patch_cycle_on_the_pipeline(kind):
     pipe = tiny_pipeline(kind)
     before = dict(pipe.transformer.attn_processors)
@@ -60,7 +60,7 @@ def test_patch_cycle_on_the_pipeline(kind):
     assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks
 
 
-@pytest.mark.parametrize("kind", TRANSFORMER_KINDS)
+@pytest.mark.parametrize("kind", DIT_KINDS)
 def test_the_phase_follows_the_schedulers_timesteps(kind):
     """SD3's flow matching passes t = 1000 sigma (shift 3: 1000, 858, 602, 9 over 4 steps), PixArt
     DPM-Solver's training timesteps: agent phase while 1 - t / 1000 < 0.4."""

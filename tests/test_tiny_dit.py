@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from agentsd.testing import TRANSFORMER_KINDS, tiny_pipeline
+from agentsd.testing import DIT_KINDS, tiny_pipeline
 
 tiny_dit = pytest.importorskip("agentsd.tiny_dit", reason="this diffusers has no SD3 or PixArt-Sigma")
 from diffusers import PixArtAlphaPipeline, SD3Transformer2DModel  # noqa: E402 (after the skip)
@@ -17,7 +17,7 @@ from diffusers import PixArtAlphaPipeline, SD3Transformer2DModel  # noqa: E402 (
 HAS_SD35 = "dual_attention_layers" in inspect.signature(SD3Transformer2DModel.__init__).parameters
 KINDS = [
     pytest.param(kind, marks=pytest.mark.skipif(kind == "sd35" and not HAS_SD35, reason="diffusers < 0.31"))
-    for kind in TRANSFORMER_KINDS
+    for kind in DIT_KINDS
 ]
 PROMPT = "a red cube"
 
