@@ -178,6 +178,7 @@ def _load_pipeline(args: argparse.Namespace, dtype, device, out: Path, configs_f
         loading.check_size(pipe, args.width, args.height)
         loading.check_max_sequence_length(args.max_sequence_length, find_model(pipe)[0].name)
         loading.set_scheduler(pipe, args.scheduler)
+        loading.check_flux_scheduler(pipe)
         configs = configs_for(pipe)
         for config in filter(None, configs):
             loading.check_config_patches(pipe, config)

@@ -152,12 +152,17 @@ def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
     parser.add_argument("--width", type=int, help="image width, a multiple of 8; default: the model's")
     parser.add_argument("--height", type=int, help="image height, a multiple of 8; default: the model's")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        help="guidance scale (classifier-free; Flux.1-dev's distilled guidance); default: the pipeline's own "
+        "(SD 1.x/2.x 7.5, SDXL 5.0, SD 3 7.0, PixArt 4.5, Flux 3.5)",
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
     others = [name for name in SCHEDULERS if name not in FLOW_SCHEDULERS]
     parser.add_argument(
         "--scheduler",
-        help=f"SD 1.x/2.x/XL and PixArt: {', '.join(others)}; SD 3/3.5 (flow matching): "
+        help=f"SD 1.x/2.x/XL and PixArt: {', '.join(others)}; SD 3/3.5 and Flux (flow matching): "
         f"{', '.join(FLOW_SCHEDULERS)}; default: the model's own",
     )
     parser.add_argument(

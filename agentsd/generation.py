@@ -28,10 +28,12 @@ from .loading import (  # re-exported: `generation` has been their home
     GenerationError,
     call_options,
     check_config_patches,
+    check_flux_scheduler,
     check_max_sequence_length,
     check_seeds,
     check_size,
     check_steps,
+    guidance_scale,
     load_pipeline,  # noqa: F401
     prepare_folder,
     prompt_length,
@@ -76,7 +78,7 @@ class GenerationSettings:
     width: int | None = None
     height: int | None = None
     steps: int = 50
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the pipeline's own default (`loading.guidance_scale`)
     batch_size: int = 1
     overwrite: bool = False
     max_sequence_length: int | None = None
@@ -122,6 +124,7 @@ class MethodRun:
 def check_run(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings) -> None:
     """Refuse, before any work, what would fail mid-run: a step count the pipeline's scheduler
     refuses, image seeds the generator refuses, a size or prompt length the model refuses."""
+    check_flux_scheduler(pipe, "scheduler")
     check_steps(pipe.scheduler, settings.steps, "steps")
     check_size(pipe, settings.width, settings.height)
     check_max_sequence_length(settings.max_sequence_length, find_model(pipe)[0].name, "max_sequence_length")
@@ -140,7 +143,7 @@ def call_pipeline(
     kwargs = dict(
         prompt=[j.prompt for j in jobs],
         num_inference_steps=steps,
-        guidance_scale=settings.guidance,
+        guidance_scale=guidance_scale(pipe, settings.guidance),
         width=settings.width,
         height=settings.height,
         generator=[torch.Generator().manual_seed(j.seed) for j in jobs],
@@ -163,13 +166,15 @@ def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | No
     size, negative prompt, the T5 prompt length (SD 3 / 3.5 and PixArt; None for the others),
     dtype and the agentsd version."""
     _, model = find_model(pipe)
-    side = model.config.sample_size * pipe.vae_scale_factor
+    # The pipeline's own default size: Flux pipelines keep it (`default_sample_size`, in latents),
+    # their transformer has no `sample_size`.
+    side = (getattr(pipe, "default_sample_size", None) or model.config.sample_size) * pipe.vae_scale_factor
     return dict(
         model=settings.model,
         scheduler=scheduler_name or type(pipe.scheduler).__name__,
         scheduler_config=scheduler_record(pipe.scheduler),
         steps=settings.steps,
-        guidance=settings.guidance,
+        guidance=guidance_scale(pipe, settings.guidance),
         width=settings.width or side,
         height=settings.height or side,
         negative_prompt=settings.negative_prompt,

@@ -189,7 +189,7 @@ def check_scheduler_fits(name: str, class_name: str, config: Mapping[str, Any]) 
     if flow:
         what = f"is for noise-prediction models (SD 1.x, 2.x, XL, PixArt); this model's {class_name} does flow matching"
     else:
-        what = f"is for flow-matching models (SD 3 / 3.5); this model's {class_name} does not do flow matching"
+        what = f"is for flow-matching models (SD 3 / 3.5, Flux); this model's {class_name} does not do flow matching"
     raise GenerationError(
         f"scheduler {name!r} {what}: use one of {fits}, or leave out --scheduler to keep the model's own."
     )
@@ -256,8 +256,12 @@ def check_steps(scheduler: Any, steps: int, flag: str = "--steps") -> None:
 
     def takes(count: int) -> bool:
         trial = type(scheduler).from_config(scheduler.config)
+        # Flux's flow matching shifts by the image size (`mu`), which the pipeline computes: any
+        # shift takes the same step counts.
+        dynamic = getattr(trial.config, "use_dynamic_shifting", False)
+        shift = {"mu": 1.0} if dynamic and "mu" in inspect.signature(trial.set_timesteps).parameters else {}
         try:
-            trial.set_timesteps(count)
+            trial.set_timesteps(count, **shift)
         except ValueError:
             return False
         return True
@@ -270,6 +274,23 @@ def check_steps(scheduler: Any, steps: int, flag: str = "--steps") -> None:
         low, high = (middle, high) if takes(middle) else (low, middle)
     fix = f"use {flag} {low} or fewer" if low else "choose another --scheduler"
     raise GenerationError(f"{flag} {steps} is more than {type(scheduler).__name__} takes with this model: {fix}.")
+
+
+def check_flux_scheduler(pipe: Any, flag: str = "--scheduler") -> None:
+    """Refuse, for a Flux pipeline, a scheduler that cannot take the shifted sigmas the pipeline
+    sets (`set_timesteps(sigmas=..., mu=...)`): FlowMatchHeun, for one.
+
+    Raises:
+        GenerationError: naming the scheduler and the fix.
+    """
+    if find_model(pipe)[0].name != "flux":
+        return
+    takes = inspect.signature(pipe.scheduler.set_timesteps).parameters
+    if "sigmas" not in takes or "mu" not in takes:
+        raise GenerationError(
+            f"{flag}: {type(pipe.scheduler).__name__} cannot run Flux, whose pipelines set their own shifted sigmas: "
+            "use flow-euler, or leave out --scheduler to keep the model's own."
+        )
 
 
 def check_seeds(first: int, count: int, flag: str = "--seed") -> None:
@@ -313,8 +334,8 @@ def check_size(pipe: Any, width: int | None, height: int | None) -> None:
 
 def check_max_sequence_length(value: int | None, family_name: str | None, flag: str = "--max-sequence-length") -> None:
     """Refuse a prompt length in T5 tokens that the model family's pipelines do not take: UNet
-    pipelines have no T5 encoder, SD 3's refuses more than 512 (`family_name` None: only the sign
-    is checked).
+    pipelines have no T5 encoder, SD 3's and Flux's refuse more than 512 (`family_name` None: only
+    the sign is checked).
 
     Raises:
         GenerationError: naming `flag` and what to pass instead.
@@ -325,12 +346,13 @@ def check_max_sequence_length(value: int | None, family_name: str | None, flag: 
         raise GenerationError(f"{flag} {value} must be positive: use e.g. 256.")
     if family_name == "unet":
         raise GenerationError(
-            f"{flag} sets the T5 prompt length of SD 3 / 3.5 and PixArt; this Stable Diffusion UNet model's "
+            f"{flag} sets the T5 prompt length of SD 3 / 3.5, PixArt and Flux; this Stable Diffusion UNet model's "
             "pipeline has no T5 encoder (its CLIP prompts are 77 tokens): leave it out."
         )
-    if family_name == "sd3" and value > SD3_MAX_SEQUENCE_LENGTH:
+    if family_name in ("sd3", "flux") and value > SD3_MAX_SEQUENCE_LENGTH:
+        model = "SD 3" if family_name == "sd3" else "Flux"
         raise GenerationError(
-            f"{flag} {value} is more than SD 3's pipeline takes: use {SD3_MAX_SEQUENCE_LENGTH} or fewer."
+            f"{flag} {value} is more than {model}'s pipeline takes: use {SD3_MAX_SEQUENCE_LENGTH} or fewer."
         )
 
 
@@ -346,6 +368,16 @@ def call_options(pipe: Any, max_sequence_length: int | None = None) -> dict[str,
     if max_sequence_length is not None:
         options["max_sequence_length"] = max_sequence_length
     return {name: value for name, value in options.items() if name in takes}
+
+
+def guidance_scale(pipe: Any, value: float | None = None) -> float:
+    """The guidance scale a call runs with: `value`, else the pipeline's own default (SD 1.x / 2.x
+    7.5, SDXL 5.0, SD 3 7.0, PixArt 4.5, Flux.1-dev's distilled guidance 3.5)."""
+    if value is not None:
+        return value
+    parameter = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    default = None if parameter is None else parameter.default
+    return float(default) if isinstance(default, int | float) else 7.5
 
 
 def prompt_length(pipe: Any, max_sequence_length: int | None = None) -> int | None:
