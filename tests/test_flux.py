@@ -271,3 +271,16 @@ def test_copies_and_pickles_generate_what_the_original_does():
         other.transformer = transformer
         assert agentsd.is_patched(other)
         assert np.array_equal(generate(other), expected)
+
+
+def test_a_diffusers_without_flux_attention_is_refused_and_nothing_changes(monkeypatch):
+    """diffusers before 0.35 builds Flux without FluxAttention: refused, with the fix."""
+    from agentsd.families import flux as family
+
+    pipe = tiny_pipeline("flux")
+    before = dict(pipe.transformer.attn_processors)
+    monkeypatch.setattr(family, "flux_attention_class", lambda: None)
+    with pytest.raises(TypeError, match=r"FluxAttention \(diffusers 0.35 and later\).*pip install -U diffusers"):
+        agentsd.patch(pipe)
+    assert not agentsd.is_patched(pipe) and not pipe.transformer._forward_pre_hooks
+    assert all(pipe.transformer.attn_processors[n] is p for n, p in before.items())
