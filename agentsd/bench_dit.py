@@ -1,21 +1,29 @@
-"""The diffusion transformers `agentsd bench` builds: SD 3.5 Medium and Large, PixArt-Sigma.
+"""The diffusion transformers `agentsd bench` builds: SD 3.5 Medium and Large, PixArt-Sigma,
+Flux.1-dev.
 
 Each is built from its published diffusers config (the hub repository's
 `transformer/config.json`) with random weights, and called as its pipeline calls it in one
-denoising step with classifier-free guidance: the latent, the timestep (one per sample), and
-text embeddings of the published lengths (SD 3 / 3.5: 77 CLIP + 256 T5 tokens of width 4096
-and a pooled 2048; PixArt-Sigma: 300 T5 tokens of width 4096 with their attention mask).
+denoising step: the latent, the timestep (one per sample), and text embeddings of the
+published lengths (SD 3 / 3.5: 77 CLIP + 256 T5 tokens of width 4096 and a pooled 2048;
+PixArt-Sigma: 300 T5 tokens of width 4096 with their attention mask; Flux.1-dev: 512 T5 tokens
+of width 4096, a pooled CLIP 768, the image and text position ids and the guidance scale). SD 3
+and PixArt run a classifier-free-guidance batch (2 per image); Flux.1-dev is guidance-distilled
+(the scale is an input, `guidance`): its pipeline runs one sample per image.
 
 `blocks=K` builds the first K transformer blocks of the model at its real widths (the large
 models do not fit a 24 GB machine in fp32): the step then measures speed per block, not the
 whole model's (embeddings and the output layer weigh more in it). The blocks are the published
 model's first K as they are there: SD 3.5 Medium's dual-attention blocks are its first 13,
 so the first min(K, 13) are dual, and every truncated SD 3 block keeps its text stream (only
-the model's last block drops it, `context_pre_only`).
+the model's last block drops it, `context_pre_only`). Flux.1-dev has two kinds of blocks, 19
+double-stream then 38 single-stream: K is counted in double-stream blocks and each brings the
+model's share of single-stream ones, so `blocks=K` builds the first K double-stream and the
+first 2K single-stream blocks (the model's 1 : 2 mix; K = 19 is the whole model), named
+`K+2K blocks` in the rows.
 
-The tiny stand-ins (`tiny-sd35`, `tiny-pixart`) are the same configs at toy widths, for tests.
-The diffusers classes are looked up when a model is built: this module imports on a diffusers
-without SD 3 or PixArt.
+The tiny stand-ins (`tiny-sd35`, `tiny-pixart`, `tiny-flux`) are the same configs at toy
+widths, for tests. The diffusers classes are looked up when a model is built: this module
+imports on a diffusers without SD 3, PixArt or Flux.
 """
 
 from __future__ import annotations
@@ -30,7 +38,13 @@ import torch
 SD3_TEXT_TOKENS = 77 + 256
 # PixArt-Sigma's pipeline pads every prompt to `max_sequence_length=300` T5 tokens.
 PIXART_TEXT_TOKENS = 300
-BENCH_TIMESTEP = 500  # any timestep: the benchmark's agentsd methods fix their phase
+# FluxPipeline (FLUX.1-dev): `max_sequence_length=512` T5 tokens; `guidance_scale=3.5`, passed to
+# the guidance-distilled transformer as `guidance`, one value per sample.
+FLUX_TEXT_TOKENS = 512
+FLUX_GUIDANCE = 3.5
+# Any timestep: the benchmark's agentsd methods fix their phase (`agent_steps` 1 or 0). Flux
+# pipelines pass it as t / 1000 (sigma), which the transformer and agentsd multiply by 1000.
+BENCH_TIMESTEP = 500
 
 
 @dataclass(frozen=True)
@@ -39,19 +53,35 @@ class Transformer:
 
     Args:
         model_class: the diffusers class name.
-        family: agentsd's family of it (`agentsd.families`): `sd3` or `pixart`.
+        family: agentsd's family of it (`agentsd.families`): `sd3`, `pixart` or `flux`.
         config: the class's keyword arguments (the published config).
         text_tokens: the encoder tokens its pipeline passes per prompt.
+        singles_per_block: Flux: the single-stream blocks each of the first K double-stream
+            blocks brings to a model cut at K (`num_single_layers / num_layers`); 0: one kind of block.
     """
 
     model_class: str
     family: str
     config: dict[str, Any] = field(default_factory=dict)
     text_tokens: int = 0
+    singles_per_block: int = 0
 
     @property
     def depth(self) -> int:
+        """The K of the whole model: its blocks (Flux: its double-stream blocks)."""
         return self.config["num_layers"]
+
+    def depth_label(self, blocks: int) -> str:
+        """The depth as rows name it: `2 blocks`; Flux: `2+4 blocks` (double + single stream)."""
+        if self.singles_per_block:
+            return f"{blocks}+{self.singles_per_block * blocks} blocks"
+        return f"{blocks} block{'s' if blocks > 1 else ''}"
+
+    def depth_unit(self) -> str:
+        """What K counts, for messages."""
+        if self.singles_per_block:
+            return f"double-stream blocks (K of them bring {self.singles_per_block}K single-stream ones)"
+        return "transformer blocks"
 
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json.
@@ -115,23 +145,50 @@ PIXART_SIGMA = Transformer(
     ),
     PIXART_TEXT_TOKENS,
 )
-TRANSFORMERS = {"sd35-medium": SD35_MEDIUM, "sd35-large": SD35_LARGE, "pixart-sigma": PIXART_SIGMA}
+# black-forest-labs/FLUX.1-dev, transformer/config.json (the same numbers as diffusers' Flux
+# docs and `FluxTransformer2DModel`'s defaults, but `guidance_embeds`, which FLUX.1-schnell lacks).
+FLUX_DEV = Transformer(
+    "FluxTransformer2DModel",
+    "flux",
+    dict(
+        patch_size=1,  # the pipeline packs 2x2 latent patches itself: 1 token per packed patch
+        in_channels=64,  # 16 VAE latent channels x the 2x2 packed patch
+        num_layers=19,  # double-stream blocks (image and text, each with its own weights)
+        num_single_layers=38,  # single-stream blocks ([text; image] as one sequence)
+        attention_head_dim=128,
+        num_attention_heads=24,  # 24 x 128 = 3072 wide
+        joint_attention_dim=4096,  # T5-XXL's width
+        pooled_projection_dim=768,  # CLIP-L's pooled output
+        guidance_embeds=True,  # guidance-distilled: the guidance scale is an input
+        axes_dims_rope=(16, 56, 56),  # rotary dims of the (stream, row, column) ids, summing to 128
+    ),
+    FLUX_TEXT_TOKENS,
+    singles_per_block=2,  # 38 / 19
+)
+TRANSFORMERS = {"sd35-medium": SD35_MEDIUM, "sd35-large": SD35_LARGE, "pixart-sigma": PIXART_SIGMA,
+                "flux-dev": FLUX_DEV}  # fmt: skip
 # The same configs at toy widths (2 blocks, 2 heads of 8; SD 3.5's first block dual), real text lengths.
 TINY_SD3 = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, joint_attention_dim=32,
                 caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=64,
                 dual_attention_layers=(0,))  # fmt: skip
 TINY_PIXART = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
                    caption_channels=32)  # fmt: skip
+# Flux at 2 double + 4 single blocks (the 1 : 2 mix), 2 heads of 16 (rotary dims 4 + 6 + 6).
+TINY_FLUX = dict(num_layers=2, num_single_layers=4, num_attention_heads=2, attention_head_dim=16,
+                 joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))  # fmt: skip
 TINY_TRANSFORMERS = {
     "tiny-sd35": Transformer("SD3Transformer2DModel", "sd3", dict(SD35_MEDIUM.config, **TINY_SD3), SD3_TEXT_TOKENS),
     "tiny-pixart": Transformer("PixArtTransformer2DModel", "pixart", dict(PIXART_SIGMA.config, **TINY_PIXART),
                                PIXART_TEXT_TOKENS),
+    "tiny-flux": Transformer("FluxTransformer2DModel", "flux", dict(FLUX_DEV.config, **TINY_FLUX), FLUX_TEXT_TOKENS,
+                             singles_per_block=2),
 }  # fmt: skip
 ALL_TRANSFORMERS = {**TRANSFORMERS, **TINY_TRANSFORMERS}
 
 
 def transformer_config(arch: str, blocks: int | None = None) -> dict[str, Any]:
-    """The config of `arch` at its first `blocks` blocks (None: all of them).
+    """The config of `arch` at its first `blocks` blocks (None: all of them; Flux: `blocks`
+    double-stream and `2 x blocks` single-stream blocks).
 
     Raises:
         ValueError: for `blocks` outside 1 to the model's depth.
@@ -141,8 +198,10 @@ def transformer_config(arch: str, blocks: int | None = None) -> dict[str, Any]:
     if blocks is None:
         return config
     if not 1 <= blocks <= spec.depth:
-        raise ValueError(f"{arch} has {spec.depth} transformer blocks: --blocks {blocks} must be 1 to {spec.depth}.")
+        raise ValueError(f"{arch} has {spec.depth} {spec.depth_unit()}: --blocks {blocks} must be 1 to {spec.depth}.")
     config["num_layers"] = blocks
+    if spec.singles_per_block:
+        config["num_single_layers"] = spec.singles_per_block * blocks
     if "dual_attention_layers" in config:
         config["dual_attention_layers"] = tuple(i for i in config["dual_attention_layers"] if i < blocks)
     return config
@@ -176,16 +235,22 @@ def build_transformer(
 def transformer_inputs(
     model: torch.nn.Module, size: int, images: int, timestep_device: torch.device | str | None = None
 ) -> tuple[tuple, dict[str, Any]]:
-    """The transformer's (args, kwargs) for one CFG step of `images` images of `size` x `size`
-    pixels, all keywords as the pipelines pass them.
+    """The transformer's (args, kwargs) for one step of `images` images of `size` x `size`
+    pixels, all keywords as the pipelines pass them: a CFG batch (2 x images) for SD 3 and
+    PixArt, one sample per image for Flux.1-dev (guidance-distilled).
 
     Args:
-        model: an SD3Transformer2DModel or PixArtTransformer2DModel.
-        timestep_device: where the timesteps are made (default: the model's device).
+        model: an SD3Transformer2DModel, PixArtTransformer2DModel or FluxTransformer2DModel.
+        timestep_device: where the timesteps are made (default: the model's device); Flux's
+            position ids too, which agentsd reads on the host.
     """
     from .families import find_model
 
     config, device, dtype = model.config, model.device, model.dtype
+    family = find_model(model)[0].name
+    timestep_device = device if timestep_device is None else timestep_device
+    if family == "flux":
+        return _flux_inputs(config, device, dtype, size, images, timestep_device)
     side = size // 8
     if size % 8 or side % config.patch_size:
         raise ValueError(f"size {size} is not a multiple of {8 * config.patch_size} (the VAE's 8 x the patch side).")
@@ -195,9 +260,8 @@ def transformer_inputs(
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
-    timestep_device = device if timestep_device is None else timestep_device
     latent = randn(batch, config.in_channels, side, side)
-    if find_model(model)[0].name == "sd3":
+    if family == "sd3":
         return (), dict(
             hidden_states=latent,
             encoder_hidden_states=randn(batch, SD3_TEXT_TOKENS, config.joint_attention_dim),
@@ -211,3 +275,33 @@ def transformer_inputs(
         timestep=torch.full((batch,), BENCH_TIMESTEP, dtype=torch.long, device=timestep_device),
         added_cond_kwargs=dict(resolution=None, aspect_ratio=None),
     )
+
+
+def _flux_inputs(
+    config: Any, device: torch.device, dtype: torch.dtype, size: int, images: int, ids_device: Any
+) -> tuple[tuple, dict[str, Any]]:
+    """What FluxPipeline passes its transformer in one step (`FluxPipeline.__call__`): the
+    packed latents, one token per 2x2 patch of the 8x latent, (B, (H/16) (W/16), 64); the T5
+    states and the pooled CLIP; `t / 1000`; `img_ids` (stream 0, row, column) over the packed
+    grid and `txt_ids` zeros, both without a batch dimension; the guidance scale in float32."""
+    if size % 16:
+        raise ValueError(f"size {size} is not a multiple of 16 (the VAE's 8 x Flux's 2x2 packed patch).")
+    side = size // 16
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    kwargs = dict(
+        hidden_states=randn(images, side * side, config.in_channels),
+        encoder_hidden_states=randn(images, FLUX_TEXT_TOKENS, config.joint_attention_dim),
+        pooled_projections=randn(images, config.pooled_projection_dim),
+        timestep=torch.full((images,), BENCH_TIMESTEP / 1000, device=ids_device, dtype=dtype),
+        img_ids=img_ids.to(device=ids_device, dtype=dtype),
+        txt_ids=torch.zeros(FLUX_TEXT_TOKENS, 3, device=ids_device, dtype=dtype),
+    )
+    if config.guidance_embeds:
+        kwargs["guidance"] = torch.full((images,), FLUX_GUIDANCE, device=device, dtype=torch.float32)
+    return (), kwargs

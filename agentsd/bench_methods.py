@@ -11,7 +11,9 @@ Methods:
     ceiling           the layers the preset patches replaced by a zero-cost stand-in: the bound
                       of any method that changes only those (the UNets' self-attention; SD 3's
                       joint attention, its stand-in returning the image and text tokens as
-                      given; PixArt's self-attention)
+                      given; PixArt's self-attention; Flux's double-stream attention, returning
+                      the image and text tokens as given, and single-stream attention, returning
+                      its [text; image] input)
 
 Opt-in methods (run only when named in `methods`): the agent phase with an option that
 changes outputs,
@@ -34,6 +36,7 @@ import torch
 
 from .config import AgentSDConfig
 from .families import Layer, find_model
+from .flux import FluxAgentSDProcessor
 from .joint import JointAgentSDProcessor
 from .patch import patch, unpatch
 from .presets import load_preset
@@ -74,8 +77,22 @@ class ZeroCostJointAttention:
         return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
 
 
-def zero_cost(layer: Layer) -> ZeroCostAttention | ZeroCostJointAttention:
+class ZeroCostFluxAttention:
+    """The ceiling's stand-in for Flux's attention, called as `FluxAttention` calls its processor
+    (`processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)`,
+    positionally): a double-stream layer's `(image, text)` pair as given, a single-stream
+    layer's [text; image] input as given (what `FluxAttnProcessor` returns has those shapes:
+    Flux's attention keeps the model's width), computing nothing."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 **kwargs):  # fmt: skip
+        return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
+
+
+def zero_cost(layer: Layer) -> ZeroCostAttention | ZeroCostJointAttention | ZeroCostFluxAttention:
     """The ceiling's stand-in for a layer the family patches."""
+    if issubclass(layer.processor, FluxAgentSDProcessor):
+        return ZeroCostFluxAttention()
     return ZeroCostJointAttention() if issubclass(layer.processor, JointAgentSDProcessor) else ZeroCostAttention()
 
 

@@ -1,10 +1,11 @@
 """Speed and memory of one denoising step, side by side, on the real SD architectures.
 
 The UNets (SD 1.5, 2.1, XL) and the diffusion transformers (SD 3.5 Medium and Large,
-PixArt-Sigma: `bench_dit`) are built from the published configs with random weights (speed
-does not depend on the weights, and nothing is downloaded); a transformer may be built at its
-first K blocks (`sd35-medium:2`), its real widths kept. One step is one model forward of a
-classifier-free-guidance batch (2 x images). All methods of a scenario run interleaved in
+PixArt-Sigma, Flux.1-dev: `bench_dit`) are built from the published configs with random
+weights (speed does not depend on the weights, and nothing is downloaded); a transformer may be
+built at its first K blocks (`sd35-medium:2`; Flux: K double-stream and 2K single-stream
+blocks), its real widths kept. One step is one model forward of a classifier-free-guidance
+batch (2 x images; Flux.1-dev, guidance-distilled, 1 x images). All methods of a scenario run interleaved in
 one process: warm-up rounds first and thrown away, then the repeats cycle through the
 methods, so drift hits them alike. Speedups are against the baseline of the same run.
 
@@ -43,6 +44,7 @@ from .bench_methods import (
     METHODS,
     OPTIONAL_METHODS,
     ZeroCostAttention,
+    ZeroCostFluxAttention,
     ZeroCostJointAttention,
     available_methods,
     method_context,
@@ -106,8 +108,8 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 # The tiny architectures (agentsd.testing; bench_dit's tiny-*) stand in for the real ones in tests.
 TINY_ARCHITECTURES = {"tiny": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 DEFAULT_PRESETS = {"sd15": "paper", "sd21": "sd21", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3",
-                   "pixart-sigma": "pixart", "tiny": "paper", "tiny-sd2": "sd21", "tiny-sdxl": "sdxl",
-                   "tiny-sd35": "sd3", "tiny-pixart": "pixart"}  # fmt: skip
+                   "pixart-sigma": "pixart", "flux-dev": "flux", "tiny": "paper", "tiny-sd2": "sd21",
+                   "tiny-sdxl": "sdxl", "tiny-sd35": "sd3", "tiny-pixart": "pixart", "tiny-flux": "flux"}  # fmt: skip
 LATENT_FACTOR = 8  # image pixels per latent pixel in every SD VAE
 # Methods that act on UNets only: not run on the diffusion transformers, with this note.
 UNET_ONLY_METHODS = {
@@ -184,8 +186,9 @@ def build_model(arch: str, device: torch.device | str = "cpu", dtype: torch.dtyp
 def model_inputs(
     model: torch.nn.Module, size: int, images: int, timestep_device: torch.device | str | None = None
 ) -> tuple[tuple, dict[str, Any]]:
-    """The model's (args, kwargs) for one CFG step of `images` images of `size` px, as its
-    pipeline passes them (`unet_inputs`, `bench_dit.transformer_inputs`); the timestep made on
+    """The model's (args, kwargs) for one step of `images` images of `size` px, as its
+    pipeline passes them (`unet_inputs`, `bench_dit.transformer_inputs`: a CFG batch, except
+    for guidance-distilled Flux.1-dev); the timestep (and Flux's position ids) made on
     `timestep_device` (default: the model's device)."""
     if isinstance(model, UNet2DConditionModel):
         return unet_inputs(model, size, images, timestep_device)
@@ -355,10 +358,10 @@ def run_benchmark(
 
     Args:
         archs: architectures (`sd15`, `sd21`, `sdxl`, `sd35-medium`, `sd35-large`,
-            `pixart-sigma`, or a tiny stand-in of `DEFAULT_PRESETS`); a diffusion transformer as
-            `NAME:K` is built at its first K blocks (`split_arch`, `with_blocks`).
+            `pixart-sigma`, `flux-dev`, or a tiny stand-in of `DEFAULT_PRESETS`); a diffusion
+            transformer as `NAME:K` is built at its first K blocks (`split_arch`, `with_blocks`).
         sizes: image sides in pixels (the latent is 1/8 of it).
-        batches: images per prompt; the model's batch is twice that (CFG).
+        batches: images per prompt; the model's batch is twice that (CFG), except Flux.1-dev's.
         methods: subset of `METHODS`; default every method that can run here. The UNet-only
             ones (`UNET_ONLY_METHODS`) are skipped on the transformers, with a warning.
         preset: agentsd preset (name or YAML); default per arch (`DEFAULT_PRESETS`).
@@ -446,6 +449,7 @@ __all__ = [  # the names of bench_methods.py and results.py are re-exported: one
     "TRANSFORMERS",
     "UNET_ONLY_METHODS",
     "ZeroCostAttention",
+    "ZeroCostFluxAttention",
     "ZeroCostJointAttention",
     "available_methods",
     "build_model",

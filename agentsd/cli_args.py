@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="time one denoising step against the baseline and peers", formatter_class=formatter,
-        description="Time one denoising step (a UNet or transformer forward of a classifier-free-guidance batch)\n"
-        "of the real SD architectures with random weights, every method interleaved in one run.",
+        description="Time one denoising step (a UNet or transformer forward of a classifier-free-guidance batch;\n"
+        "Flux.1-dev, guidance-distilled: one sample per image) of the real SD and Flux architectures with\n"
+        "random weights, every method interleaved in one run.",
         epilog=_bench_epilog(),
     )  # fmt: skip
     archs = list(DEFAULT_PRESETS)  # every architecture the benchmark builds, the tiny stand-ins too
@@ -242,21 +243,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{', '.join(archs)} (tiny*: toy models, for trying the harness)")  # fmt: skip
     bench.add_argument(
         "--blocks", type=int, metavar="K", action=_ArchAtDepth,
-        help="build the diffusion transformers (sd35-*, pixart-sigma) at their first K blocks, real widths kept: "
-        "speed per block, for models too large for memory (SD 3.5 Medium's first 13 blocks are dual-attention, "
-        "as in the model); UNets are built whole",
+        help="build the diffusion transformers (sd35-*, pixart-sigma, flux-dev) at their first K blocks, real widths "
+        "kept: speed per block, for models too large for memory (SD 3.5 Medium's first 13 blocks are "
+        "dual-attention, as in the model; flux-dev: K double-stream and 2K single-stream blocks, K up to 19); "
+        "UNets are built whole",
     )  # fmt: skip
     bench.set_defaults(arch=["sd15"])
     bench.add_argument(
-        "--sizes", nargs="+", type=int, metavar="PX", default=[512], help="image sides in pixels, multiples of 8"
+        "--sizes",
+        nargs="+",
+        type=int,
+        metavar="PX",
+        default=[512],
+        help="image sides in pixels, multiples of 8 (of 16 for the transformers)",
     )
     bench.add_argument(
-        "--batches", nargs="+", type=int, metavar="N", default=[1], help="images per prompt (UNet batch x2)"
+        "--batches",
+        nargs="+",
+        type=int,
+        metavar="N",
+        default=[1],
+        help="images per prompt (model batch x2, for guidance; flux-dev x1)",
     )
     bench.add_argument("--methods", nargs="+", choices=METHODS + OPTIONAL_METHODS, metavar="METHOD",
                        help="methods to time (listed below); default: every method that runs here")  # fmt: skip
     bench.add_argument(
-        "--preset", help="agentsd preset name or YAML file; default per arch: paper, sd21, sdxl, sd3 (sd35-*), pixart"
+        "--preset",
+        help="agentsd preset name or YAML file; default per arch: paper, sd21, sdxl, sd3 (sd35-*), pixart, flux",
     )
     bench.add_argument("--repeats", type=int, default=3, help="timed rounds per method (the median is reported)")
     bench.add_argument(

@@ -37,8 +37,11 @@ FIELDS = (
 
 def arch_label(arch: str, blocks: int | None = None) -> str:
     """An architecture as the tables and target lines name it: `sd35-medium, 2 blocks` for a
-    truncated transformer."""
-    return arch if blocks is None else f"{arch}, {blocks} block{'s' if blocks > 1 else ''}"
+    truncated transformer, `flux-dev, 1+2 blocks` for Flux (double + single stream)."""
+    if blocks is None:
+        return arch
+    spec = ALL_TRANSFORMERS.get(arch)
+    return f"{arch}, {spec.depth_label(blocks) if spec else f'{blocks} blocks'}"
 
 
 def git_commit() -> str:
@@ -149,6 +152,8 @@ SPEEDUP_TARGETS: dict[tuple[str, int], tuple[tuple[str, float], ...]] = {
     ("sdxl", 2048): (("agentsd-schedule", 1.8),),
     ("sd35-medium", 1024): (("agentsd-agent", 1.3),),
     ("sd35-medium", 2048): (("agentsd-agent", 2.0),),
+    ("flux-dev", 1024): (("agentsd-agent", 1.3),),
+    ("flux-dev", 2048): (("agentsd-agent", 2.0),),
 }
 # What the target lines say of the UNet-only methods on a diffusion transformer.
 NOT_FOR_TRANSFORMERS = "tomesd, xformers: UNet methods, not run on diffusion transformers"

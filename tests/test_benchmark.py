@@ -265,11 +265,13 @@ def test_transformers_build_from_the_published_configs_at_their_first_blocks():
     assert benchmark.split_arch("pixart-sigma:28") == ("pixart-sigma", None)  # every block: the whole model
 
 
-@pytest.mark.parametrize("arch", ["tiny-sd35", "tiny-pixart"])
+@pytest.mark.parametrize("arch", ["tiny-sd35", "tiny-pixart", "tiny-flux"])
 def test_the_ceiling_stand_ins_return_what_each_patched_layer_returns(arch):
     """Under the ceiling every layer the family patches returns what it returns under the baseline,
     in kind and shape: SD 3's joint attention an (image, text) pair, its last block's too (whose
-    text goes nowhere), SD 3.5's image-only attn2 and PixArt's self-attention one tensor."""
+    text goes nowhere), SD 3.5's image-only attn2 and PixArt's self-attention one tensor; Flux's
+    double-stream attention an (image, text) pair and its single-stream one its [text; image]
+    sequence, each called positionally by diffusers' `FluxAttention`."""
     model = benchmark.build_model(arch)
     family, _ = agentsd.families.find_model(model)
     layers = family.layers(model, benchmark.load_preset(benchmark.DEFAULT_PRESETS[arch]))
@@ -292,8 +294,13 @@ def test_the_ceiling_stand_ins_return_what_each_patched_layer_returns(arch):
     baseline, ceiling = run("baseline"), run("ceiling")
     assert ceiling[:2] == baseline[:2] and set(baseline[0]) == set(layers)
     pairs = {n for n, kind in baseline[0].items() if isinstance(kind, list)}
-    assert pairs == ({f"transformer_blocks.{i}.attn.processor" for i in (0, 1)} if arch == "tiny-sd35" else set())
-    stand_in = benchmark.ZeroCostJointAttention if arch == "tiny-sd35" else benchmark.ZeroCostAttention
+    double = {f"transformer_blocks.{i}.attn.processor" for i in (0, 1)}
+    assert pairs == (set() if arch == "tiny-pixart" else double)
+    stand_in = {"tiny-sd35": benchmark.ZeroCostJointAttention, "tiny-pixart": benchmark.ZeroCostAttention,
+                "tiny-flux": benchmark.ZeroCostFluxAttention}[arch]  # fmt: skip
+    if arch == "tiny-flux":  # the single-stream layers return [512 text; 8x8 image] tokens of width 32
+        singles = {f"single_transformer_blocks.{i}.attn.processor" for i in range(4)}
+        assert {baseline[0][n] for n in singles} == {(1, 512 + 64, 32)} and set(baseline[0]) == double | singles
     assert ceiling[2] == {stand_in} and all(isinstance(zero_cost(layer), stand_in) for layer in layers.values())
 
 
@@ -313,16 +320,19 @@ def test_transformer_rows_name_their_depth_and_skip_the_unet_methods(caplog):
     assert "| tiny-sd35, 1 block | 256 | 1 | ceiling |" in benchmark.markdown_table(rows)
 
 
-def test_sd35_speedup_targets_are_judged_on_the_whole_model_only():
+@pytest.mark.parametrize("arch, depth", [("sd35-medium", "2 blocks"), ("flux-dev", "2+4 blocks")])
+def test_transformer_speedup_targets_are_judged_on_the_whole_model_only(arch, depth):
+    """SD 3.5 Medium's and Flux.1-dev's agent phase: >= 1.3x at 1024 px, >= 2x at 2048 px, whole
+    models only; a cut model's lines name its depth (Flux's double + single-stream blocks)."""
     rows = [_row(size, m, ms, 1000, 400) for size in (1024, 2048)
             for m, ms in dict(baseline=1000, ceiling=400, **{"agentsd-agent": 700}).items()]  # fmt: skip
-    whole = [dict(r, arch="sd35-medium") for r in rows]
+    whole = [dict(r, arch=arch) for r in rows]
     met = {(c.size, c.name): c.met for c in results.target_checks(whole)}
     assert met[(1024, "speedup agentsd-agent")] is True and met[(2048, "speedup agentsd-agent")] is False  # 1.43x
-    cut = [dict(r, arch="sd35-medium", blocks=2) for r in rows]
+    cut = [dict(r, arch=arch, blocks=2) for r in rows]
     checks = results.target_checks(cut)
     assert not any(c.name.startswith("speedup") for c in checks) and {c.blocks for c in checks} == {2}
-    assert benchmark.target_lines(cut)[0].startswith("- sd35-medium, 2 blocks 1024 px x1: never slower: yes")
+    assert benchmark.target_lines(cut)[0].startswith(f"- {arch}, {depth} 1024 px x1: never slower: yes")
 
 
 @pytest.mark.parametrize("order", ["blocks first", "arch first"])
@@ -333,7 +343,69 @@ def test_cli_blocks_cut_every_transformer_whichever_flag_comes_first(order):
     args = build_parser().parse_args(["bench", *sum(flags if order == "blocks first" else flags[::-1], [])])
     assert args.arch == ["sd15", "sd35-medium:2", "pixart-sigma:2"]
     assert build_parser().parse_args(["bench"]).arch == ["sd15"]
+    args = build_parser().parse_args(["bench", "--arch", "flux-dev", "tiny-flux", "--blocks", "1"])
+    assert args.arch == ["flux-dev:1", "tiny-flux:1"]
     for argv, message in [(["--blocks", "25", "--arch", "sd35-medium"], "sd35-medium has 24 transformer blocks"),
+                          (["--blocks", "20", "--arch", "flux-dev"], "flux-dev has 19 double-stream blocks"),
                           (["--blocks", "-1"], "--blocks -1 must be positive")]:  # fmt: skip
         with pytest.raises(UsageError, match=message):
             build_parser().parse_args(["bench", *argv])
+
+
+def test_flux_dev_builds_from_the_published_config_with_its_pipelines_inputs():
+    """FLUX.1-dev's transformer/config.json (meta device: no memory, no weights): 19 double- and
+    38 single-stream blocks 3072 wide, 57 layers under the `flux` preset; `--blocks K` keeps K
+    double- and 2K single-stream blocks. One step's inputs as FluxPipeline makes them, checked
+    against its own helpers: latents packed 2x2 into 64 channels, one sample per image (no CFG
+    batch), `img_ids` (stream 0, row, column) of the packed grid, `txt_ids` zeros for 512 T5
+    tokens, sigma t / 1000 and the guidance scale 3.5."""
+    from diffusers import FluxPipeline
+
+    model = benchmark.build_model("flux-dev", "meta")
+    config = model.config
+    assert (config.patch_size, config.in_channels, config.joint_attention_dim, config.pooled_projection_dim) == (
+        1, 64, 4096, 768)  # fmt: skip
+    assert config.guidance_embeds and tuple(config.axes_dims_rope) == (16, 56, 56)
+    assert (len(model.transformer_blocks), len(model.single_transformer_blocks)) == (19, 38)
+    assert model.transformer_blocks[0].attn.inner_dim == model.single_transformer_blocks[0].attn.inner_dim == 3072
+    family, _ = agentsd.families.find_model(model)
+    assert family.name == "flux" and len(family.layers(model, benchmark.load_preset("flux"))) == 19 + 38
+    cut = benchmark.build_model("flux-dev:2", "meta")
+    assert (len(cut.transformer_blocks), len(cut.single_transformer_blocks)) == (2, 4)
+    assert benchmark.split_arch("flux-dev:19") == ("flux-dev", None)  # every block: the whole model
+    assert results.arch_label("flux-dev", 1) == "flux-dev, 1+2 blocks" and results.arch_label("flux-dev") == "flux-dev"
+
+    args, kwargs = benchmark.model_inputs(cut, 1024, 2, timestep_device="cpu")
+    latent = torch.zeros(2, 16, 128, 128)  # the 8x latent of two 1024 px images, as the pipeline packs it
+    assert args == () and kwargs["hidden_states"].shape == FluxPipeline._pack_latents(latent, 2, 16, 128, 128).shape
+    assert torch.equal(kwargs["img_ids"], FluxPipeline._prepare_latent_image_ids(2, 64, 64, "cpu", torch.float32))
+    assert torch.equal(kwargs["txt_ids"], torch.zeros(512, 3))
+    assert kwargs["encoder_hidden_states"].shape == (2, 512, 4096) and kwargs["pooled_projections"].shape == (2, 768)
+    assert kwargs["timestep"].tolist() == [0.5, 0.5]
+    assert kwargs["guidance"].shape == (2,) and kwargs["guidance"].dtype == torch.float32
+    _, kwargs = benchmark.model_inputs(benchmark.build_model("tiny-flux"), 256, 1)  # on the CPU: the values
+    assert kwargs["guidance"].tolist() == [3.5] and kwargs["hidden_states"].shape == (1, 16 * 16, 64)
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        benchmark.model_inputs(cut, 1032, 1)
+
+
+def test_cli_bench_runs_the_flux_arch_at_a_cut_depth(tmp_path, capsys):
+    """The tiny Flux stand-in at 1 double + 2 single-stream blocks, 256 px (a 16x16 packed grid,
+    where the `flux` preset acts), through the command line."""
+    result = subprocess.run(
+        [sys.executable, "-m", "agentsd", "bench", "--arch", "tiny-flux", "--blocks", "1", "--sizes", "256",
+         "--repeats", "1", "--warmup", "0", "--methods", "baseline", "agentsd-agent", "agentsd-tome", "ceiling",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(r["arch"], r["blocks"], r["preset"]) for r in rows} == {("tiny-flux", 1, "flux")}
+    assert all(r["agentsd_acted"] for r in rows if r["method"].startswith("agentsd"))
+    assert "| tiny-flux, 1+2 blocks | 256 | 1 | ceiling |" in result.stdout
+    assert "- tiny-flux, 1+2 blocks 256 px x1: never slower: " in result.stdout
+    assert "tomesd, xformers: UNet methods, not run on diffusion transformers" in result.stdout
+    from agentsd.cli import main
+
+    assert main(["bench", "--arch", "tiny-flux", "--sizes", "264", "--out", str(tmp_path / "refused")]) == 2
+    assert "tiny-flux takes multiples of 16" in capsys.readouterr().err and not (tmp_path / "refused").exists()

@@ -21,12 +21,15 @@ import torch
 import agentsd
 from agentsd.results import RUN_FIELDS
 from agentsd.suite import DEFAULT_ORDER, PART_NAMES, SCENARIOS, breakeven, estimate, gpu_tests, pack, report, runner
+from agentsd.suite import step as step_scenarios
 from agentsd.suite.budget import Budget
+from agentsd.suite.common import PartContext
 from agentsd.suite.scenarios import Scenario
 
 ROOT = Path(__file__).parents[1]
 WRAPPER = ROOT / "scripts" / "gpu_run.sh"
-PLOTS = {"sd15": "speedup.png", "sdxl": "speedup.png", "sd35": "speedup.png", "sd15-highres": "speedup.png",
+PLOTS = {"sd15": "speedup.png", "sdxl": "speedup.png", "sd35": "speedup.png", "flux": "speedup.png",
+         "sd15-highres": "speedup.png",
          "sd15-compile": "speedup.png", "sd15-compile-ceiling": "speedup.png", "pipeline": "pipeline.png",
          "breakeven": "breakeven.png"}  # fmt: skip
 # Numeric fields every row of a part carries.
@@ -129,6 +132,12 @@ def test_parts_hold_their_scenarios_methods_and_the_recommendation(suite_run, tm
     assert scenarios == {("tiny-sd35", 256, "sd3", None), ("tiny-sd35", 512, "sd3", None)}
     assert {r["method"] for r in sd35} == {"baseline", "agentsd-agent", "agentsd-tome", "agentsd-schedule", "ceiling"}
     assert all(r["agentsd_acted"] for r in sd35 if r["method"].startswith("agentsd"))
+    # The Flux scenarios on the tiny Flux transformer (fp32 on the CPU), 16x16 and 32x32 packed grids.
+    flux = rows("flux")
+    assert {(r["arch"], r["size"], r["preset"], r["blocks"], r["dtype"]) for r in flux} == {
+        ("tiny-flux", 256, "flux", None, "float32"), ("tiny-flux", 512, "flux", None, "float32")}  # fmt: skip
+    assert {r["method"] for r in flux} == {"baseline", "agentsd-agent", "agentsd-tome", "agentsd-schedule", "ceiling"}
+    assert all(r["agentsd_acted"] for r in flux if r["method"].startswith("agentsd"))
     assert {"baseline+compile", "agentsd-agent+compile"} <= {r["method"] for r in rows("sd15-compile")}
     assert {m for r in rows("sd15-compile-ceiling") if "+" in (m := r["method"])} == {"baseline+compile",
                                                                                         "ceiling+compile"}  # fmt: skip
@@ -218,6 +227,7 @@ def test_report_unpacks_the_archive_and_writes_between_the_markers(suite_run, tm
     section = docs.read_text().split(report.DOCS_MARKERS[0])[1].split(report.DOCS_MARKERS[1])[0]
     for title in ("### Targets", "### SD 1.5, one denoising step", "### SD 1.5 at 2048 px: `highres`",
                   "### SD 3.5 Medium, the whole transformer (`sd3` preset)", "| sd35-2048 | done |",
+                  "### Flux.1-dev, the whole transformer in bf16 (`flux` preset)", "| flux-2048 | done |",
                   "### A whole generation, DDIM", "Recommended `min_tokens`", "### GPU tests", "tests/test_gpu.py::",
                   "| compile-ceiling-1024 | done |"):  # fmt: skip
         assert title in section, title
@@ -373,3 +383,54 @@ def test_estimate_counts_what_the_joint_ceiling_removes():
     joint = projections(image, 4) + products(image + text)
     attn2 = projections(image, 4) + products(image)
     assert removed == (joint + projections(text, 4)) + attn2 + (joint + projections(text, 3))
+
+
+def test_estimate_counts_what_the_flux_ceiling_removes():
+    """The tiny Flux transformer at 256 px (the --tiny flux-1024): a 16x16 packed grid (N = 256
+    image tokens), T = 512 text tokens, C = 32, one sample (no CFG batch). Its 2 double-stream
+    layers: 4 image and 4 text projections, 2 products over N + T tokens; its 4 single-stream
+    layers: 3 projections of [text; image] (no output projection) and the 2 products. (Flux's
+    position ids are made on the host for agentsd's hook and moved to the meta device after it.)"""
+    removed = estimate.call_flops("tiny-flux", 256, 1, "baseline") - estimate.call_flops("tiny-flux", 256, 1, "ceiling")
+    image, text, channels = 256, 512, 32
+
+    def projections(tokens, count):
+        return count * 2 * tokens * channels**2
+
+    products = 2 * 2 * (image + text) ** 2 * channels
+    double = projections(image, 4) + projections(text, 4) + products
+    single = projections(image + text, 3) + products
+    assert removed == 2 * double + 4 * single
+    assert estimate.call_flops("tiny-flux", 256, 1, "agentsd-agent") < estimate.call_flops("tiny-flux", 256, 1,
+                                                                                            "baseline")  # fmt: skip
+
+
+def test_flux_scenarios_follow_sd35_and_the_budget_skips_them_when_they_cannot_fit(monkeypatch):
+    """flux-1024 and flux-2048 come right after the SD 3.5 scenarios and run Flux.1-dev in bf16 on
+    CUDA (fp32 on the CPU); their estimate (Flux.1-dev's
+    FLOPs counted on the meta device for every timed call, its build unless the model cache holds
+    it) is what the budget skips them by, saying so. The whole model's baseline call is counted
+    for real; the scenario's sum with a stand-in count per call (counting every method of the
+    12 B model on the meta device takes a while)."""
+    order = list(DEFAULT_ORDER)
+    after = order.index("sd35-2048") + 1
+    assert order[after : after + 2] == ["flux-1024", "flux-2048"] and order[after + 2] == "tests"
+    for name in ("flux-1024", "flux-2048"):
+        scenario = SCENARIOS[name]
+        assert scenario.part == "flux" and (scenario.model(False), scenario.model(True)) == ("flux-dev", "tiny-flux")
+    plans = []
+    monkeypatch.setattr(step_scenarios, "run_scenario", lambda part, plan, context: plans.append(plan))
+    SCENARIOS["flux-2048"].run(None)
+    cuda, cpu = (PartContext(ROOT, False, torch.device(kind), ROOT) for kind in ("cuda", "cpu"))
+    assert plans[0].sizes == (2048,) and (plans[0].dtype(cuda), plans[0].dtype(cpu)) == (torch.bfloat16, torch.float32)
+    assert 70e12 < estimate.call_flops("flux-dev", 1024, 1, "baseline") < 80e12  # ~12 B params x 2 x 4,608 tokens
+    counted = []
+    monkeypatch.setattr(estimate, "call_flops", lambda *call: counted.append(call) or 50e12)
+    cost = SCENARIOS["flux-1024"].cost(False, None)
+    assert {(arch, size, images) for arch, size, images, *_ in counted} == {("flux-dev", 1024, 1)}
+    assert {method for _, _, _, method, _ in counted} == {"baseline", "agentsd-agent", "agentsd-tome", "ceiling"}
+    assert cost == {"flop": 4 * 12 * 50e12, "call": 4 * 12, "build:flux-dev": 1.0}  # 10 repeats + 2 warm-ups each
+    assert "build:flux-dev" not in SCENARIOS["flux-2048"].cost(False, "flux-dev")  # the model cache holds it
+    decision = Budget(120, estimate.priors(False)).decide(cost)
+    assert not decision.runs and "1 build:flux-dev x 120.0 s (prior)" in decision.reason
+    assert decision.reason.endswith("> 120 s left of the 120 s budget")

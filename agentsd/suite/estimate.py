@@ -31,8 +31,9 @@ from .budget import Budget, Cost
 # reach a fraction of it (small kernels, head dims of 40-64).
 THROUGHPUT = 100e12
 CALL_OVERHEAD = 0.02  # s per UNet call: ~1,500 eager kernel launches
-# Random init of the weights (SD 3.5 Medium's 2.5 B parameters as SDXL's 2.6 B).
-BUILD_S = {"sd15": 20.0, "sd21": 20.0, "sdxl": 60.0, "sd35-medium": 60.0, "pipeline": 40.0}
+# Random init of the weights (SD 3.5 Medium's 2.5 B parameters as SDXL's 2.6 B; Flux.1-dev's
+# 12 B drawn in fp32, 48 GB, then cast to bf16).
+BUILD_S = {"sd15": 20.0, "sd21": 20.0, "sdxl": 60.0, "sd35-medium": 60.0, "flux-dev": 120.0, "pipeline": 40.0}
 COMPILE_S = 150.0  # one inductor compilation of a whole UNet
 TIMING_S = 1.5  # one breakeven timing: its budget of calls (`min_run_time`) x 1.5, for the warm-up block
 PRIORS: dict[str, float] = dict(flop=1 / THROUGHPUT, call=CALL_OVERHEAD, compile=COMPILE_S, seconds=1.0,
@@ -52,13 +53,13 @@ def model_call_flops(model: Any, size: int, images: int, method: str, config: An
     """FLOPs of one model call (UNet or transformer) of `images` CFG images of `size` px as
     `method`, on the meta device.
 
-    The timestep is made on the CPU: agentsd's hook reads its value, which a meta tensor has
-    not. A UNet moves it to the latent's device itself; a transformer's is moved by a hook that
-    runs after agentsd's."""
+    The timestep (and Flux's position ids) are made on the CPU: agentsd's hook reads their
+    values, which a meta tensor has not. A UNet moves the timestep to the latent's device
+    itself; a transformer's host inputs are moved by a hook that runs after agentsd's."""
     args, kwargs = benchmark.model_inputs(model, size, images, timestep_device="cpu")
     counted = method if method in META_COUNTED else "baseline"
     with torch.no_grad(), benchmark.method_context(counted, model, config):
-        moved = model.register_forward_pre_hook(_timestep_to_meta, with_kwargs=True)  # after agentsd's
+        moved = model.register_forward_pre_hook(_host_inputs_to_meta, with_kwargs=True)  # after agentsd's
         try:
             with FlopCounterMode(display=False) as flops:
                 model(*args, **kwargs)
@@ -67,11 +68,13 @@ def model_call_flops(model: Any, size: int, images: int, method: str, config: An
     return float(flops.get_total_flops())
 
 
-def _timestep_to_meta(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    timestep = kwargs.get("timestep")
-    if isinstance(timestep, torch.Tensor):
-        kwargs = dict(kwargs, timestep=timestep.to("meta"))
-    return args, kwargs
+# The keyword inputs `model_call_flops` makes on the CPU for agentsd's hook to read.
+HOST_INPUTS = ("timestep", "img_ids", "txt_ids")
+
+
+def _host_inputs_to_meta(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    moved = {k: kwargs[k].to("meta") for k in HOST_INPUTS if isinstance(kwargs.get(k), torch.Tensor)}
+    return args, dict(kwargs, **moved)
 
 
 @functools.cache

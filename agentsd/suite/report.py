@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 DOCS_MARKERS = ("<!-- gpu-suite:start -->", "<!-- gpu-suite:end -->")
 README_MARKERS = ("<!-- performance:start -->", "<!-- performance:end -->")
-STEP_PARTS = ("sd15", "sdxl", "sd35", "sd15-highres", "sd15-compile", "sd15-compile-ceiling", "sd21")
+STEP_PARTS = ("sd15", "sdxl", "sd35", "flux", "sd15-highres", "sd15-compile", "sd15-compile-ceiling", "sd21")
 TEST_PARTS = ("tests", "tests-compile")
 # Method columns of the one-step tables, in this order (others follow as found).
 METHOD_ORDER = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "agentsd-schedule", "highres", "tomesd",
@@ -204,6 +204,7 @@ def docs_section(results: dict[str, dict[str, Any]], docs: Path, folders: Sequen
     out = [GENERATED, "", *_runs(results, docs), *_scenarios(folders), "", "### Targets", "", *targets(results)]
     titles = {"sd15": "SD 1.5, one denoising step", "sdxl": "SDXL (`sdxl` preset), one denoising step",
               "sd35": "SD 3.5 Medium, the whole transformer (`sd3` preset), one denoising step",
+              "flux": "Flux.1-dev, the whole transformer in bf16 (`flux` preset), one denoising step",
               "sd15-highres": "SD 1.5 at 2048 px: `highres` and the two-level ceiling",
               "sd15-compile": "SD 1.5 under torch.compile (inductor)",
               "sd15-compile-ceiling": "SD 1.5 under torch.compile: the compiled ceiling",
@@ -230,7 +231,7 @@ def docs_section(results: dict[str, dict[str, Any]], docs: Path, folders: Sequen
 def readme_table(results: dict[str, dict[str, Any]], docs: Path, readme: Path) -> str:
     """The README's short performance table: batch-1 step speedups (`highres` from its own
     scenario, against its own baseline) and the 512 px generation."""
-    rows = [r for r in _rows(results, "sd15", "sdxl", "sd35") if r["batch"] == 1]
+    rows = [r for r in _rows(results, "sd15", "sdxl", "sd35", "flux") if r["batch"] == 1]
     highres = [r for r in _rows(results, "sd15-highres") if r["batch"] == 1]
     if not rows and not highres and not _rows(results, "pipeline"):
         return "No GPU results yet.\n"
@@ -246,7 +247,9 @@ def readme_table(results: dict[str, dict[str, Any]], docs: Path, readme: Path) -
         # The main scenario's baseline and methods where both ran; `highres` from its own.
         by = {r["method"]: r for r in highres + rows if (r["arch"], r["size"], r["preset"]) == scenario}
         cells = [f"{by[m]['speedup']:.2f}x" if m in by else "" for m in columns]
-        body.append([f"{scenario[0]} (`{scenario[2]}`)", scenario[1], by["baseline"]["median_ms"], *cells])
+        dtype = by["baseline"]["dtype"]  # Flux.1-dev runs in bf16, guidance-distilled (no CFG batch)
+        model = f"{scenario[0]} (`{scenario[2]}`" + (f", {dtype})" if dtype != first["dtype"] else ")")
+        body.append([model, scenario[1], by["baseline"]["median_ms"], *cells])
     out += _table(header, body) if body else []
     generation = _rows(results, "pipeline")
     if generation:

@@ -10,6 +10,8 @@ Default order (`DEFAULT_ORDER`), most wanted first:
   2. sdxl-1024, sdxl-2048             SDXL fp16 with the `sdxl` preset, the same methods
   3. sd35-1024, sd35-2048             the whole SD 3.5 Medium transformer fp16 with the `sd3` preset:
                                       baseline, agent and ToMe phases (and schedule), ceiling
+     flux-1024, flux-2048             the whole Flux.1-dev transformer bf16 (12 B parameters, 24 GB)
+                                      with the `flux` preset, the same methods
   4. tests                            the short CUDA tests (`pytest -m gpu`, not the inductor one)
   5. breakeven-2, breakeven-8         the `min_tokens` break-even grids at CFG batches 2 and 8
   6. highres-2048                     `highres` and the two-level ceiling at 2048 px
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from . import breakeven, estimate, gpu_tests, pipeline, step
 from .budget import Cost
@@ -96,6 +100,12 @@ def _sd35(size: int) -> Scenario:
     return _step(f"sd35-{size}", "sd35", about, plan)
 
 
+def _flux(size: int) -> Scenario:
+    plan = StepPlan("flux-dev", (size,), (1,), step.FLUX_METHODS, cuda_dtype=torch.bfloat16)
+    about = f"Flux.1-dev transformer bf16 step at {size} px, `flux` preset: agentsd, ceiling"
+    return _step(f"flux-{size}", "flux", about, plan)
+
+
 COMPILED_AGENT = StepPlan("sd15", (1024,), (1,), ("baseline", "agentsd-agent", "ceiling"),
                           compiled=("baseline", "agentsd-agent"))  # fmt: skip
 COMPILED_CEILING = StepPlan("sd15", (1024,), (1,), ("baseline", "ceiling"), compiled=("baseline", "ceiling"))
@@ -110,6 +120,8 @@ SCENARIOS: dict[str, Scenario] = {
         _sdxl(2048),
         _sd35(1024),
         _sd35(2048),
+        _flux(1024),
+        _flux(2048),
         _tests("tests", "short", "the short CUDA tests: fp16/bf16 patch cycles, identical calls, host syncs"),
         _breakeven(2),
         _breakeven(8),
@@ -142,6 +154,6 @@ SCENARIOS: dict[str, Scenario] = {
         ),  # fmt: skip
     )
 }
-DEFAULT_ORDER = ("sd15-512", "sd15-1024", "sd15-2048", "sdxl-1024", "sdxl-2048", "sd35-1024", "sd35-2048", "tests",
-                 "breakeven-2", "breakeven-8", "highres-2048", "compile-agent-1024", "compile-ceiling-1024",
-                 "tests-compile", "pipeline-512")  # fmt: skip
+DEFAULT_ORDER = ("sd15-512", "sd15-1024", "sd15-2048", "sdxl-1024", "sdxl-2048", "sd35-1024", "sd35-2048",
+                 "flux-1024", "flux-2048", "tests", "breakeven-2", "breakeven-8", "highres-2048",
+                 "compile-agent-1024", "compile-ceiling-1024", "tests-compile", "pipeline-512")  # fmt: skip

@@ -2,10 +2,12 @@
 and diffusion transformers.
 
 Each scenario is one architecture at one image size (`StepPlan`), so the budget can stop
-between sizes. Its rows join those of its part (`sd15`, `sdxl`, `sd35`, `sd15-highres`,
+between sizes. Its rows join those of its part (`sd15`, `sdxl`, `sd35`, `flux`, `sd15-highres`,
 `sd15-compile`, `sd15-compile-ceiling`, `sd21`), whose files are rewritten after every
 scenario. The model is built once per architecture and kept between scenarios (`ModelCache`):
-one model at a time, so the peak memory of a scenario holds its own weights only.
+one model at a time, so the peak memory of a scenario holds its own weights only. A plan may
+name its dtype on CUDA (Flux.1-dev runs in bf16, as its pipeline does); on the CPU (--tiny)
+every model runs in fp32.
 
 A compiled scenario times its methods eager and under torch.compile (inductor), one
 compilation per compiled method; the compiled agent phase's share of the compiled ceiling's
@@ -30,13 +32,15 @@ logger = logging.getLogger(__name__)
 SD15_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "tomesd", "ceiling")
 SDXL_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "tomesd", "ceiling")
 SD35_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "ceiling")  # tomesd patches UNets only
+FLUX_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "ceiling")
 HIGHRES_METHODS = ("baseline", "highres", "ceiling-2")
 REPEATS, WARMUP = 10, 2  # per method and scenario on the GPU
 # The tiny stand-ins (agentsd.testing, benchmark's tiny-*) of each architecture; in --tiny mode an
 # image side is divided by TINY_DIVISOR (2048 px -> 256 px: a 32x32 latent on the tiny UNet), a
 # transformer's by 4: its 2x2 patches halve the grid, and at 1024 px / 4 it is 16x16 = 256
-# tokens, where the `sd3` preset starts to act.
-TINY_ARCHS = {"sd15": "tiny", "sd21": "tiny-sd2", "sdxl": "tiny-sdxl", "sd35-medium": "tiny-sd35"}
+# tokens, where the `sd3` and `flux` presets start to act.
+TINY_ARCHS = {"sd15": "tiny", "sd21": "tiny-sd2", "sdxl": "tiny-sdxl", "sd35-medium": "tiny-sd35",
+              "flux-dev": "tiny-flux"}  # fmt: skip
 TINY_DIVISOR = 8
 TINY_TRANSFORMER_DIVISOR = 4
 
@@ -46,12 +50,13 @@ class StepPlan:
     """One `run_benchmark` call: an architecture's scenario and the methods timed.
 
     Args:
-        arch: `sd15`, `sd21`, `sdxl` or `sd35-medium` (whole models).
+        arch: `sd15`, `sd21`, `sdxl`, `sd35-medium` or `flux-dev` (whole models).
         sizes, batches: image sides and images per prompt (every combination is timed).
         methods: the methods to time (those that cannot run here are left out).
         preset: the agentsd preset; None: the architecture's default (`paper`, `sd21`, `sdxl`,
-            `sd3`).
+            `sd3`, `flux`).
         compiled: the methods also timed under torch.compile.
+        cuda_dtype: the dtype on CUDA; None: the suite's (fp16). The CPU runs fp32 whatever it says.
     """
 
     arch: str
@@ -60,6 +65,11 @@ class StepPlan:
     methods: tuple[str, ...]
     preset: str | None = None
     compiled: tuple[str, ...] = ()
+    cuda_dtype: torch.dtype | None = None
+
+    def dtype(self, context: PartContext) -> torch.dtype:
+        """The dtype the plan runs in on the context's device."""
+        return self.cuda_dtype if self.cuda_dtype is not None and context.device.type == "cuda" else context.dtype
 
 
 def tiny_plan(plan: StepPlan) -> StepPlan:
@@ -77,30 +87,34 @@ def rounds(tiny: bool) -> tuple[int, int]:
 
 class ModelCache:
     """The model (UNet or transformer) of one architecture at a time, built on first use and kept
-    for the next scenario of the same architecture (a new architecture drops the old model first).
+    for the next scenario of the same architecture and dtype (another one drops the old model
+    first).
 
     Args:
-        device, dtype: where the models are built and their dtype.
+        device, dtype: where the models are built and their default dtype.
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
         self.arch: str | None = None
         self.model: Any = None
+        self.model_dtype: torch.dtype | None = None
         self.builds: list[tuple[str, float]] = []  # (architecture, seconds) of every build
 
-    def get(self, arch: str) -> Any:
-        if arch != self.arch:
+    def get(self, arch: str, dtype: torch.dtype | None = None) -> Any:
+        dtype = dtype or self.dtype
+        if arch != self.arch or dtype != self.model_dtype:
             self.model, self.arch = None, None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             start = time.perf_counter()
-            self.model = benchmark.build_model(arch, self.device, self.dtype)
+            self.model = benchmark.build_model(arch, self.device, dtype)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.builds.append((arch, time.perf_counter() - start))
-            self.arch = arch
-            logger.info("built the %s model in %.1f s", arch, self.builds[-1][1])
+            self.arch, self.model_dtype = arch, dtype
+            logger.info("built the %s model (%s) in %.1f s", arch, str(dtype).replace("torch.", ""),
+                        self.builds[-1][1])  # fmt: skip
         return self.model
 
 
@@ -154,6 +168,7 @@ def run_scenario(part: str, plan: StepPlan, context: PartContext) -> Outcome:
 
     builds_before = len(context.models.builds)
     repeats, warmup = rounds(context.tiny)
+    dtype = plan.dtype(context)
     benchmark.run_benchmark(
         archs=[run.arch],
         sizes=run.sizes,
@@ -163,13 +178,13 @@ def run_scenario(part: str, plan: StepPlan, context: PartContext) -> Outcome:
         repeats=repeats,
         warmup=warmup,
         device=context.device,
-        dtype=context.dtype,
+        dtype=dtype,
         # Dynamo's eager backend in --tiny mode: the harness is checked, not inductor.
         compile=("eager" if context.tiny else "inductor") if run.compiled else None,
         compile_methods=list(run.compiled),
         progress=False,
         on_rows=save,
-        build=context.models.get,
+        build=lambda arch: context.models.get(arch, dtype),
     )
     if not new:  # the scenario ran out of memory: the part's files are still written
         benchmark.write_results(rows, folder, context.command)
