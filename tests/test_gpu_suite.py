@@ -406,7 +406,8 @@ def test_estimate_counts_what_the_flux_ceiling_removes():
 
 
 def test_flux_scenarios_follow_sd35_and_the_budget_skips_them_when_they_cannot_fit(monkeypatch):
-    """flux-1024 and flux-2048 come right after the SD 3.5 scenarios and run Flux.1-dev in bf16 on
+    """flux-1024 and flux-2048 come right after the SD 3.5 scenarios (which follow SDXL, the CUDA
+    tests and the break-even grids) and run Flux.1-dev in bf16 on
     CUDA (fp32 on the CPU); their estimate (Flux.1-dev's
     FLOPs counted on the meta device for every timed call, its build unless the model cache holds
     it) is what the budget skips them by, saying so. The whole model's baseline call is counted
@@ -414,7 +415,9 @@ def test_flux_scenarios_follow_sd35_and_the_budget_skips_them_when_they_cannot_f
     12 B model on the meta device takes a while)."""
     order = list(DEFAULT_ORDER)
     after = order.index("sd35-2048") + 1
-    assert order[after : after + 2] == ["flux-1024", "flux-2048"] and order[after + 2] == "tests"
+    assert order[after : after + 2] == ["flux-1024", "flux-2048"] and order[after + 2] == "highres-2048"
+    # The short CUDA tests and the break-even grids come before the transformers, after SDXL.
+    assert order.index("sdxl-2048") < order.index("tests") < order.index("breakeven-8") < order.index("sd35-1024")
     for name in ("flux-1024", "flux-2048"):
         scenario = SCENARIOS[name]
         assert scenario.part == "flux" and (scenario.model(False), scenario.model(True)) == ("flux-dev", "tiny-flux")

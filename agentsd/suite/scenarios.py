@@ -8,17 +8,21 @@ Default order (`DEFAULT_ORDER`), most wanted first:
   1. sd15-512, sd15-1024, sd15-2048   SD 1.5 fp16, 1 image: baseline, agent and ToMe phases
                                       (and their 50-step schedule), tomesd at the same ratio, ceiling
   2. sdxl-1024, sdxl-2048             SDXL fp16 with the `sdxl` preset, the same methods
-  3. sd35-1024, sd35-2048             the whole SD 3.5 Medium transformer fp16 with the `sd3` preset:
+  3. tests                            the short CUDA tests (`pytest -m gpu`, not the inductor one)
+  4. breakeven-2, breakeven-8         the `min_tokens` break-even grids at CFG batches 2 and 8
+  5. sd35-1024, sd35-2048             the whole SD 3.5 Medium transformer fp16 with the `sd3` preset:
                                       baseline, agent and ToMe phases (and schedule), ceiling
      flux-1024, flux-2048             the whole Flux.1-dev transformer bf16 (12 B parameters, 24 GB)
                                       with the `flux` preset, the same methods
-  4. tests                            the short CUDA tests (`pytest -m gpu`, not the inductor one)
-  5. breakeven-2, breakeven-8         the `min_tokens` break-even grids at CFG batches 2 and 8
   6. highres-2048                     `highres` and the two-level ceiling at 2048 px
   7. compile-agent-1024, compile-ceiling-1024, tests-compile
                                       baseline, agent phase and ceiling under torch.compile at
                                       1024 px (two compilations each), the inductor CUDA test
   8. pipeline-512                     the 50-step pipeline s/image at 512 px, the paper's figures beside
+The diffusion transformers follow SDXL after the short CUDA tests and break-even grids: those
+take about two minutes together, and they are what a first GPU run must bring back (whether the
+kernels are right on CUDA, and the `min_tokens` per device), while the transformers' builds and
+steps are the largest items of the list.
 Not in the default order (run them with --scenarios): sd21-768, pipeline-1024.
 """
 
@@ -154,6 +158,6 @@ SCENARIOS: dict[str, Scenario] = {
         ),  # fmt: skip
     )
 }
-DEFAULT_ORDER = ("sd15-512", "sd15-1024", "sd15-2048", "sdxl-1024", "sdxl-2048", "sd35-1024", "sd35-2048",
-                 "flux-1024", "flux-2048", "tests", "breakeven-2", "breakeven-8", "highres-2048",
+DEFAULT_ORDER = ("sd15-512", "sd15-1024", "sd15-2048", "sdxl-1024", "sdxl-2048", "tests", "breakeven-2",
+                 "breakeven-8", "sd35-1024", "sd35-2048", "flux-1024", "flux-2048", "highres-2048",
                  "compile-agent-1024", "compile-ceiling-1024", "tests-compile", "pipeline-512")  # fmt: skip
