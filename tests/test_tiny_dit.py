@@ -22,20 +22,6 @@ KINDS = [
 PROMPT = "a red cube"
 
 
-@pytest.fixture(scope="module")
-def pipes():
-    """One pipeline per kind, built when first asked for."""
-    built = {}
-
-    def get(kind):
-        if kind not in built:
-            built[kind] = tiny_pipeline(kind)
-            built[kind].set_progress_bar_config(disable=True)
-        return built[kind]
-
-    return get
-
-
 def generate(pipe, kind, steps=2, width=128, height=128, **extra):
     generator = torch.Generator().manual_seed(0)
     call = dict(num_inference_steps=steps, width=width, height=height, generator=generator, output_type="np")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from agentsd.testing import FLUX_KINDS, tiny_pipeline
+from agentsd.testing import FLUX_KINDS
 
 tiny_flux = pytest.importorskip("agentsd.tiny_flux", reason="this diffusers has no Flux")
 
@@ -39,20 +39,6 @@ def inputs(kind, width=SIDE, height=SIDE):
     if kind == "flux-fill":
         return dict(image=image(width=width, height=height), mask_image=square_mask(width, height))
     return {}
-
-
-@pytest.fixture(scope="module")
-def pipes():
-    """One pipeline per kind, built when first asked for."""
-    built = {}
-
-    def get(kind):
-        if kind not in built:
-            built[kind] = tiny_pipeline(kind)
-            built[kind].set_progress_bar_config(disable=True)
-        return built[kind]
-
-    return get
 
 
 def generate(pipe, kind, steps=2, width=SIDE, height=SIDE, output_type="pt", **extra):
