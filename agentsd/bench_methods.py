@@ -24,6 +24,14 @@ and methods for large images,
     highres           the `highres` preset (two levels, agent phase on every step), whatever
                       the scenario's preset; its ceiling fraction is against `ceiling-2`
     ceiling-2         the ceiling over two levels (`max_downsample=2`): the bound of `highres`
+and a second bound,
+    ceiling-products  the layers the preset patches with their attention products costing nothing:
+                      each runs its own processor with every query given its own token's value,
+                      so the projections, QK norms, rotary embeddings and output projection stay.
+                      The bound of a method that only cuts the attention products; agent attention
+                      also saves the projections of merged tokens, so it can pass this bound. On
+                      the diffusion transformers, where the projections weigh as much as the
+                      products, it tells how much of the attention products agentsd removed.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from .patch import patch, unpatch
 from .presets import load_preset
 
 METHODS = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "tomesd", "reference", "ceiling")
-OPTIONAL_METHODS = ("agentsd-shared", "agentsd-pool", "agentsd-pool-r0", "highres", "ceiling-2")
+OPTIONAL_METHODS = ("agentsd-shared", "agentsd-pool", "agentsd-pool-r0", "highres", "ceiling-2", "ceiling-products")
 # The agentsd methods: the config overrides that make each one.
 AGENTSD_METHODS = {
     "agentsd-agent": dict(agent_steps=1.0),
@@ -89,6 +97,29 @@ class ZeroCostFluxAttention:
         return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
 
 
+def _own_values(query, key, value, *args, **kwargs):
+    """`ceiling-products`' stand-in for torch's SDPA: every query gets its own token's value (the
+    patched layers are self- or joint attention: as many queries as keys), with no product."""
+    return value
+
+
+class FreeProducts:
+    """`ceiling-products`' stand-in: the layer's own processor, its attention products (torch's
+    SDPA, called directly or through diffusers' dispatcher) replaced by `_own_values` for the
+    duration of the call."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, attn, *args, **kwargs):
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = _own_values
+        try:
+            return self.original(attn, *args, **kwargs)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+
+
 def zero_cost(layer: Layer) -> ZeroCostAttention | ZeroCostJointAttention | ZeroCostFluxAttention:
     """The ceiling's stand-in for a layer the family patches."""
     if issubclass(layer.processor, FluxAgentSDProcessor):
@@ -118,6 +149,12 @@ def method_context(method: str, model: torch.nn.Module, config: AgentSDConfig):
         family, found = find_model(model)
         layers = family.layers(found, levels).values()
         return _replaced_processors(model, lambda: [layer.module.set_processor(zero_cost(layer)) for layer in layers])
+    if method == "ceiling-products":
+        family, found = find_model(model)
+        layers = family.layers(found, config).values()
+        return _replaced_processors(
+            model, lambda: [layer.module.set_processor(FreeProducts(layer.module.processor)) for layer in layers]
+        )
     if method == "tomesd":
         import tomesd
 

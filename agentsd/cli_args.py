@@ -55,6 +55,7 @@ BENCH_METHODS = {
     "agentsd-pool-r0": "agent phase, pooled agents and no merge: no matching at all",
     "highres": "the highres preset (two levels, agent phase on every step)",
     "ceiling-2": "the ceiling over two levels: the bound of highres",
+    "ceiling-products": "the patched layers with their attention products costing nothing (projections kept)",
 }
 DTYPE_CHOICES = ["fp16", "bf16", "fp32"]
 

@@ -241,6 +241,10 @@ def _scenario_checks(arch: str, size: int, batch: int, by: dict[str, dict[str, A
             met = fraction >= CEILING_TARGET if applies else None
             text = (f"agent phase{suffix}: {fraction:.1%} of the ceiling's speedup "
                     f"(target {CEILING_TARGET:.0%}{_verdict(met, TARGETS_FROM)})")  # fmt: skip
+            products = acting.get("ceiling-products" + suffix)
+            if products is not None:
+                agent_ms = acting["agentsd-agent" + suffix]["median_ms"]
+                text += f"; {products['median_ms'] / agent_ms:.1%} of ceiling-products' (projections kept)"
             checks.append(Check(arch, size, batch, "ceiling" + suffix, text, met))
     if "tomesd" in by:
         tomesd_ms = by["tomesd"]["median_ms"]

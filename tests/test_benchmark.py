@@ -53,7 +53,7 @@ def test_methods_leave_the_unet_as_it_was():
     args, kwargs = benchmark.unet_inputs(unet, 128, 1)
     with torch.no_grad():
         expected = unet(*args, **kwargs).sample
-        for method in [*benchmark.available_methods(torch.device("cpu")), "highres", "ceiling-2"]:
+        for method in [*benchmark.available_methods(torch.device("cpu")), "highres", "ceiling-2", "ceiling-products"]:
             with benchmark.method_context(method, unet, benchmark.load_preset("paper")):
                 changed = unet(*args, **kwargs).sample
             assert (method == "baseline") == torch.equal(changed, expected), method
@@ -409,3 +409,28 @@ def test_cli_bench_runs_the_flux_arch_at_a_cut_depth(tmp_path, capsys):
 
     assert main(["bench", "--arch", "tiny-flux", "--sizes", "264", "--out", str(tmp_path / "refused")]) == 2
     assert "tiny-flux takes multiples of 16" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("kind", ["self", "joint"])
+def test_ceiling_products_keeps_the_projections_and_drops_the_products(kind):
+    """`ceiling-products`' stand-in gives every query its own token's value: a self-attention
+    layer returns to_out(to_v(x)); SD 3's joint one the same per stream (to_add_out(add_v_proj(c))
+    for the text). torch's SDPA is itself again after the call."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
+
+    from agentsd.bench_methods import FreeProducts
+
+    torch.manual_seed(0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    x, c = torch.randn(2, 12, 16), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        if kind == "self":
+            attn = Attention(16, heads=2, dim_head=8, processor=FreeProducts(AttnProcessor2_0()))
+            assert torch.allclose(attn(x), attn.to_out[0](attn.to_v(x)), atol=1e-6)
+        else:
+            attn = Attention(16, heads=2, dim_head=8, added_kv_proj_dim=16, context_pre_only=False, qk_norm="rms_norm",
+                             processor=FreeProducts(JointAttnProcessor2_0()))  # fmt: skip
+            image, text = attn(x, encoder_hidden_states=c)
+            assert torch.allclose(image, attn.to_out[0](attn.to_v(x)), atol=1e-6)
+            assert torch.allclose(text, attn.to_add_out(attn.add_v_proj(c)), atol=1e-6)
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa
