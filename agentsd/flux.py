@@ -84,45 +84,34 @@ class FluxAgentSDProcessor(AgentSDProcessor):
         **kwargs: Any,
     ) -> Any:
         call = self.state.call if self.state is not None else None
-        plan = self.flux_plan(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs, call)
+        plan = self.plan(attn, hidden_states, encoder_hidden_states, attention_mask, None, call)
         if plan is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
         return self._flux_forward(attn, hidden_states, encoder_hidden_states, image_rotary_emb, plan, call)
 
-    def flux_plan(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        context: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        kwargs: dict,
-        call: CallPlan | None,
-    ) -> LayerPlan | None:
-        """This layer's plan in the call, or None to hand it to the original (recorded with the
-        reason when a planned call cannot run as planned)."""
-        if self.state is None or not self.state.active or call is None:
-            return None
-        plan = call.plans.get(self.name)
-        if plan is None:
-            return None
-        reason = None
+    def unsupported_call(
+        self, encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None, temb: torch.Tensor | None
+    ) -> str | None:
+        """A masked call, or any call to a processor other than Flux's own (IP-Adapter's, a
+        custom one), goes to the original."""
         if attention_mask is not None:
-            reason = "called with an attention mask"
-        elif kwargs.get("ip_hidden_states") is not None or type(self.original).__name__ != "FluxAttnProcessor":
-            reason = f"served by {type(self.original).__name__}, which agentsd hands every call to"
-        else:
-            sequence = call.sequence
-            text = 0 if context is not None else sequence.text
-            expected = text + plan.h * plan.w + sequence.extra
-            if hidden_states.ndim != 3 or hidden_states.shape[1] != expected:
-                reason = (
-                    f"{hidden_states.shape[1] if hidden_states.ndim == 3 else 'image-shaped'} tokens are not the "
-                    f"{text} text + {plan.h}x{plan.w} grid + {sequence.extra} extra tokens of this call"
-                )
-        if reason is not None:
-            self.state.hand_over(call, self.name, reason)
+            return "called with an attention mask"
+        if type(self.original).__name__ != "FluxAttnProcessor":
+            return f"served by {type(self.original).__name__}, which agentsd hands every call to"
+        return None
+
+    def misfit(
+        self, attn: Any, hidden_states: torch.Tensor, context: torch.Tensor | None, plan: LayerPlan, call: CallPlan
+    ) -> str | None:
+        """Why the call's tokens are not the call's [text;] grid [; extra] (None: they are)."""
+        text = 0 if context is not None else call.sequence.text
+        expected = text + plan.h * plan.w + call.sequence.extra
+        if hidden_states.ndim == 3 and hidden_states.shape[1] == expected:
             return None
-        return plan
+        return (
+            f"{hidden_states.shape[1] if hidden_states.ndim == 3 else 'image-shaped'} tokens are not the "
+            f"{text} text + {plan.h}x{plan.w} grid + {call.sequence.extra} extra tokens of this call"
+        )
 
     def precision(self, attn: Any) -> torch.dtype | None:
         """Flux's attention has no upcast flags: only the config's `attn_precision` upcasts."""
@@ -149,15 +138,15 @@ class FluxAgentSDProcessor(AgentSDProcessor):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
 
-        # The sequence in diffusers' order, with the grid merged: [text; merged grid; extra].
+        # The sequence in diffusers' order, with the grid merged: [text; merged grid; extra] (the
+        # text with its own projections in a double-stream layer).
         if single:
             x = torch.cat([hidden_states[:, :text_len], merged, hidden_states[:, text_len + grid_tokens :]], dim=1)
-            query, key, value = (heads(t) for t in self.project_qkv(attn, x))
-            query, key = attn.norm_q(query), attn.norm_k(key)
         else:
             x = torch.cat([merged, hidden_states[:, grid_tokens:]], dim=1) if sequence.extra else merged
-            query, key, value = (heads(t) for t in self.project_qkv(attn, x))
-            query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (heads(t) for t in self.project_qkv(attn, x))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if not single:
             text_q, text_k, text_v = (heads(t) for t in self.project_added_qkv(attn, context))
             text_q, text_k = attn.norm_added_q(text_q), attn.norm_added_k(text_k)
             query, key, value = (torch.cat(pair, dim=2) for pair in ((text_q, query), (text_k, key), (text_v, value)))
@@ -197,12 +186,6 @@ class FluxAgentSDProcessor(AgentSDProcessor):
             image = torch.cat([merge.unmerge(image[:, :size]), image[:, size:]], dim=1)
         return image, attn.to_add_out(text)
 
-    def project_added_qkv(self, attn: Any, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The text's query, key and value: one product where `fuse_qkv_projections` fused them."""
-        if getattr(attn, "fused_projections", False) and getattr(attn, "to_added_qkv", None) is not None:
-            return attn.to_added_qkv(context).chunk(3, dim=-1)
-        return attn.add_q_proj(context), attn.add_k_proj(context), attn.add_v_proj(context)
-
     def fused(self, attn: Any) -> bool:
         """Flux's attention marks fused projections itself (`fused_projections`)."""
         return bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_qkv", None) is not None
@@ -213,12 +196,13 @@ class FluxAgentSDProcessor(AgentSDProcessor):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of the sequence [text; merged grid; extra], each (B or 1, 1, S, D): the
         merged grid's slots at their representatives' angles."""
+        if merge is None:
+            cos, sin = (table[None, None] for table in rotary)
+            return cos, sin
+        slots = merge.representatives(plan.dst)
         result = []
         for table in rotary:
-            if merge is None:
-                result.append(table[None, None])
-                continue
-            grid = table[text_len : text_len + grid_tokens][merge.representatives(plan.dst)]  # (B, N', D)
+            grid = table[text_len : text_len + grid_tokens][slots]  # (B, N', D)
             text, extra = table[:text_len].expand(batch, -1, -1), table[text_len + grid_tokens :].expand(batch, -1, -1)
             result.append(torch.cat([text, grid, extra], dim=1).unsqueeze(1))
         return result[0], result[1]

@@ -52,12 +52,6 @@ class JointAgentSDProcessor(AgentSDProcessor):
             return "called with a mask or temb"
         return None
 
-    def project_added_qkv(self, attn: Attention, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The text tokens' query, key and value: one fused product where the projections are fused."""
-        if self.fused(attn) and getattr(attn, "to_added_qkv", None) is not None:
-            return attn.to_added_qkv(context).chunk(3, dim=-1)
-        return attn.add_q_proj(context), attn.add_k_proj(context), attn.add_v_proj(context)
-
     def _forward(
         self,
         attn: Attention,

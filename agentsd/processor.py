@@ -159,13 +159,8 @@ class AgentSDProcessor:
         if plan is None:
             return None
         reason = self.unsupported_call(encoder_hidden_states, attention_mask, temb)
-        if reason is None and (hidden_states.ndim != 3 or plan.h * plan.w != hidden_states.shape[1]):
-            reason = (
-                f"{hidden_states.shape[1] if hidden_states.ndim == 3 else 'image-shaped'} tokens do not fit the "
-                f"{plan.h}x{plan.w} grid (another patch changes this block's tokens?)"
-            )
-        if reason is None and (attn.spatial_norm is not None or attn.group_norm is not None):
-            reason = "the layer normalizes spatially"
+        if reason is None:
+            reason = self.misfit(attn, hidden_states, encoder_hidden_states, plan, call)
         if reason is not None:
             self.state.hand_over(call, self.name, reason)
             return None
@@ -178,6 +173,25 @@ class AgentSDProcessor:
         processor runs self-attention only, unmasked."""
         if encoder_hidden_states is not None or attention_mask is not None or temb is not None:
             return "called with context, a mask or temb"
+        return None
+
+    def misfit(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None,
+        plan: LayerPlan,
+        call: CallPlan,
+    ) -> str | None:
+        """Why a supported call cannot run as planned (None: it can): its tokens are not the
+        plan's grid, or the layer normalizes spatially."""
+        if hidden_states.ndim != 3 or plan.h * plan.w != hidden_states.shape[1]:
+            return (
+                f"{hidden_states.shape[1] if hidden_states.ndim == 3 else 'image-shaped'} tokens do not fit the "
+                f"{plan.h}x{plan.w} grid (another patch changes this block's tokens?)"
+            )
+        if attn.spatial_norm is not None or attn.group_norm is not None:
+            return "the layer normalizes spatially"
         return None
 
     def precision(self, attn: Attention) -> torch.dtype | None:
@@ -201,6 +215,13 @@ class AgentSDProcessor:
         if self.fused(attn):
             return attn.to_qkv(x).chunk(3, dim=-1)
         return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
+    def project_added_qkv(self, attn: Attention, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The text tokens' query, key and value (SD 3's and Flux's added projections): one fused
+        product where the projections are fused."""
+        if self.fused(attn) and getattr(attn, "to_added_qkv", None) is not None:
+            return attn.to_added_qkv(context).chunk(3, dim=-1)
+        return attn.add_q_proj(context), attn.add_k_proj(context), attn.add_v_proj(context)
 
     def project_q(self, attn: Attention, x: torch.Tensor) -> torch.Tensor:
         """The query projection of `x`, from the fused weights where the projections are fused."""

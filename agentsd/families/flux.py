@@ -49,7 +49,7 @@ def layers(model: Any, config: AgentSDConfig) -> dict[str, Layer]:
             f"diffusers {diffusers.__version__} builds Flux without it. Upgrade diffusers: pip install -U diffusers."
         )
     found = {}
-    for _, (prefix, block) in blocks_in_range([b for b in _blocks(model)], config):
+    for _, (prefix, block) in blocks_in_range(_blocks(model), config):
         found[f"{prefix}.attn.processor"] = Layer(block.attn, 1, block, FluxAgentSDProcessor)
     return found
 
