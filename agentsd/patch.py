@@ -34,11 +34,12 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from .attention import check_backend
+from .caller import calling_pipeline
 from .config import AgentSDConfig
 from .families import family, find_model
 from .families.unet import attention_layers
 from .processor import AgentSDProcessor
-from .progress import ClockCache
+from .progress import Clock, ClockCache
 from .state import AgentSDState
 
 __all__ = ["attention_layers", "current_phase", "is_patched", "patch", "patched", "patched_config", "unpatch"]
@@ -74,8 +75,37 @@ class _Patch:
     family: str = "unet"
     pipe: weakref.ref | None = None
     hooks: tuple[torch.utils.hooks.RemovableHandle, ...] = ()
-    warned: set[str] = field(default_factory=set)
+    warned: set = field(default_factory=set)
     clocks: ClockCache = field(default_factory=ClockCache)
+
+    def clock_of_call(self, model: torch.nn.Module) -> Clock:
+        """The clock of the model call about to run: the scheduler of the pipeline making it
+        (found on the calling thread's stack); outside any pipeline, the scheduler of the pipeline
+        patched, or else the clock last read (training timesteps on a fresh patch). The
+        latter two are a guess when pipelines with other schedulers use the model: said once."""
+        pipe = calling_pipeline(model)
+        if pipe is not None:
+            self.state.clock = self.clocks(pipe.scheduler)  # the clock a loaded copy keeps
+            return self.state.clock
+        patched_pipe = self.pipe() if self.pipe is not None else None
+        clock = self.clocks(patched_pipe.scheduler) if patched_pipe is not None else self.state.clock
+        others = self.clocks.schedulers_other_than(clock)
+        if others and ("outside", tuple(others)) not in self.warned:
+            self.warned.add(("outside", tuple(others)))
+            source = (
+                f"as {type(patched_pipe.scheduler).__name__}'s, the scheduler of the pipeline patched"
+                if patched_pipe is not None
+                else "as the last pipeline call's"
+            )
+            logger.warning(
+                "agentsd: the %s was called outside a pipeline, so agentsd cannot tell which scheduler its timestep "
+                "comes from; pipelines with other schedulers (%s) use this model. It reads the timestep %s. "
+                "Call the model through its pipeline for the phase schedule to follow that pipeline's scheduler.",
+                family(self.family).noun,
+                ", ".join(others),
+                source,
+            )
+        return clock
 
     def __getstate__(self) -> dict:
         # A weak reference does not pickle: a loaded model is patched on its own, with the
@@ -136,8 +166,6 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
 
     pipe = pipe_or_unet if hasattr(pipe_or_unet, "scheduler") else None
     record = _Patch(AgentSDState(config), [], kind.name, weakref.ref(pipe) if pipe is not None else None)
-    if pipe is not None:
-        record.state.clock = record.clocks(pipe.scheduler)
     record.layers = [
         PatchedLayer(name, layer.module, layer.downsample, layer.block, layer.processor)
         for name, layer in targets.items()
@@ -347,12 +375,10 @@ class _BeginCall:
     @torch.compiler.disable
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         record = self.record
-        pipe = record.pipe() if record.pipe is not None else None
-        if pipe is not None:
-            record.state.clock = record.clocks(getattr(pipe, "scheduler", None))
+        clock = record.clock_of_call(module)
         _sync(record)
         call = family(record.family).read_call(module, args, kwargs)
-        record.state.begin_call(call.sample, call.timestep, call.grid, call.sequence)
+        record.state.begin_call(call.sample, call.timestep, call.grid, call.sequence, clock)
 
 
 class _EndCall:

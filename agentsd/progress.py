@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,16 +111,36 @@ def clock_for(scheduler: Any) -> Clock:
 
 
 class ClockCache:
-    """`clock_for` of the scheduler a pipeline holds now, rebuilt only when its class or
-    config changes (a pipeline's scheduler may be swapped at any time)."""
+    """`clock_for` of a scheduler, built once per scheduler class and config: a pipeline's
+    scheduler may be swapped at any time, and pipelines with different schedulers may share one
+    model. Keeps the latest `MAX_CLOCKS` of them."""
+
+    MAX_CLOCKS = 16
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._clock: Clock = TrainingTimesteps()
+        self._clocks: dict[tuple, tuple[str, Clock]] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"_clocks": self._clocks}  # a lock does not copy
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self._clocks.update(state["_clocks"])
 
     def __call__(self, scheduler: Any) -> Clock:
         config = getattr(scheduler, "config", None)
         key = (type(scheduler), tuple(sorted((k, repr(v)) for k, v in dict(config or {}).items())))
-        if key != self._key:
-            self._clock, self._key = clock_for(scheduler), key
-        return self._clock
+        with self._lock:
+            found = self._clocks.pop(key, None)  # popped and put back: the dict's order is the use order
+            if found is None:
+                found = (type(scheduler).__name__, clock_for(scheduler))
+            self._clocks[key] = found
+            while len(self._clocks) > self.MAX_CLOCKS:
+                self._clocks.pop(next(iter(self._clocks)))
+        return found[1]
+
+    def schedulers_other_than(self, clock: Clock) -> list[str]:
+        """The scheduler classes read so far whose clock is not `clock`."""
+        with self._lock:
+            return sorted({name for name, seen in self._clocks.values() if seen != clock})

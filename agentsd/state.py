@@ -188,13 +188,10 @@ class AgentSDState:
         """Declare a patched layer and the downsampling of its level relative to the latent."""
         self.layers[name] = downsample
 
-    def progress(self, timestep: float) -> float:
-        """How far along the trajectory a call with `timestep` is: 0 at the noisiest end."""
-        return self.clock.progress(timestep)
-
-    def is_agent_phase(self, timestep: float) -> bool:
+    def is_agent_phase(self, progress: float) -> bool:
+        """Whether a call at `progress` along the trajectory (0 at the noisiest end) is in the agent phase."""
         agent_steps = self.config.agent_steps
-        return agent_steps >= 1.0 or self.progress(timestep) < agent_steps
+        return agent_steps >= 1.0 or progress < agent_steps
 
     @property
     def call(self) -> CallPlan | None:
@@ -227,6 +224,7 @@ class AgentSDState:
         timestep: torch.Tensor | float,
         grid: tuple[int, int] | None = None,
         sequence: Sequence | None = None,
+        clock: Clock | None = None,
     ) -> CallPlan:
         """Decide the phase and every layer's plan for the model call about to run in this thread.
 
@@ -237,14 +235,17 @@ class AgentSDState:
             grid: the token grid at downsample 1, where it is not the latent's sides (a diffusion
                 transformer's patch grid).
             sequence: where the grid's tokens sit in the layers' sequences, when not alone.
+            clock: reads this call's progress from its timestep (the scheduler of the pipeline
+                making the call); `self.clock` when None.
         """
         sequence = sequence or Sequence()
         self._count(self._calls.call)  # a call that never reached `end_call` (it raised)
         latent_hw = grid if grid is not None else (int(sample.shape[-2]), int(sample.shape[-1]))
         # The one synchronisation per UNet call when `timestep` is a device tensor.
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        self._check_timestep(t)
-        agent_phase = self.is_agent_phase(t)
+        clock = clock or self.clock
+        self._check_timestep(t, clock)
+        agent_phase = self.is_agent_phase(clock.progress(t))
         generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + round(t * 1000)) % (2**63))
         randomize = self.config.use_rand and sample.shape[0] % 2 == 0
         settings = self.settings(agent_phase)
@@ -366,17 +367,18 @@ class AgentSDState:
                 _add(call, self.phase_calls, self.acting_calls, self.layer_calls)
                 call.counted = True
 
-    def _check_timestep(self, t: float) -> None:
+    def _check_timestep(self, t: float, clock: Clock) -> None:
         """Say once when the timestep is one the clock cannot place (the phase would be wrong)."""
-        if self.clock.maps(t) or "timestep" in self._warned:
+        if clock.maps(t) or "timestep" in self._warned:
             return
         self._warned.add("timestep")
         logger.warning(
             "agentsd: the UNet got timestep %g, outside [0, %d]: it cannot tell how far along the trajectory "
-            "this call is, so the phase schedule may be wrong. Patch the pipeline (agentsd.patch(pipe)) rather "
-            "than its UNet, so that agentsd reads progress from the pipeline's scheduler.",
+            "this call is, so the phase schedule may be wrong. Call the model through its pipeline, whose "
+            "scheduler agentsd then reads, or patch the pipeline (agentsd.patch(pipe)) for calls made outside it "
+            "to read that pipeline's scheduler.",
             t,
-            getattr(self.clock, "num_train_timesteps", 0),
+            getattr(clock, "num_train_timesteps", 0),
         )
 
     def _warn_if_too_small(self, call: CallPlan) -> None:
