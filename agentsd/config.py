@@ -38,7 +38,8 @@ class AgentSDConfig:
         k_scale2: exponent of the attention scale in the broadcast step (temperature
             `d ** (-0.5 * k_scale2)`), > 0.
         k_shortcut: weight of the value shortcut added to the agent output, >= 0.
-        use_rand: draw the destination inside each cell at random (off for odd batches).
+        use_rand: draw the destination inside each cell at random: one draw per model call from `seed`
+            and the timestep, the same for every image of the batch.
         seed: seed of the library's own generator for the destination draws, >= 0.
         attn_precision: `"fp32"` computes both softmaxes in float32; `None` chooses fp32
             for layers whose diffusers `Attention` upcasts (SD 2.x) and the model dtype

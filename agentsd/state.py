@@ -247,7 +247,11 @@ class AgentSDState:
         self._check_timestep(t, clock)
         agent_phase = self.is_agent_phase(clock.progress(t))
         generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + round(t * 1000)) % (2**63))
-        randomize = self.config.use_rand and sample.shape[0] % 2 == 0
+        # One draw per call, from the seed and the timestep alone: every image of the batch, and
+        # both halves of a guidance pair, get the same destinations whatever else is in the batch
+        # (the published code turns randomness off for odd batches instead, which makes an image
+        # depend on its batch size).
+        randomize = self.config.use_rand
         settings = self.settings(agent_phase)
         plans, reasons = {}, {}
         for name, downsample in sorted(self.layers.items()):

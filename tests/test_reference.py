@@ -24,7 +24,7 @@ def make_attention(dim=32, heads=2, seed=0):
 def run_processor(attn, x, h, w, config, timestep, monkeypatch, downsample=1, latent=None):
     """Run the processor as the patched UNet would, on the h x w grid of a layer at `downsample`
     (of `latent`, h x w by default). Returns its output and the destinations the reference
-    uses: without randomness (`use_rand` off, or an odd batch), the test's own top-left ones of
+    uses: without randomness (`use_rand` off), the test's own top-left ones of
     the phase's cells; with it, the processor's draw, once checked to hold one token of every
     whole cell of the phase's cell size."""
     drawn = []
@@ -43,7 +43,7 @@ def run_processor(attn, x, h, w, config, timestep, monkeypatch, downsample=1, la
         out = attn(x)
     assert len(drawn) == 1, "one destination draw per layer and UNet call"
     sx, sy = (config.sx, config.sy) if timestep == AGENT_T else (config.late_sx, config.late_sy)
-    if config.use_rand and x.shape[0] % 2 == 0:
+    if config.use_rand:
         check_one_per_whole_cell(drawn[0], h, w, sx, sy)
         return out, drawn[0]
     return out, top_left_destinations(h, w, sx, sy)
