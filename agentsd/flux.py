@@ -34,9 +34,15 @@ import torch
 
 from .attention import agent_attention, attend
 from .processor import AgentSDProcessor
+from .shared_weights import SharedWeights
 from .state import AGENT, CallPlan, LayerPlan
 
-__all__ = ["FluxAgentSDProcessor", "flux_attention_class"]
+try:  # diffusers 0.35 and later, with FluxAttention
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+except ImportError:
+    FluxIPAdapterAttnProcessor = None
+
+__all__ = ["FluxAgentSDProcessor", "FluxIPAgentSDProcessor", "flux_attention_class"]
 
 
 def flux_attention_class() -> type | None:
@@ -89,11 +95,18 @@ class FluxAgentSDProcessor(AgentSDProcessor):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
         return self._flux_forward(attn, hidden_states, encoder_hidden_states, image_rotary_emb, plan, call)
 
+    @classmethod
+    def serving(cls, delegate: Any) -> type | None:
+        """`FluxIPAgentSDProcessor` for an IP-Adapter's processor, else as `AgentSDProcessor.serving`."""
+        if FluxIPAdapterAttnProcessor is not None and isinstance(delegate, FluxIPAdapterAttnProcessor):
+            return FluxIPAgentSDProcessor
+        return super().serving(delegate)
+
     def unsupported_call(
         self, encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None, temb: torch.Tensor | None
     ) -> str | None:
-        """A masked call, or any call to a processor other than Flux's own (IP-Adapter's, a
-        custom one), goes to the original."""
+        """A masked call, or any call to a processor other than Flux's own (a custom one), goes to
+        the original."""
         if attention_mask is not None:
             return "called with an attention mask"
         if type(self.original).__name__ != "FluxAttnProcessor":
@@ -216,3 +229,72 @@ class FluxAgentSDProcessor(AgentSDProcessor):
         tokens = plan.dst.expand(batch, -1) if agent_merge is None else agent_merge.representatives(plan.dst)
         cos, sin = (table[text_len:][tokens].unsqueeze(1) for table in rotary)
         return cos, sin
+
+
+if FluxIPAdapterAttnProcessor is not None:
+
+    class FluxIPAgentSDProcessor(SharedWeights, FluxAgentSDProcessor, FluxIPAdapterAttnProcessor):
+        """Agent attention for a Flux layer served by an IP-Adapter (`FluxIPAdapterAttnProcessor`,
+        which `load_ip_adapter` puts on the double-stream blocks).
+
+        The attention over [text; image] runs as in `FluxAgentSDProcessor`; the adapter's
+        image-prompt attention runs exactly as the adapter computes it (every image token's
+        normalized query, before the rotary embedding, over each image prompt's keys and values,
+        weighted by the adapter's `scale`) and is returned as the adapter returns it, a third
+        output the block adds. So at scale 0 the output is the patched output without the adapter.
+        The adapter's weights stay in the model under their names (`SharedWeights`);
+        `set_ip_adapter_scale` and `unload_ip_adapter` reach it as they would unpatched.
+        """
+
+        def unsupported_call(
+            self,
+            encoder_hidden_states: torch.Tensor | None,
+            attention_mask: torch.Tensor | None,
+            temb: torch.Tensor | None,
+        ) -> str | None:
+            return "called with an attention mask" if attention_mask is not None else None
+
+        def __call__(
+            self,
+            attn: Any,
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            image_rotary_emb: Any = None,
+            ip_hidden_states: list[torch.Tensor] | None = None,
+            ip_adapter_masks: torch.Tensor | None = None,
+        ) -> Any:
+            call = self.state.call if self.state is not None else None
+            plan = self.plan(attn, hidden_states, encoder_hidden_states, attention_mask, None, call)
+            if plan is None or (encoder_hidden_states is not None and ip_hidden_states is None):
+                return self.original(
+                    attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, ip_hidden_states,
+                    ip_adapter_masks,
+                )  # fmt: skip
+            out = self._flux_forward(attn, hidden_states, encoder_hidden_states, image_rotary_emb, plan, call)
+            if encoder_hidden_states is None:  # a single-stream block: the adapter adds nothing there
+                return out
+            return (*out, self.image_prompt(attn, hidden_states, ip_hidden_states))
+
+        def image_prompt(self, attn: Any, hidden_states: torch.Tensor, ip_hidden_states: list) -> torch.Tensor:
+            """The adapter's output: the sum over its image prompts of `scale` times the attention of
+            the image tokens' queries over the prompt's projected tokens."""
+            from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+            adapter, batch = self.original, hidden_states.shape[0]
+            query = attn.norm_q(self.project_q(attn, hidden_states).unflatten(-1, (attn.heads, -1)))
+            out = query.new_zeros(batch, query.shape[1], attn.heads * attn.head_dim)
+            for states, scale, to_k, to_v in zip(
+                ip_hidden_states, adapter.scale, adapter.to_k_ip, adapter.to_v_ip, strict=False
+            ):
+                key = to_k(states).view(batch, -1, attn.heads, attn.head_dim)
+                value = to_v(states).view(batch, -1, attn.heads, attn.head_dim)
+                prompt = dispatch_attention_fn(
+                    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                    backend=adapter._attention_backend, parallel_config=adapter._parallel_config,
+                )  # fmt: skip
+                out += scale * prompt.reshape(batch, -1, attn.heads * attn.head_dim).to(query.dtype)
+            return out
+
+else:
+    FluxIPAgentSDProcessor = None

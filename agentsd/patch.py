@@ -1,6 +1,6 @@
 """Patching a diffusers model (or a pipeline holding one) with agent attention.
 
-The model is a Stable Diffusion UNet or a diffusion transformer (SD 3 / 3.5, PixArt): its
+The model is a Stable Diffusion UNet or a diffusion transformer (SD 3 / 3.5, PixArt, Flux.1): its
 family (`agentsd.families`) says which attention layers to patch and how a call gives the
 latent, the token grid and the timestep; everything here is family-blind. The patch uses two
 diffusers/PyTorch extension points only: the attention processor of each selected layer, and
@@ -15,9 +15,9 @@ now, so agent attention keeps acting and delegates to the user's latest processo
 `unpatch` hands each layer that processor back.
 
 A patched model may serve several calls at once (threads, pipelines made with `from_pipe`):
-each call's plan belongs to the thread running it (`agentsd.state`). It can be deep-copied
-(the copy is an independent patched model; copied with its pipeline, it follows the copied
-pipeline's scheduler) and pickled (it loads back patched).
+each call's plan belongs to the thread running it (`agentsd.state`), and its phase follows the
+scheduler of the pipeline making it (`agentsd.caller`). It can be deep-copied (the copy is an
+independent patched model) and pickled (it loads back patched).
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ class _Patch:
         for name, value in self.__dict__.items():
             if name != "pipe":
                 setattr(new, name, copy.deepcopy(value, memo))
-        # Copied together with its pipeline, the copy follows the copied pipeline's scheduler;
-        # copied alone, it keeps the clock it has and follows no pipeline.
+        # The pipeline patched is the fallback for calls made outside any pipeline: copied with
+        # the model, the copy falls back on the copied pipeline; copied alone, on none.
         pipe = self.pipe() if self.pipe is not None else None
         copied = memo.get(id(pipe)) if pipe is not None else None
         new.pipe = weakref.ref(copied) if copied is not None else None
@@ -132,9 +132,10 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
     Args:
         pipe_or_unet: a pipeline, or its model: Stable Diffusion 1.x, 2.x, XL (a
             `UNet2DConditionModel`; txt2img, img2img, inpaint, ControlNet), Stable Diffusion 3 /
-            3.5 (`SD3Transformer2DModel`), PixArt-alpha / -Sigma (`PixArtTransformer2DModel`).
-            Given a pipeline, the phase schedule reads progress through its current scheduler at
-            every call.
+            3.5 (`SD3Transformer2DModel`), PixArt-alpha / -Sigma (`PixArtTransformer2DModel`),
+            Flux.1 (`FluxTransformer2DModel`; its img2img, inpaint, Fill, Kontext and ControlNet
+            pipelines too). Every call's phase schedule reads progress through the scheduler of
+            the pipeline making the call (`agentsd.caller`).
         config: the configuration; `AgentSDConfig()` (the published recipe) when None.
         **overrides: fields of `AgentSDConfig` to change, e.g. `ratio=0.5`.
 
@@ -330,7 +331,7 @@ def _blocker(layer: PatchedLayer, record: _Patch) -> str | None:
     if _is_ours(processor, record):
         return None
     delegate = _delegate_of(processor)
-    if isinstance(delegate, torch.nn.Module) and any(True for _ in delegate.parameters()):
+    if layer.processor.serving(delegate) is None:
         return (
             f"its processor {type(delegate).__name__} holds weights of its own, which wrapping it would take "
             "out of the model: agentsd leaves it alone"
@@ -355,7 +356,8 @@ def _sync(record: _Patch) -> None:
             blocked[layer.name] = reason
         elif not _is_ours(current, record):  # ours may also come back, e.g. by unfuse_qkv_projections
             delegate = _delegate_of(current)
-            layer.module.set_processor(layer.processor(delegate, record.state, layer.name, layer.downsample))
+            wrapper = layer.processor.serving(delegate)
+            layer.module.set_processor(wrapper(delegate, record.state, layer.name, layer.downsample))
     record.state.blocked = blocked
     for reason in dict.fromkeys(blocked.values()):
         names = [name for name, r in blocked.items() if r == reason]

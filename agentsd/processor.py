@@ -77,6 +77,15 @@ class AgentSDProcessor:
             state.register(name, downsample)
         self._sign()
 
+    @classmethod
+    def serving(cls, delegate: Any) -> type | None:
+        """The agentsd processor class that wraps `delegate`: this class, or one made for that kind of
+        processor (an IP-Adapter's); None where agentsd cannot wrap it: it holds weights that no
+        agentsd class keeps in the model (`agentsd.shared_weights`)."""
+        if isinstance(delegate, torch.nn.Module) and any(True for _ in delegate.parameters()):
+            return None
+        return cls
+
     def _sign(self) -> None:
         """Give this instance a `__call__` whose signature also names the delegate's keyword
         arguments (diffusers reads `inspect.signature(processor.__call__)` to filter them)."""
