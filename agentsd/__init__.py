@@ -1,5 +1,5 @@
 """agentsd: training-free agent attention for diffusers: Stable Diffusion UNets (1.x, 2.x, XL) and the
-SD 3 / 3.5 and PixArt diffusion transformers.
+SD 3 / 3.5, PixArt and Flux.1 diffusion transformers.
 
 >>> import agentsd
 >>> agentsd.patch(pipe)  # doctest: +SKIP

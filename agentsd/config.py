@@ -69,12 +69,14 @@ class AgentSDConfig:
             `agent_ratio`) or `"pool"` (opt-in, changes outputs: agents are the means of the
             whole `sx x sy` cells, no matching; with `ratio=0` the agent phase needs no
             matching at all).
+        block_range: which transformer blocks of a diffusion transformer (SD 3 / 3.5, PixArt,
+            Flux) are patched: `(start, stop)` block indices, stop excluded, as in
+            `range(start, stop)`; Flux counts its double-stream blocks first, then its
+            single-stream ones. None: every block. UNets choose their layers by
+            `max_downsample` and ignore it.
 
     numpy scalars (`np.float32(0.5)`, `np.int64(4)`, `np.bool_(True)`) are stored as the
     Python float, int or bool they hold, and validated as such.
-        block_range: which transformer blocks of a diffusion transformer (SD 3 / 3.5, PixArt) are
-            patched: `(start, stop)` block indices, stop excluded, as in `range(start, stop)`;
-            None: every block. UNets choose their layers by `max_downsample` and ignore it.
 
     Example:
         >>> from agentsd import AgentSDConfig

@@ -99,10 +99,11 @@ class Sequence:
 
 @dataclass
 class CallPlan:
-    """One UNet call: its latent size, phase, every patched layer's plan (None: the layer hands
-    the call to its original processor, for `reasons[name]`), the layers whose call was handed
-    over at run time and why, the merges shared by the layers of a grid (`share_matching`), and
-    where the grid's tokens sit in the layers' sequences."""
+    """One UNet call: its latent size (a transformer's: its token grid, `token_grid`), phase,
+    every patched layer's plan (None: the layer hands the call to its original processor, for
+    `reasons[name]`), the layers whose call was handed over at run time and why, the merges shared
+    by the layers of a grid (`share_matching`), and where the grid's tokens sit in the layers'
+    sequences."""
 
     latent_hw: tuple[int, int]
     agent_phase: bool
@@ -112,6 +113,12 @@ class CallPlan:
     handed_over: dict[str, str] = field(default_factory=dict)
     shared: dict[tuple[int, int], tuple[TokenMerge | None, TokenMerge | None]] = field(default_factory=dict)
     counted: bool = False
+    token_grid: bool = False
+
+    @property
+    def size(self) -> str:
+        """What `latent_hw` measures, in words: "latent 64x64", or "token grid 16x16"."""
+        return f"{'token grid' if self.token_grid else 'latent'} {self.latent_hw[0]}x{self.latent_hw[1]}"
 
     @property
     def phase(self) -> str:
@@ -262,7 +269,8 @@ class AgentSDState:
             else:
                 plans[name], reasons[name] = self._plan(latent_hw, downsample, settings, randomize, generator, sample)
         self._send_indices([p for p in plans.values() if p is not None], sample.device)
-        call = CallPlan(latent_hw, agent_phase, plans, {n: r for n, r in reasons.items() if r is not None}, sequence)
+        reasons = {n: r for n, r in reasons.items() if r is not None}
+        call = CallPlan(latent_hw, agent_phase, plans, reasons, sequence, token_grid=grid is not None)
         self._calls.call = self.latest = call
         self._warn_if_too_small(call)
         return call
@@ -386,16 +394,14 @@ class AgentSDState:
         )
 
     def _warn_if_too_small(self, call: CallPlan) -> None:
-        """Warn once per latent size when every layer runs exact attention because of its size."""
+        """Warn once per size when every layer runs exact attention because of its size."""
         limited = [r for r in call.reasons.values() if r.startswith(SMALL_GRID)]
         if call.plans and not any(call.plans.values()) and limited and call.latent_hw not in self._warned:
             self._warned.add(call.latent_hw)
-            h, w = call.latent_hw
             logger.warning(
-                "agentsd: no patched layer runs agent attention or token merging at this size (latent %dx%d): "
+                "agentsd: no patched layer runs agent attention or token merging at this size (%s): "
                 "%s. Use a larger image or a lower min_tokens.",
-                h,
-                w,
+                call.size,
                 limited[0],
             )
 

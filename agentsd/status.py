@@ -2,7 +2,7 @@
 
 >>> print(agentsd.status(pipe))  # doctest: +SKIP
 >>> agentsd.status(pipe).activity.summary()  # doctest: +SKIP
-'agentsd: 20 UNet calls (8 agent phase, 12 ToMe phase); agent attention on 8 calls (3 of 3 layers), ...'
+'agentsd: 20 UNet calls since patching (8 agent phase, 12 ToMe phase); agent attention on 8 calls (3 of 3 layers), ...'
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ class Activity:
         return [name for name, calls in self.layer_calls.items() if calls.get(mode, 0) > 0]
 
     def summary(self) -> str:
-        """One line: the calls per phase, in how many of them and in how many layers agent
-        attention and token merging ran, and why layers stayed exact."""
+        """One line: the calls since patching per phase, in how many of them and in how many layers
+        agent attention and token merging ran, and why layers stayed exact (the latest reason)."""
         if not self.calls:
             return f"agentsd: no {self.model} call yet"
         total = len(self.layer_calls)
@@ -103,7 +103,7 @@ class Activity:
             for mode, label in ((AGENT, "agent attention"), (TOME, "token merging"))
             if self.acting_calls.get(mode)
         ]
-        line = f"agentsd: {self.calls} {self.model} calls ({phases}); " + (
+        line = f"agentsd: {self.calls} {self.model} calls since patching ({phases}); " + (
             ", ".join(done) if done else "no layer ran agent attention or token merging"
         )
         exact = {name: r for name, r in self.reasons.items() if name not in self._acting_layers()}
@@ -119,7 +119,12 @@ class Activity:
 
 @dataclass(frozen=True)
 class PatchStatus:
-    """The state of agentsd on one UNet (see `status`)."""
+    """The state of agentsd on one model (see `status`).
+
+    Attributes:
+        latent: the latest call's latent sides (a UNet) or token grid (a transformer).
+        size: the same in words: "latent 64x64", "token grid 16x16".
+    """
 
     installed: bool
     acting: bool
@@ -128,6 +133,7 @@ class PatchStatus:
     phase: str | None = None
     layers: tuple[LayerStatus, ...] = ()
     activity: Activity = field(default_factory=Activity)
+    size: str | None = None
 
     def __str__(self) -> str:
         if not self.installed:
@@ -135,7 +141,7 @@ class PatchStatus:
         head = "agentsd: patched" if self.acting else "agentsd: patched, but acting on no layer"
         latest = f"no {self.activity.model} call yet"
         if self.latent is not None:
-            latest = f"latest call: latent {self.latent[0]}x{self.latent[1]}, {self.phase} phase"
+            latest = f"latest call: {self.size}, {self.phase} phase"
         lines = [f"{head}; {len(self.layers)} layers; {latest}", self.activity.summary()]
         for layer in self.layers:
             grid = f"{layer.grid[0]}x{layer.grid[1]}" if layer.grid else "-"
@@ -208,6 +214,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
         acting=any(reason is None for reason in blocked.values()),
         config=state.config,
         latent=call.latent_hw if call is not None else None,
+        size=call.size if call is not None else None,
         phase=call.phase if call is not None else None,
         layers=tuple(layers),
         activity=activity,

@@ -202,8 +202,8 @@ def test_generate_says_what_agentsd_did(models, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (
-        "agentsd: 10 UNet calls (4 agent phase, 6 ToMe phase); agent attention on 4 calls (3 of 3 layers), "
-        "token merging on 6 calls (3 of 3 layers)"
+        "agentsd: 10 UNet calls since patching (4 agent phase, 6 ToMe phase); "
+        "agent attention on 4 calls (3 of 3 layers), token merging on 6 calls (3 of 3 layers)"
     ) in result.stdout
     assert "agentsd steps: 1-2 agent attention, 3-5 token merging" in result.stdout
     sidecar = json.loads((tmp_path / "p0000_s1.json").read_text())

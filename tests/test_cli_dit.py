@@ -63,8 +63,8 @@ def test_the_readme_first_command_on_a_tiny_sd3(tmp_path, monkeypatch, capsys):
     agent = phases.count("agent")
     assert 0 < agent < 8
     assert (
-        f"agentsd: 8 transformer calls ({agent} agent phase, {8 - agent} ToMe phase); agent attention on {agent} "
-        f"calls (2 of 2 layers), token merging on {8 - agent} calls (2 of 2 layers)"
+        f"agentsd: 8 transformer calls since patching ({agent} agent phase, {8 - agent} ToMe phase); "
+        f"agent attention on {agent} calls (2 of 2 layers), token merging on {8 - agent} calls (2 of 2 layers)"
     ) in out
     assert f"agentsd steps: 1-{agent} agent attention, {agent + 1}-8 token merging" in out
     assert "speedup:" in out

@@ -197,7 +197,8 @@ def test_cli_compare_end_to_end(tmp_path):
     rows = {r["method"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
     assert set(rows) == {"baseline", "paper", "tomesd:0.4"}
     # 3 prompts, 2 steps each: both past progress 0.4, so the ToMe phase only, and said so.
-    assert "paper: agentsd: 6 UNet calls (0 agent phase, 6 ToMe phase); token merging on 6 calls" in result.stdout
+    summary = "paper: agentsd: 6 UNet calls since patching (0 agent phase, 6 ToMe phase); token merging on 6 calls"
+    assert summary in result.stdout
     assert "no layer ran agent attention in the paper run" in result.stderr
     assert rows["tomesd:0.4"]["ratio"] == 0.4 and np.isfinite(rows["tomesd:0.4"]["psnr"])
     prompts = [json.loads(p.read_text())["prompt"] for p in sorted((tmp_path / "out/images/paper").glob("*.json"))]

@@ -236,3 +236,18 @@ def test_grids_under_min_tokens_run_exact_attention_and_say_why():
     assert np.array_equal(generate(pipe, "pixart", size=64), expected)
     reasons = {layer.reason for layer in agentsd.status(pipe).layers}
     assert reasons == {"grid 8x8 = 64 tokens < min_tokens=256"}
+
+
+@pytest.mark.parametrize(
+    "kind, size", [("sd15", "latent 16x16"), ("sd3", "token grid 16x16"), ("pixart", "token grid 16x16")]
+)
+def test_reports_name_what_the_size_is(kind, size, caplog):
+    """A UNet's size is its latent's; a transformer's is its token grid (its latent is 32x32 there)."""
+    pipe = agentsd.patch(tiny_pipeline(kind), min_tokens=10_000)
+    pipe.set_progress_bar_config(disable=True)
+    pixels, extra = (64, {}) if kind == "sd15" else (128, tiny_dit.CALL_KWARGS[kind])
+    with caplog.at_level("WARNING", logger="agentsd"):
+        pipe("a red cube", num_inference_steps=1, height=pixels, width=pixels, output_type="latent", **extra)
+    assert f"latest call: {size}," in str(agentsd.status(pipe))
+    warned = [r.getMessage() for r in caplog.records if "at this size" in r.getMessage()]
+    assert len(warned) == 1 and f"({size})" in warned[0]
