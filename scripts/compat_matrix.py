@@ -125,6 +125,48 @@ def rows() -> list[Row]:
             ),  # fmt: skip
         ),
         Row(
+            "derived-pipelines",
+            "`Pipeline.from_pipe(pipe, scheduler=...)` and `Pipeline(**pipe.components)` with the other kind of "
+            "scheduler (DDIM / EDM) than the patched pipeline; both kinds in two threads stepping in turn",
+            "each call's phase follows the scheduler of the pipeline making it",
+            tuple(
+                f"tests/test_derived_pipelines.py::test_a_derived_pipeline_follows_its_own_scheduler[{o}]"
+                for o in ("ddim-edm-from_pipe", "ddim-edm-components", "edm-ddim-from_pipe", "edm-ddim-components")
+            )
+            + ("tests/test_derived_pipelines.py::test_pipelines_with_different_schedulers_at_the_same_time",),
+        ),
+        Row(
+            "batches",
+            "a batch of prompts, and `num_images_per_prompt=2`, each image with its own generator, `use_rand` on: "
+            "SD 1.x (with and without guidance), SDXL, SD 3, PixArt, Flux",
+            "each image as made alone (to 1e-5)",
+            tuple(
+                f"tests/test_batch.py::test_each_image_of_a_batch_is_the_image_made_alone[{case}]"
+                for case in ("sd15", "sd15-no-guidance", "sdxl", "sd3", "pixart", "flux")
+            )
+            + tuple(
+                f"tests/test_batch.py::test_num_images_per_prompt_makes_the_images_made_one_by_one[{kind}]"
+                for kind in ("sd15", "flux")
+            ),
+        ),
+        Row(
+            "ip-adapter-dit",
+            "IP-Adapter on Flux (`load_ip_adapter` from a local folder, image prompt) and SD 3 (from a state dict, "
+            "image embeddings), loaded after patching",
+            "agent attention on every layer; at scale 0 the patched image; the image-prompt branch the adapter's own; "
+            "weights kept in the model; unload gives the patched image",
+            tuple(
+                f"tests/test_ip_adapters.py::{test}[{kind}]"
+                for test in (
+                    "test_an_adapter_loaded_after_patching_keeps_agent_attention_and_at_scale_0_changes_nothing",
+                    "test_the_image_prompt_branch_is_the_adapters_own",
+                    "test_the_adapters_weights_stay_in_the_model",
+                    "test_unloading_the_adapter_from_a_patched_pipeline_gives_the_patched_image",
+                )
+                for kind in ("flux", "sd3")
+            ),
+        ),
+        Row(
             "pickle",
             "`pickle` and `torch.save` / `torch.load` of a patched UNet (as multiprocessing's spawn does)",
             "loads back patched, same outputs in both phases, unpatches to the baseline",
@@ -132,9 +174,9 @@ def rows() -> list[Row]:
         ),
         Row(
             "inference-then-training",
-            "a call under `torch.inference_mode()`, then a training step (`use_rand=False`, and an odd batch)",
+            "a call under `torch.inference_mode()`, then a training step (top-left and random destinations)",
             "the backward pass runs, finite gradients",
-            tuple(f"{sharing}test_validation_in_inference_mode_then_training[{c}]" for c in ("fixed", "odd-batch")),
+            tuple(f"{sharing}test_validation_in_inference_mode_then_training[{c}]" for c in ("fixed", "random")),
         ),
         Row(
             "custom-processor-kwargs",

@@ -94,7 +94,7 @@ def test_each_thread_reads_the_phase_of_its_own_call():
     assert seen == {981: "agent", 101: "tome"}
 
 
-@pytest.mark.parametrize("options, batch", [(dict(use_rand=False), 2), (dict(), 3)], ids=["fixed", "odd-batch"])
+@pytest.mark.parametrize("options, batch", [(dict(use_rand=False), 2), (dict(), 3)], ids=["fixed", "random"])
 def test_validation_in_inference_mode_then_training(options, batch):
     unet = agentsd.patch(tiny_unet("sd15"), min_tokens=0, agent_steps=1.0, **options)
     sample, context = torch.randn(batch, 4, 16, 16), torch.randn(batch, 77, 32)
