@@ -1,11 +1,15 @@
 """agentsd on diffusion transformers (SD 3, SD 3.5, PixArt-Sigma): the patch cycle, the layers it
 takes, the schedule over their schedulers, following processor changes, block ranges, compile."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
+from reference import check_one_per_whole_cell
 
 import agentsd
+from agentsd.patch import PATCH_ATTR
 from agentsd.processor import AgentSDProcessor
 from agentsd.status import recording_phases
 from agentsd.testing import DIT_KINDS, tiny_pipeline
@@ -25,9 +29,29 @@ EXPECTED = {
 
 
 def generate(pipe, kind, steps=3, size=128, seed=0, **extra):
+    """Images of a square `size` (or of the `height` and `width` in `extra`, which overrides)."""
     pipe.set_progress_bar_config(disable=True)
     args = dict(num_inference_steps=steps, height=size, width=size, output_type="np", **tiny_dit.CALL_KWARGS[kind])
-    return pipe("a red cube", generator=torch.Generator().manual_seed(seed), **args, **extra).images
+    return pipe("a red cube", generator=torch.Generator().manual_seed(seed), **{**args, **extra}).images
+
+
+def transformer_call(kind, transformer, timestep, seed=0, **kwargs):
+    """One call of a bare tiny transformer on a 16x16 patch grid (a 32x32 latent, batch 2), every
+    input positional as the forward takes them (SD 3: hidden_states, encoder_hidden_states,
+    pooled_projections, timestep; PixArt: hidden_states, encoder_hidden_states, timestep,
+    added_cond_kwargs); `kwargs` go as keywords."""
+    generator = torch.Generator().manual_seed(seed)
+    config = transformer.config
+    latent = torch.randn(2, config.in_channels, 32, 32, generator=generator)
+    t = torch.full((2,), float(timestep))
+    if kind == "pixart":
+        text = torch.randn(2, 16, config.caption_channels, generator=generator)
+        args = (latent, text, t, {"resolution": None, "aspect_ratio": None})
+    else:
+        text = torch.randn(2, 16, config.joint_attention_dim, generator=generator)
+        args = (latent, text, torch.randn(2, config.pooled_projection_dim, generator=generator), t)
+    with torch.no_grad():
+        return transformer(*args, **kwargs).sample
 
 
 def patched_layers(model):
@@ -99,9 +123,15 @@ def test_every_flow_matching_scheduler_of_sd3(name):
     assert phases[0] == "agent" and phases[-1] == "tome" and phases == sorted(phases)
 
 
-def test_block_range_patches_only_those_blocks(caplog):
-    pipe = agentsd.patch(tiny_pipeline("sd35"), block_range=(1, 2), **PATCH)
-    assert set(patched_layers(pipe.transformer)) == {"transformer_blocks.1.attn"}
+@pytest.mark.parametrize("kind", ["sd35", "pixart"])
+def test_block_range_patches_only_those_blocks(kind, caplog):
+    """`(start, stop)` as in `range`: (1, 2) is block 1, (0, 1) block 0 alone (the stop is left out
+    inside the model too, not only at its end), (5, 9) none of the 2 blocks."""
+    in_block = {i: {n for n in EXPECTED[kind][0] if n.startswith(f"transformer_blocks.{i}.")} for i in (0, 1)}
+    pipe = agentsd.patch(tiny_pipeline(kind), block_range=(1, 2), **PATCH)
+    assert set(patched_layers(pipe.transformer)) == in_block[1]
+    agentsd.patch(pipe, block_range=(0, 1), **PATCH)
+    assert set(patched_layers(pipe.transformer)) == in_block[0]
     with caplog.at_level("WARNING", logger="agentsd"):
         agentsd.patch(pipe, block_range=(5, 9))
     assert "block_range=(5, 9) selects none of this transformer's 2 blocks" in caplog.text
@@ -236,3 +266,35 @@ def test_grids_under_min_tokens_run_exact_attention_and_say_why():
     assert np.array_equal(generate(pipe, "pixart", size=64), expected)
     reasons = {layer.reason for layer in agentsd.status(pipe).layers}
     assert reasons == {"grid 8x8 = 64 tokens < min_tokens=256"}
+
+
+@pytest.mark.parametrize("kind", ["sd3", "pixart"])
+def test_a_non_square_image_gives_its_rows_and_columns(kind):
+    """128 px tall and 192 wide: a grid of 16 rows and 24 columns (the same token count as 24 x 16,
+    which a transposed grid would keep, so only the geometry shows it): in `status`, in every
+    layer's plan in both phases, and in the destinations, one per whole cell of that grid."""
+    pipe = agentsd.patch(tiny_pipeline(kind), **PATCH)
+    state = getattr(pipe.transformer, PATCH_ATTR).state
+    calls = []
+    pipe.transformer.register_forward_hook(lambda *_: calls.append(state.call))
+    generate(pipe, kind, steps=3, height=128, width=192)
+    assert {call.phase for call in calls} == {"agent", "tome"}
+    for call in calls:
+        assert call.latent_hw == (16, 24)
+        for plan in call.plans.values():
+            assert (plan.h, plan.w) == (16, 24)
+            check_one_per_whole_cell(plan.dst, 16, 24, plan.sx, plan.sy)
+    report = agentsd.status(pipe)
+    assert report.latent == (16, 24) and {layer.grid for layer in report.layers} == {(16, 24)}
+
+
+@pytest.mark.parametrize("kind, position", [("sd3", 3), ("pixart", 2)])
+def test_a_bare_transformer_reads_a_positional_timestep(kind, position):
+    """The timestep passed in its place among the forward's positional arguments (after the
+    latent, the text and, in SD 3, the pooled text) decides the phase: t = 999 agent, t = 100 ToMe."""
+    transformer = agentsd.patch(tiny_pipeline(kind).transformer.eval(), **PATCH)
+    forward = inspect.signature(type(transformer).forward).parameters
+    assert list(forward).index("timestep") == position + 1  # after self
+    for timestep, phase in ((999, "agent"), (100, "tome")):
+        transformer_call(kind, transformer, timestep)
+        assert agentsd.current_phase(transformer) == phase, timestep
