@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from reference import check_one_per_whole_cell
+from test_reference import count_matchings
 
 import agentsd
 from agentsd.patch import PATCH_ATTR
@@ -298,3 +299,52 @@ def test_a_bare_transformer_reads_a_positional_timestep(kind, position):
     for timestep, phase in ((999, "agent"), (100, "tome")):
         transformer_call(kind, transformer, timestep)
         assert agentsd.current_phase(transformer) == phase, timestep
+
+
+@pytest.mark.parametrize("kind", DIT_KINDS)
+def test_a_compiled_transformer_and_a_pipeline_holding_one_are_patched(kind):
+    """torch.compile wraps the model (its `_orig_mod`): given the compiled model, or a pipeline
+    holding it, agentsd finds the family and patches the model's own layers. (Nothing is compiled
+    here: test_compiled_transformer_matches_eager_without_recompiling runs a compiled one.)"""
+    names, processor = EXPECTED[kind]
+    pipe = tiny_pipeline(kind)
+    transformer = pipe.transformer
+    compiled = torch.compile(transformer, backend="eager")
+    agentsd.patch(compiled, **PATCH)
+    assert patched_layers(transformer) == dict.fromkeys(names, processor)
+    assert agentsd.is_patched(compiled) and agentsd.patched_config(compiled).min_tokens == 0
+    agentsd.unpatch(compiled)
+    assert not patched_layers(transformer)
+    pipe.transformer = compiled
+    agentsd.patch(pipe, **PATCH)
+    assert patched_layers(transformer) == dict.fromkeys(names, processor) and agentsd.is_patched(pipe)
+    agentsd.unpatch(pipe)
+    assert not patched_layers(transformer) and not agentsd.is_patched(pipe)
+
+
+def test_a_stale_processor_set_back_after_unpatch_runs_the_original():
+    """An agentsd processor kept from the patched model and set back by hand after `unpatch` finds
+    this thread's last plan (the patched model's last call, at the same size) still there: it must
+    not act on it, only hand every call to the processor it wraps, so the images are unpatched."""
+    pipe = agentsd.patch(tiny_pipeline("sd3"), **PATCH)
+    generate(pipe, "sd3")
+    stale = dict(pipe.transformer.attn_processors)
+    assert set(patched_layers(pipe.transformer)) == {n.removesuffix(".processor") for n in stale}
+    agentsd.unpatch(pipe)
+    baseline = generate(pipe, "sd3")
+    pipe.transformer.set_attn_processor(stale)
+    assert np.array_equal(generate(pipe, "sd3"), baseline)
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["default", "share_matching"])
+@pytest.mark.parametrize("kind", ["sd35", "pixart"])
+def test_one_matching_per_layer_and_call_or_per_grid_when_shared(kind, share, monkeypatch):
+    """Every patched layer matches its own input once per model call (agents in the agent phase,
+    the ToMe merge in the ToMe phase); with `share_matching` the call's one grid is matched once,
+    in its first layer."""
+    calls = count_matchings(monkeypatch)
+    transformer = agentsd.patch(tiny_pipeline(kind).transformer.eval(), share_matching=share, **PATCH)
+    for timestep in (999, 100, 999):
+        calls.clear()
+        transformer_call(kind, transformer, timestep)
+        assert len(calls) == (1 if share else len(EXPECTED[kind][0])), timestep
