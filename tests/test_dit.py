@@ -2,6 +2,7 @@
 takes, the schedule over their schedulers, following processor changes, block ranges, compile."""
 
 import inspect
+import threading
 
 import numpy as np
 import pytest
@@ -348,3 +349,105 @@ def test_one_matching_per_layer_and_call_or_per_grid_when_shared(kind, share, mo
         calls.clear()
         transformer_call(kind, transformer, timestep)
         assert len(calls) == (1 if share else len(EXPECTED[kind][0])), timestep
+
+
+MASKED = "called with a mask or temb"  # the reason a masked joint call is handed over
+
+
+def joint_processor_recording_masks():
+    """A JointAttnProcessor2_0 (which ignores masks) that records the mask of every call it gets."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    class Recording(JointAttnProcessor2_0):
+        def __init__(self):
+            super().__init__()
+            self.masks = []
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+            self.masks.append(attention_mask)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+    return Recording()
+
+
+def test_a_masked_joint_call_goes_to_the_original_processor():
+    """agentsd's joint attention takes no mask: a call given one (through the pipeline's
+    `joint_attention_kwargs`) goes, mask and all, to the processor agentsd wraps, in every layer
+    (SD 3.5's image-only attn2 too); the images are that processor's and `status` says why."""
+    pipe = tiny_pipeline("sd35")
+    original = joint_processor_recording_masks()
+    pipe.transformer.set_attn_processor(original)
+    mask = torch.zeros(2, 1, 1, 256 + 77 + 16)  # additive: it would hide nothing
+    masked = dict(joint_attention_kwargs={"attention_mask": mask}, steps=2)
+    baseline = generate(pipe, "sd35", **masked)
+    agentsd.patch(pipe, agent_steps=1.0, **PATCH)
+    original.masks.clear()
+    assert np.array_equal(generate(pipe, "sd35", **masked), baseline)
+    assert len(original.masks) == 2 * 3 and all(m is mask for m in original.masks)  # 2 steps, 3 layers
+    report = agentsd.status(pipe)
+    assert {(layer.mode, layer.reason) for layer in report.layers} == {("exact", MASKED)}
+    assert not report.activity.ran_agent_attention
+    generate(pipe, "sd35", steps=2)  # unmasked: agent attention
+    assert {(layer.mode, layer.reason) for layer in agentsd.status(pipe).layers} == {("agent", None)}
+
+
+def test_a_hand_over_in_one_thread_stays_in_that_threads_call():
+    """Two threads on one patched SD 3 transformer, in this order: A plans its call, whose mask
+    makes its layers hand it over; A's first layer waits (in the processor it is handed to) until
+    B has planned its own, unmasked call; then both run. A's later hand-overs thus come while B's
+    call is the latest: each must go to A's own call. Each thread's `status` shows its own call
+    (A: exact, for the mask; B: agent attention), each gets what it gets alone, and the counters
+    hold one exact and one agent call per layer."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    a_waits, b_planned = threading.Event(), threading.Event()
+
+    class Gate(JointAttnProcessor2_0):
+        """Holds thread A's first handed-over layer until thread B has planned its call."""
+
+        def __call__(self, *args, **kwargs):
+            a_waits.set()
+            assert b_planned.wait(timeout=60), "thread B never planned its call"
+            return super().__call__(*args, **kwargs)
+
+    transformer = tiny_pipeline("sd3").transformer.eval()
+    mask = {"joint_attention_kwargs": {"attention_mask": torch.zeros(2, 1, 1, 256 + 16)}}
+    expected = {"a": transformer_call("sd3", transformer, 999, seed=1, **mask)}  # the original processor's
+    with agentsd.patched(transformer, **PATCH):
+        expected["b"] = transformer_call("sd3", transformer, 999, seed=2)  # agentsd alone
+    transformer.set_attn_processor(Gate())
+    agentsd.patch(transformer, **PATCH)
+
+    def planned(*_):  # a pre-hook after agentsd's, which has planned the call by then
+        if threading.current_thread().name == "b":
+            b_planned.set()
+
+    transformer.register_forward_pre_hook(planned)
+    both_called = threading.Barrier(2, timeout=60)
+    results, errors = {}, []
+
+    def run(name, seed, kwargs):
+        try:
+            if name == "b":
+                assert a_waits.wait(timeout=60), "thread A never reached its first layer"
+            out = transformer_call("sd3", transformer, 999, seed=seed, **kwargs)
+            both_called.wait()  # both calls made before either reads its status
+            results[name] = out, agentsd.status(transformer)
+        except Exception as err:  # reported below
+            both_called.abort()
+            errors.append((name, err))
+
+    threads = [threading.Thread(target=run, args=a, name=a[0]) for a in (("a", 1, mask), ("b", 2, {}))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for name, mode, reason in (("a", "exact", MASKED), ("b", "agent", None)):
+        out, report = results[name]
+        assert torch.equal(out, expected[name]), name
+        assert {(layer.mode, layer.reason) for layer in report.layers} == {(mode, reason)}, name
+    activity = agentsd.status(transformer).activity
+    assert activity.phase_calls == {"agent": 2} and activity.acting_calls == {"agent": 1}
+    names = {f"{name}.processor" for name in EXPECTED["sd3"][0]}
+    assert activity.layer_calls == dict.fromkeys(names, {"exact": 1, "agent": 1})
