@@ -21,3 +21,23 @@ def pipes():
         return built[kind]
 
     return get
+
+
+@pytest.fixture
+def sdpa_dtypes(monkeypatch):
+    """The (query, key, value) dtypes of every call of torch's `scaled_dot_product_attention`
+    while the test runs: the dtypes the softmaxes run in, for agentsd's SDPA backend and for
+    diffusers' attention dispatcher (its native backend calls it with keywords)."""
+    import torch
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    names = ("query", "key", "value")
+
+    def spy(*args, **kwargs):
+        given = dict(zip(names, args, strict=False)) | {name: kwargs[name] for name in names if name in kwargs}
+        seen.append(tuple(given[name].dtype for name in names))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return seen

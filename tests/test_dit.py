@@ -1,11 +1,17 @@
 """agentsd on diffusion transformers (SD 3, SD 3.5, PixArt-Sigma): the patch cycle, the layers it
 takes, the schedule over their schedulers, following processor changes, block ranges, compile."""
 
+import inspect
+import threading
+
 import numpy as np
 import pytest
 import torch
+from reference import check_one_per_whole_cell
+from test_reference import count_matchings
 
 import agentsd
+from agentsd.patch import PATCH_ATTR
 from agentsd.processor import AgentSDProcessor
 from agentsd.status import recording_phases
 from agentsd.testing import DIT_KINDS, tiny_pipeline
@@ -25,9 +31,29 @@ EXPECTED = {
 
 
 def generate(pipe, kind, steps=3, size=128, seed=0, **extra):
+    """Images of a square `size` (or of the `height` and `width` in `extra`, which overrides)."""
     pipe.set_progress_bar_config(disable=True)
     args = dict(num_inference_steps=steps, height=size, width=size, output_type="np", **tiny_dit.CALL_KWARGS[kind])
-    return pipe("a red cube", generator=torch.Generator().manual_seed(seed), **args, **extra).images
+    return pipe("a red cube", generator=torch.Generator().manual_seed(seed), **{**args, **extra}).images
+
+
+def transformer_call(kind, transformer, timestep, seed=0, **kwargs):
+    """One call of a bare tiny transformer on a 16x16 patch grid (a 32x32 latent, batch 2), every
+    input positional as the forward takes them (SD 3: hidden_states, encoder_hidden_states,
+    pooled_projections, timestep; PixArt: hidden_states, encoder_hidden_states, timestep,
+    added_cond_kwargs); `kwargs` go as keywords."""
+    generator = torch.Generator().manual_seed(seed)
+    config = transformer.config
+    latent = torch.randn(2, config.in_channels, 32, 32, generator=generator)
+    t = torch.full((2,), float(timestep))
+    if kind == "pixart":
+        text = torch.randn(2, 16, config.caption_channels, generator=generator)
+        args = (latent, text, t, {"resolution": None, "aspect_ratio": None})
+    else:
+        text = torch.randn(2, 16, config.joint_attention_dim, generator=generator)
+        args = (latent, text, torch.randn(2, config.pooled_projection_dim, generator=generator), t)
+    with torch.no_grad():
+        return transformer(*args, **kwargs).sample
 
 
 def patched_layers(model):
@@ -99,9 +125,15 @@ def test_every_flow_matching_scheduler_of_sd3(name):
     assert phases[0] == "agent" and phases[-1] == "tome" and phases == sorted(phases)
 
 
-def test_block_range_patches_only_those_blocks(caplog):
-    pipe = agentsd.patch(tiny_pipeline("sd35"), block_range=(1, 2), **PATCH)
-    assert set(patched_layers(pipe.transformer)) == {"transformer_blocks.1.attn"}
+@pytest.mark.parametrize("kind", ["sd35", "pixart"])
+def test_block_range_patches_only_those_blocks(kind, caplog):
+    """`(start, stop)` as in `range`: (1, 2) is block 1, (0, 1) block 0 alone (the stop is left out
+    inside the model too, not only at its end), (5, 9) none of the 2 blocks."""
+    in_block = {i: {n for n in EXPECTED[kind][0] if n.startswith(f"transformer_blocks.{i}.")} for i in (0, 1)}
+    pipe = agentsd.patch(tiny_pipeline(kind), block_range=(1, 2), **PATCH)
+    assert set(patched_layers(pipe.transformer)) == in_block[1]
+    agentsd.patch(pipe, block_range=(0, 1), **PATCH)
+    assert set(patched_layers(pipe.transformer)) == in_block[0]
     with caplog.at_level("WARNING", logger="agentsd"):
         agentsd.patch(pipe, block_range=(5, 9))
     assert "block_range=(5, 9) selects none of this transformer's 2 blocks" in caplog.text
@@ -236,6 +268,189 @@ def test_grids_under_min_tokens_run_exact_attention_and_say_why():
     assert np.array_equal(generate(pipe, "pixart", size=64), expected)
     reasons = {layer.reason for layer in agentsd.status(pipe).layers}
     assert reasons == {"grid 8x8 = 64 tokens < min_tokens=256"}
+
+
+@pytest.mark.parametrize("kind", ["sd3", "pixart"])
+def test_a_non_square_image_gives_its_rows_and_columns(kind):
+    """128 px tall and 192 wide: a grid of 16 rows and 24 columns (the same token count as 24 x 16,
+    which a transposed grid would keep, so only the geometry shows it): in `status`, in every
+    layer's plan in both phases, and in the destinations, one per whole cell of that grid."""
+    pipe = agentsd.patch(tiny_pipeline(kind), **PATCH)
+    state = getattr(pipe.transformer, PATCH_ATTR).state
+    calls = []
+    pipe.transformer.register_forward_hook(lambda *_: calls.append(state.call))
+    generate(pipe, kind, steps=3, height=128, width=192)
+    assert {call.phase for call in calls} == {"agent", "tome"}
+    for call in calls:
+        assert call.latent_hw == (16, 24)
+        for plan in call.plans.values():
+            assert (plan.h, plan.w) == (16, 24)
+            check_one_per_whole_cell(plan.dst, 16, 24, plan.sx, plan.sy)
+    report = agentsd.status(pipe)
+    assert report.latent == (16, 24) and {layer.grid for layer in report.layers} == {(16, 24)}
+
+
+@pytest.mark.parametrize("kind, position", [("sd3", 3), ("pixart", 2)])
+def test_a_bare_transformer_reads_a_positional_timestep(kind, position):
+    """The timestep passed in its place among the forward's positional arguments (after the
+    latent, the text and, in SD 3, the pooled text) decides the phase: t = 999 agent, t = 100 ToMe."""
+    transformer = agentsd.patch(tiny_pipeline(kind).transformer.eval(), **PATCH)
+    forward = inspect.signature(type(transformer).forward).parameters
+    assert list(forward).index("timestep") == position + 1  # after self
+    for timestep, phase in ((999, "agent"), (100, "tome")):
+        transformer_call(kind, transformer, timestep)
+        assert agentsd.current_phase(transformer) == phase, timestep
+
+
+@pytest.mark.parametrize("kind", DIT_KINDS)
+def test_a_compiled_transformer_and_a_pipeline_holding_one_are_patched(kind):
+    """torch.compile wraps the model (its `_orig_mod`): given the compiled model, or a pipeline
+    holding it, agentsd finds the family and patches the model's own layers. (Nothing is compiled
+    here: test_compiled_transformer_matches_eager_without_recompiling runs a compiled one.)"""
+    names, processor = EXPECTED[kind]
+    pipe = tiny_pipeline(kind)
+    transformer = pipe.transformer
+    compiled = torch.compile(transformer, backend="eager")
+    agentsd.patch(compiled, **PATCH)
+    assert patched_layers(transformer) == dict.fromkeys(names, processor)
+    assert agentsd.is_patched(compiled) and agentsd.patched_config(compiled).min_tokens == 0
+    agentsd.unpatch(compiled)
+    assert not patched_layers(transformer)
+    pipe.transformer = compiled
+    agentsd.patch(pipe, **PATCH)
+    assert patched_layers(transformer) == dict.fromkeys(names, processor) and agentsd.is_patched(pipe)
+    agentsd.unpatch(pipe)
+    assert not patched_layers(transformer) and not agentsd.is_patched(pipe)
+
+
+def test_a_stale_processor_set_back_after_unpatch_runs_the_original():
+    """An agentsd processor kept from the patched model and set back by hand after `unpatch` finds
+    this thread's last plan (the patched model's last call, at the same size) still there: it must
+    not act on it, only hand every call to the processor it wraps, so the images are unpatched."""
+    pipe = agentsd.patch(tiny_pipeline("sd3"), **PATCH)
+    generate(pipe, "sd3")
+    stale = dict(pipe.transformer.attn_processors)
+    assert set(patched_layers(pipe.transformer)) == {n.removesuffix(".processor") for n in stale}
+    agentsd.unpatch(pipe)
+    baseline = generate(pipe, "sd3")
+    pipe.transformer.set_attn_processor(stale)
+    assert np.array_equal(generate(pipe, "sd3"), baseline)
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["default", "share_matching"])
+@pytest.mark.parametrize("kind", ["sd35", "pixart"])
+def test_one_matching_per_layer_and_call_or_per_grid_when_shared(kind, share, monkeypatch):
+    """Every patched layer matches its own input once per model call (agents in the agent phase,
+    the ToMe merge in the ToMe phase); with `share_matching` the call's one grid is matched once,
+    in its first layer."""
+    calls = count_matchings(monkeypatch)
+    transformer = agentsd.patch(tiny_pipeline(kind).transformer.eval(), share_matching=share, **PATCH)
+    for timestep in (999, 100, 999):
+        calls.clear()
+        transformer_call(kind, transformer, timestep)
+        assert len(calls) == (1 if share else len(EXPECTED[kind][0])), timestep
+
+
+MASKED = "called with a mask or temb"  # the reason a masked joint call is handed over
+
+
+def joint_processor_recording_masks():
+    """A JointAttnProcessor2_0 (which ignores masks) that records the mask of every call it gets."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    class Recording(JointAttnProcessor2_0):
+        def __init__(self):
+            super().__init__()
+            self.masks = []
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+            self.masks.append(attention_mask)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+    return Recording()
+
+
+def test_a_masked_joint_call_goes_to_the_original_processor():
+    """agentsd's joint attention takes no mask: a call given one (through the pipeline's
+    `joint_attention_kwargs`) goes, mask and all, to the processor agentsd wraps, in every layer
+    (SD 3.5's image-only attn2 too); the images are that processor's and `status` says why."""
+    pipe = tiny_pipeline("sd35")
+    original = joint_processor_recording_masks()
+    pipe.transformer.set_attn_processor(original)
+    mask = torch.zeros(2, 1, 1, 256 + 77 + 16)  # additive: it would hide nothing
+    masked = dict(joint_attention_kwargs={"attention_mask": mask}, steps=2)
+    baseline = generate(pipe, "sd35", **masked)
+    agentsd.patch(pipe, agent_steps=1.0, **PATCH)
+    original.masks.clear()
+    assert np.array_equal(generate(pipe, "sd35", **masked), baseline)
+    assert len(original.masks) == 2 * 3 and all(m is mask for m in original.masks)  # 2 steps, 3 layers
+    report = agentsd.status(pipe)
+    assert {(layer.mode, layer.reason) for layer in report.layers} == {("exact", MASKED)}
+    assert not report.activity.ran_agent_attention
+    generate(pipe, "sd35", steps=2)  # unmasked: agent attention
+    assert {(layer.mode, layer.reason) for layer in agentsd.status(pipe).layers} == {("agent", None)}
+
+
+def test_a_hand_over_in_one_thread_stays_in_that_threads_call():
+    """Two threads on one patched SD 3 transformer, in this order: A plans its call, whose mask
+    makes its layers hand it over; A's first layer waits (in the processor it is handed to) until
+    B has planned its own, unmasked call; then both run. A's later hand-overs thus come while B's
+    call is the latest: each must go to A's own call. Each thread's `status` shows its own call
+    (A: exact, for the mask; B: agent attention), each gets what it gets alone, and the counters
+    hold one exact and one agent call per layer."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    a_waits, b_planned = threading.Event(), threading.Event()
+
+    class Gate(JointAttnProcessor2_0):
+        """Holds thread A's first handed-over layer until thread B has planned its call."""
+
+        def __call__(self, *args, **kwargs):
+            a_waits.set()
+            assert b_planned.wait(timeout=60), "thread B never planned its call"
+            return super().__call__(*args, **kwargs)
+
+    transformer = tiny_pipeline("sd3").transformer.eval()
+    mask = {"joint_attention_kwargs": {"attention_mask": torch.zeros(2, 1, 1, 256 + 16)}}
+    expected = {"a": transformer_call("sd3", transformer, 999, seed=1, **mask)}  # the original processor's
+    with agentsd.patched(transformer, **PATCH):
+        expected["b"] = transformer_call("sd3", transformer, 999, seed=2)  # agentsd alone
+    transformer.set_attn_processor(Gate())
+    agentsd.patch(transformer, **PATCH)
+
+    def planned(*_):  # a pre-hook after agentsd's, which has planned the call by then
+        if threading.current_thread().name == "b":
+            b_planned.set()
+
+    transformer.register_forward_pre_hook(planned)
+    both_called = threading.Barrier(2, timeout=60)
+    results, errors = {}, []
+
+    def run(name, seed, kwargs):
+        try:
+            if name == "b":
+                assert a_waits.wait(timeout=60), "thread A never reached its first layer"
+            out = transformer_call("sd3", transformer, 999, seed=seed, **kwargs)
+            both_called.wait()  # both calls made before either reads its status
+            results[name] = out, agentsd.status(transformer)
+        except Exception as err:  # reported below
+            both_called.abort()
+            errors.append((name, err))
+
+    threads = [threading.Thread(target=run, args=a, name=a[0]) for a in (("a", 1, mask), ("b", 2, {}))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for name, mode, reason in (("a", "exact", MASKED), ("b", "agent", None)):
+        out, report = results[name]
+        assert torch.equal(out, expected[name]), name
+        assert {(layer.mode, layer.reason) for layer in report.layers} == {(mode, reason)}, name
+    activity = agentsd.status(transformer).activity
+    assert activity.phase_calls == {"agent": 2} and activity.acting_calls == {"agent": 1}
+    names = {f"{name}.processor" for name in EXPECTED["sd3"][0]}
+    assert activity.layer_calls == dict.fromkeys(names, {"exact": 1, "agent": 1})
 
 
 @pytest.mark.parametrize(

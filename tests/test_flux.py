@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from reloading import assert_images_close, assert_same_components
 
 import agentsd
 from agentsd.patch import PATCH_ATTR
@@ -91,6 +92,8 @@ def test_block_range_counts_double_then_single_blocks(caplog):
 
 
 def test_a_bare_transformer_and_a_saved_pipeline(tmp_path):
+    """Patched as a bare transformer, unpatched, saved: the folder holds the plain model (its
+    weights bit for bit; its images to rounding, see reloading.py), which patches as the original."""
     from diffusers import FluxPipeline
 
     pipe = tiny_pipeline("flux")
@@ -99,9 +102,11 @@ def test_a_bare_transformer_and_a_saved_pipeline(tmp_path):
     assert agentsd.is_patched(pipe) and not np.array_equal(generate(pipe), baseline)
     assert agentsd.status(pipe).activity.ran_agent_attention
     agentsd.unpatch(pipe)
+    assert np.array_equal(generate(pipe), baseline)
     pipe.save_pretrained(tmp_path / "tiny-flux")
     loaded = FluxPipeline.from_pretrained(tmp_path / "tiny-flux")
-    assert np.array_equal(generate(loaded), baseline)
+    assert_same_components(loaded, pipe)
+    assert_images_close(generate(loaded), baseline)
     with agentsd.patched(loaded, **PATCH):
         assert patched_layers(loaded.transformer) == LAYERS and np.isfinite(generate(loaded)).all()
 

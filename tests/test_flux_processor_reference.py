@@ -95,3 +95,24 @@ def test_processor_matches_reference(stream, extra, batch, grid, mode, selection
         assert out.shape == ref.shape and out.dtype == x.dtype
         assert relative_error(out, ref) < TOLERANCE
     assert used_agents == (mode == "agent")
+
+
+@pytest.mark.parametrize("precision, expected", [(None, torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize("mode", ["agent", "tome"])
+@pytest.mark.parametrize("stream", STREAMS)
+def test_softmax_precision(stream, mode, precision, expected, sdpa_dtypes):
+    """A bf16 layer: `attn_precision="fp32"` runs every softmax in fp32 (in the agent phase the
+    agents' gathering, the grid queries' broadcast and the other queries' exact attention; the
+    ToMe phase's one attention), None keeps bf16; the outputs are bf16 either way. The 6x6 grid's
+    2x2 cells: 9 agents, under half of N' = 22."""
+    config = AgentSDConfig(
+        attn_precision=precision, sx=2, sy=2, late_sx=2, late_sy=2, agent_steps=1.0 if mode == "agent" else 0.0,
+        min_tokens=0, use_rand=False,
+    )  # fmt: skip
+    attn = make_flux_attention(stream, seed=12, dtype=torch.bfloat16)
+    x, c, rotary = layer_inputs(stream, 2, 6, 6, 0, dtype=torch.bfloat16)
+    out = run_processor(stream, attn, x, c, rotary, 6, 6, 0, config)
+    assert len(sdpa_dtypes) == (3 if mode == "agent" else 1)  # agentsd's own attention ran
+    assert all(dtypes == (expected,) * 3 for dtypes in sdpa_dtypes)
+    for part in out if stream == "double" else (out,):
+        assert part.dtype == torch.bfloat16 and torch.isfinite(part).all()

@@ -189,3 +189,24 @@ def test_late_ratio_zero_is_diffusers_joint_attention(with_text, monkeypatch):
         assert relative_error(text_out, expected[1].double()) <= 1e-5
     else:
         assert relative_error(image, expected.double()) <= 1e-5
+
+
+@pytest.mark.parametrize("precision, expected", [(None, torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize("timestep", [AGENT_T, LATE_T], ids=["agent", "tome"])
+def test_softmax_precision(precision, expected, timestep, sdpa_dtypes, monkeypatch):
+    """A bf16 joint layer (it has no upcast flags): `attn_precision="fp32"` runs every softmax in
+    fp32 (the agents' gathering, the image queries' broadcast, the text queries' exact attention;
+    the ToMe phase's one attention), None keeps bf16; the outputs are bf16 either way."""
+    config = AgentSDConfig(attn_precision=precision, use_rand=False)
+    attn = make(seed=8).to(torch.bfloat16)
+    x, c = torch.randn(2, 256, DIM).to(torch.bfloat16), text(attn, 2).to(torch.bfloat16)
+    image, text_out, dst = run_joint_processor(attn, x, c, 16, 16, config, timestep, monkeypatch)
+    assert len(sdpa_dtypes) == (3 if timestep == AGENT_T else 1)  # agentsd's own attention ran
+    assert all(dtypes == (expected,) * 3 for dtypes in sdpa_dtypes)
+    assert image.dtype == text_out.dtype == torch.bfloat16
+    assert torch.isfinite(image).all() and torch.isfinite(text_out).all()
+    if timestep == AGENT_T:  # the ToMe phase's bf16 matching may rank near-ties otherwise than in fp64
+        settings = (config.ratio, config.agent_ratio, config.k_scale2, config.k_shortcut)
+        ref_image, ref_text, _ = reference_joint_attention(attn.float(), x.float(), c.float(), dst, *settings)
+        assert relative_error(image.float(), ref_image) <= 0.1  # bf16 projections and merges
+        assert relative_error(text_out.float(), ref_text) <= 0.1

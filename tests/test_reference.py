@@ -134,24 +134,16 @@ def test_agents_without_merging(monkeypatch):
     ],
 )
 @pytest.mark.parametrize("timestep", [AGENT_T, LATE_T], ids=["agent", "tome"])
-def test_softmax_precision(precision, upcast, expected, timestep, monkeypatch):
+def test_softmax_precision(precision, upcast, expected, timestep, sdpa_dtypes, monkeypatch):
     """fp32 softmaxes when asked, or when the layer upcasts (SD 2.x), in both phases; bf16 out
     either way."""
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, **kwargs):
-        seen.append((q.dtype, k.dtype, v.dtype))
-        return sdpa(q, k, v, **kwargs)
-
-    monkeypatch.setattr(agentsd.attention.F, "scaled_dot_product_attention", spy)
     config = AgentSDConfig(attn_precision=precision, use_rand=False)
     attn = make_attention(seed=5).to(torch.bfloat16)
     if upcast is not None:
         setattr(attn, upcast, True)
     x = torch.randn(2, 256, 32).to(torch.bfloat16)
     out, dst = run_processor(attn, x, 16, 16, config, timestep, monkeypatch)
-    assert seen and all(dtypes == (expected,) * 3 for dtypes in seen)
+    assert sdpa_dtypes and all(dtypes == (expected,) * 3 for dtypes in sdpa_dtypes)
     assert out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
     if timestep == AGENT_T:  # the ToMe phase's bf16 matching may rank near-ties otherwise than in fp64
