@@ -1,7 +1,9 @@
 """agentsd on diffusion transformers (SD 3, SD 3.5, PixArt-Sigma): the patch cycle, the layers it
 takes, the schedule over their schedulers, following processor changes, block ranges, compile."""
 
+import copy
 import inspect
+import pickle
 import threading
 
 import numpy as np
@@ -466,3 +468,19 @@ def test_reports_name_what_the_size_is(kind, size, caplog):
     assert f"latest call: {size}," in str(agentsd.status(pipe))
     warned = [r.getMessage() for r in caplog.records if "at this size" in r.getMessage()]
     assert len(warned) == 1 and f"({size})" in warned[0]
+
+
+@pytest.mark.parametrize("kind", ["sd3", "pixart"])
+def test_a_patched_transformer_deep_copies_and_pickles(kind):
+    """A deep copy and a pickled-and-loaded copy are patched transformers of their own: the same
+    images (within rounding: the weights live elsewhere now), and they unpatch to the baseline."""
+    pipe = tiny_pipeline(kind)
+    baseline = generate(pipe, kind)
+    agentsd.patch(pipe, **PATCH, agent_steps=0.5)
+    patched = generate(pipe, kind)
+    for twin in (copy.deepcopy(pipe.transformer), pickle.loads(pickle.dumps(pipe.transformer))):
+        other = type(pipe)(**{**pipe.components, "transformer": twin})
+        assert agentsd.is_patched(other) and twin is not pipe.transformer
+        assert np.abs(generate(other, kind) - patched).max() < 1e-5
+        assert np.abs(generate(agentsd.unpatch(other), kind) - baseline).max() < 1e-5
+    assert np.array_equal(generate(pipe, kind), patched)  # the original is still patched, untouched
