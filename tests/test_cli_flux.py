@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import run_main
 
 from agentsd.presets import load_preset
 from agentsd.testing import tiny_pipeline
@@ -24,14 +25,6 @@ def model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny-flux"
     tiny_pipeline("flux").save_pretrained(folder)
     return folder
-
-
-def run_main(capsys, *args):
-    from agentsd.cli import main
-
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, [line for line in captured.err.splitlines() if line.startswith("agentsd: error:")]
 
 
 def test_generate_on_flux_acts_with_its_preset_and_the_pipelines_guidance(model, tmp_path, capsys):
