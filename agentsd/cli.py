@@ -250,7 +250,10 @@ def _bench(args: argparse.Namespace) -> int:
                 on_rows=save,
             )
     except KeyboardInterrupt:
-        print(f"interrupted: {len(rows)} rows of finished scenarios are in {args.out}", file=sys.stderr)
+        from .output import plural
+
+        kept = f"{plural(len(rows), 'row')} of finished scenarios {'is' if len(rows) == 1 else 'are'}"
+        print(f"interrupted: {kept} in {args.out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(benchmark.markdown_table(rows))
     print("\n".join(benchmark.target_lines(rows)))

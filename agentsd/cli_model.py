@@ -28,14 +28,16 @@ def no_empty_folder_on_error(folder: Path) -> Iterator[None]:
 
 def check_model_settings(args: argparse.Namespace, images: int) -> None:
     """Before loading the model: the seeds of `images` images from --seed; and, where the model's
-    config files can be read without loading it, --scheduler and --steps for its scheduler and
-    --max-sequence-length for its family."""
+    config files can be read without loading it, --scheduler and --steps for its scheduler (and
+    that Flux can run it) and --max-sequence-length for its family."""
     from . import loading
 
     loading.check_seeds(args.seed, images)
-    loading.check_max_sequence_length(args.max_sequence_length, loading.model_family(args.model))
+    family = loading.model_family(args.model)
+    loading.check_max_sequence_length(args.max_sequence_length, family)
     scheduler = loading.model_scheduler(args.model, args.scheduler)
     if scheduler is not None:
+        loading.check_flux_scheduler(scheduler, family)
         loading.check_steps(scheduler, args.steps)
 
 
@@ -60,10 +62,11 @@ def load_pipeline(args: argparse.Namespace, dtype, device, out: Path, configs_fo
     with no_empty_folder_on_error(out):
         loading.prepare_folder(out)
         pipe = loading.load_pipeline(args.model, dtype, device)
+        family = find_model(pipe)[0].name
         loading.check_size(pipe, args.width, args.height)
-        loading.check_max_sequence_length(args.max_sequence_length, find_model(pipe)[0].name)
+        loading.check_max_sequence_length(args.max_sequence_length, family)
         loading.set_scheduler(pipe, args.scheduler)
-        loading.check_flux_scheduler(pipe)
+        loading.check_flux_scheduler(pipe.scheduler, family)
         configs = configs_for(pipe)
         for config in filter(None, configs):
             loading.check_config_patches(pipe, config)

@@ -57,6 +57,7 @@ from .metrics import (  # MetricsError and image_paths: part of this module's in
     image_paths,  # noqa: F401
     load_reference,
 )
+from .output import plural
 from .presets import load_preset
 
 logger = logging.getLogger(__name__)
@@ -317,7 +318,11 @@ def score(
     paths = {name: [folder / f"{j.name}.png" for j in jobs] for name, folder in folders.items()}
     missing = [str(p) for ps in paths.values() for p in ps if not p.exists()]
     if missing:
-        raise GenerationError(f"{len(missing)} images are missing (e.g. {missing[0]}): rerun to generate them.")
+        one = len(missing) == 1
+        raise GenerationError(
+            f"{plural(len(missing), 'image')} {'is' if one else 'are'} missing (e.g. {missing[0]}): rerun to generate "
+            f"{'it' if one else 'them'}."
+        )
     rows = []
     for method in methods:
         sidecars = [json.loads(p.with_suffix(".json").read_text()) for p in paths[method.name]]
@@ -354,7 +359,8 @@ def markdown_report(results: dict[str, Any]) -> str:
             value = row.get(key)
             cells.append("" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
         lines.append("| " + " | ".join(cells) + " |")
-    return f"{results['prompts']} prompts; FID reference: {results['reference']}\n\n" + "\n".join(lines) + "\n"
+    head = f"{plural(results['prompts'], 'prompt')}; FID reference: {results['reference']}"
+    return head + "\n\n" + "\n".join(lines) + "\n"
 
 
 def write_report(results: dict[str, Any], out: Path, samples: int = 8) -> None:

@@ -41,7 +41,7 @@ from .loading import (  # re-exported: `generation` has been their home
     resolve_dtype,  # noqa: F401
     set_scheduler,  # noqa: F401
 )
-from .output import atomic_write, read_sidecar, save_image, setting_differences, side_by_side
+from .output import atomic_write, plural, read_sidecar, save_image, setting_differences, side_by_side
 from .patch import patched
 from .status import Activity, recording_phases, status
 
@@ -124,10 +124,11 @@ class MethodRun:
 def check_run(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings) -> None:
     """Refuse, before any work, what would fail mid-run: a step count the pipeline's scheduler
     refuses, image seeds the generator refuses, a size or prompt length the model refuses."""
-    check_flux_scheduler(pipe, "scheduler")
+    family = find_model(pipe)[0].name
+    check_flux_scheduler(pipe.scheduler, family, "scheduler")
     check_steps(pipe.scheduler, settings.steps, "steps")
     check_size(pipe, settings.width, settings.height)
-    check_max_sequence_length(settings.max_sequence_length, find_model(pipe)[0].name, "max_sequence_length")
+    check_max_sequence_length(settings.max_sequence_length, family, "max_sequence_length")
     if jobs:
         seeds = [job.seed for job in jobs]
         check_seeds(min(seeds), max(seeds) - min(seeds) + 1, "seed")
@@ -294,7 +295,7 @@ def generate_runs(
     skipped = sum(len(r.skipped) for r in runs)
     if skipped:
         note = "pass --overwrite to replace them" if stale is None else "made with the same settings"
-        logger.warning("skipping %d existing images (%s)", skipped, note)
+        logger.warning("skipping %s (%s)", plural(skipped, "existing image"), note)
     todo = [job for job in jobs if any(job in pending[r.label] for r in runs)]
     if warmup and todo:
         for run in runs:

@@ -1,6 +1,6 @@
 """Files `generate` and `compare` write: PNGs with their metadata and JSON sidecars, each written
 atomically with the permissions `open()` would give, and side-by-side pairs; reading a sidecar
-back and telling whether it was made with given settings."""
+back, telling whether it was made with given settings, and saying so (counts in words: `plural`)."""
 
 from __future__ import annotations
 
@@ -88,3 +88,8 @@ def setting_differences(recorded: Mapping[str, Any] | None, wanted: Mapping[str,
         elif old != new:
             parts.append(f"{key} {old!r} (now {new!r})")
     return parts
+
+
+def plural(count: int, noun: str) -> str:
+    """`count` and `noun`, plural unless the count is 1: "1 image", "2 images"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
