@@ -226,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     _run_flags(gen, "auto, cpu, cuda or cuda:N (CUDA requested without CUDA: the CPU, with a warning)")
     gen.add_argument("--out", default="agentsd-out", help="output folder")
-    gen.add_argument("--overwrite", action="store_true", help="replace existing images instead of skipping them")
+    gen.add_argument(
+        "--overwrite", action="store_true",
+        help="make every existing image in --out again (without it, images made with these settings are skipped, "
+        "and images made with others stop the run, naming the settings that differ)",
+    )  # fmt: skip
     gen.add_argument("--compare", action="store_true", help="also run the baseline; save both and a side-by-side")
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     _config_flags(gen)

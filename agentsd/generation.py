@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -41,7 +42,7 @@ from .loading import (  # re-exported: `generation` has been their home
     resolve_dtype,  # noqa: F401
     set_scheduler,  # noqa: F401
 )
-from .output import atomic_write, plural, read_sidecar, save_image, setting_differences, side_by_side
+from .output import atomic_write, plural, read_sidecar, save_image, setting_differences, side_by_side, stale_message
 from .patch import patched
 from .status import Activity, recording_phases, status
 
@@ -164,8 +165,8 @@ def call_pipeline(
 def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | None = None) -> dict[str, Any]:
     """What every image of a run records about how it was made (its sidecar adds the image's own
     fields, see `image_record`): the model, the scheduler (its name and config), steps, guidance,
-    size, negative prompt, the T5 prompt length (SD 3 / 3.5 and PixArt; None for the others),
-    dtype and the agentsd version."""
+    size, negative prompt, batch size, the T5 prompt length (SD 3 / 3.5, PixArt and Flux; None for
+    the others), device type, dtype and the agentsd version."""
     _, model = find_model(pipe)
     # The pipeline's own default size: Flux pipelines keep it (`default_sample_size`, in latents),
     # their transformer has no `sample_size`.
@@ -179,7 +180,9 @@ def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | No
         width=settings.width or side,
         height=settings.height or side,
         negative_prompt=settings.negative_prompt,
+        batch_size=settings.batch_size,
         max_sequence_length=prompt_length(pipe, settings.max_sequence_length),
+        device=pipe.device.type,
         dtype=str(model.dtype).replace("torch.", ""),
         agentsd_version=__version__,
     )
@@ -210,6 +213,22 @@ def stale_images(runs: Sequence[MethodRun], jobs: Sequence[ImageJob], record: di
                 differences = setting_differences(read_sidecar(path), image_record(record, run, job))
                 if differences:
                     stale[path] = differences
+    return stale
+
+
+def check_stale(
+    runs: Sequence[MethodRun], jobs: Sequence[ImageJob], record: dict[str, Any], overwrite: bool
+) -> dict[Path, list[str]]:
+    """The existing images of `runs` made with other settings (`stale_images`), so that a rerun
+    never mixes them with its own: refused unless `overwrite`.
+
+    Raises:
+        GenerationError: naming the settings that differ (`output.stale_message`).
+    """
+    stale = stale_images(runs, jobs, record)
+    if stale and not overwrite:
+        folder = Path(os.path.commonpath([run.folder for run in runs]))
+        raise GenerationError(stale_message(stale, folder))
     return stale
 
 
@@ -244,17 +263,25 @@ def generate(
 
     Returns:
         One `MethodRun` per method with its seconds per image and the files written.
-        Existing files are skipped (listed in `skipped`) unless `settings.overwrite`.
+        Existing images made with these settings are skipped (listed in `skipped`) unless
+        `settings.overwrite`, which makes every existing image again.
+
+    Raises:
+        GenerationError: before any work, for existing images made with other settings, unless
+            `settings.overwrite` (`check_stale`).
     """
     check_run(pipe, jobs, settings)
-    out = prepare_folder(Path(out_dir))
+    out = Path(out_dir)
     if config is None:
         runs = [MethodRun(BASELINE, None, out)]
     else:
         check_config_patches(pipe, config)
         runs = [MethodRun(AGENTSD, config, out)]
         if compare:
-            runs.insert(0, MethodRun(BASELINE, None, prepare_folder(out / BASELINE)))
+            runs.insert(0, MethodRun(BASELINE, None, out / BASELINE))
+    check_stale(runs, jobs, run_record(pipe, settings, scheduler_name), settings.overwrite)
+    for run in runs:
+        prepare_folder(run.folder)
     compare_dir = prepare_folder(out / "compare") if compare and config is not None else None
     return generate_runs(pipe, jobs, runs, settings, compare_dir, scheduler_name, progress, warmup=compare)
 
