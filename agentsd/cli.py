@@ -171,8 +171,11 @@ def _generate(args: argparse.Namespace) -> int:
 
             print(run.activity.summary())
             print(f"agentsd steps: {describe_phases(run.phases)}")
-    if len(runs) == 2 and all(r.seconds_per_image for r in runs):
-        print(f"speedup: {runs[0].seconds_per_image / runs[1].seconds_per_image:.2f}x (baseline / agentsd)")
+    from .output import plural
+
+    timed = gen.speedup(*runs) if len(runs) == 2 else None
+    if timed is not None:
+        print(f"speedup: {timed[0]:.2f}x (baseline / agentsd, over the {plural(timed[1], 'image')} both made)")
     return 0
 
 

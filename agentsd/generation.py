@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from . import __version__
 from .config import AgentSDConfig
@@ -105,7 +106,7 @@ class MethodRun:
     config: AgentSDConfig | None
     folder: Path
     context: Callable[[Any], AbstractContextManager] | None = None
-    seconds: list[float] = field(default_factory=list)
+    seconds: dict[ImageJob, float] = field(default_factory=dict)  # of each image this run timed
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     activity: Activity = field(default_factory=Activity)
@@ -113,13 +114,23 @@ class MethodRun:
 
     @property
     def seconds_per_image(self) -> float | None:
-        return sum(self.seconds) / len(self.seconds) if self.seconds else None
+        return sum(self.seconds.values()) / len(self.seconds) if self.seconds else None
 
     def enter(self, pipe: Any) -> AbstractContextManager:
         """The context the pipeline runs in: `context`, else patched by `config` (None: as is)."""
         if self.context is not None:
             return self.context(pipe)
         return nullcontext() if self.config is None else patched(pipe, self.config)
+
+
+def speedup(baseline: MethodRun, other: MethodRun) -> tuple[float, int] | None:
+    """How many times faster `other` made the images both runs timed (an image only one of them
+    made, as when a run resumes, has nothing to be compared with), and how many those were;
+    None when there were none."""
+    both = baseline.seconds.keys() & other.seconds.keys()
+    if not both:
+        return None
+    return sum(baseline.seconds[j] for j in both) / sum(other.seconds[j] for j in both), len(both)
 
 
 def check_run(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings) -> None:
@@ -300,7 +311,9 @@ def generate_runs(
     """Generate `jobs` for every method of `runs`, batch by batch, methods interleaved.
 
     Args:
-        compare_dir: if given, side-by-side pairs of the first two runs go there.
+        compare_dir: if given, side-by-side pairs of the first two runs go there, made from the
+            image files as each batch finishes (one image may come from an interrupted run), and
+            first for the images both runs have from earlier runs but no pair.
         warmup: run one 1-step call per method first, so no method pays first-call costs.
         stale: existing images to replace, found to be made with other settings (see
             `stale_images`); the other existing images are skipped, whatever `settings.overwrite`.
@@ -324,6 +337,11 @@ def generate_runs(
         note = "pass --overwrite to replace them" if stale is None else "made with the same settings"
         logger.warning("skipping %s (%s)", plural(skipped, "existing image"), note)
     todo = [job for job in jobs if any(job in pending[r.label] for r in runs)]
+    if compare_dir is not None:
+        waiting = set(todo)
+        for job in jobs:
+            if job not in waiting and not (compare_dir / f"{job.name}.png").exists():
+                _write_pair(compare_dir, runs[0], runs[1], job)
     if warmup and todo:
         for run in runs:
             call_pipeline(pipe, todo[:1], settings, run, steps=1)
@@ -332,7 +350,6 @@ def generate_runs(
     bar = tqdm(total=sum(len(v) for v in pending.values()), desc="images", unit="img", disable=not progress)
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
-        produced = {}
         for run in runs:
             mine = [j for j in batch if j in pending[run.label]]
             if not mine:
@@ -348,17 +365,23 @@ def generate_runs(
                 path = run.folder / f"{job.name}.png"
                 save_image(image, path, meta)
                 run.written.append(path)
-                run.seconds.append(per_image)
-                produced[(run.label, job)] = image
+                run.seconds[job] = per_image
                 bar.update(1)
         if compare_dir is not None:
-            left, right = runs[0].label, runs[1].label
             for job in batch:
-                if (left, job) in produced and (right, job) in produced:
-                    pair = side_by_side(produced[(left, job)], produced[(right, job)])
-                    atomic_write(compare_dir / f"{job.name}.png", lambda f, im=pair: im.save(f, format="PNG"))
+                _write_pair(compare_dir, runs[0], runs[1], job)
     bar.close()
     for run in runs:
         if run.config is not None and run.activity.calls and not run.activity.ran_agent_attention:
             logger.warning("no layer ran agent attention in the %s run: %s", run.label, run.activity.summary())
     return runs
+
+
+def _write_pair(compare_dir: Path, left: MethodRun, right: MethodRun, job: ImageJob) -> None:
+    """The side-by-side pair of `job`'s images in `left` and `right` (read from their files), when
+    both exist."""
+    paths = [run.folder / f"{job.name}.png" for run in (left, right)]
+    if all(path.exists() for path in paths):
+        with Image.open(paths[0]) as first, Image.open(paths[1]) as second:
+            pair = side_by_side(first, second)
+        atomic_write(compare_dir / f"{job.name}.png", lambda f: pair.save(f, format="PNG"))
