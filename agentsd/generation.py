@@ -46,6 +46,7 @@ from .loading import (  # re-exported: `generation` has been their home
 from .output import atomic_write, plural, read_sidecar, save_image, setting_differences, side_by_side, stale_message
 from .patch import patched
 from .status import Activity, recording_phases, status
+from .steps import step_phases
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class MethodRun:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     activity: Activity = field(default_factory=Activity)
-    phases: list[str] = field(default_factory=list)  # of each model call (step) of the latest pipeline call
+    phases: list[str] = field(default_factory=list)  # of each scheduler step of the latest pipeline call
 
     @property
     def seconds_per_image(self) -> float | None:
@@ -151,8 +152,9 @@ def call_pipeline(
 ):
     """The images of `jobs` (one generator per image, seeded by its job) run as `run` says; with
     `track`, what agentsd did in the call is added to `run.activity`, and `run.phases` is the
-    phase of each of its model calls (UNet or transformer). The pipeline's own options are set
-    as `loading.call_options` says (PixArt runs the size asked for, and the prompt as written)."""
+    phase of each of its scheduler steps (`steps.step_phases`: a step may be more than one model
+    call). The pipeline's own options are set as `loading.call_options` says (PixArt runs the size
+    asked for, and the prompt as written)."""
     kwargs = dict(
         prompt=[j.prompt for j in jobs],
         num_inference_steps=steps,
@@ -169,7 +171,7 @@ def call_pipeline(
         images = pipe(**kwargs).images
         if track:
             run.activity += status(pipe).activity
-            run.phases = list(phases)
+            run.phases = step_phases(phases, pipe.scheduler, steps)
     return images
 
 
