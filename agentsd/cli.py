@@ -145,13 +145,14 @@ def _generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         max_sequence_length=args.max_sequence_length,
+        true_cfg_scale=args.true_cfg_scale,
     )
     dtype, device = _device_and_dtype(args)
     _check_backend(config, device)
-    cli_model.check_model_settings(args, args.num_images)
+    cli_model.check_model_settings(args, settings, args.num_images)
     out = Path(args.out)
     pipe, (config,) = cli_model.load_pipeline(
-        args, dtype, device, out, lambda pipe: [agent_config(args, cli_model.default_preset(args, pipe))]
+        args, settings, dtype, device, out, lambda pipe: [agent_config(args, cli_model.default_preset(args, pipe))]
     )
     jobs = gen.plan_jobs(prompts, args.num_images, args.seed)
     runs = []
@@ -297,7 +298,7 @@ def _compare(args: argparse.Namespace) -> int:
     for method in methods:
         _check_backend(method.config, device, method.name)
     cmp.check_scoring(methods, scoring, device)  # a missing package or weight file fails before any work
-    cli_model.check_model_settings(args, len(prompts))
+    cli_model.check_model_settings(args, settings, len(prompts))
 
     def configs_for(pipe) -> list:
         nonlocal methods
@@ -305,7 +306,7 @@ def _compare(args: argparse.Namespace) -> int:
         cmp.check_methods(pipe, methods)
         return [m.config for m in methods]
 
-    pipe, _ = cli_model.load_pipeline(args, dtype, device, Path(args.out), configs_for)
+    pipe, _ = cli_model.load_pipeline(args, settings, dtype, device, Path(args.out), configs_for)
     try:
         results = cmp.run_comparison(pipe, prompts, methods, args.out, settings, scoring, seed=args.seed)
     except KeyboardInterrupt:

@@ -217,11 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
         "PNG);\nwith --compare also OUT/baseline/ and side-by-side pairs in OUT/compare/.",
     )  # fmt: skip
     gen.add_argument(
-        "--model", default=DEFAULT_MODEL, help="hub id or local folder (SD 1.x, 2.x, XL, 3 / 3.5 or PixArt)"
-    )
+        "--model", default=DEFAULT_MODEL, help="hub id or local folder of a text-to-image model (SD 1.x, 2.x, XL, "
+        "3 / 3.5, PixArt or Flux.1)",
+    )  # fmt: skip
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for more")
     gen.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line")
-    gen.add_argument("--negative-prompt", help="the negative prompt of every image")
+    gen.add_argument(
+        "--negative-prompt",
+        help="the negative prompt of every image (it needs classifier-free guidance: --guidance above 1; on Flux, "
+        "--true-cfg-scale)",
+    )
+    gen.add_argument(
+        "--true-cfg-scale", type=float,
+        help="Flux: true classifier-free guidance with --negative-prompt, above 1 (e.g. 4; the transformer then runs "
+        "twice per step); default: the pipeline's, none",
+    )  # fmt: skip
     gen.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     _run_flags(gen, "auto, cpu, cuda or cuda:N (CUDA requested without CUDA: the CPU, with a warning)")
@@ -298,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sidecar says how it was made) and stops, naming the settings, at images made with others.",
     )  # fmt: skip
     cmp.add_argument(
-        "--model", default=DEFAULT_MODEL, help="hub id or local folder (SD 1.x, 2.x, XL, 3 / 3.5 or PixArt)"
-    )
+        "--model", default=DEFAULT_MODEL, help="hub id or local folder of a text-to-image model (SD 1.x, 2.x, XL, "
+        "3 / 3.5, PixArt or Flux.1)",
+    )  # fmt: skip
     cmp.add_argument("--method", action="append",
                      help="baseline, a preset (paper), preset:field=value,..., agentsd:field=value, tomesd:RATIO; "
                      "repeatable; default: baseline and the model's preset (as generate's --preset)")  # fmt: skip

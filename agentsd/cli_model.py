@@ -26,18 +26,21 @@ def no_empty_folder_on_error(folder: Path) -> Iterator[None]:
         raise
 
 
-def check_model_settings(args: argparse.Namespace, images: int) -> None:
+def check_model_settings(args: argparse.Namespace, settings, images: int) -> None:
     """Before loading the model: the seeds of `images` images from --seed; and, where the model's
-    config files can be read without loading it, --scheduler and --steps for its scheduler (and
-    that Flux can run it) and --max-sequence-length for its family."""
-    from . import loading
+    config files can be read without loading it, --scheduler and --steps for its scheduler,
+    --max-sequence-length for its family, and what its pipeline takes (`pipeline_checks`)."""
+    from . import loading, pipeline_checks
 
     loading.check_seeds(args.seed, images)
+    pipeline = pipeline_checks.model_pipeline_class(args.model)
+    if pipeline is not None:
+        pipeline_checks.check_pipeline(pipeline, settings)
     family = loading.model_family(args.model)
     loading.check_max_sequence_length(args.max_sequence_length, family)
     scheduler = loading.model_scheduler(args.model, args.scheduler)
     if scheduler is not None:
-        loading.check_flux_scheduler(scheduler, family)
+        pipeline_checks.check_flux_scheduler(scheduler, family)
         loading.check_steps(scheduler, args.steps)
 
 
@@ -51,22 +54,24 @@ def default_preset(args: argparse.Namespace, pipe=None) -> str:
     return loading.model_default_preset(args.model) or "paper"
 
 
-def load_pipeline(args: argparse.Namespace, dtype, device, out: Path, configs_for):
+def load_pipeline(args: argparse.Namespace, settings, dtype, device, out: Path, configs_for):
     """Create `out` (writable), then load --model on `device` in `dtype` with --scheduler and
     refuse what only the loaded model tells (sizes, --max-sequence-length, --scheduler and
-    --steps, the configs `configs_for(pipe)` gives that patch nothing): on an error (or Ctrl-C)
-    the folder is removed again if this made it. Returns the pipeline and those configs."""
-    from . import loading
+    --steps, what the pipeline takes, the configs `configs_for(pipe)` gives that patch nothing):
+    on an error (or Ctrl-C) the folder is removed again if this made it. Returns the pipeline and
+    those configs."""
+    from . import loading, pipeline_checks
     from .families import find_model
 
     with no_empty_folder_on_error(out):
         loading.prepare_folder(out)
         pipe = loading.load_pipeline(args.model, dtype, device)
+        pipeline_checks.check_pipeline(pipe, settings)
         family = find_model(pipe)[0].name
         loading.check_size(pipe, args.width, args.height)
         loading.check_max_sequence_length(args.max_sequence_length, family)
         loading.set_scheduler(pipe, args.scheduler)
-        loading.check_flux_scheduler(pipe.scheduler, family)
+        pipeline_checks.check_flux_scheduler(pipe.scheduler, family)
         configs = configs_for(pipe)
         for config in filter(None, configs):
             loading.check_config_patches(pipe, config)

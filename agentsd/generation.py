@@ -30,7 +30,6 @@ from .loading import (  # re-exported: `generation` has been their home
     GenerationError,
     call_options,
     check_config_patches,
-    check_flux_scheduler,
     check_max_sequence_length,
     check_seeds,
     check_size,
@@ -45,6 +44,7 @@ from .loading import (  # re-exported: `generation` has been their home
 )
 from .output import atomic_write, plural, read_sidecar, save_image, setting_differences, side_by_side, stale_message
 from .patch import patched
+from .pipeline_checks import check_flux_scheduler, check_pipeline, true_cfg_scale
 from .status import Activity, recording_phases, status
 from .steps import step_phases
 
@@ -74,7 +74,8 @@ def plan_jobs(prompts: Sequence[str], num_images: int, seed: int) -> list[ImageJ
 @dataclass
 class GenerationSettings:
     """What every image of a run shares. `max_sequence_length`: the T5 prompt length of SD 3 /
-    3.5 and PixArt pipelines (None: the pipeline's default)."""
+    3.5, PixArt and Flux pipelines (None: the pipeline's default). `true_cfg_scale`: Flux's true
+    classifier-free guidance, which its negative prompt needs (None: the pipeline's default, off)."""
 
     model: str
     negative_prompt: str | None = None
@@ -85,6 +86,7 @@ class GenerationSettings:
     batch_size: int = 1
     overwrite: bool = False
     max_sequence_length: int | None = None
+    true_cfg_scale: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -135,9 +137,11 @@ def speedup(baseline: MethodRun, other: MethodRun) -> tuple[float, int] | None:
 
 
 def check_run(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings) -> None:
-    """Refuse, before any work, what would fail mid-run: a step count the pipeline's scheduler
-    refuses, image seeds the generator refuses, a size or prompt length the model refuses."""
+    """Refuse, before any work, what would fail mid-run or make other images than asked: a step
+    count the pipeline's scheduler refuses, image seeds the generator refuses, a size or prompt
+    length the model refuses, an image-conditioned pipeline, a negative prompt without effect."""
     family = find_model(pipe)[0].name
+    check_pipeline(pipe, settings)
     check_flux_scheduler(pipe.scheduler, family, "scheduler")
     check_steps(pipe.scheduler, settings.steps, "steps")
     check_size(pipe, settings.width, settings.height)
@@ -166,6 +170,8 @@ def call_pipeline(
     )
     if settings.negative_prompt is not None:
         kwargs["negative_prompt"] = [settings.negative_prompt] * len(jobs)
+    if settings.true_cfg_scale is not None:
+        kwargs["true_cfg_scale"] = settings.true_cfg_scale
     track = track and run.config is not None
     with run.enter(pipe), recording_phases(pipe) if track else nullcontext() as phases:
         images = pipe(**kwargs).images
@@ -177,9 +183,10 @@ def call_pipeline(
 
 def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | None = None) -> dict[str, Any]:
     """What every image of a run records about how it was made (its sidecar adds the image's own
-    fields, see `image_record`): the model, the scheduler (its name and config), steps, guidance,
-    size, negative prompt, batch size, the T5 prompt length (SD 3 / 3.5, PixArt and Flux; None for
-    the others), device type, dtype and the agentsd version."""
+    fields, see `image_record`): the model, the scheduler (its name and config), steps, guidance
+    (and Flux's true-CFG scale; None for the others), size, negative prompt, batch size, the T5
+    prompt length (SD 3 / 3.5, PixArt and Flux; None for the others), device type, dtype and the
+    agentsd version."""
     _, model = find_model(pipe)
     # The pipeline's own default size: Flux pipelines keep it (`default_sample_size`, in latents),
     # their transformer has no `sample_size`.
@@ -190,6 +197,7 @@ def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | No
         scheduler_config=scheduler_record(pipe.scheduler),
         steps=settings.steps,
         guidance=guidance_scale(pipe, settings.guidance),
+        true_cfg_scale=true_cfg_scale(pipe, settings.true_cfg_scale),
         width=settings.width or side,
         height=settings.height or side,
         negative_prompt=settings.negative_prompt,

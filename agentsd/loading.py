@@ -296,23 +296,6 @@ def check_steps(scheduler: Any, steps: int, flag: str = "--steps") -> None:
     raise GenerationError(f"{flag} {steps} is more than {type(scheduler).__name__} takes with this model: {fix}.")
 
 
-def check_flux_scheduler(scheduler: Any, family_name: str | None, flag: str = "--scheduler") -> None:
-    """Refuse, for a Flux model (`family_name`), a scheduler that cannot take the shifted sigmas
-    its pipelines set (`set_timesteps(sigmas=..., mu=...)`): FlowMatchHeun, for one.
-
-    Raises:
-        GenerationError: naming the scheduler and the fix.
-    """
-    if family_name != "flux":
-        return
-    takes = inspect.signature(scheduler.set_timesteps).parameters
-    if "sigmas" not in takes or "mu" not in takes:
-        raise GenerationError(
-            f"{flag}: {type(scheduler).__name__} cannot run Flux, whose pipelines set their own shifted sigmas: "
-            "use flow-euler, or leave out --scheduler to keep the model's own."
-        )
-
-
 def check_seeds(first: int, count: int, flag: str = "--seed") -> None:
     """Refuse image seeds `first, ..., first + count - 1` that `torch.Generator.manual_seed`
     refuses (it takes `SEED_MIN` to `SEED_MAX`), before any work.

@@ -59,12 +59,13 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
 # The batch size and the device change an image too: kernels round differently with the batch's
 # size and on another device (in the last bits, which the sampling steps then carry on).
 SETTING_KEYS = (
-    "model", "scheduler", "scheduler_config", "steps", "guidance", "width", "height", "negative_prompt", "batch_size",
-    "device", "dtype", "method", "agentsd_config", "prompt", "seed", "max_sequence_length",
+    "model", "scheduler", "scheduler_config", "steps", "guidance", "true_cfg_scale", "width", "height",
+    "negative_prompt", "batch_size", "device", "dtype", "method", "agentsd_config", "prompt", "seed",
+    "max_sequence_length",
 )  # fmt: skip
 # Keys added to the sidecar later whose absence meant no value (None). Not `batch_size` and
 # `device`: an older sidecar does not say what they were, so its image cannot be reused.
-NEWER_KEYS = ("max_sequence_length",)
+NEWER_KEYS = ("max_sequence_length", "true_cfg_scale")
 
 
 def read_sidecar(image: Path) -> dict[str, Any] | None:

@@ -1,6 +1,6 @@
 """`agentsd generate` says and records one phase per scheduler step, the steps asked for, even where
 a step is more than one model call: a second-order scheduler's two evaluations, PNDM's extra
-first one."""
+first one, Flux's true CFG (in test_cli_flux.py)."""
 
 import json
 
