@@ -187,6 +187,7 @@ def _check_bench_args(args: argparse.Namespace, device) -> None:
     import torch
 
     from . import benchmark
+    from .bench_dit import size_problem
     from .config import AgentSDConfig
     from .presets import load_preset
 
@@ -197,10 +198,10 @@ def _check_bench_args(args: argparse.Namespace, device) -> None:
     for size in args.sizes:
         if size <= 0 or size % 8:
             raise UsageError(f"--sizes {size} is not a positive multiple of 8: use e.g. 512 or 768.")
-    transformers = [arch for arch in args.arch if benchmark.is_transformer(arch)]
-    for size in args.sizes:
-        if transformers and size % 16:  # the VAE's 8 x the transformers' 2x2 patch
-            raise UsageError(f"--sizes {size}: {transformers[0]} takes multiples of 16: use e.g. 512 or 1024.")
+    for arch in filter(benchmark.is_transformer, args.arch):
+        for size in args.sizes:
+            if problem := size_problem(arch, size):
+                raise UsageError(f"--sizes {size}: {problem}.")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = load_preset(args.preset) if args.preset else AgentSDConfig()
     _check_backend(config, device)

@@ -195,6 +195,7 @@ def _bench_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .bench_dit import ALL_TRANSFORMERS, largest_size
     from .benchmark import DEFAULT_PRESETS, METHODS, OPTIONAL_METHODS
     from .loading import DEFAULT_MODEL
     from .metrics import INCEPTION_FILE
@@ -255,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     archs = list(DEFAULT_PRESETS)  # every architecture the benchmark builds, the tiny stand-ins too
     bench.add_argument("--arch", nargs="+", default=["sd15"], choices=archs, metavar="ARCH", dest="arch_names",
                        action=_ArchAtDepth,
-                       help=f"{', '.join(archs)} (tiny*: toy models, for trying the harness)")  # fmt: skip
+                       help=f"{', '.join(archs)} (tiny*: toy widths of sd15, sd21, sdxl, sd35-medium, pixart-sigma "
+                       "and flux-dev, for trying the harness; the sizes each takes: see --sizes)")  # fmt: skip
     bench.add_argument(
         "--blocks", type=int, metavar="K", action=_ArchAtDepth,
         help="build the diffusion transformers (sd35-*, pixart-sigma, flux-dev) at their first K blocks, real widths "
@@ -264,13 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
         "UNets are built whole",
     )  # fmt: skip
     bench.set_defaults(arch=["sd15"])
+    bounded = ", ".join(f"{arch} up to {largest_size(arch)}" for arch in ALL_TRANSFORMERS if largest_size(arch))
     bench.add_argument(
         "--sizes",
         nargs="+",
         type=int,
         metavar="PX",
         default=[512],
-        help="image sides in pixels, multiples of 8 (of 16 for the transformers)",
+        help=f"image sides in pixels, multiples of 8; the transformers ({', '.join(ALL_TRANSFORMERS)}) take "
+        f"multiples of 16, {bounded}",
     )
     bench.add_argument(
         "--batches",

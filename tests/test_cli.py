@@ -436,6 +436,25 @@ def test_bench_refuses_bad_input_before_anything_is_created(tmp_path, capsys, ar
 
 
 @pytest.mark.parametrize(
+    "arch, size, message",
+    [
+        ("tiny-sd35", 2048, "tiny-sd35 takes sizes up to 1024 px (its positional table covers 64x64 patches)"),
+        ("sd35-large", 4096, "sd35-large takes sizes up to 3072 px"),
+        ("tiny-flux", 264, "tiny-flux takes multiples of 16 (whole 2x2 patches of the VAE's 8x latent): use e.g. 256"),
+    ],
+)
+def test_bench_names_the_sizes_a_transformer_takes(tmp_path, capsys, arch, size, message):
+    """Past SD 3's positional table the model itself fails mid-run ("Height (128) cannot be greater
+    than `pos_embed_max_size`"): refused first, naming the largest size; the help lists them."""
+    out = tmp_path / "out"  # --blocks 1: where nothing refused it, SD 3.5 Large would be built whole
+    assert run_main("bench", "--arch", arch, "--blocks", "1", "--sizes", "256", size, "--out", out) == 2
+    assert f"agentsd: error: --sizes {size}: {message}" in error_line(capsys)
+    assert not out.exists()
+    text = " ".join(subcommands()["bench"].format_help().split())
+    assert "sd35-large up to 3072, tiny-sd35 up to 1024" in text
+
+
+@pytest.mark.parametrize(
     "argv, message",
     [
         (["generate", "--prompt", "x", "--compare", "--no-agent"], "--compare"),
