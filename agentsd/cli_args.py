@@ -40,7 +40,7 @@ FIELD_HELP = {
     "min_tokens": "layers whose grid has fewer tokens run exact attention",
     "share_matching": "opt-in, changes outputs: one bipartite matching per grid and UNet call",
     "agent_selection": "pool (opt-in, changes outputs): agents are the cell means instead of a merge",
-    "block_range": "diffusion transformers (SD3, PixArt): patch blocks START to STOP-1 only; UNets ignore it",
+    "block_range": "diffusion transformers (SD3, PixArt, Flux): patch blocks START to STOP-1 only; UNets ignore it",
 }
 BENCH_METHODS = {
     "baseline": "diffusers' default processors (SDPA)",
@@ -125,7 +125,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--preset",
         help="preset name (see `agentsd presets`) or a YAML file; default: the model's, paper for SD 1.x/2.x, "
-        "sdxl for SDXL, sd3 for SD 3/3.5, pixart for PixArt",
+        "sdxl for SDXL, sd3 for SD 3/3.5, pixart for PixArt, flux for Flux",
     )
     group.add_argument("--no-agent", action="store_true", help="run the baseline only, without agent attention")
     for f in dataclasses.fields(AgentSDConfig):
@@ -169,8 +169,8 @@ def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
     parser.add_argument(
         "--max-sequence-length",
         type=int,
-        help="T5 prompt tokens of SD 3/3.5 and PixArt (fewer: faster, longer prompts cut); default: the "
-        "pipeline's (SD 3: 256, PixArt-Sigma: 300, PixArt-alpha: 120)",
+        help="T5 prompt tokens of SD 3/3.5, PixArt and Flux (fewer: faster, longer prompts cut); default: the "
+        "pipeline's (SD 3: 256, PixArt-Sigma: 300, PixArt-alpha: 120, Flux: 512)",
     )
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--device", default="auto", help=device_help)
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="agentsd",
         description="Training-free agent attention for diffusers pipelines: Stable Diffusion 1.x, 2.x, XL, "
-        "3 / 3.5 and PixArt.",
+        "3 / 3.5, PixArt and Flux.1.",
         formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
