@@ -207,6 +207,31 @@ def transformer_config(arch: str, blocks: int | None = None) -> dict[str, Any]:
     return config
 
 
+def size_problem(arch: str, size: int) -> str | None:
+    """Why the transformer `arch` (`NAME` or `NAME:K`) cannot take `size` x `size` px images, or
+    None: their sides are whole 2x2 patches of the VAE's 8x latent (multiples of 16), and SD 3's
+    positional table covers `pos_embed_max_size` patches a side (`largest_size`)."""
+    name = arch.partition(":")[0]
+    if size % 16:
+        below = size - size % 16
+        fits = f"{below} or {below + 16}" if below else "16"
+        return f"{name} takes multiples of 16 (whole 2x2 patches of the VAE's 8x latent): use e.g. {fits}"
+    largest = largest_size(name)
+    if largest is not None and size > largest:
+        side = largest // 16
+        return f"{name} takes sizes up to {largest} px (its positional table covers {side}x{side} patches)"
+    return None
+
+
+def largest_size(arch: str) -> int | None:
+    """The largest image side the transformer `arch` takes: SD 3's positional table covers
+    `pos_embed_max_size` patches a side (SD 3.5 Medium 6144 px, Large 3072, tiny-sd35 1024); None:
+    no bound (PixArt and Flux compute their positions for any grid)."""
+    config = ALL_TRANSFORMERS[arch].config
+    patches = config.get("pos_embed_max_size")
+    return None if patches is None else patches * config["patch_size"] * 8
+
+
 def build_transformer(
     arch: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, blocks: int | None = None
 ) -> torch.nn.Module:

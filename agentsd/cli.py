@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.metadata
 import logging
 import platform
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
+from . import cli_model
 from .cli_args import FLAG_NAMES, UsageError, build_parser, config_dest
 
 EXIT_USAGE = 2
@@ -101,22 +100,6 @@ def _device_and_dtype(args: argparse.Namespace, auto=None):
     return resolve_dtype(None if fell_back else args.dtype, device), device
 
 
-@contextlib.contextmanager
-def _no_empty_folder_on_error(folder: Path) -> Iterator[None]:
-    """On an error inside, remove the folders on the way to `folder` that this block created,
-    if they are still empty: a failed start leaves the user's files as they were."""
-    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
-    try:
-        yield
-    except BaseException:
-        for path in created:
-            try:
-                path.rmdir()
-            except OSError:
-                break
-        raise
-
-
 def _check_backend(config, device, method: str | None = None) -> None:
     """Refuse an attention backend that cannot run on `device` (xformers missing, or not CUDA)."""
     from .attention import check_backend
@@ -141,51 +124,6 @@ def _check_scheduler(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown scheduler {args.scheduler!r}: use one of {', '.join(SCHEDULERS)}.")
 
 
-def _check_model_settings(args: argparse.Namespace, images: int) -> None:
-    """Before loading the model: the seeds of `images` images from --seed; and, where the model's
-    config files can be read without loading it, --scheduler and --steps for its scheduler and
-    --max-sequence-length for its family."""
-    from . import loading
-
-    loading.check_seeds(args.seed, images)
-    loading.check_max_sequence_length(args.max_sequence_length, loading.model_family(args.model))
-    scheduler = loading.model_scheduler(args.model, args.scheduler)
-    if scheduler is not None:
-        loading.check_steps(scheduler, args.steps)
-
-
-def _default_preset(args: argparse.Namespace, pipe=None) -> str:
-    """The preset of the model's family (`loading.default_preset`): of the loaded `pipe`, else
-    read from the model's config files (`paper` where they cannot be read without downloading)."""
-    from . import loading
-
-    if pipe is not None:
-        return loading.default_preset(pipe)
-    return loading.model_default_preset(args.model) or "paper"
-
-
-def _load_pipeline(args: argparse.Namespace, dtype, device, out: Path, configs_for):
-    """Create `out` (writable), then load --model on `device` in `dtype` with --scheduler and
-    refuse what only the loaded model tells (sizes, --max-sequence-length, --scheduler and
-    --steps, the configs `configs_for(pipe)` gives that patch nothing): on an error (or Ctrl-C)
-    the folder is removed again if this made it. Returns the pipeline and those configs."""
-    from . import loading
-    from .families import find_model
-
-    with _no_empty_folder_on_error(out):
-        loading.prepare_folder(out)
-        pipe = loading.load_pipeline(args.model, dtype, device)
-        loading.check_size(pipe, args.width, args.height)
-        loading.check_max_sequence_length(args.max_sequence_length, find_model(pipe)[0].name)
-        loading.set_scheduler(pipe, args.scheduler)
-        loading.check_flux_scheduler(pipe)
-        configs = configs_for(pipe)
-        for config in filter(None, configs):
-            loading.check_config_patches(pipe, config)
-        loading.check_steps(pipe.scheduler, args.steps)
-    return pipe, configs
-
-
 def _generate(args: argparse.Namespace) -> int:
     from . import generation as gen
 
@@ -195,7 +133,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.max_sequence_length is not None:
         _check_positive("--max-sequence-length", args.max_sequence_length)
     prompts = _prompts(args)
-    config = agent_config(args, _default_preset(args))  # checked now; final once the model is loaded
+    config = agent_config(args, cli_model.default_preset(args))  # checked now; final once the model is loaded
     _check_scheduler(args)
     settings = gen.GenerationSettings(
         model=args.model,
@@ -207,13 +145,14 @@ def _generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         max_sequence_length=args.max_sequence_length,
+        true_cfg_scale=args.true_cfg_scale,
     )
     dtype, device = _device_and_dtype(args)
     _check_backend(config, device)
-    _check_model_settings(args, args.num_images)
+    cli_model.check_model_settings(args, settings, args.num_images)
     out = Path(args.out)
-    pipe, (config,) = _load_pipeline(
-        args, dtype, device, out, lambda pipe: [agent_config(args, _default_preset(args, pipe))]
+    pipe, (config,) = cli_model.load_pipeline(
+        args, settings, dtype, device, out, lambda pipe: [agent_config(args, cli_model.default_preset(args, pipe))]
     )
     jobs = gen.plan_jobs(prompts, args.num_images, args.seed)
     runs = []
@@ -233,8 +172,11 @@ def _generate(args: argparse.Namespace) -> int:
 
             print(run.activity.summary())
             print(f"agentsd steps: {describe_phases(run.phases)}")
-    if len(runs) == 2 and all(r.seconds_per_image for r in runs):
-        print(f"speedup: {runs[0].seconds_per_image / runs[1].seconds_per_image:.2f}x (baseline / agentsd)")
+    from .output import plural
+
+    timed = gen.speedup(*runs) if len(runs) == 2 else None
+    if timed is not None:
+        print(f"speedup: {timed[0]:.2f}x (baseline / agentsd, over the {plural(timed[1], 'image')} both made)")
     return 0
 
 
@@ -245,6 +187,7 @@ def _check_bench_args(args: argparse.Namespace, device) -> None:
     import torch
 
     from . import benchmark
+    from .bench_dit import size_problem
     from .config import AgentSDConfig
     from .presets import load_preset
 
@@ -255,10 +198,10 @@ def _check_bench_args(args: argparse.Namespace, device) -> None:
     for size in args.sizes:
         if size <= 0 or size % 8:
             raise UsageError(f"--sizes {size} is not a positive multiple of 8: use e.g. 512 or 768.")
-    transformers = [arch for arch in args.arch if benchmark.is_transformer(arch)]
-    for size in args.sizes:
-        if transformers and size % 16:  # the VAE's 8 x the transformers' 2x2 patch
-            raise UsageError(f"--sizes {size}: {transformers[0]} takes multiples of 16: use e.g. 512 or 1024.")
+    for arch in filter(benchmark.is_transformer, args.arch):
+        for size in args.sizes:
+            if problem := size_problem(arch, size):
+                raise UsageError(f"--sizes {size}: {problem}.")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = load_preset(args.preset) if args.preset else AgentSDConfig()
     _check_backend(config, device)
@@ -296,7 +239,7 @@ def _bench(args: argparse.Namespace) -> int:
         benchmark.write_results(rows, args.out, command)
 
     try:
-        with _no_empty_folder_on_error(out):
+        with cli_model.no_empty_folder_on_error(out):
             prepare_folder(out)
             benchmark.run_benchmark(
                 archs=args.arch,
@@ -312,7 +255,10 @@ def _bench(args: argparse.Namespace) -> int:
                 on_rows=save,
             )
     except KeyboardInterrupt:
-        print(f"interrupted: {len(rows)} rows of finished scenarios are in {args.out}", file=sys.stderr)
+        from .output import plural
+
+        kept = f"{plural(len(rows), 'row')} of finished scenarios {'is' if len(rows) == 1 else 'are'}"
+        print(f"interrupted: {kept} in {args.out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(benchmark.markdown_table(rows))
     print("\n".join(benchmark.target_lines(rows)))
@@ -339,7 +285,7 @@ def _compare(args: argparse.Namespace) -> int:
     def methods_for(preset: str) -> list:  # the default methods: the baseline and the model family's preset
         return cmp.with_baseline([cmp.parse_method(spec) for spec in (args.method or ["baseline", preset])])
 
-    methods = methods_for(_default_preset(args))  # checked now; final once the model is loaded
+    methods = methods_for(cli_model.default_preset(args))  # checked now; final once the model is loaded
     _check_scheduler(args)
     settings = gen.GenerationSettings(
         model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
@@ -353,15 +299,15 @@ def _compare(args: argparse.Namespace) -> int:
     for method in methods:
         _check_backend(method.config, device, method.name)
     cmp.check_scoring(methods, scoring, device)  # a missing package or weight file fails before any work
-    _check_model_settings(args, len(prompts))
+    cli_model.check_model_settings(args, settings, len(prompts))
 
     def configs_for(pipe) -> list:
         nonlocal methods
-        methods = methods_for(_default_preset(args, pipe))
+        methods = methods_for(cli_model.default_preset(args, pipe))
         cmp.check_methods(pipe, methods)
         return [m.config for m in methods]
 
-    pipe, _ = _load_pipeline(args, dtype, device, Path(args.out), configs_for)
+    pipe, _ = cli_model.load_pipeline(args, settings, dtype, device, Path(args.out), configs_for)
     try:
         results = cmp.run_comparison(pipe, prompts, methods, args.out, settings, scoring, seed=args.seed)
     except KeyboardInterrupt:

@@ -40,7 +40,7 @@ FIELD_HELP = {
     "min_tokens": "layers whose grid has fewer tokens run exact attention",
     "share_matching": "opt-in, changes outputs: one bipartite matching per grid and UNet call",
     "agent_selection": "pool (opt-in, changes outputs): agents are the cell means instead of a merge",
-    "block_range": "diffusion transformers (SD3, PixArt): patch blocks START to STOP-1 only; UNets ignore it",
+    "block_range": "diffusion transformers (SD3, PixArt, Flux): patch blocks START to STOP-1 only; UNets ignore it",
 }
 BENCH_METHODS = {
     "baseline": "diffusers' default processors (SDPA)",
@@ -125,7 +125,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--preset",
         help="preset name (see `agentsd presets`) or a YAML file; default: the model's, paper for SD 1.x/2.x, "
-        "sdxl for SDXL, sd3 for SD 3/3.5, pixart for PixArt",
+        "sdxl for SDXL, sd3 for SD 3/3.5, pixart for PixArt, flux for Flux",
     )
     group.add_argument("--no-agent", action="store_true", help="run the baseline only, without agent attention")
     for f in dataclasses.fields(AgentSDConfig):
@@ -169,8 +169,8 @@ def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
     parser.add_argument(
         "--max-sequence-length",
         type=int,
-        help="T5 prompt tokens of SD 3/3.5 and PixArt (fewer: faster, longer prompts cut); default: the "
-        "pipeline's (SD 3: 256, PixArt-Sigma: 300, PixArt-alpha: 120)",
+        help="T5 prompt tokens of SD 3/3.5, PixArt and Flux (fewer: faster, longer prompts cut); default: the "
+        "pipeline's (SD 3: 256, PixArt-Sigma: 300, PixArt-alpha: 120, Flux: 512)",
     )
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--device", default="auto", help=device_help)
@@ -195,6 +195,7 @@ def _bench_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .bench_dit import ALL_TRANSFORMERS, largest_size
     from .benchmark import DEFAULT_PRESETS, METHODS, OPTIONAL_METHODS
     from .loading import DEFAULT_MODEL
     from .metrics import INCEPTION_FILE
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="agentsd",
         description="Training-free agent attention for diffusers pipelines: Stable Diffusion 1.x, 2.x, XL, "
-        "3 / 3.5 and PixArt.",
+        "3 / 3.5, PixArt and Flux.1.",
         formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -217,16 +218,30 @@ def build_parser() -> argparse.ArgumentParser:
         "PNG);\nwith --compare also OUT/baseline/ and side-by-side pairs in OUT/compare/.",
     )  # fmt: skip
     gen.add_argument(
-        "--model", default=DEFAULT_MODEL, help="hub id or local folder (SD 1.x, 2.x, XL, 3 / 3.5 or PixArt)"
-    )
+        "--model", default=DEFAULT_MODEL, help="hub id or local folder of a text-to-image model (SD 1.x, 2.x, XL, "
+        "3 / 3.5, PixArt or Flux.1)",
+    )  # fmt: skip
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for more")
     gen.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line")
-    gen.add_argument("--negative-prompt", help="the negative prompt of every image")
+    gen.add_argument(
+        "--negative-prompt",
+        help="the negative prompt of every image (it needs classifier-free guidance: --guidance above 1; on Flux, "
+        "--true-cfg-scale)",
+    )
+    gen.add_argument(
+        "--true-cfg-scale", type=float,
+        help="Flux: true classifier-free guidance with --negative-prompt, above 1 (e.g. 4; the transformer then runs "
+        "twice per step); default: the pipeline's, none",
+    )  # fmt: skip
     gen.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     _run_flags(gen, "auto, cpu, cuda or cuda:N (CUDA requested without CUDA: the CPU, with a warning)")
     gen.add_argument("--out", default="agentsd-out", help="output folder")
-    gen.add_argument("--overwrite", action="store_true", help="replace existing images instead of skipping them")
+    gen.add_argument(
+        "--overwrite", action="store_true",
+        help="make every existing image in --out again (without it, images made with these settings are skipped, "
+        "and images made with others stop the run, naming the settings that differ)",
+    )  # fmt: skip
     gen.add_argument("--compare", action="store_true", help="also run the baseline; save both and a side-by-side")
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     _config_flags(gen)
@@ -241,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     archs = list(DEFAULT_PRESETS)  # every architecture the benchmark builds, the tiny stand-ins too
     bench.add_argument("--arch", nargs="+", default=["sd15"], choices=archs, metavar="ARCH", dest="arch_names",
                        action=_ArchAtDepth,
-                       help=f"{', '.join(archs)} (tiny*: toy models, for trying the harness)")  # fmt: skip
+                       help=f"{', '.join(archs)} (tiny*: toy widths of sd15, sd21, sdxl, sd35-medium, pixart-sigma "
+                       "and flux-dev, for trying the harness; the sizes each takes: see --sizes)")  # fmt: skip
     bench.add_argument(
         "--blocks", type=int, metavar="K", action=_ArchAtDepth,
         help="build the diffusion transformers (sd35-*, pixart-sigma, flux-dev) at their first K blocks, real widths "
@@ -250,13 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
         "UNets are built whole",
     )  # fmt: skip
     bench.set_defaults(arch=["sd15"])
+    bounded = ", ".join(f"{arch} up to {largest_size(arch)}" for arch in ALL_TRANSFORMERS if largest_size(arch))
     bench.add_argument(
         "--sizes",
         nargs="+",
         type=int,
         metavar="PX",
         default=[512],
-        help="image sides in pixels, multiples of 8 (of 16 for the transformers)",
+        help=f"image sides in pixels, multiples of 8; the transformers ({', '.join(ALL_TRANSFORMERS)}) take "
+        f"multiples of 16, {bounded}",
     )
     bench.add_argument(
         "--batches",
@@ -294,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sidecar says how it was made) and stops, naming the settings, at images made with others.",
     )  # fmt: skip
     cmp.add_argument(
-        "--model", default=DEFAULT_MODEL, help="hub id or local folder (SD 1.x, 2.x, XL, 3 / 3.5 or PixArt)"
-    )
+        "--model", default=DEFAULT_MODEL, help="hub id or local folder of a text-to-image model (SD 1.x, 2.x, XL, "
+        "3 / 3.5, PixArt or Flux.1)",
+    )  # fmt: skip
     cmp.add_argument("--method", action="append",
                      help="baseline, a preset (paper), preset:field=value,..., agentsd:field=value, tomesd:RATIO; "
                      "repeatable; default: baseline and the model's preset (as generate's --preset)")  # fmt: skip

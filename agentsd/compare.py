@@ -41,10 +41,10 @@ from .generation import (
     MethodRun,
     call_pipeline,
     check_run,
+    check_stale,
     generate_runs,
     prepare_folder,
     run_record,
-    stale_images,
 )
 from .metrics import (  # MetricsError and image_paths: part of this module's interface too
     MetricsError,  # noqa: F401
@@ -57,6 +57,7 @@ from .metrics import (  # MetricsError and image_paths: part of this module's in
     image_paths,  # noqa: F401
     load_reference,
 )
+from .output import plural
 from .presets import load_preset
 
 logger = logging.getLogger(__name__)
@@ -243,9 +244,10 @@ def run_comparison(
     """Generate (this process's shard of) every method's images, then score on the main process.
 
     Images already in `OUT/images` are reused when their sidecars say they were made with these
-    settings (model, scheduler and its config, steps, guidance, size, dtype, prompt, seed, method
-    and its config). Images made with other settings raise `GenerationError` naming the settings
-    that differ, before any work, unless `settings.overwrite`, which makes those images again.
+    settings (model, scheduler and its config, steps, guidance, size, batch size, device, dtype,
+    prompt, seed, method and its config: `output.SETTING_KEYS`). Images made with other settings
+    raise `GenerationError` naming the settings that differ, before any work, unless
+    `settings.overwrite`, which makes those images again.
 
     Returns:
         The results (also written to `OUT/results.json`, `results.md`, `fid_vs_time.png`,
@@ -263,9 +265,7 @@ def run_comparison(
     out = Path(out_dir)
     runs = [m.run(out / "images" / m.folder_name) for m in methods]
     record = run_record(pipe, settings)
-    stale = stale_images(runs, jobs, record)
-    if stale and not settings.overwrite:
-        raise GenerationError(_stale_message(stale, out))
+    stale = check_stale(runs, jobs, record, settings.overwrite)
     prepare_folder(out)
     metric = None
     if scoring.reference is not None and state.is_main_process:
@@ -288,17 +288,6 @@ def run_comparison(
     return results
 
 
-def _stale_message(stale: dict[Path, list[str]], out: Path) -> str:
-    differences = list(dict.fromkeys(d for found in stale.values() for d in found))
-    shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
-    example = next(iter(stale)).with_suffix(".json")
-    return (
-        f"{len(stale)} images in {out / 'images'} were made with other settings than this run's ({shown}; e.g. "
-        f"{example}): rerun with the settings they were made with to resume, pass --overwrite to make those images "
-        "again with these settings, or choose another --out."
-    )
-
-
 def score(
     out: Path,
     methods: Sequence[MethodSpec],
@@ -317,7 +306,11 @@ def score(
     paths = {name: [folder / f"{j.name}.png" for j in jobs] for name, folder in folders.items()}
     missing = [str(p) for ps in paths.values() for p in ps if not p.exists()]
     if missing:
-        raise GenerationError(f"{len(missing)} images are missing (e.g. {missing[0]}): rerun to generate them.")
+        one = len(missing) == 1
+        raise GenerationError(
+            f"{plural(len(missing), 'image')} {'is' if one else 'are'} missing (e.g. {missing[0]}): rerun to generate "
+            f"{'it' if one else 'them'}."
+        )
     rows = []
     for method in methods:
         sidecars = [json.loads(p.with_suffix(".json").read_text()) for p in paths[method.name]]
@@ -354,7 +347,8 @@ def markdown_report(results: dict[str, Any]) -> str:
             value = row.get(key)
             cells.append("" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
         lines.append("| " + " | ".join(cells) + " |")
-    return f"{results['prompts']} prompts; FID reference: {results['reference']}\n\n" + "\n".join(lines) + "\n"
+    head = f"{plural(results['prompts'], 'prompt')}; FID reference: {results['reference']}"
+    return head + "\n\n" + "\n".join(lines) + "\n"
 
 
 def write_report(results: dict[str, Any], out: Path, samples: int = 8) -> None:

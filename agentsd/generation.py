@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from . import __version__
 from .config import AgentSDConfig
@@ -28,7 +30,6 @@ from .loading import (  # re-exported: `generation` has been their home
     GenerationError,
     call_options,
     check_config_patches,
-    check_flux_scheduler,
     check_max_sequence_length,
     check_seeds,
     check_size,
@@ -41,9 +42,11 @@ from .loading import (  # re-exported: `generation` has been their home
     resolve_dtype,  # noqa: F401
     set_scheduler,  # noqa: F401
 )
-from .output import atomic_write, read_sidecar, save_image, setting_differences, side_by_side
+from .output import atomic_write, plural, read_sidecar, save_image, setting_differences, side_by_side, stale_message
 from .patch import patched
+from .pipeline_checks import check_flux_scheduler, check_pipeline, true_cfg_scale
 from .status import Activity, recording_phases, status
+from .steps import step_phases
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,8 @@ def plan_jobs(prompts: Sequence[str], num_images: int, seed: int) -> list[ImageJ
 @dataclass
 class GenerationSettings:
     """What every image of a run shares. `max_sequence_length`: the T5 prompt length of SD 3 /
-    3.5 and PixArt pipelines (None: the pipeline's default)."""
+    3.5, PixArt and Flux pipelines (None: the pipeline's default). `true_cfg_scale`: Flux's true
+    classifier-free guidance, which its negative prompt needs (None: the pipeline's default, off)."""
 
     model: str
     negative_prompt: str | None = None
@@ -82,6 +86,7 @@ class GenerationSettings:
     batch_size: int = 1
     overwrite: bool = False
     max_sequence_length: int | None = None
+    true_cfg_scale: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -104,15 +109,15 @@ class MethodRun:
     config: AgentSDConfig | None
     folder: Path
     context: Callable[[Any], AbstractContextManager] | None = None
-    seconds: list[float] = field(default_factory=list)
+    seconds: dict[ImageJob, float] = field(default_factory=dict)  # of each image this run timed
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     activity: Activity = field(default_factory=Activity)
-    phases: list[str] = field(default_factory=list)  # of each model call (step) of the latest pipeline call
+    phases: list[str] = field(default_factory=list)  # of each scheduler step of the latest pipeline call
 
     @property
     def seconds_per_image(self) -> float | None:
-        return sum(self.seconds) / len(self.seconds) if self.seconds else None
+        return sum(self.seconds.values()) / len(self.seconds) if self.seconds else None
 
     def enter(self, pipe: Any) -> AbstractContextManager:
         """The context the pipeline runs in: `context`, else patched by `config` (None: as is)."""
@@ -121,13 +126,26 @@ class MethodRun:
         return nullcontext() if self.config is None else patched(pipe, self.config)
 
 
+def speedup(baseline: MethodRun, other: MethodRun) -> tuple[float, int] | None:
+    """How many times faster `other` made the images both runs timed (an image only one of them
+    made, as when a run resumes, has nothing to be compared with), and how many those were;
+    None when there were none."""
+    both = baseline.seconds.keys() & other.seconds.keys()
+    if not both:
+        return None
+    return sum(baseline.seconds[j] for j in both) / sum(other.seconds[j] for j in both), len(both)
+
+
 def check_run(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings) -> None:
-    """Refuse, before any work, what would fail mid-run: a step count the pipeline's scheduler
-    refuses, image seeds the generator refuses, a size or prompt length the model refuses."""
-    check_flux_scheduler(pipe, "scheduler")
+    """Refuse, before any work, what would fail mid-run or make other images than asked: a step
+    count the pipeline's scheduler refuses, image seeds the generator refuses, a size or prompt
+    length the model refuses, an image-conditioned pipeline, a negative prompt without effect."""
+    family = find_model(pipe)[0].name
+    check_pipeline(pipe, settings)
+    check_flux_scheduler(pipe.scheduler, family, "scheduler")
     check_steps(pipe.scheduler, settings.steps, "steps")
     check_size(pipe, settings.width, settings.height)
-    check_max_sequence_length(settings.max_sequence_length, find_model(pipe)[0].name, "max_sequence_length")
+    check_max_sequence_length(settings.max_sequence_length, family, "max_sequence_length")
     if jobs:
         seeds = [job.seed for job in jobs]
         check_seeds(min(seeds), max(seeds) - min(seeds) + 1, "seed")
@@ -138,8 +156,9 @@ def call_pipeline(
 ):
     """The images of `jobs` (one generator per image, seeded by its job) run as `run` says; with
     `track`, what agentsd did in the call is added to `run.activity`, and `run.phases` is the
-    phase of each of its model calls (UNet or transformer). The pipeline's own options are set
-    as `loading.call_options` says (PixArt runs the size asked for, and the prompt as written)."""
+    phase of each of its scheduler steps (`steps.step_phases`: a step may be more than one model
+    call). The pipeline's own options are set as `loading.call_options` says (PixArt runs the size
+    asked for, and the prompt as written)."""
     kwargs = dict(
         prompt=[j.prompt for j in jobs],
         num_inference_steps=steps,
@@ -151,20 +170,23 @@ def call_pipeline(
     )
     if settings.negative_prompt is not None:
         kwargs["negative_prompt"] = [settings.negative_prompt] * len(jobs)
+    if settings.true_cfg_scale is not None:
+        kwargs["true_cfg_scale"] = settings.true_cfg_scale
     track = track and run.config is not None
     with run.enter(pipe), recording_phases(pipe) if track else nullcontext() as phases:
         images = pipe(**kwargs).images
         if track:
             run.activity += status(pipe).activity
-            run.phases = list(phases)
+            run.phases = step_phases(phases, pipe.scheduler, steps)
     return images
 
 
 def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | None = None) -> dict[str, Any]:
     """What every image of a run records about how it was made (its sidecar adds the image's own
-    fields, see `image_record`): the model, the scheduler (its name and config), steps, guidance,
-    size, negative prompt, the T5 prompt length (SD 3 / 3.5 and PixArt; None for the others),
-    dtype and the agentsd version."""
+    fields, see `image_record`): the model, the scheduler (its name and config), steps, guidance
+    (and Flux's true-CFG scale; None for the others), size, negative prompt, batch size, the T5
+    prompt length (SD 3 / 3.5, PixArt and Flux; None for the others), device type, dtype and the
+    agentsd version."""
     _, model = find_model(pipe)
     # The pipeline's own default size: Flux pipelines keep it (`default_sample_size`, in latents),
     # their transformer has no `sample_size`.
@@ -175,10 +197,13 @@ def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | No
         scheduler_config=scheduler_record(pipe.scheduler),
         steps=settings.steps,
         guidance=guidance_scale(pipe, settings.guidance),
+        true_cfg_scale=true_cfg_scale(pipe, settings.true_cfg_scale),
         width=settings.width or side,
         height=settings.height or side,
         negative_prompt=settings.negative_prompt,
+        batch_size=settings.batch_size,
         max_sequence_length=prompt_length(pipe, settings.max_sequence_length),
+        device=pipe.device.type,
         dtype=str(model.dtype).replace("torch.", ""),
         agentsd_version=__version__,
     )
@@ -209,6 +234,22 @@ def stale_images(runs: Sequence[MethodRun], jobs: Sequence[ImageJob], record: di
                 differences = setting_differences(read_sidecar(path), image_record(record, run, job))
                 if differences:
                     stale[path] = differences
+    return stale
+
+
+def check_stale(
+    runs: Sequence[MethodRun], jobs: Sequence[ImageJob], record: dict[str, Any], overwrite: bool
+) -> dict[Path, list[str]]:
+    """The existing images of `runs` made with other settings (`stale_images`), so that a rerun
+    never mixes them with its own: refused unless `overwrite`.
+
+    Raises:
+        GenerationError: naming the settings that differ (`output.stale_message`).
+    """
+    stale = stale_images(runs, jobs, record)
+    if stale and not overwrite:
+        folder = Path(os.path.commonpath([run.folder for run in runs]))
+        raise GenerationError(stale_message(stale, folder))
     return stale
 
 
@@ -243,17 +284,25 @@ def generate(
 
     Returns:
         One `MethodRun` per method with its seconds per image and the files written.
-        Existing files are skipped (listed in `skipped`) unless `settings.overwrite`.
+        Existing images made with these settings are skipped (listed in `skipped`) unless
+        `settings.overwrite`, which makes every existing image again.
+
+    Raises:
+        GenerationError: before any work, for existing images made with other settings, unless
+            `settings.overwrite` (`check_stale`).
     """
     check_run(pipe, jobs, settings)
-    out = prepare_folder(Path(out_dir))
+    out = Path(out_dir)
     if config is None:
         runs = [MethodRun(BASELINE, None, out)]
     else:
         check_config_patches(pipe, config)
         runs = [MethodRun(AGENTSD, config, out)]
         if compare:
-            runs.insert(0, MethodRun(BASELINE, None, prepare_folder(out / BASELINE)))
+            runs.insert(0, MethodRun(BASELINE, None, out / BASELINE))
+    check_stale(runs, jobs, run_record(pipe, settings, scheduler_name), settings.overwrite)
+    for run in runs:
+        prepare_folder(run.folder)
     compare_dir = prepare_folder(out / "compare") if compare and config is not None else None
     return generate_runs(pipe, jobs, runs, settings, compare_dir, scheduler_name, progress, warmup=compare)
 
@@ -272,7 +321,9 @@ def generate_runs(
     """Generate `jobs` for every method of `runs`, batch by batch, methods interleaved.
 
     Args:
-        compare_dir: if given, side-by-side pairs of the first two runs go there.
+        compare_dir: if given, side-by-side pairs of the first two runs go there, made from the
+            image files as each batch finishes (one image may come from an interrupted run), and
+            first for the images both runs have from earlier runs but no pair.
         warmup: run one 1-step call per method first, so no method pays first-call costs.
         stale: existing images to replace, found to be made with other settings (see
             `stale_images`); the other existing images are skipped, whatever `settings.overwrite`.
@@ -294,8 +345,13 @@ def generate_runs(
     skipped = sum(len(r.skipped) for r in runs)
     if skipped:
         note = "pass --overwrite to replace them" if stale is None else "made with the same settings"
-        logger.warning("skipping %d existing images (%s)", skipped, note)
+        logger.warning("skipping %s (%s)", plural(skipped, "existing image"), note)
     todo = [job for job in jobs if any(job in pending[r.label] for r in runs)]
+    if compare_dir is not None:
+        waiting = set(todo)
+        for job in jobs:
+            if job not in waiting and not (compare_dir / f"{job.name}.png").exists():
+                _write_pair(compare_dir, runs[0], runs[1], job)
     if warmup and todo:
         for run in runs:
             call_pipeline(pipe, todo[:1], settings, run, steps=1)
@@ -304,7 +360,6 @@ def generate_runs(
     bar = tqdm(total=sum(len(v) for v in pending.values()), desc="images", unit="img", disable=not progress)
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
-        produced = {}
         for run in runs:
             mine = [j for j in batch if j in pending[run.label]]
             if not mine:
@@ -320,17 +375,23 @@ def generate_runs(
                 path = run.folder / f"{job.name}.png"
                 save_image(image, path, meta)
                 run.written.append(path)
-                run.seconds.append(per_image)
-                produced[(run.label, job)] = image
+                run.seconds[job] = per_image
                 bar.update(1)
         if compare_dir is not None:
-            left, right = runs[0].label, runs[1].label
             for job in batch:
-                if (left, job) in produced and (right, job) in produced:
-                    pair = side_by_side(produced[(left, job)], produced[(right, job)])
-                    atomic_write(compare_dir / f"{job.name}.png", lambda f, im=pair: im.save(f, format="PNG"))
+                _write_pair(compare_dir, runs[0], runs[1], job)
     bar.close()
     for run in runs:
         if run.config is not None and run.activity.calls and not run.activity.ran_agent_attention:
             logger.warning("no layer ran agent attention in the %s run: %s", run.label, run.activity.summary())
     return runs
+
+
+def _write_pair(compare_dir: Path, left: MethodRun, right: MethodRun, job: ImageJob) -> None:
+    """The side-by-side pair of `job`'s images in `left` and `right` (read from their files), when
+    both exist."""
+    paths = [run.folder / f"{job.name}.png" for run in (left, right)]
+    if all(path.exists() for path in paths):
+        with Image.open(paths[0]) as first, Image.open(paths[1]) as second:
+            pair = side_by_side(first, second)
+        atomic_write(compare_dir / f"{job.name}.png", lambda f: pair.save(f, format="PNG"))

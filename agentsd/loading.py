@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ from .compat import dtype_kwargs
 from .config import AgentSDConfig
 from .families import family, find_model, supported
 from .families import names as family_names
+from .quiet import held_library_output, no_config_warning
 
 logger = logging.getLogger("agentsd.generation")  # the logger these messages always had
 
@@ -80,7 +82,8 @@ def resolve_device(requested: str = "auto", fallback: bool = True) -> torch.devi
         return torch.device("cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
-        raise GenerationError(f"device {requested!r} does not exist: this machine has cuda:0 to cuda:{count - 1}.")
+        has = "only cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise GenerationError(f"device {requested!r} does not exist: this machine has {has}.")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise GenerationError(f"device {requested!r}: MPS is not available here: use --device cpu or auto.")
     return device
@@ -107,11 +110,11 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: torch.
     if looks_local and not local.is_dir():
         raise GenerationError(f"model folder {model!r} does not exist: pass an existing folder or a hub id.")
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(local) if looks_local else model, **dtype_kwargs(dtype))
+        with held_library_output():
+            pipe = DiffusionPipeline.from_pretrained(str(local) if looks_local else model, **dtype_kwargs(dtype))
     except Exception as err:  # hub, network, auth and format errors come in many types
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise GenerationError(
-            f"cannot load model {model!r} ({reason[:200]}): check the id, log in with `hf auth login` for a "
+            f"cannot load model {model!r} ({_reason(err)}): check the id, log in with `hf auth login` for a "
             "gated model, or pass a local folder saved with save_pretrained."
         ) from err
     try:
@@ -122,6 +125,16 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: torch.
             f"{supported()}."
         ) from None
     return pipe.to(device)
+
+
+def _reason(err: Exception) -> str:
+    """The first sentence of `err`, without its asides in parentheses (the hub nests them), so that
+    it reads inside a parenthesis of its own; at most 200 characters."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    while (shorter := re.sub(r"\s*\([^()]*\)", "", text)) != text:
+        text = shorter
+    text = text.replace("(", "").replace(")", "").split(". ")[0].rstrip(".")
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def default_preset(pipe: Any) -> str:
@@ -137,18 +150,26 @@ def _preset_of(family_name: str, model_config: Mapping[str, Any]) -> str:
     return family(family_name).preset
 
 
+def read_config(reader: type, model: str, subfolder: str | None = None) -> dict[str, Any] | None:
+    """The config file `reader` (a diffusers ConfigMixin class) reads from `model` (a hub id or
+    folder), in `subfolder`, without downloading: None when it cannot (not there, not cached),
+    with what the hub client logged and warned on the way dropped (`quiet.held_library_output`)."""
+    local = Path(model).expanduser()
+    try:
+        with held_library_output():
+            return reader.load_config(str(local) if local.is_dir() else model, subfolder=subfolder,
+                                      local_files_only=True)  # fmt: skip
+    except Exception:  # not there (or not without a download); loading says why, if it cannot load either
+        return None
+
+
 def _model_config(model: str) -> tuple[str, dict[str, Any]] | None:
     """The family name and model config of a hub id or folder, read from its config files alone
     (no weights); None when they cannot be read without downloading."""
-    local = Path(model).expanduser()
-    source = str(local) if local.is_dir() else model
     for name in family_names():
         kind = family(name)
-        try:  # any ConfigMixin reads any component's config.json
-            config = UNet2DConditionModel.load_config(source, subfolder=kind.attribute, local_files_only=True)
-        except Exception:  # not there (or not without a download)
-            continue
-        if config.get("_class_name") == kind.model_class:
+        config = read_config(UNet2DConditionModel, model, kind.attribute)  # any ConfigMixin reads a config.json
+        if config is not None and config.get("_class_name") == kind.model_class:
             return name, config
     return None
 
@@ -218,7 +239,8 @@ def set_scheduler(pipe: Any, name: str | None) -> None:
     if name is not None:
         cls, extra = _scheduler_class(name)
         check_scheduler_fits(name, type(pipe.scheduler).__name__, pipe.scheduler.config)
-        pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+        with no_config_warning():
+            pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
 
 
 def model_scheduler(model: str, name: str | None = None) -> Any | None:
@@ -230,17 +252,14 @@ def model_scheduler(model: str, name: str | None = None) -> Any | None:
         GenerationError: an unknown scheduler name, or one that does not fit the model, as
             `set_scheduler`.
     """
-    local = Path(model).expanduser()
-    try:
-        config = diffusers.DDIMScheduler.load_config(
-            str(local) if local.is_dir() else model, subfolder="scheduler", local_files_only=True
-        )
-    except Exception:  # not there without a download; `load_pipeline` says why, if it cannot load either
+    config = read_config(diffusers.DDIMScheduler, model, "scheduler")  # a scheduler reads scheduler_config.json
+    if config is None:
         return None
     if name is not None:
         cls, extra = _scheduler_class(name)
         check_scheduler_fits(name, str(config.get("_class_name")), config)
-        return cls.from_config(config, **extra)
+        with no_config_warning():
+            return cls.from_config(config, **extra)
     cls = getattr(diffusers, str(config.get("_class_name")), None)
     return cls.from_config(config) if isinstance(cls, type) else None
 
@@ -255,7 +274,8 @@ def check_steps(scheduler: Any, steps: int, flag: str = "--steps") -> None:
     """
 
     def takes(count: int) -> bool:
-        trial = type(scheduler).from_config(scheduler.config)
+        with no_config_warning():  # a scheduler made from another class's config keeps its attributes
+            trial = type(scheduler).from_config(scheduler.config)
         # Flux's flow matching shifts by the image size (`mu`), which the pipeline computes: any
         # shift takes the same step counts.
         dynamic = getattr(trial.config, "use_dynamic_shifting", False)
@@ -274,23 +294,6 @@ def check_steps(scheduler: Any, steps: int, flag: str = "--steps") -> None:
         low, high = (middle, high) if takes(middle) else (low, middle)
     fix = f"use {flag} {low} or fewer" if low else "choose another --scheduler"
     raise GenerationError(f"{flag} {steps} is more than {type(scheduler).__name__} takes with this model: {fix}.")
-
-
-def check_flux_scheduler(pipe: Any, flag: str = "--scheduler") -> None:
-    """Refuse, for a Flux pipeline, a scheduler that cannot take the shifted sigmas the pipeline
-    sets (`set_timesteps(sigmas=..., mu=...)`): FlowMatchHeun, for one.
-
-    Raises:
-        GenerationError: naming the scheduler and the fix.
-    """
-    if find_model(pipe)[0].name != "flux":
-        return
-    takes = inspect.signature(pipe.scheduler.set_timesteps).parameters
-    if "sigmas" not in takes or "mu" not in takes:
-        raise GenerationError(
-            f"{flag}: {type(pipe.scheduler).__name__} cannot run Flux, whose pipelines set their own shifted sigmas: "
-            "use flow-euler, or leave out --scheduler to keep the model's own."
-        )
 
 
 def check_seeds(first: int, count: int, flag: str = "--seed") -> None:

@@ -1,6 +1,6 @@
 """Files `generate` and `compare` write: PNGs with their metadata and JSON sidecars, each written
 atomically with the permissions `open()` would give, and side-by-side pairs; reading a sidecar
-back and telling whether it was made with given settings."""
+back, telling whether it was made with given settings, and saying so (counts in words: `plural`)."""
 
 from __future__ import annotations
 
@@ -56,12 +56,16 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
 
 
 # The sidecar fields that say how an image was made: a rerun reuses an image only when they match.
+# The batch size and the device change an image too: kernels round differently with the batch's
+# size and on another device (in the last bits, which the sampling steps then carry on).
 SETTING_KEYS = (
-    "model", "scheduler", "scheduler_config", "steps", "guidance", "width", "height", "negative_prompt", "dtype",
-    "method", "agentsd_config", "prompt", "seed", "max_sequence_length",
+    "model", "scheduler", "scheduler_config", "steps", "guidance", "true_cfg_scale", "width", "height",
+    "negative_prompt", "batch_size", "device", "dtype", "method", "agentsd_config", "prompt", "seed",
+    "max_sequence_length",
 )  # fmt: skip
-# Keys added to the sidecar later: one missing from an older sidecar had no value then (None).
-NEWER_KEYS = ("max_sequence_length",)
+# Keys added to the sidecar later whose absence meant no value (None). Not `batch_size` and
+# `device`: an older sidecar does not say what they were, so its image cannot be reused.
+NEWER_KEYS = ("max_sequence_length", "true_cfg_scale")
 
 
 def read_sidecar(image: Path) -> dict[str, Any] | None:
@@ -88,3 +92,22 @@ def setting_differences(recorded: Mapping[str, Any] | None, wanted: Mapping[str,
         elif old != new:
             parts.append(f"{key} {old!r} (now {new!r})")
     return parts
+
+
+def stale_message(stale: Mapping[Path, list[str]], folder: Path) -> str:
+    """The error for existing images in `folder` made with other settings (`stale`: each image
+    with its `setting_differences`), naming the settings that differ and the three ways on."""
+    differences = list(dict.fromkeys(d for found in stale.values() for d in found))
+    shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+    example = next(iter(stale)).with_suffix(".json")
+    one = len(stale) == 1
+    return (
+        f"{plural(len(stale), 'image')} in {folder} {'was' if one else 'were'} made with other settings than this "
+        f"run's ({shown}; e.g. {example}): rerun with those settings to resume, pass --overwrite to make "
+        f"{'it' if one else 'them'} again with these settings, or choose another --out."
+    )
+
+
+def plural(count: int, noun: str) -> str:
+    """`count` and `noun`, plural unless the count is 1: "1 image", "2 images"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

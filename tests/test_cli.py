@@ -123,6 +123,43 @@ def test_errors_are_one_line_with_exit_code_2(models, tmp_path, capsys, args, me
     assert not (tmp_path / "o").exists()  # nothing created, even where the model loaded first
 
 
+def stderr_lines(result):
+    """The lines of a run's stderr, less the notices transformers prints on import where torchvision
+    is missing (`[transformers] ... requires torchvision`): the machine's, not the run's."""
+    return [line for line in result.stderr.strip().splitlines() if not line.startswith("[transformers]")]
+
+
+def test_a_model_that_cannot_be_loaded_gets_one_line_alone(tmp_path):
+    """Not the hub client's retries, fallbacks and deprecation warnings before it, and its reason
+    (the hub's nested parentheses) in balanced parentheses."""
+    result = agentsd_cli("generate", "--model", "no-such-org/no-such-model", "--prompt", "x", "--out", tmp_path / "o")
+    assert result.returncode == 2
+    (line,) = stderr_lines(result)
+    assert line.startswith("agentsd: error: cannot load model 'no-such-org/no-such-model' (")
+    assert "hf auth login" in line
+    depth = 0
+    for char in line:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        assert depth >= 0, line
+    assert depth == 0, line
+
+
+def test_a_scheduler_refused_for_flux_gets_one_line_alone(tmp_path):
+    """FlowMatchHeun built from Flux's FlowMatchEuler config: diffusers warns that config attributes
+    will be ignored; agentsd, which refuses it, says only why."""
+    pytest.importorskip("agentsd.tiny_flux", reason="this diffusers has no Flux")
+    model = tmp_path / "flux"
+    tiny_pipeline("flux").save_pretrained(model)
+    result = agentsd_cli("generate", "--model", model, "--prompt", "x", "--scheduler", "flow-heun", "--out",
+                         tmp_path / "o")  # fmt: skip
+    assert result.returncode == 2
+    assert stderr_lines(result) == [
+        "agentsd: error: --scheduler: FlowMatchHeunDiscreteScheduler cannot run Flux, whose pipelines set their own "
+        "shifted sigmas: use flow-euler, or leave out --scheduler to keep the model's own."
+    ]
+    assert not (tmp_path / "o").exists()
+
+
 def test_debug_shows_the_traceback(models, tmp_path):
     result = agentsd_cli("generate", "--model", models / "sd15", "--prompt", "x", "--steps", "0", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
@@ -396,6 +433,25 @@ def test_bench_refuses_bad_input_before_anything_is_created(tmp_path, capsys, ar
     assert run_main("bench", "--arch", "tiny", "--sizes", "64", "--methods", "baseline", *args, "--out", out) == 2
     assert message in error_line(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "arch, size, message",
+    [
+        ("tiny-sd35", 2048, "tiny-sd35 takes sizes up to 1024 px (its positional table covers 64x64 patches)"),
+        ("sd35-large", 4096, "sd35-large takes sizes up to 3072 px"),
+        ("tiny-flux", 264, "tiny-flux takes multiples of 16 (whole 2x2 patches of the VAE's 8x latent): use e.g. 256"),
+    ],
+)
+def test_bench_names_the_sizes_a_transformer_takes(tmp_path, capsys, arch, size, message):
+    """Past SD 3's positional table the model itself fails mid-run ("Height (128) cannot be greater
+    than `pos_embed_max_size`"): refused first, naming the largest size; the help lists them."""
+    out = tmp_path / "out"  # --blocks 1: where nothing refused it, SD 3.5 Large would be built whole
+    assert run_main("bench", "--arch", arch, "--blocks", "1", "--sizes", "256", size, "--out", out) == 2
+    assert f"agentsd: error: --sizes {size}: {message}" in error_line(capsys)
+    assert not out.exists()
+    text = " ".join(subcommands()["bench"].format_help().split())
+    assert "sd35-large up to 3072, tiny-sd35 up to 1024" in text
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+from cli_run import run_main
 
 from agentsd import loading
 from agentsd.generation import GenerationError, GenerationSettings, ImageJob, generate
@@ -27,15 +28,6 @@ def models(tmp_path_factory):
     for kind in ("sd15", "sdxl", "sd3", "sd35", "pixart"):
         tiny_pipeline(kind).save_pretrained(root / kind)
     return root
-
-
-def run_main(capsys, *args):
-    """`agentsd ARGS` in this process: (exit code, stdout, the `agentsd: error:` lines)."""
-    from agentsd.cli import main
-
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, [line for line in captured.err.splitlines() if line.startswith("agentsd: error:")]
 
 
 def sidecar(path):

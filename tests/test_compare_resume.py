@@ -61,6 +61,23 @@ def test_a_rerun_with_other_settings_is_refused_naming_them(pipe, tmp_path):
         set_scheduler(pipe, "ddim")
 
 
+def test_the_batch_size_and_the_device_are_settings_too(pipe, tmp_path):
+    """Kernels round differently with the batch's size and on another device: images made with
+    either changed are refused as the other settings are, and --overwrite makes them again."""
+    out = tmp_path / "out"
+    run(pipe, out)
+    assert "batch_size 1 (now 2)" in refused(pipe, out, batch_size=2)
+    made_elsewhere = out / "images" / "paper" / "p0000_s0.json"
+    sidecar = json.loads(made_elsewhere.read_text())
+    assert (sidecar["batch_size"], sidecar["device"]) == (1, "cpu")
+    made_elsewhere.write_text(json.dumps(dict(sidecar, device="cuda")))
+    message = refused(pipe, out)
+    assert "1 image in" in message and "device 'cuda' (now 'cpu')" in message
+    run(pipe, out, batch_size=2, overwrite=True)
+    sidecars = [json.loads(p.read_text()) for p in (out / "images").rglob("*.json")]
+    assert len(sidecars) == 4 and {(s["batch_size"], s["device"]) for s in sidecars} == {(2, "cpu")}
+
+
 def test_a_method_whose_config_changed_is_refused(pipe, tmp_path):
     preset = tmp_path / "mine.yaml"
     preset.write_text("config:\n  ratio: 0.3\n")

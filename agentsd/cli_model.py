@@ -1,0 +1,79 @@
+"""The model of `agentsd generate` and `agentsd compare`: what the command line refuses before
+loading it (from the model's config files, where they can be read without downloading), loading
+it into an output folder that a failure leaves as it was, and what only the loaded pipeline tells."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def no_empty_folder_on_error(folder: Path) -> Iterator[None]:
+    """On an error inside, remove the folders on the way to `folder` that this block created,
+    if they are still empty: a failed start leaves the user's files as they were."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def check_model_settings(args: argparse.Namespace, settings, images: int) -> None:
+    """Before loading the model: the seeds of `images` images from --seed; and, where the model's
+    config files can be read without loading it, --scheduler and --steps for its scheduler,
+    --max-sequence-length for its family, and what its pipeline takes (`pipeline_checks`)."""
+    from . import loading, pipeline_checks
+
+    loading.check_seeds(args.seed, images)
+    pipeline = pipeline_checks.model_pipeline_class(args.model)
+    if pipeline is not None:
+        pipeline_checks.check_pipeline(pipeline, settings)
+    family = loading.model_family(args.model)
+    loading.check_max_sequence_length(args.max_sequence_length, family)
+    scheduler = loading.model_scheduler(args.model, args.scheduler)
+    if scheduler is not None:
+        pipeline_checks.check_flux_scheduler(scheduler, family)
+        loading.check_steps(scheduler, args.steps)
+
+
+def default_preset(args: argparse.Namespace, pipe=None) -> str:
+    """The preset of the model's family (`loading.default_preset`): of the loaded `pipe`, else
+    read from the model's config files (`paper` where they cannot be read without downloading)."""
+    from . import loading
+
+    if pipe is not None:
+        return loading.default_preset(pipe)
+    return loading.model_default_preset(args.model) or "paper"
+
+
+def load_pipeline(args: argparse.Namespace, settings, dtype, device, out: Path, configs_for):
+    """Create `out` (writable), then load --model on `device` in `dtype` with --scheduler and
+    refuse what only the loaded model tells (sizes, --max-sequence-length, --scheduler and
+    --steps, what the pipeline takes, the configs `configs_for(pipe)` gives that patch nothing):
+    on an error (or Ctrl-C) the folder is removed again if this made it. Returns the pipeline and
+    those configs."""
+    from . import loading, pipeline_checks
+    from .families import find_model
+
+    with no_empty_folder_on_error(out):
+        loading.prepare_folder(out)
+        pipe = loading.load_pipeline(args.model, dtype, device)
+        pipeline_checks.check_pipeline(pipe, settings)
+        family = find_model(pipe)[0].name
+        loading.check_size(pipe, args.width, args.height)
+        loading.check_max_sequence_length(args.max_sequence_length, family)
+        loading.set_scheduler(pipe, args.scheduler)
+        pipeline_checks.check_flux_scheduler(pipe.scheduler, family)
+        configs = configs_for(pipe)
+        for config in filter(None, configs):
+            loading.check_config_patches(pipe, config)
+        loading.check_steps(pipe.scheduler, args.steps)
+    return pipe, configs
