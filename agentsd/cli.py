@@ -172,7 +172,7 @@ def _generate(args: argparse.Namespace) -> int:
 
             print(run.activity.summary())
             print(f"agentsd steps: {describe_phases(run.phases)}")
-    from .output import plural
+    from .words import plural
 
     timed = gen.speedup(*runs) if len(runs) == 2 else None
     if timed is not None:
@@ -255,7 +255,7 @@ def _bench(args: argparse.Namespace) -> int:
                 on_rows=save,
             )
     except KeyboardInterrupt:
-        from .output import plural
+        from .words import plural
 
         kept = f"{plural(len(rows), 'row')} of finished scenarios {'is' if len(rows) == 1 else 'are'}"
         print(f"interrupted: {kept} in {args.out}", file=sys.stderr)

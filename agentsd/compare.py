@@ -57,8 +57,8 @@ from .metrics import (  # MetricsError and image_paths: part of this module's in
     image_paths,  # noqa: F401
     load_reference,
 )
-from .output import plural
 from .presets import load_preset
+from .words import plural
 
 logger = logging.getLogger(__name__)
 

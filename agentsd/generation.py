@@ -42,11 +42,12 @@ from .loading import (  # re-exported: `generation` has been their home
     resolve_dtype,  # noqa: F401
     set_scheduler,  # noqa: F401
 )
-from .output import atomic_write, plural, read_sidecar, save_image, setting_differences, side_by_side, stale_message
+from .output import atomic_write, read_sidecar, save_image, setting_differences, side_by_side, stale_message
 from .patch import patched
 from .pipeline_checks import check_flux_scheduler, check_pipeline, true_cfg_scale
 from .status import Activity, recording_phases, status
 from .steps import step_phases
+from .words import plural
 
 logger = logging.getLogger(__name__)
 

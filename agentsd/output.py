@@ -14,6 +14,8 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .words import plural
+
 
 def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
     """Write a PNG with `metadata` as text chunks and a JSON sidecar, each atomically."""
@@ -106,8 +108,3 @@ def stale_message(stale: Mapping[Path, list[str]], folder: Path) -> str:
         f"run's ({shown}; e.g. {example}): rerun with those settings to resume, pass --overwrite to make "
         f"{'it' if one else 'them'} again with these settings, or choose another --out."
     )
-
-
-def plural(count: int, noun: str) -> str:
-    """`count` and `noun`, plural unless the count is 1: "1 image", "2 images"."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -18,6 +18,7 @@ from .families import find_model
 from .patch import PATCH_ATTR, _blocker, _delegate_of, _is_ours, _model_of, current_phase
 from .processor import choose_backend
 from .state import AGENT, EXACT, TOME
+from .words import plural
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,12 @@ class Activity:
         total = len(self.layer_calls)
         phases = f"{self.phase_calls.get(AGENT, 0)} agent phase, {self.phase_calls.get(TOME, 0)} ToMe phase"
         done = [
-            f"{label} on {self.acting_calls[mode]} calls ({len(self.layers_running(mode))} of {total} layers)"
+            f"{label} on {plural(self.acting_calls[mode], 'call')} ({len(self.layers_running(mode))} of "
+            f"{plural(total, 'layer')})"
             for mode, label in ((AGENT, "agent attention"), (TOME, "token merging"))
             if self.acting_calls.get(mode)
         ]
-        line = f"agentsd: {self.calls} {self.model} calls since patching ({phases}); " + (
+        line = f"agentsd: {plural(self.calls, self.model + ' call')} since patching ({phases}); " + (
             ", ".join(done) if done else "no layer ran agent attention or token merging"
         )
         exact = {name: r for name, r in self.reasons.items() if name not in self._acting_layers()}

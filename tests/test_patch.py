@@ -366,3 +366,17 @@ def test_running_unpatched_for_a_while_keeps_the_counters_and_the_phase():
     assert agentsd.status(pipe).activity == activity and agentsd.current_phase(pipe) == phase
     generate(pipe, steps=1)
     assert agentsd.status(pipe).activity.calls == 4
+
+
+def test_the_activity_line_counts_in_words():
+    from agentsd.status import Activity
+
+    one = Activity({"agent": 1}, {"agent": 1}, {"layer": {"agent": 1}}, {}, "UNet")
+    assert one.summary() == (
+        "agentsd: 1 UNet call since patching (1 agent phase, 0 ToMe phase); agent attention on 1 call (1 of 1 layer)"
+    )
+    two = one + one
+    assert (
+        two.summary().startswith("agentsd: 2 UNet calls since patching")
+        and "on 2 calls (1 of 1 layer)" in two.summary()
+    )
