@@ -268,6 +268,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from . import compare as cmp
+    from . import comparison
     from . import generation as gen
 
     _check_positive("--images-per-class", args.images_per_class)
@@ -283,7 +284,9 @@ def _compare(args: argparse.Namespace) -> int:
         prompts = prompts[: args.num_prompts]
 
     def methods_for(preset: str) -> list:  # the default methods: the baseline and the model family's preset
-        return cmp.with_baseline([cmp.parse_method(spec) for spec in (args.method or ["baseline", preset])])
+        return comparison.with_baseline(
+            [comparison.parse_method(spec) for spec in (args.method or ["baseline", preset])]
+        )
 
     methods = methods_for(cli_model.default_preset(args))  # checked now; final once the model is loaded
     _check_scheduler(args)
@@ -291,7 +294,7 @@ def _compare(args: argparse.Namespace) -> int:
         model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
         batch_size=args.batch_size, overwrite=args.overwrite, max_sequence_length=args.max_sequence_length,
     )  # fmt: skip
-    scoring = cmp.ComparisonSettings(
+    scoring = comparison.ComparisonSettings(
         reference=args.reference, inception_weights=args.inception_weights, clip_model=args.clip_model,
         lpips=args.lpips, measure_memory=not args.no_memory, samples=args.samples,
     )  # fmt: skip
@@ -304,7 +307,7 @@ def _compare(args: argparse.Namespace) -> int:
     def configs_for(pipe) -> list:
         nonlocal methods
         methods = methods_for(cli_model.default_preset(args, pipe))
-        cmp.check_methods(pipe, methods)
+        comparison.check_methods(pipe, methods)
         return [m.config for m in methods]
 
     pipe, _ = cli_model.load_pipeline(args, settings, dtype, device, Path(args.out), configs_for)

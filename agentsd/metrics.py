@@ -18,7 +18,7 @@ from PIL import Image
 from .generation import GenerationError
 
 if TYPE_CHECKING:
-    from .compare import ComparisonSettings, MethodSpec
+    from .comparison import ComparisonSettings, MethodSpec
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"

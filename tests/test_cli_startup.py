@@ -147,7 +147,7 @@ def test_steps_are_refused_after_loading_when_the_scheduler_config_cannot_be_rea
 
 
 def test_the_library_refuses_steps_and_seeds_before_creating_anything(tmp_path):
-    from agentsd import compare
+    from agentsd import compare, comparison
     from agentsd.generation import GenerationError, GenerationSettings, ImageJob, generate
 
     pipe = tiny_pipeline("sd15")
@@ -157,9 +157,9 @@ def test_the_library_refuses_steps_and_seeds_before_creating_anything(tmp_path):
     with pytest.raises(GenerationError, match=f"image seeds up to {BIG + 1}"):
         generate(pipe, [ImageJob(0, "x", BIG), ImageJob(0, "x", BIG + 1)], out, GenerationSettings(model="t"), None)
     settings = GenerationSettings(model="tiny", steps=1001)
-    scoring = compare.ComparisonSettings(measure_memory=False)
+    scoring = comparison.ComparisonSettings(measure_memory=False)
     with pytest.raises(GenerationError, match="steps 1001"):
-        compare.run_comparison(pipe, ["x"], [compare.parse_method("paper")], out, settings, scoring, progress=False)
+        compare.run_comparison(pipe, ["x"], [comparison.parse_method("paper")], out, settings, scoring, progress=False)
     assert not out.exists()
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-from agentsd import compare, metrics
+from agentsd import compare, comparison, metrics
 from agentsd.generation import GenerationSettings
 from agentsd.testing import tiny_pipeline
 
@@ -76,21 +76,21 @@ def test_fid_matches_a_direct_scipy_computation(tmp_path):
 
 
 def test_parse_method():
-    assert compare.parse_method("baseline").config is None
-    paper = compare.parse_method("paper:ratio=0.5,use_rand=false")
+    assert comparison.parse_method("baseline").config is None
+    paper = comparison.parse_method("paper:ratio=0.5,use_rand=false")
     assert paper.config.ratio == 0.5 and paper.config.use_rand is False and paper.ratio == 0.5
-    assert compare.parse_method("agentsd:agent_ratio=0.9").config.agent_ratio == 0.9
+    assert comparison.parse_method("agentsd:agent_ratio=0.9").config.agent_ratio == 0.9
     # The opt-in selection shortcuts, as their quality is measured.
-    shortcut = compare.parse_method("paper:share_matching=true,agent_selection=pool,ratio=0").config
+    shortcut = comparison.parse_method("paper:share_matching=true,agent_selection=pool,ratio=0").config
     assert (shortcut.share_matching, shortcut.agent_selection, shortcut.ratio) == (True, "pool", 0)
     with pytest.raises(ValueError, match="ratio"):
-        compare.parse_method("paper:ratio=3")
+        comparison.parse_method("paper:ratio=3")
     with pytest.raises(compare.GenerationError, match="no field"):
-        compare.parse_method("paper:raito=0.3")
+        comparison.parse_method("paper:raito=0.3")
     with pytest.raises(ValueError, match="unknown preset"):
-        compare.parse_method("fastest")
+        comparison.parse_method("fastest")
     with pytest.raises(compare.GenerationError, match=r"in \[0, 1\)"):
-        compare.parse_method("tomesd:1.5")
+        comparison.parse_method("tomesd:1.5")
 
 
 @pytest.mark.parametrize("word", ["None", "none", "null", "AUTO", "auto"])
@@ -101,7 +101,7 @@ def test_automatic_is_spelled_alike_in_method_specs_and_flags(word):
 
     for field in ("attn_precision", "attention_backend"):
         base = "sd21" if field == "attn_precision" else "paper"  # sd21 sets fp32: the override must clear it
-        assert getattr(compare.parse_method(f"{base}:{field}={word}").config, field) is None
+        assert getattr(comparison.parse_method(f"{base}:{field}={word}").config, field) is None
         flag = "--" + field.replace("_", "-")
         args = build_parser().parse_args(["generate", "--prompt", "p", "--preset", base, flag, word])
         assert getattr(agent_config(args), field) is None
@@ -126,16 +126,16 @@ def test_whole_flow_scores_from_disk_and_resumes(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     reference = write_images(tmp_path / "ref", 12, seed=3)
     prompts = [f"a photo of thing {i}" for i in range(6)]
-    methods = [compare.parse_method(s) for s in ("baseline", "paper", "paper:ratio=0.2,agent_steps=1.0")]
+    methods = [comparison.parse_method(s) for s in ("baseline", "paper", "paper:ratio=0.2,agent_steps=1.0")]
     settings = GenerationSettings(model="tiny", steps=2, batch_size=4)
-    scoring = compare.ComparisonSettings(reference=reference, feature_extractor=TinyFeatures(), samples=3)
+    scoring = comparison.ComparisonSettings(reference=reference, feature_extractor=TinyFeatures(), samples=3)
     out = tmp_path / "out"
     results = compare.run_comparison(pipe, prompts, methods, out, settings, scoring, seed=10, progress=False)
 
     rows = {r["method"]: r for r in results["rows"]}
     assert list(rows) == ["baseline", "paper", "paper:ratio=0.2,agent_steps=1.0"]
     for name, row in rows.items():
-        folder = out / "images" / compare.MethodSpec(name).folder_name
+        folder = out / "images" / comparison.MethodSpec(name).folder_name
         assert sorted(p.name for p in folder.glob("*.png")) == [f"p{i:04d}_s{10 + i}.png" for i in range(6)]
         assert row["fid"] == pytest.approx(scipy_fid(features_of(reference), features_of(folder)), rel=1e-5)
         assert row["seconds_per_image"] > 0 and row["speedup"] > 0 and row["gb_per_image"] is not None
@@ -300,9 +300,9 @@ def test_without_matplotlib_the_table_and_json_are_still_written(tiny_model, tmp
 def test_run_comparison_checks_before_creating_the_folder(tmp_path, monkeypatch):
     uninstalled(monkeypatch, "torchvision")
     pipe = tiny_pipeline("sd15")
-    methods = [compare.parse_method("paper")]
+    methods = [comparison.parse_method("paper")]
     settings = GenerationSettings(model="tiny", steps=1)
-    scoring = compare.ComparisonSettings(lpips=True, measure_memory=False)
+    scoring = comparison.ComparisonSettings(lpips=True, measure_memory=False)
     with pytest.raises(compare.MetricsError, match="torchvision"):
         compare.run_comparison(pipe, ["x"], methods, tmp_path / "out", settings, scoring, progress=False)
     assert not (tmp_path / "out").exists()
@@ -333,7 +333,7 @@ def test_methods_sharing_an_image_folder_are_refused_before_anything_is_created(
     for first, second in (("x/a.yaml", "x_a.yaml"), ("Mine.yaml", "mine.yaml")):
         specs = [str(tmp_path / first), str(tmp_path / second)]
         with pytest.raises(compare.GenerationError, match="would share the image folder") as err:
-            compare.with_baseline([compare.parse_method(s) for s in specs])
+            comparison.with_baseline([comparison.parse_method(s) for s in specs])
         assert all(repr(s) in str(err.value) for s in specs)
     out = tmp_path / "out"
     methods = ["--method", tmp_path / "x" / "a.yaml", "--method", tmp_path / "x_a.yaml"]
@@ -359,8 +359,8 @@ def test_the_metrics_extra_installs_every_package_compare_checks_for(tmp_path, m
     for module in (compare, metrics):
         monkeypatch.setattr(module, "_installed", installed)
     monkeypatch.setattr(metrics, "_reachable", lambda host, timeout=3.0: True)
-    scoring = compare.ComparisonSettings(reference=tmp_path, clip_model=tmp_path, lpips=True, measure_memory=True)
-    assert compare.check_scoring([compare.parse_method("paper")], scoring, "cpu") == []
+    scoring = comparison.ComparisonSettings(reference=tmp_path, clip_model=tmp_path, lpips=True, measure_memory=True)
+    assert compare.check_scoring([comparison.parse_method("paper")], scoring, "cpu") == []
     compare.report_files()
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     extra = pyproject["project"]["optional-dependencies"]["metrics"]

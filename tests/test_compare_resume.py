@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from agentsd import compare
+from agentsd import compare, comparison
 from agentsd.generation import GenerationError, GenerationSettings
 from agentsd.loading import set_scheduler
 from agentsd.testing import tiny_pipeline
@@ -22,8 +22,8 @@ def pipe():
 
 def run(pipe, out, prompts=PROMPTS, methods=("baseline", "paper"), **settings):
     settings = GenerationSettings(**{"model": "tiny", "steps": 1, **settings})
-    scoring = compare.ComparisonSettings(measure_memory=False, samples=1)
-    specs = [compare.parse_method(str(m)) for m in methods]
+    scoring = comparison.ComparisonSettings(measure_memory=False, samples=1)
+    specs = [comparison.parse_method(str(m)) for m in methods]
     return compare.run_comparison(pipe, prompts, specs, out, settings, scoring, progress=False)
 
 

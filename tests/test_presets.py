@@ -54,7 +54,7 @@ def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
     is read as a file, with or without a suffix."""
     from agentsd.cli import agent_config, build_parser
     from agentsd.community import resolve_config
-    from agentsd.compare import parse_method
+    from agentsd.comparison import parse_method
 
     monkeypatch.chdir(tmp_path)
     for name in ("paper", "sdxl", "highres"):

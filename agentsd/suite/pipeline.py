@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ..benchmark import ARCHITECTURES
-from ..compare import MethodSpec, imagenet_prompts, memory_per_image, parse_method
+from ..compare import imagenet_prompts, memory_per_image
+from ..comparison import MethodSpec, parse_method
 from ..generation import GenerationError, GenerationSettings, ImageJob, generate_runs, prepare_folder
 from .common import Outcome, PartContext, markdown_rows, stamp_rows, write_part
 
