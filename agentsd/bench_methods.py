@@ -43,7 +43,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .config import AgentSDConfig
-from .families import Layer, find_model
+from .families import find_model
+from .families.base import Layer
 from .flux import FluxAgentSDProcessor
 from .joint import JointAgentSDProcessor
 from .patch import patch, unpatch

@@ -28,7 +28,7 @@ import torch
 from ..config import AgentSDConfig
 from ..flux import FluxAgentSDProcessor, flux_attention_class
 from ..state import Sequence
-from . import Family, Layer, ModelCall
+from .base import Family, Layer, ModelCall
 from .sd3 import blocks_in_range
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..config import AgentSDConfig
 from ..processor import AgentSDProcessor
-from . import Family, Layer, ModelCall
+from .base import Family, Layer, ModelCall
 from .sd3 import blocks_in_range, nothing_patched, patch_grid
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import AgentSDConfig
 from ..joint import JointAgentSDProcessor
-from . import Family, Layer, ModelCall
+from .base import Family, Layer, ModelCall
 
 # The joint layer of each block, and SD 3.5's image-only one where the block has it.
 ATTENTION_NAMES = ("attn", "attn2")

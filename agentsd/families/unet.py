@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import Attention
 
 from ..config import AgentSDConfig
 from ..processor import AgentSDProcessor
-from . import Family, Layer, ModelCall
+from .base import Family, Layer, ModelCall
 
 # Deeper than any UNet level: where no self-attention is found even here, the UNet has none.
 ANY_LEVEL = 2**20

@@ -1,0 +1,76 @@
+"""What every model family states (`Family`), and the layers and calls it describes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import AgentSDConfig
+from ..state import Sequence
+
+
+@dataclass(frozen=True)
+class Layer:
+    """An attention layer a family patches.
+
+    Args:
+        module: the diffusers attention module.
+        downsample: its level's downsampling relative to the token grid of a model call (1 for
+            every layer of a diffusion transformer).
+        block: the transformer block holding it (where another token-merging patch would act).
+        processor: the agentsd processor class that wraps its processor.
+    """
+
+    module: torch.nn.Module
+    downsample: int
+    block: torch.nn.Module
+    processor: type
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """What a model call gives the per-call plan: the latent input (its batch and device), the
+    timestep, the token grid at downsample 1 (None: the latent's own sides), and where the grid's
+    tokens sit in the layers' sequences (None: they are the whole sequence)."""
+
+    sample: torch.Tensor
+    timestep: Any
+    grid: tuple[int, int] | None = None
+    sequence: Sequence | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of model.
+
+    Args:
+        name: short name (`unet`, `sd3`, `pixart`).
+        models: what it covers, in words, for messages.
+        attribute: where a pipeline holds the model (`unet`, `transformer`).
+        model_class: the diffusers class name of the model.
+        layers: the layers to patch under a config: `{processor name: Layer}`.
+        read_call: a model call's `ModelCall`, from the model and the forward's args and kwargs.
+        nothing_patched: why `layers` found nothing, for the warning (given the model and config).
+        preset: the preset the command line uses for it when none is named.
+        noun: what its model is called in reports ("UNet", "transformer").
+    """
+
+    name: str
+    models: str
+    attribute: str
+    model_class: str
+    layers: Callable[[Any, AgentSDConfig], dict[str, Layer]]
+    read_call: Callable[[Any, tuple, dict], ModelCall]
+    nothing_patched: Callable[[Any, AgentSDConfig], str]
+    preset: str = "paper"
+    noun: str = "transformer"
+
+    def holds(self, model: Any) -> bool:
+        """Whether `model` is this family's model (in the installed diffusers)."""
+        import diffusers
+
+        cls = getattr(diffusers, self.model_class, None)
+        return cls is not None and isinstance(model, cls)
