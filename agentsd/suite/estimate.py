@@ -1,31 +1,26 @@
 """What each scenario of the GPU suite costs, in units the budget turns into seconds (`budget.py`).
 
-The FLOPs of every timed call are counted by `torch.utils.flop_counter.FlopCounterMode`
-on the meta device (no memory, no weights, well under a second per call on any CPU; each
-count is cached): the model call (UNet or transformer) of every
-method of a one-step scenario, the UNet steps, VAE decode and text encoder of every
-generation of a pipeline scenario. Methods that cannot run on the meta device (tomesd,
-xformers) are counted as the baseline, an upper bound for them.
-Builds, compilations, the breakeven timings and the pytest subprocesses are counted as such.
+The FLOPs of every timed call are counted on the meta device (`flops.py`): the model call (UNet
+or transformer) of every method of a one-step scenario, the UNet steps, VAE decode and text
+encoder of every generation of a pipeline scenario. Builds, compilations, the breakeven timings
+and the pytest subprocesses are counted as such.
 
 `PRIORS` are the seconds per unit on one H100 before anything is measured, deliberately
 pessimistic; `TINY_PRIORS` the same for --tiny on a CPU. A run replaces them by what it
-measures. `--estimate` prints every scenario's prior estimate against the budget.
+measures. `--estimate` prints every scenario's prior estimate against the budget
+(`estimate_table.py`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .. import benchmark
-from ..presets import load_preset
 from . import breakeven, gpu_tests, pipeline, step
-from .budget import Budget, Cost
+from .budget import Cost
+from .flops import call_flops
 
 # An effective fp16 rate well under the H100's dense peak (~990 TFLOP/s): eager SD UNets
 # reach a fraction of it (small kernels, head dims of 40-64).
@@ -42,56 +37,10 @@ PRIORS: dict[str, float] = dict(flop=1 / THROUGHPUT, call=CALL_OVERHEAD, compile
 # --tiny on a CPU: tiny models, one repeat, Dynamo's eager backend (seconds to "compile").
 TINY_PRIORS: dict[str, float] = dict(flop=1 / 1e9, call=0.05, compile=5.0, seconds=1.0, timing=0.2,
                                      **{f"build:{arch}": 1.0 for arch in BUILD_S})  # fmt: skip
-META_COUNTED = ("baseline", "agentsd-agent", "agentsd-tome", "highres", "ceiling", "ceiling-2")
 
 
 def priors(tiny: bool) -> dict[str, float]:
     return dict(TINY_PRIORS if tiny else PRIORS)
-
-
-def model_call_flops(model: Any, size: int, images: int, method: str, config: Any) -> float:
-    """FLOPs of one model call (UNet or transformer) of `images` CFG images of `size` px as
-    `method`, on the meta device.
-
-    The timestep (and Flux's position ids) are made on the CPU: agentsd's hook reads their
-    values, which a meta tensor has not. A UNet moves the timestep to the latent's device
-    itself; a transformer's host inputs are moved by a hook that runs after agentsd's."""
-    args, kwargs = benchmark.model_inputs(model, size, images, timestep_device="cpu")
-    counted = method if method in META_COUNTED else "baseline"
-    with torch.no_grad(), benchmark.method_context(counted, model, config):
-        moved = model.register_forward_pre_hook(_host_inputs_to_meta, with_kwargs=True)  # after agentsd's
-        try:
-            with FlopCounterMode(display=False) as flops:
-                model(*args, **kwargs)
-        finally:
-            moved.remove()
-    return float(flops.get_total_flops())
-
-
-# The keyword inputs `model_call_flops` makes on the CPU for agentsd's hook to read.
-HOST_INPUTS = ("timestep", "img_ids", "txt_ids")
-
-
-def _host_inputs_to_meta(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    moved = {k: kwargs[k].to("meta") for k in HOST_INPUTS if isinstance(kwargs.get(k), torch.Tensor)}
-    return args, dict(kwargs, **moved)
-
-
-@functools.cache
-def _meta_model(arch: str) -> Any:
-    # The meta device, also for the tiny models: torch's flop counter does not count the CPU's
-    # fused attention kernel.
-    return benchmark.build_model(arch, "meta", torch.float16)
-
-
-@functools.cache
-def call_flops(arch: str, size: int, images: int, method: str, preset: str | None = None) -> float:
-    """`model_call_flops` of `arch` with its default preset (or `preset`), counted once per run."""
-    counted = method if method in META_COUNTED else "baseline"
-    if counted != method:
-        return call_flops(arch, size, images, counted, preset)
-    config = load_preset(preset or benchmark.DEFAULT_PRESETS[benchmark.split_arch(arch)[0]])
-    return model_call_flops(_meta_model(arch), size, images, method, config)
 
 
 def step_cost(plan: step.StepPlan, tiny: bool, built: str | None = None) -> Cost:
@@ -155,39 +104,3 @@ def breakeven_cost(tiny: bool) -> Cost:
 def tests_cost(selection: str, tiny: bool) -> Cost:
     """A tests scenario: its pytest subprocess, as fixed seconds."""
     return {"seconds": gpu_tests.TINY_SECONDS if tiny else gpu_tests.SELECTIONS[selection].seconds}
-
-
-def estimates(names: Sequence[str], tiny: bool, budget_s: float) -> list[dict[str, Any]]:
-    """Every scenario's prior estimate in the order given, the model cache followed along, with
-    the running total against `budget_s`."""
-    from .scenarios import SCENARIOS
-
-    budget = Budget(budget_s, priors(tiny))
-    rows, total, built = [], 0.0, None
-    for name in names:
-        scenario = SCENARIOS[name]
-        cost = scenario.cost(tiny, built)
-        seconds = budget.estimate(cost)
-        total += seconds
-        built = scenario.model(tiny) or built
-        tflop = cost.get("flop", 0.0) / 1e12
-        rows.append(dict(scenario=name, about=scenario.about, tflop=tflop, calls=int(cost.get("call", 0)),
-                         seconds=seconds, total=total, fits=total <= budget_s))  # fmt: skip
-    return rows
-
-
-def markdown(rows: list[dict[str, Any]], budget_s: float) -> str:
-    """The estimates as a Markdown table, the running total checked against the budget."""
-    lines = ["| scenario | measures | TFLOP timed | model calls | prior s | running total s | within the budget |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for row in rows:
-        tflop = f"{row['tflop']:,.0f}" if row["tflop"] >= 1 else ""
-        calls = str(row["calls"]) if row["calls"] else ""
-        fits = "yes" if row["fits"] else "no"
-        cells = [row["scenario"], row["about"], tflop, calls, f"{row['seconds']:.0f}", f"{row['total']:.0f}", fits]
-        lines.append("| " + " | ".join(cells) + " |")
-    total = rows[-1]["total"] if rows else 0.0
-    lines.append("")
-    lines.append(f"Total {total:.0f} s by the priors against a budget of {budget_s:.0f} s; a run measures its rates "
-                 "and re-estimates each scenario before it starts.")  # fmt: skip
-    return "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..results import run_info
-from . import estimate, pack
+from . import estimate, estimate_table, pack
 from .budget import Budget
 from .common import PartContext, measured_dtype
 from .scenarios import DEFAULT_ORDER, SCENARIOS
@@ -238,7 +238,8 @@ def main(argv: Sequence[str] | None = None, root: Path | None = None) -> int:
     args = build_parser().parse_args(argv)
     root = (root or Path.cwd()).resolve()
     if args.estimate:
-        print(estimate.markdown(estimate.estimates(args.scenarios, args.tiny, args.budget), args.budget), end="")
+        rows = estimate_table.estimates(args.scenarios, args.tiny, args.budget)
+        print(estimate_table.markdown(rows, args.budget), end="")
         return 0
     if args.report:
         return _report(args, root)

@@ -26,6 +26,7 @@ import torch
 
 from .. import benchmark
 from .common import Outcome, PartContext
+from .flops import call_flops
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,6 @@ def headline(rows: list[dict[str, Any]]) -> tuple[float | None, str]:
 def run_scenario(part: str, plan: StepPlan, context: PartContext) -> Outcome:
     """Time the plan, add its rows to the part's and rewrite the part's files
     (`benchmark.write_results`); the baseline's time per FLOP calibrates the budget."""
-    from .estimate import call_flops
 
     run = tiny_plan(plan) if context.tiny else plan
     rows = context.rows.setdefault(part, [])
