@@ -35,17 +35,17 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
-    from .community import community_pipeline as community_pipeline
-    from .config import AgentSDConfig as AgentSDConfig
-    from .patch import current_phase as current_phase
-    from .patch import is_patched as is_patched
-    from .patch import patch as patch
-    from .patch import patched as patched
-    from .patch import patched_config as patched_config
-    from .patch import unpatch as unpatch
-    from .patch import unpatched as unpatched
-    from .status import PatchStatus as PatchStatus
-    from .status import status as status
+    from .api.community import community_pipeline as community_pipeline
+    from .core.config import AgentSDConfig as AgentSDConfig
+    from .api.patch import current_phase as current_phase
+    from .api.patch import is_patched as is_patched
+    from .api.patch import patch as patch
+    from .api.patch import patched as patched
+    from .api.patch import patched_config as patched_config
+    from .api.patch import unpatch as unpatch
+    from .api.patch import unpatched as unpatched
+    from .api.status import PatchStatus as PatchStatus
+    from .api.status import status as status
 
 
 def __getattr__(name: str) -> Any:

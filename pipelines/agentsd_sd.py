@@ -18,7 +18,7 @@ Needs `agentsd` installed. The UNet is patched for the call and unpatched after 
 
 from diffusers import StableDiffusionPipeline
 
-from agentsd.community import call_with_agentsd
+from agentsd.api.community import call_with_agentsd
 
 
 class AgentSDStableDiffusionPipeline(StableDiffusionPipeline):

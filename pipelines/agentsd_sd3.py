@@ -18,7 +18,7 @@ transformer is patched for the call and unpatched after it.
 
 from diffusers import StableDiffusion3Pipeline
 
-from agentsd.community import call_with_agentsd
+from agentsd.api.community import call_with_agentsd
 
 
 class AgentSDStableDiffusion3Pipeline(StableDiffusion3Pipeline):

@@ -16,7 +16,7 @@ Needs `agentsd` installed. The UNet is patched for the call and unpatched after 
 
 from diffusers import StableDiffusionXLPipeline
 
-from agentsd.community import call_with_agentsd
+from agentsd.api.community import call_with_agentsd
 
 
 class AgentSDStableDiffusionXLPipeline(StableDiffusionXLPipeline):

@@ -5,7 +5,7 @@ python scripts/bench.py --arch sd15 --sizes 512 768 --out docs/bench/cpu
 
 import sys
 
-from agentsd.cli import main
+from agentsd.cli.commands import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

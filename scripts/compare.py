@@ -5,7 +5,7 @@ accelerate launch scripts/compare.py --method baseline --method paper --referenc
 
 import sys
 
-from agentsd.cli import main
+from agentsd.cli.commands import main
 
 if __name__ == "__main__":
     sys.exit(main(["compare", *sys.argv[1:]]))

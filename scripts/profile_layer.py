@@ -17,9 +17,9 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from agentsd import AgentSDConfig
-from agentsd.attention import agent_attention, attend
-from agentsd.merge import bipartite_matching
-from agentsd.processor import AGENT, AgentSDProcessor, AgentSDState
+from agentsd.core.attention import agent_attention, attend
+from agentsd.core.merge import bipartite_matching
+from agentsd.processors.self_attention import AGENT, AgentSDProcessor, AgentSDState
 
 
 def median_ms(fn, repeats):

@@ -19,7 +19,7 @@ import torch
 
 import agentsd
 from agentsd import merge, processor
-from agentsd.benchmark import AGENTSD_METHODS, build_unet, unet_inputs
+from agentsd.bench.benchmark import AGENTSD_METHODS, build_unet, unet_inputs
 
 # Row label -> the benchmark method whose config overrides it runs.
 VARIANTS = {

@@ -3,7 +3,7 @@
 
 def run_main(capsys, *args):
     """(exit code, stdout, the `agentsd: error:` lines of stderr) of `agentsd ARGS`."""
-    from agentsd.cli import main
+    from agentsd.cli.commands import main
 
     code = main([str(a) for a in args])
     captured = capsys.readouterr()

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from agentsd.attention import check_backend
+from agentsd.core.attention import check_backend
 
 
 def xformers_installed(monkeypatch, installed: bool):
@@ -75,8 +75,8 @@ def test_the_backend_set_on_the_model_reaches_agentsds_calls_and_the_delegate(mo
     from diffusers.models import attention_dispatch
 
     import agentsd
-    import agentsd.attention
-    from agentsd.patch import _delegate_of
+    import agentsd.core.attention
+    from agentsd.api.patch import _delegate_of
     from agentsd.testing import tiny_pipeline
 
     seen = []

@@ -10,7 +10,7 @@ import torch
 
 import agentsd
 from agentsd import AgentSDConfig, benchmark, results
-from agentsd.bench_methods import zero_cost
+from agentsd.bench.methods import zero_cost
 
 
 def test_harness_writes_every_documented_field(tmp_path):
@@ -81,7 +81,7 @@ def test_the_cold_start_is_charged_to_no_method(warmup):
 def test_real_architectures_build_with_the_published_layouts():
     # Patched layer counts of the published configs (meta device: no memory, no weights).
     with torch.device("meta"):
-        from agentsd.patch import attention_layers
+        from agentsd.api.patch import attention_layers
 
         counts = {arch: len(attention_layers(benchmark.build_unet(arch, "meta"), 2)) for arch in ("sd15", "sdxl")}
         sd15_top = len(attention_layers(benchmark.build_unet("sd15", "meta"), 1))
@@ -337,7 +337,7 @@ def test_transformer_speedup_targets_are_judged_on_the_whole_model_only(arch, de
 
 @pytest.mark.parametrize("order", ["blocks first", "arch first"])
 def test_cli_blocks_cut_every_transformer_whichever_flag_comes_first(order):
-    from agentsd.cli_args import UsageError, build_parser
+    from agentsd.cli.args import UsageError, build_parser
 
     flags = [["--blocks", "2"], ["--arch", "sd15", "sd35-medium", "pixart-sigma"]]
     args = build_parser().parse_args(["bench", *sum(flags if order == "blocks first" else flags[::-1], [])])
@@ -405,7 +405,7 @@ def test_cli_bench_runs_the_flux_arch_at_a_cut_depth(tmp_path, capsys):
     assert "| tiny-flux, 1+2 blocks | 256 | 1 | ceiling |" in result.stdout
     assert "- tiny-flux, 1+2 blocks 256 px x1: never slower: " in result.stdout
     assert "tomesd, xformers: UNet methods, not run on diffusion transformers" in result.stdout
-    from agentsd.cli import main
+    from agentsd.cli.commands import main
 
     assert main(["bench", "--arch", "tiny-flux", "--sizes", "264", "--out", str(tmp_path / "refused")]) == 2
     assert "tiny-flux takes multiples of 16" in capsys.readouterr().err and not (tmp_path / "refused").exists()
@@ -418,7 +418,7 @@ def test_ceiling_products_keeps_the_projections_and_drops_the_products(kind):
     for the text). torch's SDPA is itself again after the call."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
 
-    from agentsd.bench_methods import FreeProducts
+    from agentsd.bench.methods import FreeProducts
 
     torch.manual_seed(0)
     sdpa = torch.nn.functional.scaled_dot_product_attention

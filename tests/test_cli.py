@@ -147,7 +147,7 @@ def test_a_model_that_cannot_be_loaded_gets_one_line_alone(tmp_path):
 def test_a_scheduler_refused_for_flux_gets_one_line_alone(tmp_path):
     """FlowMatchHeun built from Flux's FlowMatchEuler config: diffusers warns that config attributes
     will be ignored; agentsd, which refuses it, says only why."""
-    pytest.importorskip("agentsd.tiny_flux", reason="this diffusers has no Flux")
+    pytest.importorskip("agentsd.testing.tiny_flux", reason="this diffusers has no Flux")
     model = tmp_path / "flux"
     tiny_pipeline("flux").save_pretrained(model)
     result = agentsd_cli("generate", "--model", model, "--prompt", "x", "--scheduler", "flow-heun", "--out",
@@ -209,7 +209,7 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
     import dataclasses
 
     from agentsd import AgentSDConfig
-    from agentsd.cli import FLAG_NAMES, agent_config, build_parser
+    from agentsd.cli.commands import FLAG_NAMES, agent_config, build_parser
 
     other = dict(attn_precision="fp32", attention_backend="einsum", agent_selection="pool")
     argv = ["generate", "--model", "m", "--prompt", "p"]
@@ -262,7 +262,7 @@ def test_a_run_without_agent_attention_warns(models, tmp_path):
 def test_sdxl_runs_the_sdxl_preset_unless_told(models, tmp_path, capsys):
     """The default preset follows the model: SDXL's (max_downsample 2, its first attention level),
     with the flags on top; the paper's patches no layer of it (the case above)."""
-    from agentsd.presets import load_preset
+    from agentsd.api.presets import load_preset
 
     assert run_main("generate", "--model", models / "sdxl", "--prompt", "x", "--steps", "1", "--ratio", "0.3",
                     "--out", tmp_path) == 0  # fmt: skip
@@ -272,7 +272,7 @@ def test_sdxl_runs_the_sdxl_preset_unless_told(models, tmp_path, capsys):
 
 def test_image_seed_and_agent_seed_are_independent(tmp_path):
     """--seed seeds the images, --agent-seed the config; a preset's seed stays unless --agent-seed."""
-    from agentsd.cli import agent_config, build_parser
+    from agentsd.cli.commands import agent_config, build_parser
 
     preset = tmp_path / "seeded.yaml"
     preset.write_text("config:\n  seed: 3\n")
@@ -293,7 +293,7 @@ def test_image_seed_and_agent_seed_are_independent(tmp_path):
 
 def run_main(*args):
     """`agentsd ARGS` in this process (for errors raised before any model is loaded)."""
-    from agentsd.cli import main
+    from agentsd.cli.commands import main
 
     return main([str(a) for a in args])
 
@@ -382,7 +382,7 @@ def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path, capsys):
 def subcommands():
     import argparse
 
-    from agentsd.cli import build_parser
+    from agentsd.cli.commands import build_parser
 
     parser = build_parser()
     (group,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -406,7 +406,7 @@ def test_every_flag_has_help_and_shows_its_default(command):
 
 
 def test_bench_help_lists_the_default_methods_and_the_output_files():
-    from agentsd import benchmark
+    from agentsd.bench import benchmark
 
     text = " ".join(subcommands()["bench"].format_help().split())
     for method in benchmark.METHODS + benchmark.OPTIONAL_METHODS:
@@ -471,13 +471,13 @@ def test_contradictory_or_out_of_range_options_are_refused(tmp_path, capsys, arg
 
 def test_env_lists_the_optional_packages_and_version_prints_the_version(capsys):
     import agentsd
-    from agentsd.cli import environment
+    from agentsd.cli.commands import environment
 
     info = environment()
     for package in ("peft", "tomesd", "DeepCache", "torchmetrics", "torch-fidelity", "matplotlib", "xformers"):
         assert package in info
     with pytest.raises(SystemExit) as stop:
-        from agentsd.cli import build_parser
+        from agentsd.cli.commands import build_parser
 
         build_parser().parse_args(["--version"])
     assert stop.value.code == 0

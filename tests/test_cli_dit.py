@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from cli_run import run_main
 
-from agentsd import loading
-from agentsd.generation import GenerationError, GenerationSettings, ImageJob, generate
-from agentsd.presets import load_preset
+from agentsd.cli import loading
+from agentsd.cli.generation import GenerationError, GenerationSettings, ImageJob, generate
+from agentsd.api.presets import load_preset
 from agentsd.testing import tiny_pipeline
 
-pytest.importorskip("agentsd.tiny_dit", reason="this diffusers has no SD3 or PixArt-Sigma")
+pytest.importorskip("agentsd.testing.tiny_dit", reason="this diffusers has no SD3 or PixArt-Sigma")
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--max-sequence-length", "8"]  # the tiny T5 prompts: 8 tokens instead of 256 (SD 3) or 300 (PixArt)
@@ -176,7 +176,7 @@ def test_what_does_not_fit_is_refused_once_loaded_when_the_configs_cannot_be_rea
 ):
     """A hub model that is not cached: its family and scheduler are known once loaded, still
     before any image and without leaving the output folder behind."""
-    from agentsd import generation
+    from agentsd.cli import generation
 
     monkeypatch.setattr(loading, "_model_config", lambda model: None)
     monkeypatch.setattr(loading, "model_scheduler", lambda model, name=None: None)

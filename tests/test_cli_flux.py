@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from cli_run import run_main
 
-from agentsd.presets import load_preset
+from agentsd.api.presets import load_preset
 from agentsd.testing import tiny_pipeline
 
-tiny_flux = pytest.importorskip("agentsd.tiny_flux", reason="this diffusers has no Flux")
-flux = pytest.importorskip("agentsd.flux")
+tiny_flux = pytest.importorskip("agentsd.testing.tiny_flux", reason="this diffusers has no Flux")
+flux = pytest.importorskip("agentsd.processors.flux_attention")
 if flux.flux_attention_class() is None:
     pytest.skip("agentsd patches Flux from diffusers 0.35 (FluxAttention)", allow_module_level=True)
 
@@ -140,7 +140,7 @@ def test_an_image_conditioned_model_is_refused_naming_it(fill_model, tmp_path, c
     """Flux Fill makes images from an input image and a mask: called with a prompt alone it fails
     inside diffusers. Refused before any folder is made, from the model's model_index.json, or
     once loaded where that cannot be read first (a hub model not in the cache)."""
-    from agentsd import pipeline_checks
+    from agentsd.cli import pipeline_checks
 
     if when == "once loaded":
         monkeypatch.setattr(pipeline_checks, "model_pipeline_class", lambda model: None)
@@ -152,7 +152,7 @@ def test_an_image_conditioned_model_is_refused_naming_it(fill_model, tmp_path, c
 
 
 def test_generate_from_python_refuses_an_image_conditioned_pipeline(tmp_path):
-    from agentsd.generation import GenerationError, GenerationSettings, generate, plan_jobs
+    from agentsd.cli.generation import GenerationError, GenerationSettings, generate, plan_jobs
 
     pipe = tiny_pipeline("flux-fill")
     settings = GenerationSettings(model="fill", width=128, height=128, steps=1)

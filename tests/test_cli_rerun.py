@@ -90,7 +90,7 @@ def test_a_missing_pair_of_two_finished_images_is_made(model, tmp_path, capsys):
 
 
 def test_the_speedup_compares_the_images_both_runs_timed():
-    from agentsd.generation import ImageJob, MethodRun, speedup
+    from agentsd.cli.generation import ImageJob, MethodRun, speedup
 
     a, b, c = (ImageJob(0, "x", seed) for seed in range(3))
     baseline = MethodRun("baseline", None, None, seconds={a: 2.0, b: 4.0})

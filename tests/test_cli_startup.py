@@ -25,10 +25,10 @@ def model(tmp_path_factory):
 
 def interrupted_run(tmp_path, argv, setup, entry):
     """`agentsd ARGV` in a new process where `setup` (Python source) has prepared a Ctrl-C: as
-    `python -m agentsd` or as the console script (`from agentsd.cli import main`)."""
+    `python -m agentsd` or as the console script (`from agentsd.cli.commands import main`)."""
     start = {
         "module": "import runpy\nrunpy.run_module('agentsd', run_name='__main__', alter_sys=True)",
-        "script": "from agentsd.cli import main\nsys.exit(main())",
+        "script": "from agentsd.cli.commands import main\nsys.exit(main())",
     }[entry]
     source = f"import sys\nsys.argv = ['agentsd', *{[str(a) for a in argv]!r}]\n{textwrap.dedent(setup)}\n{start}\n"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -77,7 +77,7 @@ def test_ctrl_c_while_loading_the_model_exits_130_and_leaves_no_folder(model, tm
 
 def run_main(capsys, *args):
     """`agentsd ARGS` in this process: (exit code, the `agentsd: error:` lines)."""
-    from agentsd.cli import main
+    from agentsd.cli.commands import main
 
     code = main([str(a) for a in args])
     return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("agentsd: error:")]
@@ -86,7 +86,7 @@ def run_main(capsys, *args):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Loading the model fails the test: what these check must be refused before."""
-    from agentsd import loading
+    from agentsd.cli import loading
 
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -97,7 +97,7 @@ def no_loading(monkeypatch):
 def test_the_seed_range_is_torchs():
     import torch
 
-    from agentsd.loading import SEED_MAX, SEED_MIN
+    from agentsd.cli.loading import SEED_MAX, SEED_MIN
 
     for seed in (SEED_MIN, SEED_MAX):
         torch.Generator().manual_seed(seed)
@@ -136,7 +136,7 @@ def test_steps_are_refused_after_loading_when_the_scheduler_config_cannot_be_rea
 ):
     """A hub model that is not cached: its scheduler is known once loaded, still before any image
     and without leaving the output folder behind."""
-    from agentsd import generation, loading
+    from agentsd.cli import generation, loading
 
     monkeypatch.setattr(loading, "model_scheduler", lambda model, name=None: None)
     monkeypatch.setattr(generation, "generate_runs", lambda *a, **k: pytest.fail("generation started"))
@@ -147,8 +147,8 @@ def test_steps_are_refused_after_loading_when_the_scheduler_config_cannot_be_rea
 
 
 def test_the_library_refuses_steps_and_seeds_before_creating_anything(tmp_path):
-    from agentsd import compare, comparison
-    from agentsd.generation import GenerationError, GenerationSettings, ImageJob, generate
+    from agentsd.cli import compare, comparison
+    from agentsd.cli.generation import GenerationError, GenerationSettings, ImageJob, generate
 
     pipe = tiny_pipeline("sd15")
     out = tmp_path / "out"
@@ -164,7 +164,7 @@ def test_the_library_refuses_steps_and_seeds_before_creating_anything(tmp_path):
 
 
 def test_bench_refuses_tomesd_without_the_package_before_building_a_unet(tmp_path, capsys, monkeypatch):
-    from agentsd import benchmark
+    from agentsd.bench import benchmark
 
     monkeypatch.setitem(sys.modules, "tomesd", None)  # import fails, find_spec says None
     monkeypatch.setattr(benchmark, "build_unet", lambda *a, **k: pytest.fail("a UNet was built"))

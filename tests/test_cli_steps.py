@@ -8,7 +8,7 @@ import pytest
 import torch
 from cli_run import run_main
 
-from agentsd.presets import load_preset
+from agentsd.api.presets import load_preset
 from agentsd.testing import tiny_pipeline
 
 
@@ -39,11 +39,11 @@ def test_steps_are_the_schedulers_not_the_model_calls(tmp_path, capsys, kind, sc
     """FlowMatchHeun: 3 steps are 5 transformer calls (two evaluations a step, one for the last);
     PNDM (PLMS): 5 steps are 6 UNet calls. The step line and the sidecar count the steps."""
     if kind == "sd3":
-        pytest.importorskip("agentsd.tiny_dit", reason="this diffusers has no SD3")
+        pytest.importorskip("agentsd.testing.tiny_dit", reason="this diffusers has no SD3")
     model = tmp_path / kind
     pipe = tiny_pipeline(kind)
     pipe.save_pretrained(model)
-    from agentsd.loading import set_scheduler
+    from agentsd.cli.loading import set_scheduler
 
     set_scheduler(pipe, scheduler)
     preset = load_preset("sd3" if kind == "sd3" else "paper")

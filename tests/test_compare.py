@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-from agentsd import compare, comparison, metrics
-from agentsd.generation import GenerationSettings
+from agentsd.cli import compare, comparison, metrics
+from agentsd.cli.generation import GenerationSettings
 from agentsd.testing import tiny_pipeline
 
 
@@ -97,7 +97,7 @@ def test_parse_method():
 def test_automatic_is_spelled_alike_in_method_specs_and_flags(word):
     """`paper:attn_precision=None` means what `generate --attn-precision auto` means, and so do
     `none`, `null` and `auto` in any case, for both optional fields, in a spec and as a flag."""
-    from agentsd.cli import agent_config, build_parser
+    from agentsd.cli.commands import agent_config, build_parser
 
     for field in ("attn_precision", "attention_backend"):
         base = "sd21" if field == "attn_precision" else "paper"  # sd21 sets fp32: the override must clear it
@@ -229,7 +229,7 @@ def tiny_model(tmp_path_factory):
 
 def run_compare(capsys, tiny_model, out, *extra):
     """`agentsd compare` in this process: (exit code, stdout, the `agentsd: error:` lines)."""
-    from agentsd.cli import main
+    from agentsd.cli.commands import main
 
     argv = ["compare", "--model", tiny_model, "--num-prompts", "2", "--steps", "1", "--out", out, *extra]
     code = main([str(a) for a in argv])

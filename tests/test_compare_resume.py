@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from agentsd import compare, comparison
-from agentsd.generation import GenerationError, GenerationSettings
-from agentsd.loading import set_scheduler
+from agentsd.cli import compare, comparison
+from agentsd.cli.generation import GenerationError, GenerationSettings
+from agentsd.cli.loading import set_scheduler
 from agentsd.testing import tiny_pipeline
 
 PROMPTS = ["a red cube", "a blue ball"]
@@ -116,7 +116,7 @@ def test_overwrite_makes_again_the_images_made_with_other_settings_only(pipe, tm
 
 
 def test_the_command_names_the_setting_and_takes_overwrite(tmp_path, capsys):
-    from agentsd.cli import main
+    from agentsd.cli.commands import main
 
     model = tmp_path / "model"
     tiny_pipeline("sd15").save_pretrained(model)

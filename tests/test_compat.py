@@ -26,7 +26,7 @@ from diffusers import (
 from PIL import Image
 
 import agentsd
-from agentsd.processor import AgentSDProcessor
+from agentsd.processors.self_attention import AgentSDProcessor
 from agentsd.testing import tiny_pipeline
 
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))

@@ -13,13 +13,13 @@ from reference import check_one_per_whole_cell
 from test_reference import count_matchings
 
 import agentsd
-from agentsd.patch import PATCH_ATTR
-from agentsd.processor import AgentSDProcessor
-from agentsd.status import recording_phases
+from agentsd.api.patch import PATCH_ATTR
+from agentsd.processors.self_attention import AgentSDProcessor
+from agentsd.api.status import recording_phases
 from agentsd.testing import DIT_KINDS, tiny_pipeline
 
-tiny_dit = pytest.importorskip("agentsd.tiny_dit", reason="this diffusers has no SD3 or PixArt-Sigma")
-from agentsd.joint import JointAgentSDProcessor  # noqa: E402 (after the skip)
+tiny_dit = pytest.importorskip("agentsd.testing.tiny_dit", reason="this diffusers has no SD3 or PixArt-Sigma")
+from agentsd.processors.joint_attention import JointAgentSDProcessor  # noqa: E402 (after the skip)
 
 PATCH = dict(min_tokens=0)  # the tiny grids (16x16 at 128 px) are at the default floor: act anyway
 # The layers agentsd takes: every block's joint attention (and SD 3.5's image-only attn2), and

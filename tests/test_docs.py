@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 import agentsd
-from agentsd.status import recording_phases
+from agentsd.api.status import recording_phases
 from agentsd.testing import tiny_pipeline
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -11,12 +11,12 @@ import torch
 from reloading import assert_images_close, assert_same_components
 
 import agentsd
-from agentsd.patch import PATCH_ATTR
-from agentsd.status import recording_phases
+from agentsd.api.patch import PATCH_ATTR
+from agentsd.api.status import recording_phases
 from agentsd.testing import tiny_pipeline
 
-tiny_flux = pytest.importorskip("agentsd.tiny_flux", reason="this diffusers has no Flux")
-flux = pytest.importorskip("agentsd.flux")
+tiny_flux = pytest.importorskip("agentsd.testing.tiny_flux", reason="this diffusers has no Flux")
+flux = pytest.importorskip("agentsd.processors.flux_attention")
 if flux.flux_attention_class() is None:
     pytest.skip("agentsd patches Flux from diffusers 0.35 (FluxAttention)", allow_module_level=True)
 FluxAgentSDProcessor = flux.FluxAgentSDProcessor

@@ -3,19 +3,19 @@ reference in reference_flux.py (itself checked against diffusers in test_referen
 double- and single-stream layers, with and without Kontext's extra tokens, in the agent phase and
 the ToMe-only phase, with matched and pooled agents. The destinations are the reference's own
 (the top-left token of every whole cell, randomness off), never read from the processor.
-Skipped until `agentsd.flux` exists."""
+Skipped until `agentsd.processors.flux_attention` exists."""
 
 import pytest
 
-FluxAgentSDProcessor = pytest.importorskip("agentsd.flux").FluxAgentSDProcessor
+FluxAgentSDProcessor = pytest.importorskip("agentsd.processors.flux_attention").FluxAgentSDProcessor
 
 import torch  # noqa: E402
 from reference import top_left_destinations  # noqa: E402
 from reference_flux import reference_flux_double, reference_flux_single  # noqa: E402
 from test_reference_flux import STREAMS, TEXT, layer_inputs, make_flux_attention  # noqa: E402
 
-from agentsd.config import AgentSDConfig  # noqa: E402
-from agentsd.state import AgentSDState, Sequence  # noqa: E402
+from agentsd.core.config import AgentSDConfig  # noqa: E402
+from agentsd.core.state import AgentSDState, Sequence  # noqa: E402
 
 TOLERANCE = 1e-4  # relative, fp32 processor against the float64 reference
 GRIDS = [(6, 6, 2, 2), (5, 7, 2, 2), (8, 8, 4, 2)]  # (h, w, sx, sy): divisible, not, non-square cells

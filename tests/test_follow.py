@@ -17,8 +17,8 @@ from diffusers.models.attention_processor import AttnProcessor, XFormersAttnProc
 from test_compat import ip_adapter
 
 import agentsd
-from agentsd.community import call_with_agentsd
-from agentsd.processor import AgentSDProcessor
+from agentsd.api.community import call_with_agentsd
+from agentsd.processors.self_attention import AgentSDProcessor
 from agentsd.testing import tiny_pipeline
 
 PATCH = dict(agent_steps=1.0, min_tokens=0)
@@ -234,7 +234,7 @@ def test_the_schedule_reads_T_from_the_scheduler_in_use():
 def test_recording_phases_gives_the_phase_of_every_unet_call():
     """DDIM, 5 steps, T = 1000: t = 801, 601 before progress 0.4 (agent), then ToMe; a UNet
     without any layer agentsd can act on runs exact attention at every call."""
-    from agentsd.status import describe_phases, recording_phases
+    from agentsd.api.status import describe_phases, recording_phases
 
     pipe = agentsd.patch(tiny_pipeline("sd15"), min_tokens=0)
     hooks = dict(pipe.unet._forward_hooks)  # agentsd's own

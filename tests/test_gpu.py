@@ -16,7 +16,7 @@ from test_compat import check_patch_cycle, generate
 from test_compile import TIMESTEPS, run
 
 import agentsd
-from agentsd.processor import AgentSDProcessor
+from agentsd.processors.self_attention import AgentSDProcessor
 from agentsd.testing import tiny_pipeline, tiny_unet
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

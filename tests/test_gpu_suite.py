@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import agentsd
-from agentsd.results import RUN_FIELDS
+from agentsd.bench.results import RUN_FIELDS
 from agentsd.suite import DEFAULT_ORDER, PART_NAMES, SCENARIOS, breakeven, estimate, gpu_tests, pack, report, runner
 from agentsd.suite import step as step_scenarios
 from agentsd.suite.budget import Budget

@@ -7,7 +7,7 @@ import torch
 
 import agentsd
 from agentsd import AgentSDConfig
-from agentsd.processor import AgentSDProcessor, AgentSDState
+from agentsd.processors.self_attention import AgentSDProcessor, AgentSDState
 from agentsd.testing import tiny_unet
 
 # Tensor methods that copy a value to the host (or, for nonzero, size a result by the data).

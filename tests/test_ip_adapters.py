@@ -20,7 +20,7 @@ from PIL import Image
 import agentsd
 from agentsd.testing import tiny_pipeline
 
-tiny_flux = pytest.importorskip("agentsd.tiny_flux", reason="this diffusers has no Flux")
+tiny_flux = pytest.importorskip("agentsd.testing.tiny_flux", reason="this diffusers has no Flux")
 attention_processor = pytest.importorskip("diffusers.models.attention_processor")
 if not hasattr(attention_processor, "SD3IPAdapterJointAttnProcessor2_0"):
     pytest.skip("this diffusers has no SD 3 IP-Adapter", allow_module_level=True)

@@ -1,6 +1,6 @@
 """The SD3 joint-attention processor computes agentsd on joint attention: compared with the plain
 float64 reference in reference_joint.py (itself checked against diffusers in
-test_reference_joint.py). Skipped until `agentsd.joint` exists."""
+test_reference_joint.py). Skipped until `agentsd.processors.joint_attention` exists."""
 
 import pytest
 import torch
@@ -9,11 +9,11 @@ from reference import check_one_per_whole_cell, top_left_destinations
 from reference_joint import reference_joint_attention
 from test_reference_joint import CALLS, DIM, make_joint_attention
 
-import agentsd.state
+import agentsd.core.state
 from agentsd import AgentSDConfig
-from agentsd.state import AgentSDState
+from agentsd.core.state import AgentSDState
 
-JointAgentSDProcessor = pytest.importorskip("agentsd.joint").JointAgentSDProcessor
+JointAgentSDProcessor = pytest.importorskip("agentsd.processors.joint_attention").JointAgentSDProcessor
 
 AGENT_T, LATE_T = 999, 100  # progress 0.001 (agent phase) and 0.9 (ToMe-only phase) of T = 1000
 TOLERANCE = 1e-4  # relative, fp32 processor against the float64 reference
@@ -48,13 +48,13 @@ def run_joint_processor(attn, x, c, h, w, config, timestep, monkeypatch):
     top-left ones of the phase's cells; with it, the processor's draw,
     once checked to hold one token of every whole cell of the phase's cell size."""
     drawn = []
-    fixed = agentsd.state.destination_indices
+    fixed = agentsd.core.state.destination_indices
 
     def recording(*args, **kwargs):
         drawn.append(fixed(*args, **kwargs))
         return drawn[-1]
 
-    monkeypatch.setattr(agentsd.state, "destination_indices", recording)
+    monkeypatch.setattr(agentsd.core.state, "destination_indices", recording)
     # The grids here are under the default min_tokens floor: the algorithm tests switch it off.
     state = AgentSDState(config.replace(min_tokens=0))
     attn.set_processor(JointAgentSDProcessor(JointAttnProcessor2_0(), state, "attn"))

@@ -2,7 +2,7 @@
 
 import torch
 
-from agentsd.merge import bipartite_matching, destination_indices, source_indices
+from agentsd.core.merge import bipartite_matching, destination_indices, source_indices
 
 
 def cells_of(positions, w, sx, sy):

@@ -7,7 +7,7 @@ import stat
 import pytest
 from PIL import Image
 
-from agentsd import output
+from agentsd.cli import output
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

@@ -11,8 +11,8 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import agentsd
-from agentsd.patch import PATCH_ATTR
-from agentsd.processor import AgentSDProcessor
+from agentsd.api.patch import PATCH_ATTR
+from agentsd.processors.self_attention import AgentSDProcessor
 from agentsd.testing import tiny_pipeline
 
 # The tiny SDXL's first attention level is an 8x8 grid, under the default min_tokens floor.
@@ -369,7 +369,7 @@ def test_running_unpatched_for_a_while_keeps_the_counters_and_the_phase():
 
 
 def test_the_activity_line_counts_in_words():
-    from agentsd.status import Activity
+    from agentsd.api.status import Activity
 
     one = Activity({"agent": 1}, {"agent": 1}, {"layer": {"agent": 1}}, {}, "UNet")
     assert one.summary() == (

@@ -9,7 +9,7 @@ from diffusers import DiffusionPipeline
 
 import agentsd
 from agentsd import AgentSDConfig
-from agentsd.presets import describe_presets, load_preset, preset_names
+from agentsd.api.presets import describe_presets, load_preset, preset_names
 from agentsd.testing import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,9 +52,9 @@ def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
     """`--out sdxl` leaves a folder `sdxl`: the name still means the shipped preset, everywhere a
     preset name is taken (the flag, compare's methods, the community pipelines' default). A file
     is read as a file, with or without a suffix."""
-    from agentsd.cli import agent_config, build_parser
-    from agentsd.community import resolve_config
-    from agentsd.comparison import parse_method
+    from agentsd.cli.commands import agent_config, build_parser
+    from agentsd.api.community import resolve_config
+    from agentsd.cli.comparison import parse_method
 
     monkeypatch.chdir(tmp_path)
     for name in ("paper", "sdxl", "highres"):
@@ -115,7 +115,7 @@ def test_community_pipeline_loads_through_custom_pipeline(kind, name, default, t
 def test_sd3_community_pipeline_loads_through_custom_pipeline(tmp_path, monkeypatch):
     """The SD 3 pipeline file: its `sd3` preset by default (patched for the call only), the
     baseline with `agentsd_config=False`, a dict of fields."""
-    tiny_dit = pytest.importorskip("agentsd.tiny_dit", reason="this diffusers has no SD3")
+    tiny_dit = pytest.importorskip("agentsd.testing.tiny_dit", reason="this diffusers has no SD3")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tiny_pipeline("sd3").save_pretrained(tmp_path)
     pipe = DiffusionPipeline.from_pretrained(

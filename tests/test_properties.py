@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentsd import AgentSDConfig
-from agentsd.merge import bipartite_matching, destination_indices, source_indices
-from agentsd.processor import AgentSDProcessor, AgentSDState
+from agentsd.core.merge import bipartite_matching, destination_indices, source_indices
+from agentsd.processors.self_attention import AgentSDProcessor, AgentSDState
 
 grids = st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(1, 4), st.integers(1, 4))
 

@@ -5,10 +5,10 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from reference import check_one_per_whole_cell, reference_self_attention, top_left_destinations
 
-import agentsd.attention
-import agentsd.state
+import agentsd.core.attention
+import agentsd.core.state
 from agentsd import AgentSDConfig
-from agentsd.processor import AgentSDProcessor, AgentSDState
+from agentsd.processors.self_attention import AgentSDProcessor, AgentSDState
 
 AGENT_T, LATE_T = 999, 100  # progress 0.001 (agent phase) and 0.9 (ToMe-only phase)
 
@@ -28,13 +28,13 @@ def run_processor(attn, x, h, w, config, timestep, monkeypatch, downsample=1, la
     the phase's cells; with it, the processor's draw, once checked to hold one token of every
     whole cell of the phase's cell size."""
     drawn = []
-    fixed = agentsd.state.destination_indices
+    fixed = agentsd.core.state.destination_indices
 
     def recording(*args, **kwargs):
         drawn.append(fixed(*args, **kwargs))
         return drawn[-1]
 
-    monkeypatch.setattr(agentsd.state, "destination_indices", recording)
+    monkeypatch.setattr(agentsd.core.state, "destination_indices", recording)
     # Most grids here are under the default min_tokens floor: the algorithm tests switch it off.
     state = AgentSDState(config.replace(min_tokens=0, max_downsample=max(downsample, config.max_downsample)))
     attn.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "attn1", downsample))
@@ -206,8 +206,8 @@ def test_xformers_backend_gets_its_layout_and_the_explicit_scale(monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers", fake)
     monkeypatch.setitem(sys.modules, "xformers.ops", fake.ops)
     q, k, v, a = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8), torch.randn(2, 3, 5, 8)
-    out = agentsd.attention.agent_attention(q, k, v, a, 8**-0.5, 0.3, 0.075, backend="xformers")
-    expected = agentsd.attention.agent_attention(q, k, v, a, 8**-0.5, 0.3, 0.075, backend="sdpa")
+    out = agentsd.core.attention.agent_attention(q, k, v, a, 8**-0.5, 0.3, 0.075, backend="xformers")
+    expected = agentsd.core.attention.agent_attention(q, k, v, a, 8**-0.5, 0.3, 0.075, backend="sdpa")
     assert [shape for shape, _ in received] == [(2, 5, 3, 8), (2, 40, 3, 8)]
     assert [s for _, s in received] == pytest.approx([8**-0.5, 8**-0.15])
     assert torch.allclose(out, expected, atol=1e-5)
@@ -218,13 +218,13 @@ def test_xformers_backend_gets_its_layout_and_the_explicit_scale(monkeypatch):
 
 def count_matchings(monkeypatch):
     calls = []
-    matching = agentsd.processor.bipartite_matching
+    matching = agentsd.processors.self_attention.bipartite_matching
 
     def counting(*args, **kwargs):
         calls.append(1)
         return matching(*args, **kwargs)
 
-    monkeypatch.setattr(agentsd.processor, "bipartite_matching", counting)
+    monkeypatch.setattr(agentsd.processors.self_attention, "bipartite_matching", counting)
     return calls
 
 
@@ -259,8 +259,8 @@ def test_shared_matching_reuses_the_first_layers_merges(monkeypatch):
     the first layer's input; the next UNet call matches anew."""
     calls = count_matchings(monkeypatch)
     drawn = []
-    fixed = agentsd.state.destination_indices
-    monkeypatch.setattr(agentsd.state, "destination_indices", lambda *a: drawn.append(fixed(*a)) or drawn[-1])
+    fixed = agentsd.core.state.destination_indices
+    monkeypatch.setattr(agentsd.core.state, "destination_indices", lambda *a: drawn.append(fixed(*a)) or drawn[-1])
     state = AgentSDState(AgentSDConfig(share_matching=True, seed=1, min_tokens=0))
     first, second = make_attention(seed=11), make_attention(seed=12)
     first.set_processor(AgentSDProcessor(AttnProcessor2_0(), state, "a"))

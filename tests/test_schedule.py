@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, PNDMScheduler
 from diffusers.utils import OptionalDependencyNotAvailable
 
 import agentsd
-from agentsd.processor import AgentSDProcessor
+from agentsd.processors.self_attention import AgentSDProcessor
 from agentsd.testing import tiny_pipeline
 
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
@@ -93,7 +93,7 @@ def test_phase_uses_the_schedulers_num_train_timesteps(monkeypatch):
 
 @pytest.mark.parametrize("name", ["ddim", "pndm", "euler", "euler-a", "dpm++2m", "dpm++2m-karras", "unipc", "lcm"])
 def test_every_scheduler_switches_at_the_same_point_of_the_trajectory(name, monkeypatch):
-    from agentsd.generation import SCHEDULERS, set_scheduler
+    from agentsd.cli.generation import SCHEDULERS, set_scheduler
 
     class_name = SCHEDULERS[name][0]
     if not hasattr(diffusers, class_name):

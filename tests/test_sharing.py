@@ -15,8 +15,8 @@ from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import agentsd
-from agentsd.patch import _delegate_of
-from agentsd.processor import AgentSDProcessor
+from agentsd.api.patch import _delegate_of
+from agentsd.processors.self_attention import AgentSDProcessor
 from agentsd.testing import tiny_pipeline, tiny_unet
 
 # (image side, steps, images per prompt): sizes, schedules and batches that differ.
@@ -142,7 +142,7 @@ def test_a_deep_copy_is_an_independent_patched_unet():
 def test_a_copied_pipeline_follows_its_own_scheduler():
     """DDIM with T = 500, 5 steps (t = 401, 301, ...): progress 1 - t / 500 is under 0.4 for the
     first two steps. Read against the original's T = 1000, no step would be in the agent phase."""
-    from agentsd.status import recording_phases
+    from agentsd.api.status import recording_phases
 
     pipe = agentsd.patch(tiny_pipeline("sd15"), min_tokens=0)
     twin = copy.deepcopy(pipe)

@@ -8,8 +8,8 @@ import torch
 
 import agentsd
 from agentsd import AgentSDConfig
-from agentsd.merge import destination_indices
-from agentsd.processor import AgentSDProcessor, AgentSDState
+from agentsd.core.merge import destination_indices
+from agentsd.processors.self_attention import AgentSDProcessor, AgentSDState
 from agentsd.testing import tiny_pipeline
 
 

@@ -13,7 +13,7 @@ from reloading import assert_images_close, assert_same_components
 
 from agentsd.testing import DIT_KINDS, tiny_pipeline
 
-tiny_dit = pytest.importorskip("agentsd.tiny_dit", reason="this diffusers has no SD3 or PixArt-Sigma")
+tiny_dit = pytest.importorskip("agentsd.testing.tiny_dit", reason="this diffusers has no SD3 or PixArt-Sigma")
 from diffusers import PixArtAlphaPipeline, SD3Transformer2DModel  # noqa: E402 (after the skip)
 
 HAS_SD35 = "dual_attention_layers" in inspect.signature(SD3Transformer2DModel.__init__).parameters

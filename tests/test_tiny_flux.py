@@ -17,7 +17,7 @@ from reloading import assert_images_close, assert_same_components
 
 from agentsd.testing import FLUX_KINDS
 
-tiny_flux = pytest.importorskip("agentsd.tiny_flux", reason="this diffusers has no Flux")
+tiny_flux = pytest.importorskip("agentsd.testing.tiny_flux", reason="this diffusers has no Flux")
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red cube"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import agentsd
-from agentsd import compat
-from agentsd.generation import SCHEDULERS, GenerationError, load_pipeline, set_scheduler
+from agentsd.cli import compat
+from agentsd.cli.generation import SCHEDULERS, GenerationError, load_pipeline, set_scheduler
 from agentsd.testing import tiny_pipeline, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

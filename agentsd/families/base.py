@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..config import AgentSDConfig
-from ..state import Sequence
+from ..core.config import AgentSDConfig
+from ..core.state import Sequence
 
 
 @dataclass(frozen=True)

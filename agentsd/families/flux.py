@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from ..config import AgentSDConfig
-from ..flux import FluxAgentSDProcessor, flux_attention_class
-from ..state import Sequence
+from ..core.config import AgentSDConfig
+from ..processors.flux_attention import FluxAgentSDProcessor, flux_attention_class
+from ..core.state import Sequence
 from .base import Family, Layer, ModelCall
 from .sd3 import blocks_in_range
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import AgentSDConfig
-from ..processor import AgentSDProcessor
+from ..core.config import AgentSDConfig
+from ..processors.self_attention import AgentSDProcessor
 from .base import Family, Layer, ModelCall
 from .sd3 import blocks_in_range, nothing_patched, patch_grid
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import AgentSDConfig
-from ..joint import JointAgentSDProcessor
+from ..core.config import AgentSDConfig
+from ..processors.joint_attention import JointAgentSDProcessor
 from .base import Family, Layer, ModelCall
 
 # The joint layer of each block, and SD 3.5's image-only one where the block has it.

@@ -13,8 +13,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
-from ..config import AgentSDConfig
-from ..processor import AgentSDProcessor
+from ..core.config import AgentSDConfig
+from ..processors.self_attention import AgentSDProcessor
 from .base import Family, Layer, ModelCall
 
 # Deeper than any UNet level: where no self-attention is found even here, the UNet has none.

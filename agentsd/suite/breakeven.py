@@ -24,8 +24,8 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.utils import benchmark as torch_benchmark
 
-from ..config import AgentSDConfig
-from ..processor import AgentSDProcessor, AgentSDState
+from ..core.config import AgentSDConfig
+from ..processors.self_attention import AgentSDProcessor, AgentSDState
 from .common import Outcome, PartContext, markdown_rows, stamp_rows, write_part
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..results import RUN_FIELDS, run_info, write_tables
+from ..bench.results import RUN_FIELDS, run_info, write_tables
 
 # The result folders (parts) the scenarios write, in the order the report shows them; a part
 # gathers the rows of its scenarios (`sd15` those of sd15-512, sd15-1024 and sd15-2048).

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..results import CEILING_TARGET, TARGETS_FROM, target_checks
+from ..bench.results import CEILING_TARGET, TARGETS_FROM, target_checks
 from . import pack
 from .common import PART_NAMES, format_cell
 from .summary import SUITE_JSON, scenario_table

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..results import run_info
+from ..bench.results import run_info
 from . import estimate, estimate_table, pack
 from .budget import Budget
 from .common import PartContext, measured_dtype

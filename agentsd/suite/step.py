@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .. import benchmark
+from ..bench import benchmark
 from .common import Outcome, PartContext
 from .flops import call_flops
 

@@ -49,7 +49,7 @@ class AgentSDConfig:
             the agent phase, in [0, 1]: 1.0 always, 0.0 never. Measured as
             `1 - t / num_train_timesteps` for schedulers that pass training timesteps, so it
             does not depend on the sampler; for those that pass a noise level (EDM), as its
-            place on the scheduler's own schedule (`agentsd.progress`).
+            place on the scheduler's own schedule (`agentsd.core.progress`).
         late_ratio: merge ratio of the ToMe-only phase after the agent phase, in [0, 1);
             0 runs exact attention (the layer's original processor) there.
         late_sx: destination-cell width of the late phase, >= 1.

@@ -13,11 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import AgentSDConfig
-from .families import find_model
+from ..core.config import AgentSDConfig
+from ..families import find_model
 from .patch import PATCH_ATTR, _blocker, _delegate_of, _is_ours, _model_of, current_phase
-from .processor import choose_backend
-from .state import AGENT, EXACT, TOME
+from ..processors.self_attention import choose_backend
+from ..core.state import AGENT, EXACT, TOME
 from .words import plural
 
 

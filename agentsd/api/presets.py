@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .config import AgentSDConfig
+from ..core.config import AgentSDConfig
 
 PRESET_SUFFIX = ".yaml"
 

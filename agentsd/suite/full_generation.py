@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from ..benchmark import ARCHITECTURES
-from ..compare import imagenet_prompts, memory_per_image
-from ..comparison import MethodSpec, parse_method
-from ..generation import GenerationError, GenerationSettings, ImageJob, generate_runs, prepare_folder
+from ..bench.benchmark import ARCHITECTURES
+from ..cli.compare import imagenet_prompts, memory_per_image
+from ..cli.comparison import MethodSpec, parse_method
+from ..cli.generation import GenerationError, GenerationSettings, ImageJob, generate_runs, prepare_folder
 from .common import Outcome, PartContext, markdown_rows, stamp_rows, write_part
 
 logger = logging.getLogger(__name__)

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from diffusers.models import attention_processor
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
 
-from .attention import DISPATCH, agent_attention, attend
-from .merge import TokenMerge, bipartite_matching, cell_means
-from .state import AGENT, TOME, AgentSDState, CallPlan, LayerPlan
+from ..core.attention import DISPATCH, agent_attention, attend
+from ..core.merge import TokenMerge, bipartite_matching, cell_means
+from ..core.state import AGENT, TOME, AgentSDState, CallPlan, LayerPlan
 
 __all__ = ["AGENT", "TOME", "AgentSDProcessor", "AgentSDState", "CallPlan", "LayerPlan", "choose_backend"]
 
@@ -81,7 +81,7 @@ class AgentSDProcessor:
     def serving(cls, delegate: Any) -> type | None:
         """The agentsd processor class that wraps `delegate`: this class, or one made for that kind of
         processor (an IP-Adapter's); None where agentsd cannot wrap it: it holds weights that no
-        agentsd class keeps in the model (`agentsd.shared_weights`)."""
+        agentsd class keeps in the model (`agentsd.processors.shared_weights`)."""
         if isinstance(delegate, torch.nn.Module) and any(True for _ in delegate.parameters()):
             return None
         return cls

@@ -29,7 +29,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel
 
-from .testing import TEXT_HIDDEN, _text_config, tiny_tokenizer, tiny_vae
+from . import TEXT_HIDDEN, _text_config, tiny_tokenizer, tiny_vae
 from .tiny_dit import tiny_t5_encoder, tiny_t5_tokenizer
 
 SIZE = 128  # px, both sides: a 16x16 token grid; pass it as height and width

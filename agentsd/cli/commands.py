@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import cli_model
-from .cli_args import FLAG_NAMES, UsageError, build_parser, config_dest
+from .args import FLAG_NAMES, UsageError, build_parser, config_dest
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -50,7 +50,7 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from .presets import describe_presets
+    from ..api.presets import describe_presets
 
     for name, description in describe_presets().items():
         print(f"{name:10s} {description}")
@@ -60,8 +60,8 @@ def _presets(args: argparse.Namespace) -> int:
 def agent_config(args: argparse.Namespace, default_preset: str = "paper"):
     """The AgentSDConfig of the command line: --preset (else `default_preset`, the model family's:
     see `loading.default_preset`), then the per-field flags."""
-    from .config import AgentSDConfig
-    from .presets import load_preset
+    from ..core.config import AgentSDConfig
+    from ..api.presets import load_preset
 
     if args.no_agent:
         return None
@@ -102,7 +102,7 @@ def _device_and_dtype(args: argparse.Namespace, auto=None):
 
 def _check_backend(config, device, method: str | None = None) -> None:
     """Refuse an attention backend that cannot run on `device` (xformers missing, or not CUDA)."""
-    from .attention import check_backend
+    from ..core.attention import check_backend
 
     if config is None:
         return
@@ -168,11 +168,11 @@ def _generate(args: argparse.Namespace) -> int:
         timing = f", {per_image:.3f} s/image" if per_image is not None else ""
         print(f"{run.label}: {len(run.written)} written, {len(run.skipped)} skipped in {run.folder}{timing}")
         if run.config is not None and run.activity.calls:
-            from .status import describe_phases
+            from ..api.status import describe_phases
 
             print(run.activity.summary())
             print(f"agentsd steps: {describe_phases(run.phases)}")
-    from .words import plural
+    from ..api.words import plural
 
     timed = gen.speedup(*runs) if len(runs) == 2 else None
     if timed is not None:
@@ -186,10 +186,10 @@ def _check_bench_args(args: argparse.Namespace, device) -> None:
 
     import torch
 
-    from . import benchmark
-    from .bench_dit import size_problem
-    from .config import AgentSDConfig
-    from .presets import load_preset
+    from ..bench import benchmark
+    from ..bench.transformer_models import size_problem
+    from ..core.config import AgentSDConfig
+    from ..api.presets import load_preset
 
     _check_positive("--repeats", args.repeats)
     _check_positive("--warmup", args.warmup, minimum=0)
@@ -224,7 +224,7 @@ def _check_bench_args(args: argparse.Namespace, device) -> None:
 def _bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from . import benchmark
+    from ..bench import benchmark
     from .loading import DTYPES, prepare_folder, resolve_device
 
     dtype = DTYPES.get(args.dtype)
@@ -255,7 +255,7 @@ def _bench(args: argparse.Namespace) -> int:
                 on_rows=save,
             )
     except KeyboardInterrupt:
-        from .words import plural
+        from ..api.words import plural
 
         kept = f"{plural(len(rows), 'row')} of finished scenarios {'is' if len(rows) == 1 else 'are'}"
         print(f"interrupted: {kept} in {args.out}", file=sys.stderr)

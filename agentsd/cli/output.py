@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .words import plural
+from ..api.words import plural
 
 
 def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:

@@ -269,7 +269,7 @@ def transformer_inputs(
         timestep_device: where the timesteps are made (default: the model's device); Flux's
             position ids too, which agentsd reads on the host.
     """
-    from .families import find_model
+    from ..families import find_model
 
     config, device, dtype = model.config, model.device, model.dtype
     family = find_model(model)[0].name

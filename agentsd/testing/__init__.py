@@ -3,7 +3,7 @@
 They have the real diffusers architectures (SD 1.x, SD 2.x, SDXL) at toy sizes, with
 self-attention at the latent resolution, so tests, examples and the benchmark harness can
 run the whole library without downloading anything. The diffusion transformers (SD3, SD 3.5,
-PixArt-Sigma) are in `agentsd.tiny_dit`, Flux in `agentsd.tiny_flux`, imported when first used
+PixArt-Sigma) are in `agentsd.testing.tiny_dit`, Flux in `agentsd.testing.tiny_flux`, imported when first used
 (they need a newer diffusers); `tiny_pipeline` builds every kind.
 """
 
@@ -24,8 +24,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 KINDS = ("sd15", "sd2", "sdxl")
-DIT_KINDS = ("sd3", "sd35", "pixart")  # agentsd.tiny_dit
-FLUX_KINDS = ("flux", "flux-fill")  # agentsd.tiny_flux
+DIT_KINDS = ("sd3", "sd35", "pixart")  # agentsd.testing.tiny_dit
+FLUX_KINDS = ("flux", "flux-fill")  # agentsd.testing.tiny_flux
 TRANSFORMER_KINDS = DIT_KINDS + FLUX_KINDS
 TEXT_HIDDEN = 32
 
@@ -117,9 +117,9 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int | None = N
 
     The VAE downsamples 4x, so the UNets' default 16x16 latent is a 64x64 image; the
     transformers default to a 32x32 latent, a 128x128 image with a 16x16 patch grid (their
-    calls take `agentsd.tiny_dit.CALL_KWARGS[kind]`; see `agentsd.tiny_dit`). Flux pipelines
+    calls take `agentsd.testing.tiny_dit.CALL_KWARGS[kind]`; see `agentsd.testing.tiny_dit`). Flux pipelines
     default to 512 px whatever the model: call them with `height=128, width=128` and
-    `agentsd.tiny_flux.CALL_KWARGS[kind]` (see `agentsd.tiny_flux`).
+    `agentsd.testing.tiny_flux.CALL_KWARGS[kind]` (see `agentsd.testing.tiny_flux`).
     """
     if kind in FLUX_KINDS:
         from .tiny_flux import SAMPLE_SIZE, tiny_flux_pipeline
@@ -168,7 +168,7 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int | None = N
 
 
 def __getattr__(name: str):
-    """The transformer builders, re-exported from `agentsd.tiny_dit` and `agentsd.tiny_flux` on
+    """The transformer builders, re-exported from `agentsd.testing.tiny_dit` and `agentsd.testing.tiny_flux` on
     first use, so this module still imports on a diffusers without SD3, PixArt or Flux."""
     if name in ("tiny_sd3_pipeline", "tiny_pixart_pipeline", "tiny_t5_tokenizer"):
         from . import tiny_dit

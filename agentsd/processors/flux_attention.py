@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from .attention import agent_attention, attend
-from .processor import AgentSDProcessor
+from ..core.attention import agent_attention, attend
+from .self_attention import AgentSDProcessor
 from .shared_weights import SharedWeights
-from .state import AGENT, CallPlan, LayerPlan
+from ..core.state import AGENT, CallPlan, LayerPlan
 
 try:  # diffusers 0.35 and later, with FluxAttention
     from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor

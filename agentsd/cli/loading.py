@@ -19,12 +19,12 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from .compat import dtype_kwargs
-from .config import AgentSDConfig
-from .families import family, find_model, supported
-from .families import names as family_names
+from ..core.config import AgentSDConfig
+from ..families import family, find_model, supported
+from ..families import names as family_names
 from .quiet import held_library_output, no_config_warning
 
-logger = logging.getLogger("agentsd.generation")  # the logger these messages always had
+logger = logging.getLogger("agentsd.cli.generation")  # the logger these messages always had
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Scheduler name -> (diffusers class name, extra config). Looked up by name when used: older

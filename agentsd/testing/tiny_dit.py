@@ -28,7 +28,7 @@ from diffusers import (
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
-from .testing import DIT_KINDS, TEXT_HIDDEN, _text_config, tiny_tokenizer, tiny_vae
+from . import DIT_KINDS, TEXT_HIDDEN, _text_config, tiny_tokenizer, tiny_vae
 
 SAMPLE_SIZE = 32  # the latent side by default: 128 px images, a 16x16 patch grid
 # Both transformers' shape: 2 blocks of 4 heads of 8 channels (width 32) on 2x2 latent patches.

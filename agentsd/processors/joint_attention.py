@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from diffusers.models import attention_processor
 from diffusers.models.attention_processor import Attention
 
-from .attention import agent_attention, attend
-from .processor import AgentSDProcessor
+from ..core.attention import agent_attention, attend
+from .self_attention import AgentSDProcessor
 from .shared_weights import SharedWeights
-from .state import AGENT, CallPlan, LayerPlan
+from ..core.state import AGENT, CallPlan, LayerPlan
 
 __all__ = ["JointAgentSDProcessor", "JointIPAgentSDProcessor"]
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import AgentSDConfig
+from ..core.config import AgentSDConfig
 from .patch import patched, unpatched
 from .presets import load_preset
 

@@ -52,7 +52,7 @@ from .metrics import (  # MetricsError and image_paths: part of this module's in
     image_paths,  # noqa: F401
     load_reference,
 )
-from .words import plural
+from ..api.words import plural
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def report_files() -> list[str]:
 def memory_per_image(pipe: Any, run: MethodRun, settings: GenerationSettings, prompt: str) -> float | None:
     """Growth of peak memory (GB) from a batch of 1 to a batch of 2 images, 2 steps each:
     CUDA's max allocated memory; the process RSS growth on the CPU."""
-    from .benchmark import PeakMemory
+    from ..bench.benchmark import PeakMemory
 
     peaks = []
     for count in (1, 2):

@@ -15,8 +15,8 @@ now, so agent attention keeps acting and delegates to the user's latest processo
 `unpatch` hands each layer that processor back.
 
 A patched model may serve several calls at once (threads, pipelines made with `from_pipe`):
-each call's plan belongs to the thread running it (`agentsd.state`), and its phase follows the
-scheduler of the pipeline making it (`agentsd.caller`). It can be deep-copied (the copy is an
+each call's plan belongs to the thread running it (`agentsd.core.state`), and its phase follows the
+scheduler of the pipeline making it (`agentsd.api.caller`). It can be deep-copied (the copy is an
 independent patched model) and pickled (it loads back patched).
 """
 
@@ -33,14 +33,14 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import Attention
 
-from .attention import check_backend
+from ..core.attention import check_backend
 from .caller import calling_pipeline
-from .config import AgentSDConfig
-from .families import family, find_model
-from .families.unet import attention_layers
-from .processor import AgentSDProcessor
-from .progress import Clock, ClockCache
-from .state import AgentSDState
+from ..core.config import AgentSDConfig
+from ..families import family, find_model
+from ..families.unet import attention_layers
+from ..processors.self_attention import AgentSDProcessor
+from ..core.progress import Clock, ClockCache
+from ..core.state import AgentSDState
 
 __all__ = ["attention_layers", "current_phase", "is_patched", "patch", "patched", "patched_config", "unpatch"]
 
@@ -135,7 +135,7 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
             3.5 (`SD3Transformer2DModel`), PixArt-alpha / -Sigma (`PixArtTransformer2DModel`),
             Flux.1 (`FluxTransformer2DModel`; its img2img, inpaint, Fill, Kontext and ControlNet
             pipelines too). Every call's phase schedule reads progress through the scheduler of
-            the pipeline making the call (`agentsd.caller`).
+            the pipeline making the call (`agentsd.api.caller`).
         config: the configuration; `AgentSDConfig()` (the published recipe) when None.
         **overrides: fields of `AgentSDConfig` to change, e.g. `ratio=0.5`.
 

@@ -83,7 +83,7 @@ class _ArchAtDepth(argparse.Action):
     blocks (`sd35-medium:2`), whichever of the two flags comes first."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from .benchmark import split_arch, with_blocks
+        from ..bench.benchmark import split_arch, with_blocks
 
         setattr(namespace, self.dest, values)
         if namespace.blocks is not None and namespace.blocks < 1:
@@ -110,14 +110,14 @@ def config_dest(field: str) -> str:
 
 def _automatic_choice(text: str) -> str:
     """A choice flag's value in lower case, with AgentSDConfig's words for None spelled "auto"."""
-    from .config import AUTOMATIC_WORDS
+    from ..core.config import AUTOMATIC_WORDS
 
     text = text.strip().lower()
     return "auto" if text in AUTOMATIC_WORDS else text
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
-    from .config import AgentSDConfig
+    from ..core.config import AgentSDConfig
 
     group = parser.add_argument_group(
         "agent attention (each flag overrides one field of the preset; the defaults shown are paper's)"
@@ -177,7 +177,7 @@ def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
 
 
 def _bench_epilog() -> str:
-    from .benchmark import METHODS, OPTIONAL_METHODS
+    from ..bench.benchmark import METHODS, OPTIONAL_METHODS
 
     def rows(names):
         return "\n".join(f"  {name:17s} {BENCH_METHODS.get(name, '')}".rstrip() for name in names)
@@ -194,9 +194,9 @@ def _bench_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .bench_dit import ALL_TRANSFORMERS, largest_size
-    from .benchmark import DEFAULT_PRESETS, METHODS, OPTIONAL_METHODS
+    from .. import __version__
+    from ..bench.transformer_models import ALL_TRANSFORMERS, largest_size
+    from ..bench.benchmark import DEFAULT_PRESETS, METHODS, OPTIONAL_METHODS
     from .loading import DEFAULT_MODEL
     from .metrics import INCEPTION_FILE
 

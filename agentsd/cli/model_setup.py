@@ -61,7 +61,7 @@ def load_pipeline(args: argparse.Namespace, settings, dtype, device, out: Path, 
     on an error (or Ctrl-C) the folder is removed again if this made it. Returns the pipeline and
     those configs."""
     from . import loading, pipeline_checks
-    from .families import find_model
+    from ..families import find_model
 
     with no_empty_folder_on_error(out):
         loading.prepare_folder(out)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from .bench_dit import (
+from .transformer_models import (
     ALL_TRANSFORMERS,
     BENCH_TIMESTEP,
     TRANSFORMERS,
@@ -38,7 +38,7 @@ from .bench_dit import (
     transformer_config,
     transformer_inputs,
 )
-from .bench_methods import (
+from .methods import (
     AGENTSD_METHODS,
     COMPILABLE,
     METHODS,
@@ -49,9 +49,9 @@ from .bench_methods import (
     available_methods,
     method_context,
 )
-from .config import AgentSDConfig
-from .patch import patched_config
-from .presets import load_preset
+from ..core.config import AgentSDConfig
+from ..api.patch import patched_config
+from ..api.presets import load_preset
 from .results import (
     CEILING_TARGET,
     COMPILE_SUFFIX,
@@ -64,7 +64,7 @@ from .results import (
     target_lines,
     write_results,
 )
-from .status import status
+from ..api.status import status
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def build_unet(arch: str, device: torch.device | str = "cpu", dtype: torch.dtype
         raise ValueError(f"unknown architecture {arch!r}: use one of {known}.")
     with torch.device(device):
         if arch in TINY_ARCHITECTURES:
-            from .testing import tiny_unet
+            from ..testing import tiny_unet
 
             unet = tiny_unet(TINY_ARCHITECTURES[arch])
         else:

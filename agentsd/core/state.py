@@ -153,7 +153,7 @@ class AgentSDState:
 
     Args:
         config: the agent-attention configuration.
-        clock: reads progress along the trajectory from the timestep (`agentsd.progress`);
+        clock: reads progress along the trajectory from the timestep (`agentsd.core.progress`);
             training timesteps with T = 1000 when None.
     """
 
