@@ -11,32 +11,29 @@ which handles Ctrl-C from its first line) does not import torch and diffusers by
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 # Each public name -> the submodule that defines it.
 _EXPORTS = {
-    "AgentSDConfig": "config",
-    "PatchStatus": "status",
-    "community_pipeline": "community",
-    "current_phase": "patch",
-    "is_patched": "patch",
-    "patch": "patch",
-    "patched": "patch",
-    "patched_config": "patch",
-    "status": "status",
-    "unpatch": "patch",
-    "unpatched": "patch",
+    "AgentSDConfig": "core.config",
+    "PatchStatus": "api.status",
+    "community_pipeline": "api.community",
+    "current_phase": "api.patch",
+    "is_patched": "api.patch",
+    "patch": "api.patch",
+    "patched": "api.patch",
+    "patched_config": "api.patch",
+    "status": "api.status",
+    "unpatch": "api.patch",
+    "unpatched": "api.patch",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
     from .api.community import community_pipeline as community_pipeline
-    from .core.config import AgentSDConfig as AgentSDConfig
     from .api.patch import current_phase as current_phase
     from .api.patch import is_patched as is_patched
     from .api.patch import patch as patch
@@ -46,6 +43,7 @@ if TYPE_CHECKING:  # for type checkers and editors; `X as X` marks a re-export
     from .api.patch import unpatched as unpatched
     from .api.status import PatchStatus as PatchStatus
     from .api.status import status as status
+    from .core.config import AgentSDConfig as AgentSDConfig
 
 
 def __getattr__(name: str) -> Any:
@@ -58,16 +56,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
-
-
-class _Package(types.ModuleType):
-    """The package module: `agentsd.patch` and `agentsd.status` stay the functions when their
-    submodules are imported (the import system would bind each submodule over its function)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

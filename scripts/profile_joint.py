@@ -25,12 +25,12 @@ import torch
 from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-from agentsd.core.attention import agent_attention, attend
-from agentsd.bench.transformer_models import SD3_TEXT_TOKENS, SD35_MEDIUM
-from agentsd.processors.joint_attention import JointAgentSDProcessor
-from agentsd.core.merge import bipartite_matching
 from agentsd.api.presets import load_preset
+from agentsd.bench.transformer_models import SD3_TEXT_TOKENS, SD35_MEDIUM
+from agentsd.core.attention import agent_attention, attend
+from agentsd.core.merge import bipartite_matching
 from agentsd.core.state import AGENT, AgentSDState
+from agentsd.processors.joint_attention import JointAgentSDProcessor
 from agentsd.suite.breakeven import recommend_min_tokens
 
 PHASES = {"agent": 999, "tome": 100}  # timesteps in each phase of a preset with agent_steps 0.4

@@ -18,8 +18,9 @@ from collections import defaultdict
 import torch
 
 import agentsd
-from agentsd import merge, processor
 from agentsd.bench.benchmark import AGENTSD_METHODS, build_unet, unet_inputs
+from agentsd.core import merge
+from agentsd.processors import self_attention
 
 # Row label -> the benchmark method whose config overrides it runs.
 VARIANTS = {
@@ -31,11 +32,11 @@ VARIANTS = {
 }
 # (owner, attribute, bucket): the functions timed, and whether they count as selection.
 TIMED = [
-    (processor.AgentSDProcessor, "__call__", "layers"),
-    (processor.AgentSDProcessor, "merges", "selection"),
+    (self_attention.AgentSDProcessor, "__call__", "layers"),
+    (self_attention.AgentSDProcessor, "merges", "selection"),
     (merge.TokenMerge, "merge", "selection"),
     (merge.TokenMerge, "unmerge", "selection"),
-    (processor, "cell_means", "selection"),
+    (self_attention, "cell_means", "selection"),
 ]
 
 

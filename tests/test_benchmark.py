@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import agentsd
-from agentsd import AgentSDConfig, benchmark, results
+from agentsd import AgentSDConfig
+from agentsd.bench import benchmark, results
 from agentsd.bench.methods import zero_cost
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from cli_run import run_main
 
+from agentsd.api.presets import load_preset
 from agentsd.cli import loading
 from agentsd.cli.generation import GenerationError, GenerationSettings, ImageJob, generate
-from agentsd.api.presets import load_preset
 from agentsd.testing import tiny_pipeline
 
 pytest.importorskip("agentsd.testing.tiny_dit", reason="this diffusers has no SD3 or PixArt-Sigma")

@@ -14,8 +14,8 @@ from test_reference import count_matchings
 
 import agentsd
 from agentsd.api.patch import PATCH_ATTR
-from agentsd.processors.self_attention import AgentSDProcessor
 from agentsd.api.status import recording_phases
+from agentsd.processors.self_attention import AgentSDProcessor
 from agentsd.testing import DIT_KINDS, tiny_pipeline
 
 tiny_dit = pytest.importorskip("agentsd.testing.tiny_dit", reason="this diffusers has no SD3 or PixArt-Sigma")

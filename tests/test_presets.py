@@ -52,8 +52,8 @@ def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
     """`--out sdxl` leaves a folder `sdxl`: the name still means the shipped preset, everywhere a
     preset name is taken (the flag, compare's methods, the community pipelines' default). A file
     is read as a file, with or without a suffix."""
-    from agentsd.cli.commands import agent_config, build_parser
     from agentsd.api.community import resolve_config
+    from agentsd.cli.commands import agent_config, build_parser
     from agentsd.cli.comparison import parse_method
 
     monkeypatch.chdir(tmp_path)

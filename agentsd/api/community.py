@@ -18,7 +18,7 @@ COMMUNITY_PIPELINES = {"sd": "agentsd_sd.py", "sdxl": "agentsd_sdxl.py", "sd3": 
 
 def _pipeline_dir() -> Path:
     """`pipelines/` of a source checkout, or its copy inside an installed wheel."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the package: agentsd/api/community.py
     for folder in (here / "pipelines", here.parent / "pipelines"):
         if (folder / COMMUNITY_PIPELINES["sd"]).is_file():
             return folder

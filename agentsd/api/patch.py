@@ -34,13 +34,13 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from ..core.attention import check_backend
-from .caller import calling_pipeline
 from ..core.config import AgentSDConfig
+from ..core.progress import Clock, ClockCache
+from ..core.state import AgentSDState
 from ..families import family, find_model
 from ..families.unet import attention_layers
 from ..processors.self_attention import AgentSDProcessor
-from ..core.progress import Clock, ClockCache
-from ..core.state import AgentSDState
+from .caller import calling_pipeline
 
 __all__ = ["attention_layers", "current_phase", "is_patched", "patch", "patched", "patched_config", "unpatch"]
 

@@ -15,7 +15,7 @@ PRESET_SUFFIX = ".yaml"
 
 def _preset_dir() -> Path:
     """`configs/` of a source checkout, or its copy inside an installed wheel."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the package: agentsd/api/presets.py
     for folder in (here / "configs", here.parent / "configs"):
         if folder.is_dir():
             return folder

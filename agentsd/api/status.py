@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.config import AgentSDConfig
-from ..families import find_model
-from .patch import PATCH_ATTR, _blocker, _delegate_of, _is_ours, _model_of, current_phase
-from ..processors.self_attention import choose_backend
 from ..core.state import AGENT, EXACT, TOME
+from ..families import find_model
+from ..processors.self_attention import choose_backend
+from .patch import PATCH_ATTR, _blocker, _delegate_of, _is_ours, _model_of, current_phase
 from .words import plural
 
 

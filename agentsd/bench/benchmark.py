@@ -30,14 +30,10 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from .transformer_models import (
-    ALL_TRANSFORMERS,
-    BENCH_TIMESTEP,
-    TRANSFORMERS,
-    build_transformer,
-    transformer_config,
-    transformer_inputs,
-)
+from ..api.patch import patched_config
+from ..api.presets import load_preset
+from ..api.status import status
+from ..core.config import AgentSDConfig
 from .methods import (
     AGENTSD_METHODS,
     COMPILABLE,
@@ -49,9 +45,6 @@ from .methods import (
     available_methods,
     method_context,
 )
-from ..core.config import AgentSDConfig
-from ..api.patch import patched_config
-from ..api.presets import load_preset
 from .results import (
     CEILING_TARGET,
     COMPILE_SUFFIX,
@@ -64,7 +57,14 @@ from .results import (
     target_lines,
     write_results,
 )
-from ..api.status import status
+from .transformer_models import (
+    ALL_TRANSFORMERS,
+    BENCH_TIMESTEP,
+    TRANSFORMERS,
+    build_transformer,
+    transformer_config,
+    transformer_inputs,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -42,13 +42,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..api.patch import patch, unpatch
+from ..api.presets import load_preset
 from ..core.config import AgentSDConfig
 from ..families import find_model
 from ..families.base import Layer
 from ..processors.flux_attention import FluxAgentSDProcessor
 from ..processors.joint_attention import JointAgentSDProcessor
-from ..api.patch import patch, unpatch
-from ..api.presets import load_preset
 
 METHODS = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "tomesd", "reference", "ceiling")
 OPTIONAL_METHODS = ("agentsd-shared", "agentsd-pool", "agentsd-pool-r0", "highres", "ceiling-2", "ceiling-products")

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .transformer_models import ALL_TRANSFORMERS
-from .methods import CEILING_OF
 from ..core.config import AgentSDConfig
+from .methods import CEILING_OF
+from .transformer_models import ALL_TRANSFORMERS
 
 COMPILE_SUFFIX = "+compile"
 # Every row of every result file carries these: where, with what and when it was measured.

@@ -195,8 +195,8 @@ def _bench_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-    from ..bench.transformer_models import ALL_TRANSFORMERS, largest_size
     from ..bench.benchmark import DEFAULT_PRESETS, METHODS, OPTIONAL_METHODS
+    from ..bench.transformer_models import ALL_TRANSFORMERS, largest_size
     from .loading import DEFAULT_MODEL
     from .metrics import INCEPTION_FILE
 

@@ -10,7 +10,7 @@ import platform
 import sys
 from pathlib import Path
 
-from . import cli_model
+from . import model_setup
 from .args import FLAG_NAMES, UsageError, build_parser, config_dest
 
 EXIT_USAGE = 2
@@ -60,8 +60,8 @@ def _presets(args: argparse.Namespace) -> int:
 def agent_config(args: argparse.Namespace, default_preset: str = "paper"):
     """The AgentSDConfig of the command line: --preset (else `default_preset`, the model family's:
     see `loading.default_preset`), then the per-field flags."""
-    from ..core.config import AgentSDConfig
     from ..api.presets import load_preset
+    from ..core.config import AgentSDConfig
 
     if args.no_agent:
         return None
@@ -133,7 +133,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.max_sequence_length is not None:
         _check_positive("--max-sequence-length", args.max_sequence_length)
     prompts = _prompts(args)
-    config = agent_config(args, cli_model.default_preset(args))  # checked now; final once the model is loaded
+    config = agent_config(args, model_setup.default_preset(args))  # checked now; final once the model is loaded
     _check_scheduler(args)
     settings = gen.GenerationSettings(
         model=args.model,
@@ -149,10 +149,10 @@ def _generate(args: argparse.Namespace) -> int:
     )
     dtype, device = _device_and_dtype(args)
     _check_backend(config, device)
-    cli_model.check_model_settings(args, settings, args.num_images)
+    model_setup.check_model_settings(args, settings, args.num_images)
     out = Path(args.out)
-    pipe, (config,) = cli_model.load_pipeline(
-        args, settings, dtype, device, out, lambda pipe: [agent_config(args, cli_model.default_preset(args, pipe))]
+    pipe, (config,) = model_setup.load_pipeline(
+        args, settings, dtype, device, out, lambda pipe: [agent_config(args, model_setup.default_preset(args, pipe))]
     )
     jobs = gen.plan_jobs(prompts, args.num_images, args.seed)
     runs = []
@@ -186,10 +186,10 @@ def _check_bench_args(args: argparse.Namespace, device) -> None:
 
     import torch
 
+    from ..api.presets import load_preset
     from ..bench import benchmark
     from ..bench.transformer_models import size_problem
     from ..core.config import AgentSDConfig
-    from ..api.presets import load_preset
 
     _check_positive("--repeats", args.repeats)
     _check_positive("--warmup", args.warmup, minimum=0)
@@ -239,7 +239,7 @@ def _bench(args: argparse.Namespace) -> int:
         benchmark.write_results(rows, args.out, command)
 
     try:
-        with cli_model.no_empty_folder_on_error(out):
+        with model_setup.no_empty_folder_on_error(out):
             prepare_folder(out)
             benchmark.run_benchmark(
                 archs=args.arch,
@@ -288,7 +288,7 @@ def _compare(args: argparse.Namespace) -> int:
             [comparison.parse_method(spec) for spec in (args.method or ["baseline", preset])]
         )
 
-    methods = methods_for(cli_model.default_preset(args))  # checked now; final once the model is loaded
+    methods = methods_for(model_setup.default_preset(args))  # checked now; final once the model is loaded
     _check_scheduler(args)
     settings = gen.GenerationSettings(
         model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
@@ -302,15 +302,15 @@ def _compare(args: argparse.Namespace) -> int:
     for method in methods:
         _check_backend(method.config, device, method.name)
     cmp.check_scoring(methods, scoring, device)  # a missing package or weight file fails before any work
-    cli_model.check_model_settings(args, settings, len(prompts))
+    model_setup.check_model_settings(args, settings, len(prompts))
 
     def configs_for(pipe) -> list:
         nonlocal methods
-        methods = methods_for(cli_model.default_preset(args, pipe))
+        methods = methods_for(model_setup.default_preset(args, pipe))
         comparison.check_methods(pipe, methods)
         return [m.config for m in methods]
 
-    pipe, _ = cli_model.load_pipeline(args, settings, dtype, device, Path(args.out), configs_for)
+    pipe, _ = model_setup.load_pipeline(args, settings, dtype, device, Path(args.out), configs_for)
     try:
         results = cmp.run_comparison(pipe, prompts, methods, args.out, settings, scoring, seed=args.seed)
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..api.words import plural
 from .comparison import ComparisonSettings, MethodSpec, check_methods, with_baseline
 from .generation import (
     GenerationError,
@@ -52,12 +53,11 @@ from .metrics import (  # MetricsError and image_paths: part of this module's in
     image_paths,  # noqa: F401
     load_reference,
 )
-from ..api.words import plural
 
 logger = logging.getLogger(__name__)
 
 PROMPT_TEMPLATE = "A high quality photograph of a {}."
-CLASSES_FILE = Path(__file__).parent / "data" / "imagenet_classes.tsv"
+CLASSES_FILE = Path(__file__).parents[1] / "data" / "imagenet_classes.tsv"
 
 
 def imagenet_classes() -> list[str]:

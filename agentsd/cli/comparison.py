@@ -14,10 +14,10 @@ from typing import Any
 import torch
 import yaml
 
+from ..api.presets import load_preset
 from ..core.config import AgentSDConfig
 from ..families import find_model
 from .generation import GenerationError, MethodRun
-from ..api.presets import load_preset
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,9 @@ import torch
 from PIL import Image
 
 from .. import __version__
+from ..api.patch import patched
+from ..api.status import Activity, recording_phases, status
+from ..api.words import plural
 from ..core.config import AgentSDConfig
 from ..families import find_model
 from .loading import (  # re-exported: `generation` has been their home
@@ -43,11 +46,8 @@ from .loading import (  # re-exported: `generation` has been their home
     set_scheduler,  # noqa: F401
 )
 from .output import atomic_write, read_sidecar, save_image, setting_differences, side_by_side, stale_message
-from ..api.patch import patched
 from .pipeline_checks import check_flux_scheduler, check_pipeline, true_cfg_scale
-from ..api.status import Activity, recording_phases, status
 from .step_phases import step_phases
-from ..api.words import plural
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import diffusers
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-from .compat import dtype_kwargs
 from ..core.config import AgentSDConfig
 from ..families import family, find_model, supported
 from ..families import names as family_names
+from .compat import dtype_kwargs
 from .quiet import held_library_output, no_config_warning
 
 logger = logging.getLogger("agentsd.cli.generation")  # the logger these messages always had

@@ -60,8 +60,8 @@ def load_pipeline(args: argparse.Namespace, settings, dtype, device, out: Path, 
     --steps, what the pipeline takes, the configs `configs_for(pipe)` gives that patch nothing):
     on an error (or Ctrl-C) the folder is removed again if this made it. Returns the pipeline and
     those configs."""
-    from . import loading, pipeline_checks
     from ..families import find_model
+    from . import loading, pipeline_checks
 
     with no_empty_folder_on_error(out):
         loading.prepare_folder(out)

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import diffusers
 
 from .loading import GenerationError, guidance_scale, read_config
-
-if TYPE_CHECKING:
-    from .generation import GenerationSettings
 
 # Call arguments that make a pipeline image-conditioned (img2img, inpainting, Flux Fill, Kontext,
 # ControlNet): it needs an input image, which `generate` and `compare` do not have.
@@ -51,7 +48,16 @@ def true_cfg_scale(pipeline: Any, value: float | None = None) -> float | None:
     return value if value is not None else float(parameter.default)
 
 
-def check_pipeline(pipeline: Any, settings: GenerationSettings) -> None:
+class Request(Protocol):
+    """What the checks read of a run's settings (`generation.GenerationSettings` has it)."""
+
+    model: str
+    negative_prompt: str | None
+    guidance: float | None
+    true_cfg_scale: float | None
+
+
+def check_pipeline(pipeline: Any, settings: Request) -> None:
     """Refuse what `pipeline` (a pipeline or its class) cannot do with `settings`: make images from
     text alone (`check_text_to_image`), or use the negative prompt (`check_negative_prompt`)."""
     check_text_to_image(pipeline, settings.model)

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from ..core.config import AgentSDConfig
-from ..processors.flux_attention import FluxAgentSDProcessor, flux_attention_class
 from ..core.state import Sequence
+from ..processors.flux_attention import FluxAgentSDProcessor, flux_attention_class
 from .base import Family, Layer, ModelCall
 from .sd3 import blocks_in_range
 

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from ..core.attention import agent_attention, attend
+from ..core.state import AGENT, CallPlan, LayerPlan
 from .self_attention import AgentSDProcessor
 from .shared_weights import SharedWeights
-from ..core.state import AGENT, CallPlan, LayerPlan
 
 try:  # diffusers 0.35 and later, with FluxAttention
     from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor

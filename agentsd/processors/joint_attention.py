@@ -27,9 +27,9 @@ from diffusers.models import attention_processor
 from diffusers.models.attention_processor import Attention
 
 from ..core.attention import agent_attention, attend
+from ..core.state import AGENT, CallPlan, LayerPlan
 from .self_attention import AgentSDProcessor
 from .shared_weights import SharedWeights
-from ..core.state import AGENT, CallPlan, LayerPlan
 
 __all__ = ["JointAgentSDProcessor", "JointIPAgentSDProcessor"]
 

@@ -18,7 +18,7 @@ import functools
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import breakeven, gpu_tests, pipeline, step
+from . import breakeven, full_generation, gpu_tests, step
 from .budget import Cost
 from .flops import call_flops
 
@@ -68,7 +68,7 @@ def step_cost(plan: step.StepPlan, tiny: bool, built: str | None = None) -> Cost
 @functools.cache
 def _pipeline_fixed_flops(size: int) -> tuple[float, float]:
     """(text encoder, VAE decode) FLOPs of one 1-image generation at `size` px."""
-    pipe = pipeline.sd15_pipeline("meta", torch.float16)
+    pipe = full_generation.sd15_pipeline("meta", torch.float16)
     with torch.no_grad():
         with FlopCounterMode(display=False) as text:
             pipe.text_encoder(torch.zeros(2, 77, dtype=torch.long, device="meta"))
@@ -82,8 +82,8 @@ def pipeline_cost(size: int, tiny: bool) -> Cost:
     """A pipeline scenario, every method counted as the baseline: per method a 1-step warm-up,
     the timed images, then 2-step generations of 1 and 2 images for the memory per image. In
     --tiny mode the calls alone (the tiny pipeline's FLOPs are nothing)."""
-    plan = pipeline.plan(size, tiny)
-    methods = len(pipeline.METHODS)
+    plan = full_generation.plan(size, tiny)
+    methods = len(full_generation.METHODS)
     calls = methods * (plan.images * plan.steps + 1 + 3 * 2)
     if tiny:
         return {"call": float(calls), "build:pipeline": 1.0}

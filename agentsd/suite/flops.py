@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..bench import benchmark
 from ..api.presets import load_preset
+from ..bench import benchmark
 
 META_COUNTED = ("baseline", "agentsd-agent", "agentsd-tome", "highres", "ceiling", "ceiling-2")
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import breakeven, estimate, gpu_tests, pipeline, step
+from . import breakeven, estimate, full_generation, gpu_tests, step
 from .budget import Cost
 from .common import Outcome, PartContext
 from .step import StepPlan
@@ -85,7 +85,7 @@ def _breakeven(batch: int) -> Scenario:
 def _pipeline(size: int) -> Scenario:
     about = f"a 50-step DDIM SD 1.5 generation at {size} px, s/image and GB/image, 5 methods"
     return Scenario(f"pipeline-{size}", "pipeline", about, cost=lambda tiny, built: estimate.pipeline_cost(size, tiny),
-                    run=lambda context: pipeline.run_size(size, context))  # fmt: skip
+                    run=lambda context: full_generation.run_size(size, context))  # fmt: skip
 
 
 def _sd15(size: int) -> Scenario:

@@ -3,66 +3,47 @@
 They have the real diffusers architectures (SD 1.x, SD 2.x, SDXL) at toy sizes, with
 self-attention at the latent resolution, so tests, examples and the benchmark harness can
 run the whole library without downloading anything. The diffusion transformers (SD3, SD 3.5,
-PixArt-Sigma) are in `agentsd.testing.tiny_dit`, Flux in `agentsd.testing.tiny_flux`, imported when first used
-(they need a newer diffusers); `tiny_pipeline` builds every kind.
+PixArt-Sigma) are in `agentsd.testing.tiny_dit`, Flux in `agentsd.testing.tiny_flux`, imported when
+first used (they need a newer diffusers); the parts all of them share in
+`agentsd.testing.components`; `tiny_pipeline` builds every kind.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
-
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-KINDS = ("sd15", "sd2", "sdxl")
-DIT_KINDS = ("sd3", "sd35", "pixart")  # agentsd.testing.tiny_dit
-FLUX_KINDS = ("flux", "flux-fill")  # agentsd.testing.tiny_flux
-TRANSFORMER_KINDS = DIT_KINDS + FLUX_KINDS
-TEXT_HIDDEN = 32
+from .components import (
+    DIT_KINDS,
+    FLUX_KINDS,
+    KINDS,
+    TEXT_HIDDEN,
+    TRANSFORMER_KINDS,
+    byte_symbols,
+    text_config,
+    tiny_tokenizer,
+    tiny_vae,
+)
 
-
-def byte_symbols() -> list[str]:
-    """The 256 characters a byte-level BPE tokenizer (GPT-2, CLIP) writes bytes as, in byte-table
-    order: printable Latin-1 bytes stand for themselves, the others for code points from 256 on.
-    (transformers has this table, but its module moved between releases.)"""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-
-
-def tiny_tokenizer() -> CLIPTokenizer:
-    """A byte-level CLIP tokenizer: 2 special tokens and the 512 byte symbols, no merges."""
-    symbols = byte_symbols()
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
-    with tempfile.TemporaryDirectory() as folder:
-        vocab, merges = Path(folder, "vocab.json"), Path(folder, "merges.txt")
-        vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-        merges.write_text("#version: 0.2\n")
-        return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
-
-
-def _text_config(**extra) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=600,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        **extra,
-    )
+__all__ = [
+    "DIT_KINDS",
+    "FLUX_KINDS",
+    "KINDS",
+    "TEXT_HIDDEN",
+    "TRANSFORMER_KINDS",
+    "byte_symbols",
+    "text_config",
+    "tiny_pipeline",
+    "tiny_tokenizer",
+    "tiny_unet",
+    "tiny_vae",
+]
 
 
 def tiny_unet(kind: str = "sd15", sample_size: int = 16) -> UNet2DConditionModel:
@@ -94,20 +75,6 @@ def tiny_unet(kind: str = "sd15", sample_size: int = 16) -> UNet2DConditionModel
             **common,
         )
     raise ValueError(f"unknown tiny pipeline kind {kind!r}: use one of {', '.join(KINDS)}.")
-
-
-def tiny_vae(image_size: int, latent_channels: int = 4, **config) -> AutoencoderKL:
-    """A toy AutoencoderKL that downsamples 4x (three blocks), with `image_size` as its sample
-    size; `config` adds to its config (SD3's `shift_factor`, `use_quant_conv`, ...)."""
-    return AutoencoderKL(
-        block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=image_size,
-        **config,
-    )
 
 
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int | None = None):
@@ -148,8 +115,8 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int | None = N
     if kind == "sdxl":
         return StableDiffusionXLPipeline(
             vae=vae,
-            text_encoder=CLIPTextModel(_text_config()),
-            text_encoder_2=CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_HIDDEN)),
+            text_encoder=CLIPTextModel(text_config()),
+            text_encoder_2=CLIPTextModelWithProjection(text_config(projection_dim=TEXT_HIDDEN)),
             tokenizer=tokenizer,
             tokenizer_2=tokenizer,
             unet=unet,
@@ -157,7 +124,7 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int | None = N
         )
     return StableDiffusionPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(_text_config()),
+        text_encoder=CLIPTextModel(text_config()),
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,

@@ -28,7 +28,7 @@ from diffusers import (
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
-from . import DIT_KINDS, TEXT_HIDDEN, _text_config, tiny_tokenizer, tiny_vae
+from .components import DIT_KINDS, TEXT_HIDDEN, text_config, tiny_tokenizer, tiny_vae
 
 SAMPLE_SIZE = 32  # the latent side by default: 128 px images, a 16x16 patch grid
 # Both transformers' shape: 2 blocks of 4 heads of 8 channels (width 32) on 2x2 latent patches.
@@ -139,9 +139,9 @@ def tiny_sd3_pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae,
-        text_encoder=CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_HIDDEN)),
+        text_encoder=CLIPTextModelWithProjection(text_config(projection_dim=TEXT_HIDDEN)),
         tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection_dim=TEXT_HIDDEN)),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(projection_dim=TEXT_HIDDEN)),
         tokenizer_2=tokenizer,
         text_encoder_3=tiny_t5_encoder(SD3_JOINT) if t5 else None,
         tokenizer_3=tiny_t5_tokenizer() if t5 else None,

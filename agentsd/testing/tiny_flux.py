@@ -29,7 +29,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel
 
-from . import TEXT_HIDDEN, _text_config, tiny_tokenizer, tiny_vae
+from .components import TEXT_HIDDEN, text_config, tiny_tokenizer, tiny_vae
 from .tiny_dit import tiny_t5_encoder, tiny_t5_tokenizer
 
 SIZE = 128  # px, both sides: a 16x16 token grid; pass it as height and width
@@ -111,7 +111,7 @@ def tiny_flux_pipeline(
     components = dict(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         vae=vae,
-        text_encoder=CLIPTextModel(_text_config()),
+        text_encoder=CLIPTextModel(text_config()),
         tokenizer=tiny_tokenizer(),
         text_encoder_2=tiny_t5_encoder(T5_WIDTH),
         tokenizer_2=tiny_t5_tokenizer(),
