@@ -167,8 +167,8 @@ def test_accelerate_shards_the_jobs_exactly_once(tmp_path):
         textwrap.dedent(f"""
         import json
         from accelerate import PartialState
-        from agentsd.compare import shard_jobs
-        from agentsd.generation import ImageJob
+        from agentsd.cli.compare import shard_jobs
+        from agentsd.cli.generation import ImageJob
         jobs = [ImageJob(i, "p", i) for i in range(11)]
         mine = shard_jobs(jobs)
         rank = PartialState().process_index

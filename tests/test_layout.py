@@ -140,3 +140,16 @@ def test_the_floor_check_orders_the_layers():
     assert floor("agentsd.core.merge") < floor("agentsd.processors.joint_attention") < floor("agentsd.families.sd3")
     assert floor("agentsd.families.sd3") < floor("agentsd.api.patch") == floor("agentsd")
     assert floor("agentsd.api.status") < floor("agentsd.cli.compare") < floor("agentsd.suite.runner")
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's map of the house ("Layout") names every module file and folder of the package."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    missing = sorted(
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "__init__.py" and f"`{path.name}`" not in layout
+    )
+    folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert missing == [] and [f for f in folders if f"{f}/" not in layout] == []
