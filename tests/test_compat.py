@@ -80,6 +80,23 @@ def lora(fuse):
     return build
 
 
+def tiny_image_encoder(projection_dim: int):
+    """A tiny random CLIPVisionModelWithProjection (32 px images), as IP-Adapters load theirs."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=projection_dim,
+        )
+    )
+
+
 def ip_adapter():
     """IP-Adapter through `load_ip_adapter` from a local folder, image prompt given
 
@@ -94,24 +111,13 @@ def ip_adapter():
     """
     from diffusers.models import attention_processor
     from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     if not hasattr(attention_processor, "IPAdapterAttnProcessor2_0"):
         pytest.skip("this diffusers has no IP-Adapter support")
     pipe = tiny_pipeline("sd15")
     torch.manual_seed(3)
     image_dim, text_dim = 16, pipe.unet.config.cross_attention_dim
-    encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=image_dim,
-        )
-    )
+    encoder = tiny_image_encoder(image_dim)
     weights = {  # the image projection: 4 tokens of the text width from one image embedding
         "image_proj.proj.weight": 0.1 * torch.randn(4 * text_dim, image_dim),
         "image_proj.proj.bias": torch.zeros(4 * text_dim),

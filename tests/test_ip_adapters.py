@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_compat import IMAGE, tiny_image_encoder
 
 import agentsd
 from agentsd.testing import tiny_pipeline
@@ -25,7 +25,6 @@ attention_processor = pytest.importorskip("diffusers.models.attention_processor"
 if not hasattr(attention_processor, "SD3IPAdapterJointAttnProcessor2_0"):
     pytest.skip("this diffusers has no SD 3 IP-Adapter", allow_module_level=True)
 
-IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
 PATCH = dict(min_tokens=0, agent_steps=0.5)  # both phases on the tiny 16x16 grids
 SIZE = 128
 
@@ -35,22 +34,11 @@ def flux_ip_adapter(pipe, seed=3):
     and `ip-adapter.safetensors` (`image_proj.*`: 4 tokens of the text width from the image
     embedding; `ip_adapter.{i}.to_k_ip/to_v_ip`: the i-th double-stream block's projections)."""
     from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
     model = pipe.transformer
     text_dim, inner, image_dim = model.config.joint_attention_dim, model.inner_dim, 16
-    encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=image_dim,
-        )
-    )
+    encoder = tiny_image_encoder(image_dim)
     weights = {
         "image_proj.proj.weight": 0.3 * torch.randn(4 * text_dim, image_dim),
         "image_proj.proj.bias": torch.zeros(4 * text_dim),
