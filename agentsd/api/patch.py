@@ -85,8 +85,9 @@ class _Patch:
         latter two are a guess when pipelines with other schedulers use the model: said once."""
         pipe = calling_pipeline(model)
         if pipe is not None:
-            self.state.clock = self.clocks(pipe.scheduler)  # the clock a loaded copy keeps
-            return self.state.clock
+            clock = self.clocks(pipe.scheduler)
+            self.state.clock = clock  # what a call outside any pipeline, or a loaded copy, falls back on
+            return clock
         patched_pipe = self.pipe() if self.pipe is not None else None
         clock = self.clocks(patched_pipe.scheduler) if patched_pipe is not None else self.state.clock
         others = self.clocks.schedulers_other_than(clock)
