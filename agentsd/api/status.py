@@ -31,7 +31,7 @@ class LayerStatus:
         processor: the class of the processor agentsd delegates to (the user's latest).
         backend: the attention kernel agentsd's calls use on the model's device.
         mode: what it did in the latest UNet call: "agent", "tome" or "exact"; None before one.
-        grid: its token grid in the latest call (rows, columns).
+        grid: its token grid in the latest call: (rows, columns), or a video's (frames, rows, columns).
         merged: N', the tokens attention ran over after the ToMe merge.
         agents: n, the agent count, in the agent mode.
         reason: why it ran exact attention, or why agentsd cannot act on it.
@@ -43,7 +43,7 @@ class LayerStatus:
     processor: str
     backend: str
     mode: str | None = None
-    grid: tuple[int, int] | None = None
+    grid: tuple[int, ...] | None = None
     merged: int | None = None
     agents: int | None = None
     reason: str | None = None
@@ -124,14 +124,15 @@ class PatchStatus:
     """The state of agentsd on one model (see `status`).
 
     Attributes:
-        latent: the latest call's latent sides (a UNet) or token grid (a transformer).
-        size: the same in words: "latent 64x64", "token grid 16x16".
+        latent: the latest call's latent sides (a UNet) or token grid (a transformer): (rows,
+            columns), or a video's (frames, rows, columns).
+        size: the same in words: "latent 64x64", "token grid 16x16", "token grid 21x30x52".
     """
 
     installed: bool
     acting: bool
     config: AgentSDConfig | None = None
-    latent: tuple[int, int] | None = None
+    latent: tuple[int, ...] | None = None
     phase: str | None = None
     layers: tuple[LayerStatus, ...] = ()
     activity: Activity = field(default_factory=Activity)
@@ -146,7 +147,7 @@ class PatchStatus:
             latest = f"latest call: {self.size}, {self.phase} phase"
         lines = [f"{head}; {len(self.layers)} layers; {latest}", self.activity.summary()]
         for layer in self.layers:
-            grid = f"{layer.grid[0]}x{layer.grid[1]}" if layer.grid else "-"
+            grid = "x".join(map(str, layer.grid)) if layer.grid else "-"
             what = layer.mode or "-"
             if layer.mode == AGENT:
                 what += f" (N'={layer.merged}, n={layer.agents})"
@@ -197,7 +198,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
                 processor=type(delegate).__name__,
                 backend=choose_backend(state.config.attention_backend, delegate, unet.device),
                 mode=mode,
-                grid=(plan.h, plan.w) if plan is not None else _grid(call, layer.downsample),
+                grid=_sides(plan, call) if plan is not None else _grid(call, layer.downsample),
                 merged=plan.merged_tokens if plan is not None and mode != EXACT else None,
                 agents=plan.agents if plan is not None and mode == AGENT else None,
                 reason=reason if mode in (None, EXACT) or not ours else None,
@@ -215,7 +216,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
         installed=True,
         acting=any(reason is None for reason in blocked.values()),
         config=state.config,
-        latent=call.latent_hw if call is not None else None,
+        latent=call.sides if call is not None else None,
         size=call.size if call is not None else None,
         phase=call.phase if call is not None else None,
         layers=tuple(layers),
@@ -223,11 +224,17 @@ def status(pipe_or_unet: Any) -> PatchStatus:
     )
 
 
-def _grid(call: Any, downsample: int) -> tuple[int, int] | None:
+def _sides(plan: Any, call: Any) -> tuple[int, ...]:
+    """A layer plan's grid: (rows, columns), or in a video's call (frames, rows, columns)."""
+    return (plan.h, plan.w) if call.frames is None else (plan.f, plan.h, plan.w)
+
+
+def _grid(call: Any, downsample: int) -> tuple[int, ...] | None:
     if call is None:
         return None
     height, width = call.latent_hw
-    return -(-height // downsample), -(-width // downsample)
+    sides = (-(-height // downsample), -(-width // downsample))
+    return sides if call.frames is None else (call.frames, *sides)
 
 
 def _short(name: str) -> str:

@@ -40,7 +40,9 @@ FIELD_HELP = {
     "min_tokens": "layers whose grid has fewer tokens run exact attention",
     "share_matching": "opt-in, changes outputs: one bipartite matching per grid and UNet call",
     "agent_selection": "pool (opt-in, changes outputs): agents are the cell means instead of a merge",
-    "block_range": "diffusion transformers (SD3, PixArt, Flux): patch blocks START to STOP-1 only; UNets ignore it",
+    "block_range": "diffusion transformers (SD3, PixArt, Flux, Wan): patch blocks START to STOP-1; UNets ignore it",
+    "st": "destination-cell depth in frames (video models; image models ignore it)",
+    "late_st": "destination-cell depth in frames after the agent phase (video models)",
 }
 BENCH_METHODS = {
     "baseline": "diffusers' default processors (SDPA)",

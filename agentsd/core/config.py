@@ -33,6 +33,10 @@ class AgentSDConfig:
             otherwise the layer runs exact attention over the merged tokens.
         sx: destination-cell width in tokens (one destination per sx x sy cell), >= 1.
         sy: destination-cell height in tokens, >= 1.
+        st: destination-cell depth in frames, >= 1, for video models (Wan): one destination per
+            st x sy x sx box of the frames x rows x columns token grid. A video of fewer token
+            frames than `st` uses boxes as deep as the video. Image models have one frame and
+            ignore it.
         max_downsample: patch only levels downsampled at most this many times relative to
             the latent: 1, 2, 4 or 8. SD 1.x/2.x: 1; SDXL has no attention at 1 and needs 2.
         k_scale2: exponent of the attention scale in the broadcast step (temperature
@@ -54,6 +58,7 @@ class AgentSDConfig:
             0 runs exact attention (the layer's original processor) there.
         late_sx: destination-cell width of the late phase, >= 1.
         late_sy: destination-cell height of the late phase, >= 1.
+        late_st: destination-cell depth of the late phase in frames (video models), >= 1.
         attention_backend: the kernel of both attention products: `"sdpa"` (torch's fused
             scaled_dot_product_attention), `"xformers"` (CUDA), `"einsum"` (unfused, with
             materialised weights: the published code's way, for comparison), or None: xformers
@@ -70,7 +75,7 @@ class AgentSDConfig:
             whole `sx x sy` cells, no matching; with `ratio=0` the agent phase needs no
             matching at all).
         block_range: which transformer blocks of a diffusion transformer (SD 3 / 3.5, PixArt,
-            Flux) are patched: `(start, stop)` block indices, stop excluded, as in
+            Flux, Wan) are patched: `(start, stop)` block indices, stop excluded, as in
             `range(start, stop)`; Flux counts its double-stream blocks first, then its
             single-stream ones. None: every block. UNets choose their layers by
             `max_downsample` and ignore it.
@@ -107,6 +112,8 @@ class AgentSDConfig:
     share_matching: bool = False
     agent_selection: str = "match"
     block_range: tuple[int, int] | None = None
+    st: int = 1
+    late_st: int = 1
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -120,7 +127,7 @@ class AgentSDConfig:
         _check_real("agent_steps", self.agent_steps, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         _check_real("k_scale2", self.k_scale2, "a number > 0", lambda v: v > 0.0)
         _check_real("k_shortcut", self.k_shortcut, "a number >= 0", lambda v: v >= 0.0)
-        for name in ("sx", "sy", "late_sx", "late_sy"):
+        for name in ("sx", "sy", "st", "late_sx", "late_sy", "late_st"):
             _check_int(name, getattr(self, name), "an integer >= 1", lambda v: v >= 1)
         _check_int("seed", self.seed, "an integer >= 0", lambda v: v >= 0)
         _check_int("min_tokens", self.min_tokens, "an integer >= 0", lambda v: v >= 0)

@@ -1,4 +1,4 @@
-"""Token merging by bipartite matching on a 2-D token grid.
+"""Token merging by bipartite matching on a token grid: rows x columns, or frames x rows x columns.
 
 A merge is one index map: for each of the N tokens, the slot it occupies in the merged
 sequence. Merging averages the tokens that share a slot (a destination and every source
@@ -15,24 +15,30 @@ import torch
 import torch.nn.functional as F
 
 
-def destination_indices(h: int, w: int, sx: int, sy: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flat (row-major) positions of the destination tokens of an h x w grid.
+def destination_indices(
+    h: int, w: int, sx: int, sy: int, generator: torch.Generator | None = None, frames: int = 1, st: int = 1
+) -> torch.Tensor:
+    """Flat positions of the destination tokens of a frames x h x w grid (frame-major, then
+    row-major; an image is one frame).
 
-    One destination per whole sy x sx cell: its top-left token when `generator` is None,
-    otherwise a uniformly drawn token of the cell (one draw per cell). Tokens of partial
-    cells at the bottom and right edges are never destinations.
+    One destination per whole st x sy x sx box: its first token (first frame, top-left) when
+    `generator` is None, otherwise a uniformly drawn token of the box (one draw per box). Tokens
+    of partial boxes at the last frames, the bottom and the right are never destinations.
 
     Returns:
-        A CPU int64 tensor of `(h // sy) * (w // sx)` positions in increasing cell order.
+        A CPU int64 tensor of `(frames // st) * (h // sy) * (w // sx)` positions in increasing box
+        order.
     """
-    gh, gw = h // sy, w // sx
+    gf, gh, gw = frames // st, h // sy, w // sx
     if generator is None:
-        offset = torch.zeros(gh, gw, dtype=torch.long)
+        offset = torch.zeros(gf, gh, gw, dtype=torch.long)
     else:
-        offset = torch.randint(sy * sx, (gh, gw), generator=generator, device=generator.device).cpu()
-    rows = torch.arange(gh).view(-1, 1) * sy + offset // sx
-    cols = torch.arange(gw).view(1, -1) * sx + offset % sx
-    return (rows * w + cols).flatten()
+        offset = torch.randint(st * sy * sx, (gf, gh, gw), generator=generator, device=generator.device).cpu()
+    depth, within = offset // (sy * sx), offset % (sy * sx)
+    frame = torch.arange(gf).view(-1, 1, 1) * st + depth
+    rows = torch.arange(gh).view(1, -1, 1) * sy + within // sx
+    cols = torch.arange(gw).view(1, 1, -1) * sx + within % sx
+    return ((frame * h + rows) * w + cols).flatten()
 
 
 def merge_count(num_src: int, num_tokens: int, ratio: float) -> int:
@@ -47,16 +53,18 @@ def source_indices(num_tokens: int, dst: torch.Tensor) -> torch.Tensor:
     return is_src.nonzero().flatten()
 
 
-def cell_means(x: torch.Tensor, h: int, w: int, sx: int, sy: int) -> torch.Tensor:
-    """(B, h * w, C) -> (B, (h // sy) * (w // sx), C): the mean of every whole sy x sx cell.
+def cell_means(x: torch.Tensor, h: int, w: int, sx: int, sy: int, frames: int = 1, st: int = 1) -> torch.Tensor:
+    """(B, frames * h * w, C) -> (B, (frames // st) * (h // sy) * (w // sx), C): the mean of every
+    whole st x sy x sx box.
 
-    Cells in row-major order; tokens of partial cells at the bottom and right edges are left
-    out, as they are never destinations.
+    Boxes in frame-major, row-major order; tokens of partial boxes at the last frames, the bottom
+    and the right are left out, as they are never destinations.
     """
     batch, _, channels = x.shape
-    gh, gw = h // sy, w // sx
-    cells = x.view(batch, h, w, channels)[:, : gh * sy, : gw * sx]
-    return cells.reshape(batch, gh, sy, gw, sx, channels).mean(dim=(2, 4)).reshape(batch, gh * gw, channels)
+    gf, gh, gw = frames // st, h // sy, w // sx
+    boxes = x.view(batch, frames, h, w, channels)[:, : gf * st, : gh * sy, : gw * sx]
+    boxes = boxes.reshape(batch, gf, st, gh, sy, gw, sx, channels)
+    return boxes.mean(dim=(2, 4, 6)).reshape(batch, gf * gh * gw, channels)
 
 
 @dataclass

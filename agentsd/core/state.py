@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -47,13 +48,15 @@ class PhaseSettings:
     sy: int
     ratio: float
     agent_ratio: float | None
+    st: int = 1
 
 
 @dataclass
 class LayerPlan:
     """What one layer does in one UNet call: the mode, the grid and its cells, the destination
     and source positions, the merge sizes (`r` ToMe-merged, `r_agent` merged into agents) and
-    whether the agents are cell means (`pool`) rather than a merge."""
+    whether the agents are cell means (`pool`) rather than a merge. A video grid has `f` frames
+    and cells `st` frames deep; an image grid one frame."""
 
     mode: str
     h: int
@@ -65,6 +68,13 @@ class LayerPlan:
     r: int
     r_agent: int
     pool: bool = False
+    f: int = 1
+    st: int = 1
+
+    @property
+    def tokens(self) -> int:
+        """N: the grid's tokens (frames x rows x columns)."""
+        return self.f * self.h * self.w
 
     @property
     def matches(self) -> bool:
@@ -74,14 +84,14 @@ class LayerPlan:
     @property
     def merged_tokens(self) -> int:
         """N': the tokens attention runs over after the ToMe merge."""
-        return self.h * self.w - self.r
+        return self.tokens - self.r
 
     @property
     def agents(self) -> int | None:
         """n: the agent count in the agent mode, else None."""
         if self.mode != AGENT:
             return None
-        return self.dst.numel() if self.pool else self.h * self.w - self.r_agent
+        return self.dst.numel() if self.pool else self.tokens - self.r_agent
 
 
 @dataclass(frozen=True)
@@ -114,11 +124,18 @@ class CallPlan:
     shared: dict[tuple[int, int], tuple[TokenMerge | None, TokenMerge | None]] = field(default_factory=dict)
     counted: bool = False
     token_grid: bool = False
+    frames: int | None = None
+
+    @property
+    def sides(self) -> tuple[int, ...]:
+        """The grid's sides at downsample 1: (rows, columns), or a video's (frames, rows, columns)."""
+        return self.latent_hw if self.frames is None else (self.frames, *self.latent_hw)
 
     @property
     def size(self) -> str:
-        """What `latent_hw` measures, in words: "latent 64x64", or "token grid 16x16"."""
-        return f"{'token grid' if self.token_grid else 'latent'} {self.latent_hw[0]}x{self.latent_hw[1]}"
+        """What `sides` measures, in words: "latent 64x64", "token grid 16x16", or a video's
+        "token grid 5x30x52" (frames x rows x columns)."""
+        return f"{'token grid' if self.token_grid else 'latent'} {'x'.join(map(str, self.sides))}"
 
     @property
     def phase(self) -> str:
@@ -229,9 +246,10 @@ class AgentSDState:
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float,
-        grid: tuple[int, int] | None = None,
+        grid: tuple[int, ...] | None = None,
         sequence: Sequence | None = None,
         clock: Clock | None = None,
+        layers: Collection[str] | None = None,
     ) -> CallPlan:
         """Decide the phase and every layer's plan for the model call about to run in this thread.
 
@@ -240,13 +258,18 @@ class AgentSDState:
                 the grid at downsample 1 unless `grid` is given).
             timestep: the call's timestep (the first one decides when there is one per sample).
             grid: the token grid at downsample 1, where it is not the latent's sides (a diffusion
-                transformer's patch grid).
+                transformer's patch grid): (rows, columns), or (frames, rows, columns) of a video.
             sequence: where the grid's tokens sit in the layers' sequences, when not alone.
             clock: reads this call's progress from its timestep (the scheduler of the pipeline
                 making the call); `self.clock` when None.
+            layers: the layers the called model holds, where the state serves several models
+                (Wan 2.2's two experts); every registered layer when None.
         """
         sequence = sequence or Sequence()
         self._count(self._calls.call)  # a call that never reached `end_call` (it raised)
+        frames = None
+        if grid is not None and len(grid) == 3:
+            frames, grid = int(grid[0]), (int(grid[1]), int(grid[2]))
         latent_hw = grid if grid is not None else (int(sample.shape[-2]), int(sample.shape[-1]))
         # The one synchronisation per UNet call when `timestep` is a device tensor.
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
@@ -262,15 +285,19 @@ class AgentSDState:
         settings = self.settings(agent_phase)
         plans, reasons = {}, {}
         for name, downsample in sorted(self.layers.items()):
+            if layers is not None and name not in layers:
+                continue
             if name in self.blocked:
                 plans[name], reasons[name] = None, self.blocked[name]
             elif sequence.unfit is not None:
                 plans[name], reasons[name] = None, sequence.unfit
             else:
-                plans[name], reasons[name] = self._plan(latent_hw, downsample, settings, randomize, generator, sample)
+                plans[name], reasons[name] = self._plan(
+                    latent_hw, downsample, settings, randomize, generator, sample, frames or 1
+                )
         self._send_indices([p for p in plans.values() if p is not None], sample.device)
         reasons = {n: r for n, r in reasons.items() if r is not None}
-        call = CallPlan(latent_hw, agent_phase, plans, reasons, sequence, token_grid=grid is not None)
+        call = CallPlan(latent_hw, agent_phase, plans, reasons, sequence, token_grid=grid is not None, frames=frames)
         self._calls.call = self.latest = call
         self._warn_if_too_small(call)
         return call
@@ -283,8 +310,8 @@ class AgentSDState:
     def settings(self, agent_phase: bool) -> PhaseSettings:
         c = self.config
         if agent_phase:
-            return PhaseSettings(c.sx, c.sy, c.ratio, c.agent_ratio)
-        return PhaseSettings(c.late_sx, c.late_sy, c.late_ratio, None)
+            return PhaseSettings(c.sx, c.sy, c.ratio, c.agent_ratio, c.st)
+        return PhaseSettings(c.late_sx, c.late_sy, c.late_ratio, None, c.late_st)
 
     def _plan(
         self,
@@ -294,45 +321,52 @@ class AgentSDState:
         randomize: bool,
         generator: torch.Generator,
         sample: torch.Tensor,
+        frames: int = 1,
     ) -> tuple[LayerPlan | None, str | None]:
-        """A layer's plan at `downsample`, with its positions still on the CPU when drawn; or
-        None, handing its calls to the original processor, and the reason."""
+        """A layer's plan at `downsample` (of a grid of `frames` frames), with its positions still
+        on the CPU when drawn; or None, handing its calls to the original processor, and the
+        reason. A video shorter than the cells' depth gets cells as deep as the video."""
         if downsample > self.config.max_downsample:
             return None, f"downsampled {downsample}x, beyond max_downsample={self.config.max_downsample}"
         height, width = latent_hw
         h, w = -(-height // downsample), -(-width // downsample)
-        num_tokens = h * w
+        f, st = frames, min(s.st, frames)
+        num_tokens = f * h * w
+        sides = f"{h}x{w}" if frames == 1 else f"{f}x{h}x{w}"
         if num_tokens < self.config.min_tokens:
-            return None, f"{SMALL_GRID} {h}x{w} = {num_tokens} tokens < min_tokens={self.config.min_tokens}"
+            return None, f"{SMALL_GRID} {sides} = {num_tokens} tokens < min_tokens={self.config.min_tokens}"
         if h < s.sy or w < s.sx:
-            return None, f"{SMALL_GRID} {h}x{w} holds no whole {s.sx}x{s.sy} cell"
+            cell = f"{s.sx}x{s.sy} cell" if frames == 1 else f"{st}x{s.sy}x{s.sx} (frames x rows x columns) box"
+            return None, f"{SMALL_GRID} {sides} holds no whole {cell}"
         if randomize:
-            dst = destination_indices(h, w, s.sx, s.sy, generator)
+            dst = destination_indices(h, w, s.sx, s.sy, generator, f, st)
             src = source_indices(num_tokens, dst)
         else:
-            dst, src = self._fixed_positions(h, w, s.sx, s.sy, sample.device)
+            dst, src = self._fixed_positions(h, w, s.sx, s.sy, sample.device, f, st)
         r = merge_count(src.numel(), num_tokens, s.ratio)
         if s.agent_ratio is not None:
             pool = self.config.agent_selection == "pool"
             r_agent = 0 if pool else merge_count(src.numel(), num_tokens, s.agent_ratio)
             num_agents = dst.numel() if pool else num_tokens - r_agent
             if 2 * num_agents < num_tokens - r:
-                return LayerPlan(AGENT, h, w, s.sx, s.sy, dst, src, r, r_agent, pool), None
+                return LayerPlan(AGENT, h, w, s.sx, s.sy, dst, src, r, r_agent, pool, f, st), None
         if r == 0:
             why = f"{BY_DESIGN}: exact attention after the agent phase" if s.agent_ratio is None else "merges nothing"
             return None, why
-        return LayerPlan(TOME, h, w, s.sx, s.sy, dst, src, r, 0), None
+        return LayerPlan(TOME, h, w, s.sx, s.sy, dst, src, r, 0, False, f, st), None
 
-    def _fixed_positions(self, h: int, w: int, sx: int, sy: int, device: torch.device) -> tuple:
+    def _fixed_positions(
+        self, h: int, w: int, sx: int, sy: int, device: torch.device, frames: int = 1, st: int = 1
+    ) -> tuple:
         """The top-left destinations and their sources, cached on `device` for later calls. Made
         outside inference mode: a cache filled during a `torch.inference_mode()` call must still
         serve a training step later."""
-        key = (h, w, sx, sy, device)
+        key = (frames, h, w, st, sx, sy, device)
         cached = self._fixed.get(key)
         if cached is None:
             with torch.inference_mode(False):
-                dst = destination_indices(h, w, sx, sy)
-                cached = (dst.to(device), source_indices(h * w, dst).to(device))
+                dst = destination_indices(h, w, sx, sy, None, frames, st)
+                cached = (dst.to(device), source_indices(frames * h * w, dst).to(device))
             self._fixed[key] = cached
         return cached
 
@@ -396,8 +430,8 @@ class AgentSDState:
     def _warn_if_too_small(self, call: CallPlan) -> None:
         """Warn once per size when every layer runs exact attention because of its size."""
         limited = [r for r in call.reasons.values() if r.startswith(SMALL_GRID)]
-        if call.plans and not any(call.plans.values()) and limited and call.latent_hw not in self._warned:
-            self._warned.add(call.latent_hw)
+        if call.plans and not any(call.plans.values()) and limited and call.sides not in self._warned:
+            self._warned.add(call.sides)
             logger.warning(
                 "agentsd: no patched layer runs agent attention or token merging at this size (%s): "
                 "%s. Use a larger image or a lower min_tokens.",

@@ -194,7 +194,7 @@ class AgentSDProcessor:
     ) -> str | None:
         """Why a supported call cannot run as planned (None: it can): its tokens are not the
         plan's grid, or the layer normalizes spatially."""
-        if hidden_states.ndim != 3 or plan.h * plan.w != hidden_states.shape[1]:
+        if hidden_states.ndim != 3 or plan.tokens != hidden_states.shape[1]:
             return (
                 f"{hidden_states.shape[1] if hidden_states.ndim == 3 else 'image-shaped'} tokens do not fit the "
                 f"{plan.h}x{plan.w} grid (another patch changes this block's tokens?)"
@@ -246,7 +246,7 @@ class AgentSDProcessor:
         """The ToMe merge (None when `r == 0`) and the agent merge (None unless agents come from
         merging); with `share_matching`, those of the grid's first layer in this UNet call."""
         shared = call.shared if self.state.config.share_matching else None
-        key = (plan.h, plan.w)
+        key = (plan.f, plan.h, plan.w)
         if shared is not None and key in shared:
             return shared[key]
         merge = agent_merge = None
@@ -265,7 +265,7 @@ class AgentSDProcessor:
         """The agents, split into heads: the agent tokens (a merge, or the cell means) projected
         with the query projection, and normalized as queries are (`norm_q`)."""
         if plan.pool:
-            tokens = cell_means(hidden_states, plan.h, plan.w, plan.sx, plan.sy)
+            tokens = cell_means(hidden_states, plan.h, plan.w, plan.sx, plan.sy, plan.f, plan.st)
         else:
             tokens = agent_merge.merge(hidden_states)
         agents = heads(self.project_q(attn, tokens))
