@@ -63,12 +63,14 @@ class PatchedLayer:
     downsample: int
     block: torch.nn.Module
     processor: type = AgentSDProcessor
+    model: torch.nn.Module | None = None
 
 
 @dataclass
 class _Patch:
-    """A patch installed on one model: its state, layers, family (by name), the pipeline whose
-    scheduler it reads (weakly held), its hook handles and the warnings given."""
+    """A patch installed on a model (or on both experts of Wan 2.2 A14B, with one state): its
+    state, layers, family (by name), the models it is on, the pipeline whose scheduler it reads
+    (weakly held), its hook handles and the warnings given."""
 
     state: AgentSDState
     layers: list[PatchedLayer]
@@ -77,6 +79,7 @@ class _Patch:
     hooks: tuple[torch.utils.hooks.RemovableHandle, ...] = ()
     warned: set = field(default_factory=set)
     clocks: ClockCache = field(default_factory=ClockCache)
+    models: list[torch.nn.Module] = field(default_factory=list)
 
     def clock_of_call(self, model: torch.nn.Module) -> Clock:
         """The clock of the model call about to run: the scheduler of the pipeline making it
@@ -135,8 +138,10 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
             `UNet2DConditionModel`; txt2img, img2img, inpaint, ControlNet), Stable Diffusion 3 /
             3.5 (`SD3Transformer2DModel`), PixArt-alpha / -Sigma (`PixArtTransformer2DModel`),
             Flux.1 (`FluxTransformer2DModel`; its img2img, inpaint, Fill, Kontext and ControlNet
-            pipelines too). Every call's phase schedule reads progress through the scheduler of
-            the pipeline making the call (`agentsd.api.caller`).
+            pipelines too), Wan 2.1 / 2.2 (`WanTransformer3DModel`; text-, image- and
+            video-to-video; a Wan 2.2 A14B pipeline's two experts get one patch with one state,
+            and unpatching either removes it from both). Every call's phase schedule reads
+            progress through the scheduler of the pipeline making the call (`agentsd.api.caller`).
         config: the configuration; `AgentSDConfig()` (the published recipe) when None.
         **overrides: fields of `AgentSDConfig` to change, e.g. `ratio=0.5`.
 
@@ -155,7 +160,8 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
         >>> image = pipe("a photo of a cat").images[0]  # doctest: +SKIP
         >>> agentsd.unpatch(pipe)  # doctest: +SKIP
     """
-    kind, model = find_model(pipe_or_unet)
+    kind, _ = find_model(pipe_or_unet)
+    models = kind.models_of(pipe_or_unet)
     if config is None:
         config = AgentSDConfig()
     elif not isinstance(config, AgentSDConfig):
@@ -164,31 +170,44 @@ def patch(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides: A
         config = config.replace(**overrides)
     # The package, not the device: a model patched on the CPU may be moved to CUDA before it runs.
     check_backend(config.attention_backend)
-    targets = kind.layers(model, config)
+    # Layer names are the processor names in each model; a further expert's are prefixed with its
+    # attribute ("transformer_2.blocks.0.attn1.processor"), so that one state tells them apart.
+    targets = [
+        (model, "" if attribute in ("", kind.attribute) else f"{attribute}.", kind.layers(model, config))
+        for attribute, model in models
+    ]
 
     pipe = pipe_or_unet if hasattr(pipe_or_unet, "scheduler") else None
     record = _Patch(AgentSDState(config), [], kind.name, weakref.ref(pipe) if pipe is not None else None)
+    record.models = [model for model, _, _ in targets]
     record.layers = [
-        PatchedLayer(name, layer.module, layer.downsample, layer.block, layer.processor)
-        for name, layer in targets.items()
+        PatchedLayer(prefix + name, layer.module, layer.downsample, layer.block, layer.processor, model)
+        for model, prefix, found in targets
+        for name, layer in found.items()
     ]
-    _install(model, record)
+    _install(record)
     if not record.layers:
-        logger.warning("agentsd patched no layer: %s.", kind.nothing_patched(model, config))
+        logger.warning("agentsd patched no layer: %s.", kind.nothing_patched(record.models[0], config))
     return pipe_or_unet
 
 
-def _install(model: torch.nn.Module, record: _Patch) -> None:
-    """Put `record` on `model` in place of any other patch, all or nothing: processors wrapped,
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of `model` that hold an attention processor (diffusers' `Attention`, and the
+    attention modules of the newer transformers: `FluxAttention`, `WanAttention`, ...)."""
+    return [m for m in model.modules() if isinstance(m, Attention) or callable(getattr(m, "set_processor", None))]
+
+
+def _install(record: _Patch) -> None:
+    """Put `record` on its models in place of any other patch, all or nothing: processors wrapped,
     hooks registered. Also puts back a patch taken off by `unpatched`, counters and all."""
-    previous: _Patch | None = getattr(model, PATCH_ATTR, None)
-    names = {layer.name for layer in record.layers}
-    saved = {module: module.processor for module in model.modules() if isinstance(module, Attention)}
+    previous = {id(p): p for p in (getattr(m, PATCH_ATTR, None) for m in record.models) if p is not None}
+    modules = {id(layer.module) for layer in record.layers}
+    saved = {module: module.processor for model in record.models for module in _attention_modules(model)}
     record.state.active = True
     try:
-        if previous is not None:  # layers of the earlier patch that this one leaves alone
-            for layer in previous.layers:
-                if layer.name not in names and _is_ours(layer.module.processor, previous):
+        for earlier in previous.values():  # layers of an earlier patch that this one leaves alone
+            for layer in earlier.layers:
+                if id(layer.module) not in modules and _is_ours(layer.module.processor, earlier):
                     layer.module.set_processor(_delegate_of(layer.module.processor))
         _sync(record)
     except BaseException:
@@ -196,16 +215,18 @@ def _install(model: torch.nn.Module, record: _Patch) -> None:
             if module.processor is not processor:
                 module.set_processor(processor)
         raise
-    if previous is not None:
-        _detach(model, previous)
-    record.hooks = (
-        model.register_forward_pre_hook(_BeginCall(record), with_kwargs=True),
+    for earlier in previous.values():
+        _detach(earlier)
+    hooks = []
+    for model in record.models:
+        names = frozenset(layer.name for layer in record.layers if layer.model is model)
+        hooks.append(model.register_forward_pre_hook(_BeginCall(record, names), with_kwargs=True))
         # always_call: a call that raises is counted too.
-        model.register_forward_hook(_EndCall(record), always_call=True),
-    )
-    if callable(getattr(type(model), "set_default_attn_processor", None)):
-        model.set_default_attn_processor = _DefaultProcessors(model, record)
-    setattr(model, PATCH_ATTR, record)
+        hooks.append(model.register_forward_hook(_EndCall(record), always_call=True))
+        if callable(getattr(type(model), "set_default_attn_processor", None)):
+            model.set_default_attn_processor = _DefaultProcessors(model, record)
+        setattr(model, PATCH_ATTR, record)
+    record.hooks = tuple(hooks)
 
 
 def unpatch(pipe_or_unet: Any) -> Any:
@@ -216,32 +237,32 @@ def unpatch(pipe_or_unet: Any) -> Any:
     `fuse_qkv_projections`, ...). A processor the user set after the last UNet call is left as
     the user set it. So the pipeline ends as it would be without agentsd.
     """
-    model = _model_of(pipe_or_unet)
-    record: _Patch | None = getattr(model, PATCH_ATTR, None)
+    record: _Patch | None = getattr(_model_of(pipe_or_unet), PATCH_ATTR, None)
     if record is None:
         return pipe_or_unet
     for layer in record.layers:
         current = layer.module.processor
         if isinstance(current, AgentSDProcessor) and current.state in (record.state, None):
             layer.module.set_processor(_delegate_of(current))
-    _detach(model, record)
+    _detach(record)
     return pipe_or_unet
 
 
-def _detach(model: torch.nn.Module, record: _Patch) -> None:
-    """Remove what the patch added to the UNet besides its processors."""
+def _detach(record: _Patch) -> None:
+    """Remove what the patch added to its models besides its processors."""
     for handle in record.hooks:
         handle.remove()
-    if isinstance(model.__dict__.get("set_default_attn_processor"), _DefaultProcessors):
-        del model.set_default_attn_processor
-    # `fuse_qkv_projections` keeps the processors it replaced, to restore them when unfusing.
-    stash = getattr(model, "original_attn_processors", None)
-    if isinstance(stash, dict):
-        for name, processor in stash.items():
-            stash[name] = _delegate_of(processor)
+    for model in record.models:
+        if isinstance(model.__dict__.get("set_default_attn_processor"), _DefaultProcessors):
+            del model.set_default_attn_processor
+        # `fuse_qkv_projections` keeps the processors it replaced, to restore them when unfusing.
+        stash = getattr(model, "original_attn_processors", None)
+        if isinstance(stash, dict):
+            for name, processor in stash.items():
+                stash[name] = _delegate_of(processor)
+        if getattr(model, PATCH_ATTR, None) is record:
+            delattr(model, PATCH_ATTR)
     record.state.active = False  # a stale agentsd processor put back later only delegates
-    if getattr(model, PATCH_ATTR, None) is record:
-        delattr(model, PATCH_ATTR)
 
 
 def is_patched(pipe_or_unet: Any) -> bool:
@@ -291,7 +312,7 @@ def patched(pipe_or_unet: Any, config: AgentSDConfig | None = None, **overrides:
         if previous is None:
             unpatch(pipe_or_unet)
         else:
-            _install(model, previous)
+            _install(previous)
 
 
 @contextmanager
@@ -305,7 +326,7 @@ def unpatched(pipe_or_unet: Any) -> Iterator[Any]:
         yield pipe_or_unet
     finally:
         if previous is not None:
-            _install(model, previous)
+            _install(previous)
 
 
 def _model_of(obj: Any) -> torch.nn.Module:
@@ -370,10 +391,11 @@ def _sync(record: _Patch) -> None:
 
 class _BeginCall:
     """The model's forward pre-hook: follows processor and scheduler changes, then plans the call
-    from what the family reads off its inputs (latent, timestep, token grid)."""
+    of the model's layers (`names`) from what the family reads off its inputs (latent, timestep,
+    token grid)."""
 
-    def __init__(self, record: _Patch):
-        self.record = record
+    def __init__(self, record: _Patch, names: frozenset[str] | None = None):
+        self.record, self.names = record, names
 
     @torch.compiler.disable
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -381,7 +403,7 @@ class _BeginCall:
         clock = record.clock_of_call(module)
         _sync(record)
         call = family(record.family).read_call(module, args, kwargs)
-        record.state.begin_call(call.sample, call.timestep, call.grid, call.sequence, clock)
+        record.state.begin_call(call.sample, call.timestep, call.grid, call.sequence, clock, self.names)
 
 
 class _EndCall:
@@ -405,7 +427,7 @@ class _DefaultProcessors:
     def __call__(self) -> None:
         try:
             for layer in self.record.layers:
-                if _is_ours(layer.module.processor, self.record):
+                if layer.model in (self.model, None) and _is_ours(layer.module.processor, self.record):
                     layer.module.set_processor(_delegate_of(layer.module.processor))
             type(self.model).set_default_attn_processor(self.model)
         finally:

@@ -9,6 +9,7 @@ latent, the timestep and the token grid, and where a pipeline keeps the model. T
     sd3     SD3Transformer2DModel: Stable Diffusion 3 / 3.5 (`families/sd3.py`)
     pixart  PixArtTransformer2DModel: PixArt-alpha, PixArt-Sigma (`families/pixart.py`)
     flux    FluxTransformer2DModel: Flux.1 (`families/flux.py`)
+    wan     WanTransformer3DModel: Wan 2.1 / 2.2 video (`families/wan.py`)
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ __all__ = ["Family", "Layer", "ModelCall", "family", "find_model", "names", "sup
 
 
 def _registry() -> dict[str, Family]:
-    from . import flux, pixart, sd3, unet
+    from . import flux, pixart, sd3, unet, wan
 
-    return {family.name: family for family in (unet.FAMILY, sd3.FAMILY, pixart.FAMILY, flux.FAMILY)}
+    families = (unet.FAMILY, sd3.FAMILY, pixart.FAMILY, flux.FAMILY, wan.FAMILY)
+    return {family.name: family for family in families}
 
 
 def names() -> list[str]:
@@ -50,10 +52,9 @@ def find_model(obj: Any) -> tuple[Family, torch.nn.Module]:
         TypeError: for anything else, naming what `obj` is and the supported families.
     """
     for candidate in _registry().values():
-        model = getattr(obj, candidate.attribute, obj)
-        model = getattr(model, "_orig_mod", model)  # a torch.compile'd model
-        if candidate.holds(model):
-            return candidate, model
+        models = candidate.models_of(obj)
+        if models:
+            return candidate, models[0][1]
     held = {a: getattr(obj, a, None) for a in ("transformer", "unet")}
     held = next(((a, m) for a, m in held.items() if isinstance(m, torch.nn.Module)), None)
     what = type(obj).__name__ + (f" (holding a {type(held[1]).__name__} as `{held[0]}`)" if held else "")

@@ -33,12 +33,13 @@ class Layer:
 @dataclass(frozen=True)
 class ModelCall:
     """What a model call gives the per-call plan: the latent input (its batch and device), the
-    timestep, the token grid at downsample 1 (None: the latent's own sides), and where the grid's
-    tokens sit in the layers' sequences (None: they are the whole sequence)."""
+    timestep, the token grid at downsample 1 (None: the latent's own sides; a video's is frames x
+    rows x columns), and where the grid's tokens sit in the layers' sequences (None: they are the
+    whole sequence)."""
 
     sample: torch.Tensor
     timestep: Any
-    grid: tuple[int, int] | None = None
+    grid: tuple[int, ...] | None = None
     sequence: Sequence | None = None
 
 
@@ -56,6 +57,8 @@ class Family:
         nothing_patched: why `layers` found nothing, for the warning (given the model and config).
         preset: the preset the command line uses for it when none is named.
         noun: what its model is called in reports ("UNet", "transformer").
+        experts: further attributes where a pipeline may hold more models of the family that one
+            patch covers with one state (Wan 2.2 A14B's `transformer_2`).
     """
 
     name: str
@@ -67,6 +70,15 @@ class Family:
     nothing_patched: Callable[[Any, AgentSDConfig], str]
     preset: str = "paper"
     noun: str = "transformer"
+    experts: tuple[str, ...] = ()
+
+    def models_of(self, obj: Any) -> list[tuple[str, torch.nn.Module]]:
+        """(attribute, model) of every model of this family `obj` holds, in `attribute`, then
+        `experts` order (torch.compile'd ones unwrapped); `obj` itself as ("", obj) when it is one."""
+        if self.holds(_unwrapped(obj)):
+            return [("", _unwrapped(obj))]
+        found = [(a, _unwrapped(getattr(obj, a, None))) for a in (self.attribute, *self.experts)]
+        return [(a, m) for a, m in found if self.holds(m)]
 
     def holds(self, model: Any) -> bool:
         """Whether `model` is this family's model (in the installed diffusers)."""
@@ -74,3 +86,8 @@ class Family:
 
         cls = getattr(diffusers, self.model_class, None)
         return cls is not None and isinstance(model, cls)
+
+
+def _unwrapped(model: Any) -> Any:
+    """The model a torch.compile'd model wraps; anything else as it is."""
+    return getattr(model, "_orig_mod", model)
