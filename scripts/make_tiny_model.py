@@ -4,6 +4,8 @@ python scripts/make_tiny_model.py tiny-sd            # SD 1.x architecture, 256 
 python scripts/make_tiny_model.py tiny-sdxl --kind sdxl
 python scripts/make_tiny_model.py tiny-sd3 --kind sd3  # also sd35 and pixart: 128 px images
 python scripts/make_tiny_model.py tiny-flux --kind flux  # also flux-fill: ask for 128 px
+python scripts/make_tiny_model.py tiny-wan --kind wan  # also wan-i2v, wan-v2v, wan22: 128 px, 17 frames
+python scripts/make_tiny_model.py tiny-wan-5b --kind wan22-5b  # 256 px, 17 frames
 agentsd generate --model tiny-sd --prompt "a cat" --steps 20 --compare --out out
 
 The UNets' default latent is 64x64 (256 px images: the tiny VAE downsamples 4x), so the top
@@ -19,11 +21,19 @@ resolution bins unless called with use_resolution_binning=False: at latent 32 th
 Flux (flux, flux-fill) has the same 16x16 token grid at 128 px, but its pipelines default to 512 px
 whatever the model (a 64x64 grid): ask for --width 128 --height 128. FluxPipeline.from_pretrained
 (or FluxFillPipeline's) loads the folder offline.
+
+Wan (wan, wan-i2v, wan-v2v, wan22, wan22-5b) makes videos: ask for 128 x 128 px and 17 frames (Wan
+wants 4 k + 1), a 5 x 8 x 8 token grid; wan22-5b's VAE compresses 16x in space, so 256 x 256 px
+there. Its pipelines default to 480 x 832 px and 81 frames whatever the model, so the size is only
+the one to ask for (--latent does not apply). wan-i2v also takes an image and prompts padded to 512
+tokens (max_sequence_length=512); wan-v2v takes a video (its frames) and a strength; diffusers'
+pipelines for those two need ftfy to encode a prompt. DiffusionPipeline.from_pretrained loads the
+folder offline, as the kind's pipeline class (WanPipeline, WanImageToVideoPipeline, ...).
 """
 
 import argparse
 
-from agentsd.testing import FLUX_KINDS, KINDS, TRANSFORMER_KINDS, tiny_pipeline
+from agentsd.testing import FLUX_KINDS, KINDS, TRANSFORMER_KINDS, WAN_KINDS, tiny_pipeline
 
 DEFAULT_LATENT = {**dict.fromkeys(KINDS, 64), **dict.fromkeys(TRANSFORMER_KINDS, 32)}
 
@@ -31,11 +41,20 @@ DEFAULT_LATENT = {**dict.fromkeys(KINDS, 64), **dict.fromkeys(TRANSFORMER_KINDS,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
-    parser.add_argument("--kind", choices=KINDS + TRANSFORMER_KINDS, default="sd15")
+    parser.add_argument("--kind", choices=KINDS + TRANSFORMER_KINDS + WAN_KINDS, default="sd15")
     parser.add_argument(
         "--latent", type=int, help="default latent side; the image is 4x larger (default: 64, transformers 32)"
     )
     args = parser.parse_args()
+    if args.kind in WAN_KINDS:
+        if args.latent:
+            parser.error("--latent does not apply to the Wan kinds: their size is asked for when called")
+        from agentsd.testing import tiny_wan
+
+        tiny_pipeline(args.kind).save_pretrained(args.folder)
+        side = tiny_wan.CALL_KWARGS[args.kind]["height"]
+        print(f"saved a tiny {args.kind} pipeline to {args.folder} (ask for {side} px, {tiny_wan.FRAMES} frames)")
+        return
     latent = args.latent or DEFAULT_LATENT[args.kind]
     tiny_pipeline(args.kind, sample_size=latent).save_pretrained(args.folder)
     # Flux pipelines read no default size from the model: the size is only the one to ask for.

@@ -3,9 +3,9 @@
 They have the real diffusers architectures (SD 1.x, SD 2.x, SDXL) at toy sizes, with
 self-attention at the latent resolution, so tests, examples and the benchmark harness can
 run the whole library without downloading anything. The diffusion transformers (SD3, SD 3.5,
-PixArt-Sigma) are in `agentsd.testing.tiny_dit`, Flux in `agentsd.testing.tiny_flux`, imported when
-first used (they need a newer diffusers); the parts all of them share in
-`agentsd.testing.components`; `tiny_pipeline` builds every kind.
+PixArt-Sigma) are in `agentsd.testing.tiny_dit`, Flux in `agentsd.testing.tiny_flux`, the Wan video
+pipelines in `agentsd.testing.tiny_wan`, imported when first used (they need a newer diffusers); the
+parts all of them share in `agentsd.testing.components`; `tiny_pipeline` builds every kind.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .components import (
     KINDS,
     TEXT_HIDDEN,
     TRANSFORMER_KINDS,
+    WAN_KINDS,
     byte_symbols,
     text_config,
     tiny_tokenizer,
@@ -37,6 +38,7 @@ __all__ = [
     "KINDS",
     "TEXT_HIDDEN",
     "TRANSFORMER_KINDS",
+    "WAN_KINDS",
     "byte_symbols",
     "text_config",
     "tiny_pipeline",
@@ -80,14 +82,23 @@ def tiny_unet(kind: str = "sd15", sample_size: int = 16) -> UNet2DConditionModel
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int | None = None):
     """A tiny StableDiffusionPipeline (`sd15`, `sd2`), StableDiffusionXLPipeline (`sdxl`),
     StableDiffusion3Pipeline (`sd3`, `sd35`), PixArtSigmaPipeline (`pixart`), FluxPipeline
-    (`flux`) or FluxFillPipeline (`flux-fill`).
+    (`flux`), FluxFillPipeline (`flux-fill`) or a Wan video pipeline (`WAN_KINDS`: Wan 2.1 text-,
+    image- and video-to-video, Wan 2.2 A14B and TI2V-5B).
 
     The VAE downsamples 4x, so the UNets' default 16x16 latent is a 64x64 image; the
     transformers default to a 32x32 latent, a 128x128 image with a 16x16 patch grid (their
     calls take `agentsd.testing.tiny_dit.CALL_KWARGS[kind]`; see `agentsd.testing.tiny_dit`). Flux pipelines
     default to 512 px whatever the model: call them with `height=128, width=128` and
-    `agentsd.testing.tiny_flux.CALL_KWARGS[kind]` (see `agentsd.testing.tiny_flux`).
+    `agentsd.testing.tiny_flux.CALL_KWARGS[kind]` (see `agentsd.testing.tiny_flux`). Wan pipelines
+    take no `sample_size`: call them with `agentsd.testing.tiny_wan.CALL_KWARGS[kind]` (17 frames at
+    128 px; 256 px for `wan22-5b`).
     """
+    if kind in WAN_KINDS:
+        if sample_size is not None:
+            raise ValueError(f"a tiny {kind} pipeline takes no sample_size: it is given its size when called.")
+        from .tiny_wan import tiny_wan_pipeline
+
+        return tiny_wan_pipeline(seed, kind)
     if kind in FLUX_KINDS:
         from .tiny_flux import SAMPLE_SIZE, tiny_flux_pipeline
 
@@ -97,7 +108,8 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int | None = N
 
         return tiny_transformer_pipeline(kind, seed, SAMPLE_SIZE if sample_size is None else sample_size)
     if kind not in KINDS:
-        raise ValueError(f"unknown tiny pipeline kind {kind!r}: use one of {', '.join(KINDS + TRANSFORMER_KINDS)}.")
+        every = ", ".join(KINDS + TRANSFORMER_KINDS + WAN_KINDS)
+        raise ValueError(f"unknown tiny pipeline kind {kind!r}: use one of {every}.")
     sample_size = 16 if sample_size is None else sample_size
     torch.manual_seed(seed)
     unet = tiny_unet(kind, sample_size)
@@ -135,8 +147,9 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, sample_size: int | None = N
 
 
 def __getattr__(name: str):
-    """The transformer builders, re-exported from `agentsd.testing.tiny_dit` and `agentsd.testing.tiny_flux` on
-    first use, so this module still imports on a diffusers without SD3, PixArt or Flux."""
+    """The transformer builders, re-exported from `agentsd.testing.tiny_dit`, `agentsd.testing.tiny_flux` and
+    `agentsd.testing.tiny_wan` on first use, so this module still imports on a diffusers without SD3,
+    PixArt, Flux or Wan."""
     if name in ("tiny_sd3_pipeline", "tiny_pixart_pipeline", "tiny_t5_tokenizer"):
         from . import tiny_dit
 
@@ -145,4 +158,8 @@ def __getattr__(name: str):
         from . import tiny_flux
 
         return getattr(tiny_flux, name)
+    if name in ("tiny_wan_pipeline", "tiny_wan_prompt_embeds"):
+        from . import tiny_wan
+
+        return getattr(tiny_wan, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

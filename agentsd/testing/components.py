@@ -13,6 +13,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 KINDS = ("sd15", "sd2", "sdxl")
 DIT_KINDS = ("sd3", "sd35", "pixart")  # agentsd.testing.tiny_dit
 FLUX_KINDS = ("flux", "flux-fill")  # agentsd.testing.tiny_flux
+WAN_KINDS = ("wan", "wan-i2v", "wan-v2v", "wan22", "wan22-5b")  # agentsd.testing.tiny_wan: video
 TRANSFORMER_KINDS = DIT_KINDS + FLUX_KINDS
 TEXT_HIDDEN = 32
 
