@@ -10,7 +10,7 @@ import torch
 
 import agentsd
 from agentsd import AgentSDConfig
-from agentsd.bench import benchmark, results
+from agentsd.bench import benchmark, targets
 from agentsd.bench.methods import zero_cost
 
 
@@ -168,7 +168,7 @@ def test_target_checks_judge_each_target_where_it_applies():
         2048: dict(baseline=1000, ceiling=200, tomesd=900, highres=210, **{"ceiling-2": 150, "agentsd-agent": 300}),
     }
     rows = [_row(size, m, ms, 1000, methods["ceiling"]) for size, methods in times.items() for m, ms in methods.items()]
-    met = {(c.size, c.name): c.met for c in results.target_checks(rows)}
+    met = {(c.size, c.name): c.met for c in targets.target_checks(rows)}
     assert met[(512, "ceiling")] is None and met[(512, "over tomesd")] is None
     assert met[(512, "never slower")] is True
     assert met[(1024, "ceiling")] is True and met[(1024, "over tomesd")] is True  # 700 / 520 = 1.35
@@ -179,7 +179,7 @@ def test_target_checks_judge_each_target_where_it_applies():
     assert (512, "speedup agentsd-agent") not in met  # no speedup target at 512 px
     sdxl = [dict(r, arch="sdxl") for r in rows if r["size"] == 1024]
     sdxl.append(dict(sdxl[0], method="agentsd-schedule", speedup=1.2, p10_ms=None, p90_ms=None))
-    assert {c.name: c.met for c in results.target_checks(sdxl)}["speedup agentsd-schedule"] is True
+    assert {c.name: c.met for c in targets.target_checks(sdxl)}["speedup agentsd-schedule"] is True
 
 
 def test_highres_is_measured_against_the_two_level_ceiling():
@@ -216,7 +216,7 @@ def test_targets_leave_out_the_rows_where_agentsd_did_not_act():
     rows = [_row(1024, m, ms, 100, 50) for m, ms in dict(baseline=100, ceiling=50, tomesd=90).items()]
     tome = dict(_row(1024, "agentsd-tome", 120, 100, 50), agentsd_acted=False, agentsd_exact_reason="late_ratio=0")
     rows += [dict(_row(1024, "agentsd-agent", 70, 100, 50), agentsd_acted=True), tome]
-    checks = {c.name: c for c in results.target_checks(rows)}
+    checks = {c.name: c for c in targets.target_checks(rows)}
     assert (
         checks["did not act"].met is None
         and "agentsd did not act in agentsd-tome: late_ratio=0" in checks["did not act"].text
@@ -224,7 +224,7 @@ def test_targets_leave_out_the_rows_where_agentsd_did_not_act():
     assert checks["never slower"].text == "never slower: yes"  # the ToMe row (0.83x) timed no agentsd work
     assert "over tomesd: agent phase 1.29x" in checks["over tomesd"].text
     idle = [dict(r, agentsd_acted=False) if r["method"].startswith("agentsd") else r for r in rows]
-    checks = {c.name: c for c in results.target_checks(idle)}
+    checks = {c.name: c for c in targets.target_checks(idle)}
     assert "never slower" not in checks and "ceiling" not in checks and "over tomesd" not in checks
     assert checks["did not act"].text.startswith("agentsd did not act at this size: late_ratio=0")
     speedup = checks["speedup agentsd-agent"]
@@ -266,17 +266,18 @@ def test_transformers_build_from_the_published_configs_at_their_first_blocks():
     assert benchmark.split_arch("pixart-sigma:28") == ("pixart-sigma", None)  # every block: the whole model
 
 
-@pytest.mark.parametrize("arch", ["tiny-sd35", "tiny-pixart", "tiny-flux"])
+@pytest.mark.parametrize("arch", ["tiny-sd35", "tiny-pixart", "tiny-flux", "tiny-wan"])
 def test_the_ceiling_stand_ins_return_what_each_patched_layer_returns(arch):
     """Under the ceiling every layer the family patches returns what it returns under the baseline,
     in kind and shape: SD 3's joint attention an (image, text) pair, its last block's too (whose
     text goes nowhere), SD 3.5's image-only attn2 and PixArt's self-attention one tensor; Flux's
     double-stream attention an (image, text) pair and its single-stream one its [text; image]
-    sequence, each called positionally by diffusers' `FluxAttention`."""
+    sequence, each called positionally by diffusers' `FluxAttention`; Wan's video self-attention
+    its video tokens, called positionally (with the rotary tables) by `WanAttention`."""
     model = benchmark.build_model(arch)
     family, _ = agentsd.families.find_model(model)
     layers = family.layers(model, benchmark.load_preset(benchmark.DEFAULT_PRESETS[arch]))
-    inputs = benchmark.model_inputs(model, 128, 1)
+    inputs = benchmark.model_inputs(model, 128, 1, frames=9)
 
     def run(method):
         """Each layer's output (a pair as a list of shapes, one tensor as its shape), the model
@@ -285,7 +286,8 @@ def test_the_ceiling_stand_ins_return_what_each_patched_layer_returns(arch):
         hooks = [layer.module.register_forward_hook(lambda m, a, out, name=name: seen.setdefault(name, out))
                  for name, layer in layers.items()]  # fmt: skip
         with torch.no_grad(), benchmark.method_context(method, model, AgentSDConfig()):
-            out = model(*inputs[0], **inputs[1]).sample
+            out = model(*inputs[0], **inputs[1])
+            out = out[0] if isinstance(out, tuple) else out.sample  # Wan's pipelines ask for a tuple
             ran = {type(layer.module.processor) for layer in layers.values()}
         for hook in hooks:
             hook.remove()
@@ -296,9 +298,12 @@ def test_the_ceiling_stand_ins_return_what_each_patched_layer_returns(arch):
     assert ceiling[:2] == baseline[:2] and set(baseline[0]) == set(layers)
     pairs = {n for n, kind in baseline[0].items() if isinstance(kind, list)}
     double = {f"transformer_blocks.{i}.attn.processor" for i in (0, 1)}
-    assert pairs == (set() if arch == "tiny-pixart" else double)
+    assert pairs == (set() if arch in ("tiny-pixart", "tiny-wan") else double)
     stand_in = {"tiny-sd35": benchmark.ZeroCostJointAttention, "tiny-pixart": benchmark.ZeroCostAttention,
-                "tiny-flux": benchmark.ZeroCostFluxAttention}[arch]  # fmt: skip
+                "tiny-flux": benchmark.ZeroCostFluxAttention,
+                "tiny-wan": benchmark.ZeroCostWanAttention}[arch]  # fmt: skip
+    if arch == "tiny-wan":  # 9 frames at 128 px: 3 latent frames of 8x8 tokens, width 24, both blocks' attn1
+        assert baseline[0] == {f"blocks.{i}.attn1.processor": (1, 3 * 8 * 8, 24) for i in (0, 1)}
     if arch == "tiny-flux":  # the single-stream layers return [512 text; 8x8 image] tokens of width 32
         singles = {f"single_transformer_blocks.{i}.attn.processor" for i in range(4)}
         assert {baseline[0][n] for n in singles} == {(1, 512 + 64, 32)} and set(baseline[0]) == double | singles
@@ -328,10 +333,10 @@ def test_transformer_speedup_targets_are_judged_on_the_whole_model_only(arch, de
     rows = [_row(size, m, ms, 1000, 400) for size in (1024, 2048)
             for m, ms in dict(baseline=1000, ceiling=400, **{"agentsd-agent": 700}).items()]  # fmt: skip
     whole = [dict(r, arch=arch) for r in rows]
-    met = {(c.size, c.name): c.met for c in results.target_checks(whole)}
+    met = {(c.size, c.name): c.met for c in targets.target_checks(whole)}
     assert met[(1024, "speedup agentsd-agent")] is True and met[(2048, "speedup agentsd-agent")] is False  # 1.43x
     cut = [dict(r, arch=arch, blocks=2) for r in rows]
-    checks = results.target_checks(cut)
+    checks = targets.target_checks(cut)
     assert not any(c.name.startswith("speedup") for c in checks) and {c.blocks for c in checks} == {2}
     assert benchmark.target_lines(cut)[0].startswith(f"- {arch}, {depth} 1024 px x1: never slower: yes")
 
@@ -374,7 +379,7 @@ def test_flux_dev_builds_from_the_published_config_with_its_pipelines_inputs():
     cut = benchmark.build_model("flux-dev:2", "meta")
     assert (len(cut.transformer_blocks), len(cut.single_transformer_blocks)) == (2, 4)
     assert benchmark.split_arch("flux-dev:19") == ("flux-dev", None)  # every block: the whole model
-    assert results.arch_label("flux-dev", 1) == "flux-dev, 1+2 blocks" and results.arch_label("flux-dev") == "flux-dev"
+    assert targets.arch_label("flux-dev", 1) == "flux-dev, 1+2 blocks" and targets.arch_label("flux-dev") == "flux-dev"
 
     args, kwargs = benchmark.model_inputs(cut, 1024, 2, timestep_device="cpu")
     latent = torch.zeros(2, 16, 128, 128)  # the 8x latent of two 1024 px images, as the pipeline packs it
@@ -412,11 +417,13 @@ def test_cli_bench_runs_the_flux_arch_at_a_cut_depth(tmp_path, capsys):
     assert "tiny-flux takes multiples of 16" in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
 
-@pytest.mark.parametrize("kind", ["self", "joint"])
+@pytest.mark.parametrize("kind", ["self", "joint", "wan"])
 def test_ceiling_products_keeps_the_projections_and_drops_the_products(kind):
     """`ceiling-products`' stand-in gives every query its own token's value: a self-attention
     layer returns to_out(to_v(x)); SD 3's joint one the same per stream (to_add_out(add_v_proj(c))
-    for the text). torch's SDPA is itself again after the call."""
+    for the text); Wan's video self-attention (QK norms and rotary embedding on the queries and
+    keys, products through diffusers' dispatcher) to_out(to_v(x)) too. torch's SDPA is itself
+    again after the call."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
 
     from agentsd.bench.methods import FreeProducts
@@ -428,6 +435,13 @@ def test_ceiling_products_keeps_the_projections_and_drops_the_products(kind):
         if kind == "self":
             attn = Attention(16, heads=2, dim_head=8, processor=FreeProducts(AttnProcessor2_0()))
             assert torch.allclose(attn(x), attn.to_out[0](attn.to_v(x)), atol=1e-6)
+        elif kind == "wan":
+            from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+
+            attn = WanAttention(16, heads=2, dim_head=8, processor=FreeProducts(WanAttnProcessor()))
+            angles = torch.randn(1, 12, 1, 8)
+            out = attn(x, rotary_emb=(angles.cos(), angles.sin()))
+            assert torch.allclose(out, attn.to_out[0](attn.to_v(x)), atol=1e-6)
         else:
             attn = Attention(16, heads=2, dim_head=8, added_kv_proj_dim=16, context_pre_only=False, qk_norm="rms_norm",
                              processor=FreeProducts(JointAttnProcessor2_0()))  # fmt: skip
@@ -435,3 +449,124 @@ def test_ceiling_products_keeps_the_projections_and_drops_the_products(kind):
             assert torch.allclose(image, attn.to_out[0](attn.to_v(x)), atol=1e-6)
             assert torch.allclose(text, attn.to_add_out(attn.add_v_proj(c)), atol=1e-6)
     assert torch.nn.functional.scaled_dot_product_attention is sdpa
+
+
+def test_wan_transformers_build_from_the_published_configs_with_their_pipelines_inputs():
+    """The Wan transformers (meta device: no memory, no weights) at their published widths and
+    depths, every block's video self-attention patched by the `wan` preset; `--blocks K` keeps K.
+    One call's inputs as WanPipeline makes them, checked against its own `prepare_latents`: 480p,
+    81 frames is a (16, 21, 60, 104) latent and 21 x 30 x 52 = 32,760 tokens on Wan 2.1; Wan 2.2
+    5B's 16x VAE makes (48, 21, 30, 52) and the pipeline passes one timestep per token."""
+    from diffusers import WanPipeline
+
+    from agentsd.bench import wan_models
+
+    shapes = {}
+    for arch in ("wan2.1-1.3b", "wan2.1-14b", "wan2.2-5b", "wan2.1-14b:2"):
+        model = benchmark.build_model(arch, "meta")
+        attn = model.blocks[0].attn1
+        family, _ = agentsd.families.find_model(model)
+        patched = family.layers(model, benchmark.load_preset("wan"))
+        shapes[arch] = (attn.inner_dim, model.blocks[0].ffn.net[0].proj.out_features, len(model.blocks), len(patched),
+                        model.config.in_channels)  # fmt: skip
+    assert shapes == {"wan2.1-1.3b": (1536, 8960, 30, 30, 16), "wan2.1-14b": (5120, 13824, 40, 40, 16),
+                      "wan2.2-5b": (3072, 14336, 30, 30, 48), "wan2.1-14b:2": (5120, 13824, 2, 2, 16)}  # fmt: skip
+    assert benchmark.split_arch("wan2.1-1.3b:30") == ("wan2.1-1.3b", None)  # every block: the whole model
+    assert (
+        benchmark.DEFAULT_PRESETS["wan2.2-5b"] == "wan"
+        and targets.arch_label("wan2.1-1.3b", 1) == "wan2.1-1.3b, 1 block"
+    )
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=None, vae=None, scheduler=None)
+    cut = benchmark.build_model("wan2.1-1.3b:1", "meta")
+    args, kwargs = benchmark.model_inputs(cut, (480, 832), 1, frames=81)
+    latent = pipe.prepare_latents(1, 16, 480, 832, 81, torch.float32, torch.device("meta"))
+    assert args == () and kwargs["hidden_states"].shape == latent.shape == (1, 16, 21, 60, 104)
+    assert wan_models.token_grid(cut.config, 480, 832, 81) == (21, 30, 52)  # 32,760 tokens
+    assert kwargs["encoder_hidden_states"].shape == (1, 512, 4096) and kwargs["timestep"].shape == (1,)
+    assert kwargs["return_dict"] is False
+    assert wan_models.token_grid(cut.config, 720, 1280, 81) == (21, 45, 80)  # 75,600 tokens
+
+    five = benchmark.build_model("wan2.2-5b:1", "meta")
+    pipe.vae_scale_factor_spatial = 16  # Wan 2.2's VAE (AutoencoderKLWan's scale_factor_spatial there)
+    latent = pipe.prepare_latents(2, 48, 480, 832, 81, torch.float32, torch.device("meta"))
+    _, kwargs = benchmark.model_inputs(five, (480, 832), 2, frames=81, timestep_device="cpu")
+    assert kwargs["hidden_states"].shape == latent.shape == (2, 48, 21, 30, 52)
+    mask = torch.ones(latent.shape[2:])  # the pipeline's per-token timesteps: mask[0][0][:, ::2, ::2] * t, flat
+    assert kwargs["timestep"].shape == (2, mask[:, ::2, ::2].numel()) and kwargs["timestep"].unique().tolist() == [500]
+    for size, frames, message in [((480, 840), 81, "multiples of 16"), ((480, 832), 80, "4k\\+1 video frames")]:
+        with pytest.raises(ValueError, match=message):
+            benchmark.model_inputs(cut, size, 1, frames=frames)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        benchmark.model_inputs(five, (720, 1280), 1, frames=81)
+
+
+def test_video_rows_carry_their_frames_and_the_targets_read_the_products_bound():
+    """Video rows name their height, width and frames, a scenario per frame count; the video
+    targets are the agent phase's share of ceiling-products' speedup (95 %) at every size and,
+    on the whole Wan 2.1 1.3B at 480p and 81 frames, the GPU speedups (agent phase 2.5x, schedule
+    2x); the image targets (90 % of the ceiling from 1024 px) are not read off videos."""
+    methods = ["baseline", "agentsd-agent", "agentsd-tome", "ceiling", "ceiling-products"]
+    rows = benchmark.run_benchmark(archs=["tiny-wan:1"], sizes=[(128, 224)], frames=[5, 17], methods=methods,
+                                   repeats=1, warmup=0, progress=False)  # fmt: skip
+    assert {(r["arch"], r["blocks"], r["size"], r["width"], r["frames"], r["preset"]) for r in rows} == {
+        ("tiny-wan", 1, 128, 224, 5, "wan"), ("tiny-wan", 1, 128, 224, 17, "wan")}  # fmt: skip
+    acted = {(r["frames"], r["method"]): r["agentsd_acted"] for r in rows if r["method"].startswith("agentsd")}
+    assert acted[(5, "agentsd-agent")] is False and acted[(17, "agentsd-agent")] is True  # 2x8x14 < 256 <= 5x8x14
+    table = benchmark.markdown_table(rows)
+    assert "| tiny-wan, 1 block | 128x224, 17 frames (5 latent) | 1 | ceiling-products |" in table
+    short, long = benchmark.target_lines(rows)
+    assert short.startswith("- tiny-wan, 1 block 128x224 px, 5 frames (2 latent) x1: agentsd did not act")
+    assert long.startswith("- tiny-wan, 1 block 128x224 px, 17 frames (5 latent) x1: never slower: ")
+    assert "of ceiling-products' speedup" in long and "(target 90%" not in long
+
+    def video(method, ms, frames=81, **extra):
+        return dict(_row(480, method, ms, 1000, 300), arch="wan2.1-1.3b", width=832, frames=frames, **extra)
+
+    medians = {"baseline": 1000, "ceiling": 300, "ceiling-products": 380, "agentsd-agent": 390,
+               "agentsd-schedule": 480}  # fmt: skip
+    checks = {c.name: c for c in targets.target_checks([video(m, ms) for m, ms in medians.items()])}
+    assert checks["products"].met is True and "97.4% of ceiling-products' speedup" in checks["products"].text
+    assert checks["ceiling"].met is None  # shown, not judged on videos
+    assert (
+        checks["speedup agentsd-agent"].met is True and checks["speedup agentsd-schedule"].met is True
+    )  # 2.56x, 2.08x
+    slow = {c.name: c.met for c in targets.target_checks([video(m, 1.1 * ms if m.startswith("agentsd") else ms)
+                                                          for m, ms in medians.items()])}  # fmt: skip
+    assert slow["products"] is False and slow["speedup agentsd-agent"] is False  # 88.6 %; 2.33x < 2.5x
+    assert slow["speedup agentsd-schedule"] is False  # 1.89x < 2x
+    other = {c.name for c in targets.target_checks([video(m, ms, frames=17) for m, ms in medians.items()])}
+    cut = {c.name for c in targets.target_checks([video(m, ms, blocks=1) for m, ms in medians.items()])}
+    assert "products" in other and "products" in cut and not any(n.startswith("speedup") for n in other | cut)
+
+
+def test_cli_bench_times_a_wan_arch_in_frames_and_refuses_what_wan_cannot_take(tmp_path, capsys):
+    """The tiny Wan stand-in at 1 block, 128x224 px and 17 frames (a 5x8x14 token grid, where the
+    `wan` preset acts), through the command line; sizes and frames Wan cannot take, HxW sizes for
+    an image model and --frames without a video model are refused before any model or folder."""
+    result = subprocess.run(
+        [sys.executable, "-m", "agentsd", "bench", "--arch", "tiny-wan", "--blocks", "1", "--sizes", "128x224",
+         "--frames", "17", "--repeats", "1", "--warmup", "0", "--methods", "baseline", "agentsd-agent", "ceiling",
+         "--out", str(tmp_path / "ok")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "ok" / "results.json").read_text())["rows"]
+    assert {(r["arch"], r["blocks"], r["size"], r["width"], r["frames"]) for r in rows} == {
+        ("tiny-wan", 1, 128, 224, 17)
+    }
+    assert all(r["agentsd_acted"] for r in rows if r["method"].startswith("agentsd"))
+    assert "| tiny-wan, 1 block | 128x224, 17 frames (5 latent) | 1 | agentsd-agent |" in result.stdout
+    from agentsd.cli.args import build_parser
+    from agentsd.cli.commands import main
+
+    args = build_parser().parse_args(["bench", "--arch", "wan2.1-1.3b", "sd15", "--sizes", "480x832", "512"])
+    assert args.sizes == [(480, 832), 512] and args.frames is None
+    for argv, message in [(["--arch", "wan2.1-1.3b", "--frames", "80"], "--frames 80: Wan takes 4k+1 video frames"),
+                          (["--arch", "sd15", "--frames", "17"], "--frames applies to the video transformers"),
+                          (["--arch", "sd15", "--sizes", "480x832"], "sd15 takes square images"),
+                          (["--arch", "wan2.2-5b", "--sizes", "720x1280"], "use e.g. 704x1280"),
+                          (["--arch", "tiny-wan", "--sizes", "480x836"], "not a positive multiple of 8")]:  # fmt: skip
+        out = tmp_path / "refused"
+        assert main(["bench", *argv, "--out", str(out)]) == 2, argv
+        assert message in capsys.readouterr().err and not out.exists(), argv

@@ -1,13 +1,16 @@
 """Speed and memory of one denoising step, side by side, on the real SD architectures.
 
 The UNets (SD 1.5, 2.1, XL) and the diffusion transformers (SD 3.5 Medium and Large,
-PixArt-Sigma, Flux.1-dev: `bench_dit`) are built from the published configs with random
-weights (speed does not depend on the weights, and nothing is downloaded); a transformer may be
-built at its first K blocks (`sd35-medium:2`; Flux: K double-stream and 2K single-stream
-blocks), its real widths kept. One step is one model forward of a classifier-free-guidance
-batch (2 x images; Flux.1-dev, guidance-distilled, 1 x images). All methods of a scenario run interleaved in
-one process: warm-up rounds first and thrown away, then the repeats cycle through the
-methods, so drift hits them alike. Speedups are against the baseline of the same run.
+PixArt-Sigma, Flux.1-dev: `transformer_models`; the Wan 2.1 / 2.2 video transformers:
+`wan_models`) are built from the published configs with random weights (speed does not depend
+on the weights, and nothing is downloaded); a transformer may be built at its first K blocks
+(`sd35-medium:2`; Flux: K double-stream and 2K single-stream blocks), its real widths kept. One
+step is one model forward of a classifier-free-guidance batch (2 x images; Flux.1-dev,
+guidance-distilled, 1 x images; Wan, whose pipelines call the transformer once for the prompt
+and once for the negative prompt: one of those calls, 1 x videos). A video scenario has a
+height, a width and a number of video frames (4 k + 1). All methods of a scenario run
+interleaved in one process: warm-up rounds first and thrown away, then the repeats cycle
+through the methods, so drift hits them alike. Speedups are against the baseline of the same run.
 
 The methods (`bench_methods`): the baseline, xformers, the preset's agent and ToMe phases
 (and their derived 50-step schedule), tomesd, the unfused reference and the ceiling, plus
@@ -37,80 +40,37 @@ from ..core.config import AgentSDConfig
 from .methods import (
     AGENTSD_METHODS,
     COMPILABLE,
+    COMPILE_SUFFIX,
     METHODS,
     OPTIONAL_METHODS,
     ZeroCostAttention,
     ZeroCostFluxAttention,
     ZeroCostJointAttention,
+    ZeroCostWanAttention,
     available_methods,
     method_context,
 )
-from .results import (
-    CEILING_TARGET,
-    COMPILE_SUFFIX,
-    FIELDS,
-    TOMESD_TARGET,
-    markdown_table,
-    plot_speedups,
-    run_info,
-    scenario_rows,
-    target_lines,
-    write_results,
-)
+from .results import FIELDS, markdown_table, plot_speedups, run_info, scenario_rows, write_results
+from .targets import CEILING_TARGET, TOMESD_TARGET, target_lines
 from .transformer_models import (
     ALL_TRANSFORMERS,
-    BENCH_TIMESTEP,
     TRANSFORMERS,
+    Size,
     build_transformer,
+    sides,
     transformer_config,
     transformer_inputs,
 )
+from .unet_models import ARCHITECTURES, build_unet, unet_inputs
+from .wan_models import DEFAULT_FRAMES, DEFAULT_SIZE
 
 logger = logging.getLogger(__name__)
 
-# The published UNet configs (diffusers format) of the architectures benchmarked.
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "sd15": dict(
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        sample_size=64,
-    ),
-    "sd21": dict(
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        layers_per_block=2,
-        cross_attention_dim=1024,
-        attention_head_dim=(5, 10, 20, 20),
-        use_linear_projection=True,
-        upcast_attention=True,
-        sample_size=96,
-    ),
-    "sdxl": dict(
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=2,
-        transformer_layers_per_block=(1, 2, 10),
-        cross_attention_dim=2048,
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        sample_size=128,
-    ),
-}
-# The tiny architectures (agentsd.testing; bench_dit's tiny-*) stand in for the real ones in tests.
-TINY_ARCHITECTURES = {"tiny": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 DEFAULT_PRESETS = {"sd15": "paper", "sd21": "sd21", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3",
-                   "pixart-sigma": "pixart", "flux-dev": "flux", "tiny": "paper", "tiny-sd2": "sd21",
-                   "tiny-sdxl": "sdxl", "tiny-sd35": "sd3", "tiny-pixart": "pixart", "tiny-flux": "flux"}  # fmt: skip
-LATENT_FACTOR = 8  # image pixels per latent pixel in every SD VAE
+                   "pixart-sigma": "pixart", "flux-dev": "flux", "wan2.1-1.3b": "wan", "wan2.1-14b": "wan",
+                   "wan2.2-5b": "wan", "tiny": "paper", "tiny-sd2": "sd21", "tiny-sdxl": "sdxl", "tiny-sd35": "sd3",
+                   "tiny-pixart": "pixart", "tiny-flux": "flux", "tiny-wan": "wan", "tiny-wan22": "wan"}  # fmt: skip
+DEFAULT_IMAGE_SIZE = 512
 # Methods that act on UNets only: not run on the diffusion transformers, with this note.
 UNET_ONLY_METHODS = {
     "tomesd": "ToMe for SD patches UNet blocks only",
@@ -152,26 +112,15 @@ def is_transformer(arch: str) -> bool:
     return arch.partition(":")[0] in ALL_TRANSFORMERS
 
 
-def build_unet(arch: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """A random-weight UNet of `arch`, built on `device` (so its weights are drawn there).
+def is_video(arch: str) -> bool:
+    """Whether `arch` (`NAME` or `NAME:K`) is a video transformer (sizes `(height, width)` and frames)."""
+    spec = ALL_TRANSFORMERS.get(arch.partition(":")[0])
+    return spec is not None and spec.video
 
-    Args:
-        arch: `sd15`, `sd21`, `sdxl`, or one of `TINY_ARCHITECTURES` for tests.
-        device, dtype: where the UNet lives and its dtype.
-    """
-    if arch not in ARCHITECTURES and arch not in TINY_ARCHITECTURES:
-        known = ", ".join([*ARCHITECTURES, *TINY_ARCHITECTURES])
-        raise ValueError(f"unknown architecture {arch!r}: use one of {known}.")
-    with torch.device(device):
-        if arch in TINY_ARCHITECTURES:
-            from ..testing import tiny_unet
 
-            unet = tiny_unet(TINY_ARCHITECTURES[arch])
-        else:
-            unet = UNet2DConditionModel(**ARCHITECTURES[arch])
-    # nn.Module.to, not diffusers' override: that one warns about modules to keep in fp32, which
-    # matters for loaded weights only (a random-weight UNet has none to keep).
-    return torch.nn.Module.to(unet, dtype=dtype).eval()
+def default_sizes(arch: str) -> list[Size]:
+    """The sizes `run_benchmark` times when given none: 512 px images, 480x832 px videos (Wan's 480p)."""
+    return [DEFAULT_SIZE] if is_video(arch) else [DEFAULT_IMAGE_SIZE]
 
 
 def build_model(arch: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -184,40 +133,23 @@ def build_model(arch: str, device: torch.device | str = "cpu", dtype: torch.dtyp
 
 
 def model_inputs(
-    model: torch.nn.Module, size: int, images: int, timestep_device: torch.device | str | None = None
+    model: torch.nn.Module,
+    size: Size,
+    images: int,
+    timestep_device: torch.device | str | None = None,
+    frames: int | None = None,
 ) -> tuple[tuple, dict[str, Any]]:
     """The model's (args, kwargs) for one step of `images` images of `size` px, as its
-    pipeline passes them (`unet_inputs`, `bench_dit.transformer_inputs`: a CFG batch, except
-    for guidance-distilled Flux.1-dev); the timestep (and Flux's position ids) made on
-    `timestep_device` (default: the model's device)."""
+    pipeline passes them (`unet_inputs`, `transformer_models.transformer_inputs`: a CFG batch,
+    except for guidance-distilled Flux.1-dev and Wan's one call of two per step); a video's size
+    is (height, width), with `frames` video frames; the timestep (and Flux's position ids) made
+    on `timestep_device` (default: the model's device)."""
     if isinstance(model, UNet2DConditionModel):
-        return unet_inputs(model, size, images, timestep_device)
-    return transformer_inputs(model, size, images, timestep_device)
-
-
-def unet_inputs(
-    unet: UNet2DConditionModel, size: int, images: int, timestep_device: torch.device | str | None = None
-) -> tuple[tuple, dict[str, Any]]:
-    """The UNet's (args, kwargs) for one CFG step of `images` images of `size` x `size` pixels,
-    passed as the pipelines pass them (sample and timestep positional); the timestep made on
-    `timestep_device` (default: the UNet's device)."""
-    if size % LATENT_FACTOR:
-        raise ValueError(f"size {size} is not a multiple of {LATENT_FACTOR}.")
-    batch, side = 2 * images, size // LATENT_FACTOR
-    generator = torch.Generator().manual_seed(0)
-    config, device, dtype = unet.config, unet.device, unet.dtype
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
-
-    timestep = torch.tensor(BENCH_TIMESTEP, device=device if timestep_device is None else timestep_device)
-    args = (randn(batch, config.in_channels, side, side), timestep)
-    kwargs: dict[str, Any] = dict(encoder_hidden_states=randn(batch, 77, config.cross_attention_dim))
-    if config.addition_embed_type == "text_time":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=dtype, device=device).repeat(batch, 1)
-        kwargs["added_cond_kwargs"] = dict(text_embeds=randn(batch, pooled), time_ids=time_ids)
-    return args, kwargs
+        height, width = sides(size)
+        if height != width:
+            raise ValueError(f"size {height}x{width}: the UNets take square images here.")
+        return unet_inputs(model, height, images, timestep_device)
+    return transformer_inputs(model, size, images, timestep_device, frames)
 
 
 class PeakMemory:
@@ -340,7 +272,7 @@ def time_compiled(
 
 def run_benchmark(
     archs: Sequence[str] = ("sd15",),
-    sizes: Sequence[int] = (512,),
+    sizes: Sequence[Size] | None = None,
     batches: Sequence[int] = (1,),
     methods: Sequence[str] | None = None,
     preset: str | None = None,
@@ -353,15 +285,19 @@ def run_benchmark(
     progress: bool = True,
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
     build: Callable[[str], torch.nn.Module] | None = None,
+    frames: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmark every (arch, size, batch) scenario; see the module docstring for the methods.
 
     Args:
         archs: architectures (`sd15`, `sd21`, `sdxl`, `sd35-medium`, `sd35-large`,
-            `pixart-sigma`, `flux-dev`, or a tiny stand-in of `DEFAULT_PRESETS`); a diffusion
-            transformer as `NAME:K` is built at its first K blocks (`split_arch`, `with_blocks`).
-        sizes: image sides in pixels (the latent is 1/8 of it).
-        batches: images per prompt; the model's batch is twice that (CFG), except Flux.1-dev's.
+            `pixart-sigma`, `flux-dev`, `wan2.1-1.3b`, `wan2.1-14b`, `wan2.2-5b`, or a tiny
+            stand-in of `DEFAULT_PRESETS`); a diffusion transformer as `NAME:K` is built at its
+            first K blocks (`split_arch`, `with_blocks`).
+        sizes: image sides in pixels (the latent is 1/8 of it); a video's (height, width) (one
+            side: a square video). None: each architecture's default (`default_sizes`).
+        batches: images per prompt; the model's batch is twice that (CFG), except Flux.1-dev's
+            and Wan's (videos per call, one call of the step's two).
         methods: subset of `METHODS`; default every method that can run here. The UNet-only
             ones (`UNET_ONLY_METHODS`) are skipped on the transformers, with a warning.
         preset: agentsd preset (name or YAML); default per arch (`DEFAULT_PRESETS`).
@@ -372,11 +308,13 @@ def run_benchmark(
         on_rows: called with each scenario's rows as soon as it finishes (to save as you go).
         build: returns the model of an architecture as given in `archs` (default:
             `build_model` on `device` in `dtype`); lets a caller keep a model between calls.
+        frames: the video frames (4 k + 1) of every video scenario (default
+            `wan_models.DEFAULT_FRAMES`, 81); image architectures ignore them.
 
     Returns:
         One row per scenario and method, with the fields of `FIELDS` (`blocks`: the depth of a
-        truncated transformer, None for a whole model). A scenario that runs out of memory is
-        skipped with a warning.
+        truncated transformer, None for a whole model; `width` and `frames`: a video's, None
+        for images). A scenario that runs out of memory is skipped with a warning.
 
     Raises:
         ValueError: for an unknown method or architecture (before any model is built).
@@ -395,11 +333,14 @@ def run_benchmark(
     depths = {arch: split_arch(arch) for arch in archs}
     common = dict(run_info(device), dtype=str(dtype).replace("torch.", ""))
     rows: list[dict[str, Any]] = []
-    scenarios = [(a, s, b) for a in archs for s in sizes for b in batches]
+    scenarios = [(a, s, f, b) for a in archs for s in (sizes or default_sizes(a)) for f in _frames_of(a, frames)
+                 for b in batches]  # fmt: skip
     bar = tqdm(scenarios, desc="scenarios", disable=not progress)
     model, built = None, None
-    for arch, size, batch in bar:
-        bar.set_postfix_str(f"{arch} {size}px x{batch}")
+    for arch, size, video_frames, batch in bar:
+        height, width = sides(size)
+        shown = f"{height}x{width}px, {video_frames} frames" if video_frames else f"{height}px"
+        bar.set_postfix_str(f"{arch} {shown} x{batch}")
         if built != arch:
             model = None
             model, built = (build(arch) if build else build_model(arch, device, dtype)), arch
@@ -408,22 +349,30 @@ def run_benchmark(
         preset_name = preset or DEFAULT_PRESETS[name]
         config = load_preset(preset_name)
         try:
-            inputs = model_inputs(model, size, batch)
+            inputs = model_inputs(model, size, batch, frames=video_frames)
             timings = time_methods(model, inputs, here, config, repeats, warmup)
             if compile:
                 compiled = [m for m in here if compile_methods is None or m in compile_methods]
                 timings.update(time_compiled(model, inputs, compiled, config, repeats, warmup, compile))
         except torch.OutOfMemoryError:
-            logger.warning("%s at %d px x%d ran out of memory: skipped", arch, size, batch)
+            logger.warning("%s at %s x%d ran out of memory: skipped", arch, shown, batch)
             torch.cuda.empty_cache()
             continue
-        scenario = dict(common, arch=name, blocks=blocks, size=size, batch=batch, preset=Path(preset_name).stem)
+        scenario = dict(common, arch=name, blocks=blocks, size=height, width=width if video_frames else None,
+                        frames=video_frames, batch=batch, preset=Path(preset_name).stem)  # fmt: skip
         scenario["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         new = scenario_rows(timings, scenario, config)
         rows += new
         if on_rows is not None:
             on_rows(new)
     return rows
+
+
+def _frames_of(arch: str, frames: Sequence[int] | None) -> list[int | None]:
+    """The frame counts of `arch`'s scenarios: `frames` (default 81) for a video, [None] for images."""
+    if not is_video(arch):
+        return [None]
+    return list(frames) if frames else [DEFAULT_FRAMES]
 
 
 def _methods_of(arch: str, methods: list[str]) -> list[str]:
@@ -437,7 +386,7 @@ def _methods_of(arch: str, methods: list[str]) -> list[str]:
     return [m for m in methods if m not in skipped]
 
 
-__all__ = [  # the names of bench_methods.py and results.py are re-exported: one import for all
+__all__ = [  # the names of methods.py, results.py, targets.py and unet_models.py are re-exported: one import for all
     "AGENTSD_METHODS",
     "ARCHITECTURES",
     "CEILING_TARGET",
@@ -451,10 +400,13 @@ __all__ = [  # the names of bench_methods.py and results.py are re-exported: one
     "ZeroCostAttention",
     "ZeroCostFluxAttention",
     "ZeroCostJointAttention",
+    "ZeroCostWanAttention",
     "available_methods",
     "build_model",
     "build_unet",
+    "default_sizes",
     "is_transformer",
+    "is_video",
     "markdown_table",
     "method_context",
     "model_inputs",

@@ -13,7 +13,7 @@ Methods:
                       joint attention, its stand-in returning the image and text tokens as
                       given; PixArt's self-attention; Flux's double-stream attention, returning
                       the image and text tokens as given, and single-stream attention, returning
-                      its [text; image] input)
+                      its [text; image] input; Wan's video self-attention, returning its input)
 
 Opt-in methods (run only when named in `methods`): the agent phase with an option that
 changes outputs,
@@ -49,6 +49,7 @@ from ..families import find_model
 from ..families.base import Layer
 from ..processors.flux_attention import FluxAgentSDProcessor
 from ..processors.joint_attention import JointAgentSDProcessor
+from ..processors.wan_attention import WanAgentSDProcessor
 
 METHODS = ("baseline", "xformers", "agentsd-agent", "agentsd-tome", "tomesd", "reference", "ceiling")
 OPTIONAL_METHODS = ("agentsd-shared", "agentsd-pool", "agentsd-pool-r0", "highres", "ceiling-2", "ceiling-products")
@@ -67,6 +68,7 @@ PRESET_METHODS = {"highres": "highres"}
 CEILINGS = {"ceiling-2": 2}
 CEILING_OF = {"highres": "ceiling-2", "ceiling-2": "ceiling-2"}
 COMPILABLE = ("baseline", "ceiling", *CEILINGS, *AGENTSD_METHODS, *PRESET_METHODS)
+COMPILE_SUFFIX = "+compile"  # the rows of a method under torch.compile: `<method>+compile`
 
 
 class ZeroCostAttention:
@@ -98,6 +100,17 @@ class ZeroCostFluxAttention:
         return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
 
 
+class ZeroCostWanAttention:
+    """The ceiling's stand-in for Wan's video self-attention (`attn1`), called as `WanAttention`
+    calls its processor (`processor(attn, hidden_states, encoder_hidden_states, attention_mask,
+    rotary_emb)`, positionally): returns the video tokens as given (Wan's attention keeps the
+    model's width), computing nothing."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 **kwargs):  # fmt: skip
+        return hidden_states
+
+
 def _own_values(query, key, value, *args, **kwargs):
     """`ceiling-products`' stand-in for torch's SDPA: every query gets its own token's value (the
     patched layers are self- or joint attention: as many queries as keys), with no product."""
@@ -121,10 +134,14 @@ class FreeProducts:
             torch.nn.functional.scaled_dot_product_attention = sdpa
 
 
-def zero_cost(layer: Layer) -> ZeroCostAttention | ZeroCostJointAttention | ZeroCostFluxAttention:
+def zero_cost(
+    layer: Layer,
+) -> ZeroCostAttention | ZeroCostJointAttention | ZeroCostFluxAttention | ZeroCostWanAttention:
     """The ceiling's stand-in for a layer the family patches."""
     if issubclass(layer.processor, FluxAgentSDProcessor):
         return ZeroCostFluxAttention()
+    if issubclass(layer.processor, WanAgentSDProcessor):
+        return ZeroCostWanAttention()
     return ZeroCostJointAttention() if issubclass(layer.processor, JointAgentSDProcessor) else ZeroCostAttention()
 
 

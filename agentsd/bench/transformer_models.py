@@ -1,5 +1,6 @@
 """The diffusion transformers `agentsd bench` builds: SD 3.5 Medium and Large, PixArt-Sigma,
-Flux.1-dev.
+Flux.1-dev, and the Wan video transformers (Wan 2.1 1.3B and 14B, Wan 2.2 5B: their configs,
+sizes and inputs in `wan_models.py`).
 
 Each is built from its published diffusers config (the hub repository's
 `transformer/config.json`) with random weights, and called as its pipeline calls it in one
@@ -21,8 +22,8 @@ model's share of single-stream ones, so `blocks=K` builds the first K double-str
 first 2K single-stream blocks (the model's 1 : 2 mix; K = 19 is the whole model), named
 `K+2K blocks` in the rows.
 
-The tiny stand-ins (`tiny-sd35`, `tiny-pixart`, `tiny-flux`) are the same configs at toy
-widths, for tests. The diffusers classes are looked up when a model is built: this module
+The tiny stand-ins (`tiny-sd35`, `tiny-pixart`, `tiny-flux`, `tiny-wan`, `tiny-wan22`) are the
+same configs at toy widths, for tests. The diffusers classes are looked up when a model is built: this module
 imports on a diffusers without SD 3, PixArt or Flux.
 """
 
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from . import wan_models
 
 # SD 3 / 3.5 pipelines: the CLIP-L and CLIP-G embeddings (77 tokens, zero-padded from 2048 to
 # T5's 4096 channels) followed by T5's 256 (`max_sequence_length` default); pooled: 768 + 1280.
@@ -53,7 +56,7 @@ class Transformer:
 
     Args:
         model_class: the diffusers class name.
-        family: agentsd's family of it (`agentsd.families`): `sd3`, `pixart` or `flux`.
+        family: agentsd's family of it (`agentsd.families`): `sd3`, `pixart`, `flux` or `wan`.
         config: the class's keyword arguments (the published config).
         text_tokens: the encoder tokens its pipeline passes per prompt.
         singles_per_block: Flux: the single-stream blocks each of the first K double-stream
@@ -65,6 +68,11 @@ class Transformer:
     config: dict[str, Any] = field(default_factory=dict)
     text_tokens: int = 0
     singles_per_block: int = 0
+
+    @property
+    def video(self) -> bool:
+        """Whether it makes videos (sizes `HxW` and a frame count, `wan_models`)."""
+        return self.family == "wan"
 
     @property
     def depth(self) -> int:
@@ -165,8 +173,13 @@ FLUX_DEV = Transformer(
     FLUX_TEXT_TOKENS,
     singles_per_block=2,  # 38 / 19
 )
+WAN_TRANSFORMERS = {
+    "wan2.1-1.3b": Transformer("WanTransformer3DModel", "wan", wan_models.WAN21_1_3B, wan_models.WAN_TEXT_TOKENS),
+    "wan2.1-14b": Transformer("WanTransformer3DModel", "wan", wan_models.WAN21_14B, wan_models.WAN_TEXT_TOKENS),
+    "wan2.2-5b": Transformer("WanTransformer3DModel", "wan", wan_models.WAN22_5B, wan_models.WAN_TEXT_TOKENS),
+}
 TRANSFORMERS = {"sd35-medium": SD35_MEDIUM, "sd35-large": SD35_LARGE, "pixart-sigma": PIXART_SIGMA,
-                "flux-dev": FLUX_DEV}  # fmt: skip
+                "flux-dev": FLUX_DEV, **WAN_TRANSFORMERS}  # fmt: skip
 # The same configs at toy widths (2 blocks, 2 heads of 8; SD 3.5's first block dual), real text lengths.
 TINY_SD3 = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, joint_attention_dim=32,
                 caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=64,
@@ -182,8 +195,12 @@ TINY_TRANSFORMERS = {
                                PIXART_TEXT_TOKENS),
     "tiny-flux": Transformer("FluxTransformer2DModel", "flux", dict(FLUX_DEV.config, **TINY_FLUX), FLUX_TEXT_TOKENS,
                              singles_per_block=2),
+    "tiny-wan": Transformer("WanTransformer3DModel", "wan", wan_models.TINY_WAN, wan_models.WAN_TEXT_TOKENS),
+    "tiny-wan22": Transformer("WanTransformer3DModel", "wan", wan_models.TINY_WAN22, wan_models.WAN_TEXT_TOKENS),
 }  # fmt: skip
 ALL_TRANSFORMERS = {**TRANSFORMERS, **TINY_TRANSFORMERS}
+# An image side (a square) or a video's (height, width).
+Size = int | tuple[int, int]
 
 
 def transformer_config(arch: str, blocks: int | None = None) -> dict[str, Any]:
@@ -207,11 +224,24 @@ def transformer_config(arch: str, blocks: int | None = None) -> dict[str, Any]:
     return config
 
 
-def size_problem(arch: str, size: int) -> str | None:
-    """Why the transformer `arch` (`NAME` or `NAME:K`) cannot take `size` x `size` px images, or
-    None: their sides are whole 2x2 patches of the VAE's 8x latent (multiples of 16), and SD 3's
-    positional table covers `pos_embed_max_size` patches a side (`largest_size`)."""
+def sides(size: Size) -> tuple[int, int]:
+    """(height, width) of a size: one side (a square) or (height, width)."""
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def size_problem(arch: str, size: Size) -> str | None:
+    """Why the transformer `arch` (`NAME` or `NAME:K`) cannot take `size` (one side of a square, or
+    (height, width)), or None. Images: squares whose sides are whole 2x2 patches of the VAE's 8x
+    latent (multiples of 16), within SD 3's positional table (`largest_size`); videos: any
+    height and width of whole tokens (`wan_models.size_problem`)."""
     name = arch.partition(":")[0]
+    spec = ALL_TRANSFORMERS[name]
+    height, width = sides(size)
+    if spec.video:
+        return wan_models.size_problem(name, spec.config, height, width)
+    if height != width:
+        return f"{name} takes square images: give one side, e.g. 1024 (HxW sizes are for the video transformers)"
+    size = height
     if size % 16:
         below = size - size % 16
         fits = f"{below} or {below + 16}" if below else "16"
@@ -258,14 +288,21 @@ def build_transformer(
 
 
 def transformer_inputs(
-    model: torch.nn.Module, size: int, images: int, timestep_device: torch.device | str | None = None
+    model: torch.nn.Module,
+    size: Size,
+    images: int,
+    timestep_device: torch.device | str | None = None,
+    frames: int | None = None,
 ) -> tuple[tuple, dict[str, Any]]:
     """The transformer's (args, kwargs) for one step of `images` images of `size` x `size`
     pixels, all keywords as the pipelines pass them: a CFG batch (2 x images) for SD 3 and
-    PixArt, one sample per image for Flux.1-dev (guidance-distilled).
+    PixArt, one sample per image for Flux.1-dev (guidance-distilled); for Wan, one of the step's
+    two calls on `images` videos of `size` (height, width) and `frames` frames (default
+    `wan_models.DEFAULT_FRAMES`), see `wan_models.wan_inputs`.
 
     Args:
-        model: an SD3Transformer2DModel, PixArtTransformer2DModel or FluxTransformer2DModel.
+        model: an SD3Transformer2DModel, PixArtTransformer2DModel, FluxTransformer2DModel or
+            WanTransformer3DModel.
         timestep_device: where the timesteps are made (default: the model's device); Flux's
             position ids too, which agentsd reads on the host.
     """
@@ -274,6 +311,14 @@ def transformer_inputs(
     config, device, dtype = model.config, model.device, model.dtype
     family = find_model(model)[0].name
     timestep_device = device if timestep_device is None else timestep_device
+    if family == "wan":
+        height, width = sides(size)
+        frames = wan_models.DEFAULT_FRAMES if frames is None else frames
+        return wan_models.wan_inputs(model, height, width, frames, images, timestep_device)
+    height, width = sides(size)
+    if height != width:
+        raise ValueError(f"size {height}x{width}: {type(model).__name__} takes square images here.")
+    size = height
     if family == "flux":
         return _flux_inputs(config, device, dtype, size, images, timestep_device)
     side = size // 8

@@ -99,6 +99,15 @@ class _ArchAtDepth(argparse.Action):
         namespace.arch = archs
 
 
+def bench_size(text: str) -> int | tuple[int, int]:
+    """A `bench --sizes` value: `512` (a square image's side, px) or `480x832` (a video's height x width)."""
+    height, sep, width = text.lower().partition("x")
+    try:
+        return (int(height), int(width)) if sep else int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not PX or HxW (e.g. 512 or 480x832)") from None
+
+
 def config_flag(field: str) -> str:
     """The command-line flag of an AgentSDConfig field: `--ratio`, `--agent-seed`."""
     return "--" + FLAG_NAMES.get(field, field.replace("_", "-"))
@@ -251,32 +260,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="time one denoising step against the baseline and peers", formatter_class=formatter,
         description="Time one denoising step (a UNet or transformer forward of a classifier-free-guidance batch;\n"
-        "Flux.1-dev, guidance-distilled: one sample per image) of the real SD and Flux architectures with\n"
-        "random weights, every method interleaved in one run.",
+        "Flux.1-dev, guidance-distilled: one sample per image; Wan: one of the two transformer calls of a step,\n"
+        "one sample per video) of the real SD, Flux and Wan architectures with random weights, every method\n"
+        "interleaved in one run.",
         epilog=_bench_epilog(),
     )  # fmt: skip
     archs = list(DEFAULT_PRESETS)  # every architecture the benchmark builds, the tiny stand-ins too
     bench.add_argument("--arch", nargs="+", default=["sd15"], choices=archs, metavar="ARCH", dest="arch_names",
                        action=_ArchAtDepth,
-                       help=f"{', '.join(archs)} (tiny*: toy widths of sd15, sd21, sdxl, sd35-medium, pixart-sigma "
-                       "and flux-dev, for trying the harness; the sizes each takes: see --sizes)")  # fmt: skip
+                       help=f"{', '.join(archs)} (wan*: the Wan 2.1 T2V 1.3B and 14B and Wan 2.2 TI2V 5B video "
+                       "transformers; tiny*: toy widths of sd15, sd21, sdxl, sd35-medium, pixart-sigma, flux-dev, "
+                       "wan2.1 and wan2.2, for trying the harness; the sizes each takes: see --sizes)")  # fmt: skip
     bench.add_argument(
         "--blocks", type=int, metavar="K", action=_ArchAtDepth,
-        help="build the diffusion transformers (sd35-*, pixart-sigma, flux-dev) at their first K blocks, real widths "
-        "kept: speed per block, for models too large for memory (SD 3.5 Medium's first 13 blocks are "
+        help="build the diffusion transformers (sd35-*, pixart-sigma, flux-dev, wan*) at their first K blocks, real "
+        "widths kept: speed per block, for models too large for memory (SD 3.5 Medium's first 13 blocks are "
         "dual-attention, as in the model; flux-dev: K double-stream and 2K single-stream blocks, K up to 19); "
         "UNets are built whole",
     )  # fmt: skip
     bench.set_defaults(arch=["sd15"])
     bounded = ", ".join(f"{arch} up to {largest_size(arch)}" for arch in ALL_TRANSFORMERS if largest_size(arch))
+    images = ", ".join(arch for arch, spec in ALL_TRANSFORMERS.items() if not spec.video)
     bench.add_argument(
         "--sizes",
         nargs="+",
+        type=bench_size,
+        metavar="SIZE",
+        help=f"image sides in pixels (PX, a square), multiples of 8; the image transformers ({images}) take "
+        f"multiples of 16, {bounded}. Videos (wan*): HxW, height x width in pixels (one PX: a square video), "
+        "multiples of 16 (wan2.2-5b: of 32, its VAE compresses 16x); default: 512 for images, 480x832 (480p) for "
+        "videos",
+    )
+    bench.add_argument(
+        "--frames",
+        nargs="+",
         type=int,
-        metavar="PX",
-        default=[512],
-        help=f"image sides in pixels, multiples of 8; the transformers ({', '.join(ALL_TRANSFORMERS)}) take "
-        f"multiples of 16, {bounded}",
+        metavar="F",
+        help="video frames of the video transformers (wan*), 4k+1 as the Wan pipelines' num_frames: (F-1)/4+1 "
+        "latent frames (17 frames: 5 latent, 81: 21); every size is timed at every count; default: 81",
     )
     bench.add_argument(
         "--batches",
@@ -284,13 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         default=[1],
-        help="images per prompt (model batch x2, for guidance; flux-dev x1)",
+        help="images per prompt (model batch x2, for guidance; flux-dev x1; wan*: videos, one of a step's two "
+        "transformer calls, x1)",
     )
     bench.add_argument("--methods", nargs="+", choices=METHODS + OPTIONAL_METHODS, metavar="METHOD",
                        help="methods to time (listed below); default: every method that runs here")  # fmt: skip
     bench.add_argument(
         "--preset",
-        help="agentsd preset name or YAML file; default per arch: paper, sd21, sdxl, sd3 (sd35-*), pixart, flux",
+        help="agentsd preset name or YAML file; default per arch: paper, sd21, sdxl, sd3 (sd35-*), pixart, flux, "
+        "wan (wan*)",
     )
     bench.add_argument("--repeats", type=int, default=3, help="timed rounds per method (the median is reported)")
     bench.add_argument(

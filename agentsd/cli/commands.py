@@ -188,20 +188,37 @@ def _check_bench_args(args: argparse.Namespace, device) -> None:
 
     from ..api.presets import load_preset
     from ..bench import benchmark
-    from ..bench.transformer_models import size_problem
+    from ..bench.transformer_models import sides, size_problem
+    from ..bench.wan_models import frames_problem
     from ..core.config import AgentSDConfig
 
     _check_positive("--repeats", args.repeats)
     _check_positive("--warmup", args.warmup, minimum=0)
     for batch in args.batches:
         _check_positive("--batches", batch)
-    for size in args.sizes:
-        if size <= 0 or size % 8:
-            raise UsageError(f"--sizes {size} is not a positive multiple of 8: use e.g. 512 or 768.")
-    for arch in filter(benchmark.is_transformer, args.arch):
-        for size in args.sizes:
-            if problem := size_problem(arch, size):
-                raise UsageError(f"--sizes {size}: {problem}.")
+    for size in args.sizes or ():
+        shown = "x".join(map(str, sides(size))) if isinstance(size, tuple) else str(size)
+        if any(side <= 0 or side % 8 for side in sides(size)):
+            raise UsageError(
+                f"--sizes {shown} is not a positive multiple of 8: use e.g. 512 or 768 (480x832 for videos)."
+            )
+        for arch in args.arch:
+            if benchmark.is_transformer(arch):
+                problem = size_problem(arch, size)
+            elif isinstance(size, tuple) and size[0] != size[1]:
+                problem = (
+                    f"{arch} takes square images: give one side, e.g. 512 (HxW sizes are for the video transformers)"
+                )
+            else:
+                continue
+            if problem:
+                raise UsageError(f"--sizes {shown}: {problem}.")
+    if args.frames is not None:
+        if not any(map(benchmark.is_video, args.arch)):
+            raise UsageError("--frames applies to the video transformers (wan*) only: add one to --arch or drop it.")
+        for frames in args.frames:
+            if problem := frames_problem(frames):
+                raise UsageError(f"--frames {frames}: {problem}.")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = load_preset(args.preset) if args.preset else AgentSDConfig()
     _check_backend(config, device)
@@ -253,6 +270,7 @@ def _bench(args: argparse.Namespace) -> int:
                 dtype=dtype,
                 compile=args.compile,
                 on_rows=save,
+                frames=args.frames,
             )
     except KeyboardInterrupt:
         from ..api.words import plural

@@ -5,7 +5,7 @@ folder to commit (`docs/bench/gpu-<device>/` by default), or takes such a folder
 already, reads every part's results.json and the run's suite.json there, and replaces the
 text between marker comments: the GPU section of docs/benchmarks.md (`DOCS_MARKERS`) and the
 README's performance table (`README_MARKERS`). Every number comes from the files; the
-targets are read off the rows by `results.target_checks`.
+targets are read off the rows by `targets.target_checks`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..bench.results import CEILING_TARGET, TARGETS_FROM, target_checks
+from ..bench.targets import CEILING_TARGET, TARGETS_FROM, target_checks
 from . import pack
 from .common import PART_NAMES, format_cell
 from .summary import SUITE_JSON, scenario_table
