@@ -437,3 +437,31 @@ def test_flux_scenarios_follow_sd35_and_the_budget_skips_them_when_they_cannot_f
     decision = Budget(120, estimate.priors(False)).decide(cost)
     assert not decision.runs and "1 build:flux-dev x 120.0 s (prior)" in decision.reason
     assert decision.reason.endswith("> 120 s left of the 120 s budget")
+
+
+def test_flop_table_reads_the_share_of_the_products_and_the_bounds(tmp_path):
+    """scripts/flop_table.py on the tiny Wan transformer (1 block) at 112x208 px: a step is its two
+    calls, the products' share and bounds follow from the meta-device counts of each method, the
+    files record the command, and a size it cannot take is left out, saying why."""
+    from agentsd.suite import flops
+
+    row = flops.step_flops("tiny-wan:1", (112, 208), 81)
+    counted = {m: estimate.call_flops("tiny-wan:1", (112, 208), 1, m, None, 81)
+               for m in ("baseline", "ceiling-products", "ceiling", "agentsd-agent")}  # fmt: skip
+    tokens, channels = 21 * 7 * 13, 24
+    assert row["calls"] == 2 and row["tokens"] == tokens
+    assert row["baseline_tflop"] == pytest.approx(2 * counted["baseline"] / 1e12)
+    assert row["products_share"] == pytest.approx(2 * 2 * tokens**2 * channels / counted["baseline"])
+    assert row["products_bound"] == pytest.approx(counted["baseline"] / counted["ceiling-products"])
+    assert row["agent_speedup"] == pytest.approx(counted["baseline"] / counted["agentsd-agent"])
+    out = tmp_path / "flops"
+    script = ROOT / "scripts" / "flop_table.py"
+    done = subprocess.run([sys.executable, str(script), "--arch", "tiny-wan", "--blocks", "1", "--sizes", "112x208",
+                           "112x200", "--frames", "81", "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "| tiny-wan, 1 block | 112x208, 81 frames (21 latent) | 1911 | 2 |" in done.stdout
+    assert "Left out: tiny-wan:1 at 112x200: tiny-wan takes sides that are multiples of 16" in done.stdout
+    data = json.loads((out / "results.json").read_text())
+    assert data["command"].startswith("python scripts/flop_table.py --arch tiny-wan") and len(data["rows"]) == 1
+    assert data["rows"][0]["products_share"] == pytest.approx(row["products_share"])
