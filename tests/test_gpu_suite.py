@@ -23,13 +23,13 @@ from agentsd.bench.results import RUN_FIELDS
 from agentsd.suite import DEFAULT_ORDER, PART_NAMES, SCENARIOS, breakeven, estimate, gpu_tests, pack, report, runner
 from agentsd.suite import step as step_scenarios
 from agentsd.suite.budget import Budget
-from agentsd.suite.common import PartContext
+from agentsd.suite.common import Outcome, PartContext
 from agentsd.suite.scenarios import Scenario
 
 ROOT = Path(__file__).parents[1]
 WRAPPER = ROOT / "scripts" / "gpu_run.sh"
 PLOTS = {"sd15": "speedup.png", "sdxl": "speedup.png", "sd35": "speedup.png", "flux": "speedup.png",
-         "sd15-highres": "speedup.png",
+         "wan": "speedup.png", "sd15-highres": "speedup.png",
          "sd15-compile": "speedup.png", "sd15-compile-ceiling": "speedup.png", "pipeline": "pipeline.png",
          "breakeven": "breakeven.png"}  # fmt: skip
 # Numeric fields every row of a part carries.
@@ -94,6 +94,7 @@ def test_out_holds_a_few_plain_files_and_the_archive_every_part(suite_run, tmp_p
     summary = (out / pack.SUMMARY).read_text()
     assert "## Headline" in summary and all(f"| {name} |" in summary for name in DEFAULT_ORDER)
     assert "sd15-2048: done" in (out / pack.LOG).read_text()
+    assert "attention on the dispatcher's native backend" in summary  # the Wan scenario's baseline and agentsd
 
 
 def test_every_part_writes_its_files_and_fields(suite_run, tmp_path):
@@ -138,6 +139,15 @@ def test_parts_hold_their_scenarios_methods_and_the_recommendation(suite_run, tm
         ("tiny-flux", 256, "flux", None, "float32"), ("tiny-flux", 512, "flux", None, "float32")}  # fmt: skip
     assert {r["method"] for r in flux} == {"baseline", "agentsd-agent", "agentsd-tome", "agentsd-schedule", "ceiling"}
     assert all(r["agentsd_acted"] for r in flux if r["method"].startswith("agentsd"))
+    # The Wan scenario on the tiny Wan transformer (fp32 on the CPU): 480x832 / 4 down to whole
+    # 16 px tokens, 112x208 (7x13 tokens a frame), 81 frames: 21 x 7 x 13 = 1,911 tokens.
+    wan = rows("wan")
+    assert {(r["arch"], r["size"], r["width"], r["frames"], r["preset"], r["blocks"], r["dtype"]) for r in wan} == {
+        ("tiny-wan", 112, 208, 81, "wan", None, "float32")}  # fmt: skip
+    assert {r["method"] for r in wan} == {"baseline", "agentsd-agent", "agentsd-tome", "agentsd-schedule",
+                                          "ceiling-products"}  # fmt: skip
+    assert all(r["agentsd_acted"] for r in wan if r["method"].startswith("agentsd"))
+    assert "of ceiling-products' speedup" in (folder / "wan" / "results.md").read_text()
     assert {"baseline+compile", "agentsd-agent+compile"} <= {r["method"] for r in rows("sd15-compile")}
     assert {m for r in rows("sd15-compile-ceiling") if "+" in (m := r["method"])} == {"baseline+compile",
                                                                                         "ceiling+compile"}  # fmt: skip
@@ -228,6 +238,8 @@ def test_report_unpacks_the_archive_and_writes_between_the_markers(suite_run, tm
     for title in ("### Targets", "### SD 1.5, one denoising step", "### SD 1.5 at 2048 px: `highres`",
                   "### SD 3.5 Medium, the whole transformer (`sd3` preset)", "| sd35-2048 | done |",
                   "### Flux.1-dev, the whole transformer in bf16 (`flux` preset)", "| flux-2048 | done |",
+                  "### Wan 2.1 1.3B, the whole transformer in bf16 (`wan` preset)", "| wan-480p | done |",
+                  "| wan | tiny-wan 112x208 px, 81 frames (21 latent) x1 | agent phase: ",
                   "### A whole generation, DDIM", "Recommended `min_tokens`", "### GPU tests", "tests/test_gpu.py::",
                   "| compile-ceiling-1024 | done |"):  # fmt: skip
         assert title in section, title
@@ -415,7 +427,7 @@ def test_flux_scenarios_follow_sd35_and_the_budget_skips_them_when_they_cannot_f
     12 B model on the meta device takes a while)."""
     order = list(DEFAULT_ORDER)
     after = order.index("sd35-2048") + 1
-    assert order[after : after + 2] == ["flux-1024", "flux-2048"] and order[after + 2] == "highres-2048"
+    assert order[after : after + 3] == ["flux-1024", "flux-2048", "wan-480p"] and order[after + 3] == "highres-2048"
     # The short CUDA tests and the break-even grids come before the transformers, after SDXL.
     assert order.index("sdxl-2048") < order.index("tests") < order.index("breakeven-8") < order.index("sd35-1024")
     for name in ("flux-1024", "flux-2048"):
@@ -431,12 +443,64 @@ def test_flux_scenarios_follow_sd35_and_the_budget_skips_them_when_they_cannot_f
     monkeypatch.setattr(estimate, "call_flops", lambda *call: counted.append(call) or 50e12)
     cost = SCENARIOS["flux-1024"].cost(False, None)
     assert {(arch, size, images) for arch, size, images, *_ in counted} == {("flux-dev", 1024, 1)}
-    assert {method for _, _, _, method, _ in counted} == {"baseline", "agentsd-agent", "agentsd-tome", "ceiling"}
+    assert {method for _, _, _, method, *_ in counted} == {"baseline", "agentsd-agent", "agentsd-tome", "ceiling"}
     assert cost == {"flop": 4 * 12 * 50e12, "call": 4 * 12, "build:flux-dev": 1.0}  # 10 repeats + 2 warm-ups each
     assert "build:flux-dev" not in SCENARIOS["flux-2048"].cost(False, "flux-dev")  # the model cache holds it
     decision = Budget(120, estimate.priors(False)).decide(cost)
     assert not decision.runs and "1 build:flux-dev x 120.0 s (prior)" in decision.reason
     assert decision.reason.endswith("> 120 s left of the 120 s budget")
+
+
+def test_estimate_counts_what_the_wan_bounds_remove():
+    """The tiny Wan transformer at 112x208 px and 81 frames (the --tiny wan-480p): N = 21 x 7 x 13 =
+    1,911 video tokens, C = 24, one sample. Each of its 2 blocks' self-attention: 4 projections
+    of 2 N C^2 FLOPs and 2 products of 2 N^2 C; `ceiling-products` removes the products only,
+    `ceiling` the whole layer (QK norms and rotary embeddings are not matrix products)."""
+    size, frames = (112, 208), 81
+
+    def counted(method):
+        return estimate.call_flops("tiny-wan", size, 1, method, None, frames)
+
+    tokens, channels = 21 * 7 * 13, 24
+    products = 2 * 2 * tokens**2 * channels
+    projections = 4 * 2 * tokens * channels**2
+    assert counted("baseline") - counted("ceiling-products") == 2 * products
+    assert counted("baseline") - counted("ceiling") == 2 * (products + projections)
+    assert counted("agentsd-agent") < counted("agentsd-tome") < counted("baseline")
+
+
+def test_wan_scenario_follows_flux_and_is_skipped_where_its_memory_does_not_fit(tmp_path, monkeypatch):
+    """wan-480p: the whole Wan 2.1 1.3B (1.42 B parameters, 30 blocks) in bf16 on CUDA, 81 frames at
+    480x832, estimated from its FLOPs (every timed call counted on the meta device, its build) and
+    its peak memory (the model drawn in fp32: at least 4 bytes a parameter); on a device with less
+    memory than that, the run skips it, saying both, and goes on."""
+    scenario = SCENARIOS["wan-480p"]
+    assert scenario.part == "wan" and (scenario.model(False), scenario.model(True)) == ("wan2.1-1.3b", "tiny-wan")
+    plans = []
+    monkeypatch.setattr(step_scenarios, "run_scenario", lambda part, plan, context: plans.append(plan) or Outcome())
+    assert scenario.run(None).headline.startswith("; attention on the dispatcher's ")
+    cuda, cpu = (PartContext(ROOT, False, torch.device(kind), ROOT) for kind in ("cuda", "cpu"))
+    assert plans[0].sizes == ((480, 832),) and plans[0].frames == (81,)
+    assert (plans[0].dtype(cuda), plans[0].dtype(cpu)) == (torch.bfloat16, torch.float32)
+    assert set(plans[0].methods) == {"baseline", "agentsd-agent", "agentsd-tome", "ceiling-products"}
+    parameters = sum(p.numel() for p in estimate.meta_model("wan2.1-1.3b").parameters())
+    assert 1.3e9 < parameters < 1.5e9  # "1.3B"
+    assert 4 * parameters <= scenario.memory(False) < 16 * 2**30
+    # A call's self-attention products: 30 blocks x 2 products of 2 N^2 C over N = 21 x 30 x 52 =
+    # 32,760 tokens of C = 1536, about 70 % of the call (the issue's figure for Wan 2.1 1.3B at 480p).
+    baseline = estimate.call_flops("wan2.1-1.3b", (480, 832), 1, "baseline", None, 81)
+    products = baseline - estimate.call_flops("wan2.1-1.3b", (480, 832), 1, "ceiling-products", None, 81)
+    assert products == 30 * 2 * 2 * 32760**2 * 1536 and 0.69 < products / baseline < 0.71
+    monkeypatch.undo()
+
+    monkeypatch.setattr(estimate, "device_memory", lambda device: 2**20)  # 1 MiB: nothing fits
+    code, out, suite = tiny_run(tmp_path, 900, ["wan-480p", "sd15-512"])
+    assert code == 0
+    status = {s["name"]: s for s in suite["scenarios"]}
+    assert status["wan-480p"]["status"] == "skipped" and status["sd15-512"]["status"] == "done"
+    need = scenario.memory(True) / 2**20  # under a GiB: said in MiB
+    assert status["wan-480p"]["reason"] == f"needs about {need:.1f} MiB (its peak-memory estimate) > 1.0 MiB on cpu"
+    assert f"- wan-480p (skipped): {status['wan-480p']['reason']}" in (out / pack.SUMMARY).read_text()
 
 
 def test_flop_table_reads_the_share_of_the_products_and_the_bounds(tmp_path):

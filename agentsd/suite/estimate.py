@@ -3,7 +3,8 @@
 The FLOPs of every timed call are counted on the meta device (`flops.py`): the model call (UNet
 or transformer) of every method of a one-step scenario, the UNet steps, VAE decode and text
 encoder of every generation of a pipeline scenario. Builds, compilations, the breakeven timings
-and the pytest subprocesses are counted as such.
+and the pytest subprocesses are counted as such. A video scenario also states its peak memory
+(`video_step_memory`), which the run checks against the device's before it starts it.
 
 `PRIORS` are the seconds per unit on one H100 before anything is measured, deliberately
 pessimistic; `TINY_PRIORS` the same for --tiny on a CPU. A run replaces them by what it
@@ -14,13 +15,16 @@ measures. `--estimate` prints every scenario's prior estimate against the budget
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..bench import wan_models
+from ..bench.transformer_models import sides
 from . import breakeven, full_generation, gpu_tests, step
 from .budget import Cost
-from .flops import call_flops
+from .flops import call_flops, meta_model
 
 # An effective fp16 rate well under the H100's dense peak (~990 TFLOP/s): eager SD UNets
 # reach a fraction of it (small kernels, head dims of 40-64).
@@ -28,7 +32,8 @@ THROUGHPUT = 100e12
 CALL_OVERHEAD = 0.02  # s per UNet call: ~1,500 eager kernel launches
 # Random init of the weights (SD 3.5 Medium's 2.5 B parameters as SDXL's 2.6 B; Flux.1-dev's
 # 12 B drawn in fp32, 48 GB, then cast to bf16).
-BUILD_S = {"sd15": 20.0, "sd21": 20.0, "sdxl": 60.0, "sd35-medium": 60.0, "flux-dev": 120.0, "pipeline": 40.0}
+BUILD_S = {"sd15": 20.0, "sd21": 20.0, "sdxl": 60.0, "sd35-medium": 60.0, "flux-dev": 120.0, "wan2.1-1.3b": 20.0,
+           "pipeline": 40.0}  # fmt: skip
 COMPILE_S = 150.0  # one inductor compilation of a whole UNet
 TIMING_S = 1.5  # one breakeven timing: its budget of calls (`min_run_time`) x 1.5, for the warm-up block
 PRIORS: dict[str, float] = dict(flop=1 / THROUGHPUT, call=CALL_OVERHEAD, compile=COMPILE_S, seconds=1.0,
@@ -50,19 +55,49 @@ def step_cost(plan: step.StepPlan, tiny: bool, built: str | None = None) -> Cost
     repeats, warmup = step.rounds(tiny)
     flops, calls = 0.0, 0
     for size in run.sizes:
-        for images in run.batches:
-            for method in run.methods:
-                flops += (repeats + warmup) * call_flops(run.arch, size, images, method, run.preset)
-                calls += repeats + warmup
-            for method in run.compiled:
-                flops += (repeats + max(warmup, 1)) * call_flops(run.arch, size, images, method, run.preset)
-                calls += repeats + max(warmup, 1)
+        for frames in run.frames or (None,):
+            for images in run.batches:
+                for method in run.methods:
+                    flops += (repeats + warmup) * call_flops(run.arch, size, images, method, run.preset, frames)
+                    calls += repeats + warmup
+                for method in run.compiled:
+                    counted = call_flops(run.arch, size, images, method, run.preset, frames)
+                    flops += (repeats + max(warmup, 1)) * counted
+                    calls += repeats + max(warmup, 1)
     cost = dict(flop=flops, call=float(calls))
     if built != run.arch:
         cost[f"build:{plan.arch}"] = 1.0
     if run.compiled:
         cost["compile"] = float(len(run.compiled))
     return cost
+
+
+def video_step_memory(plan: step.StepPlan, tiny: bool) -> float:
+    """Peak bytes of a video one-step scenario (a Wan transformer), pessimistic: the larger of the
+    model drawn in fp32 before its cast (4 bytes a parameter), and its weights in the plan's dtype
+    with one block's activations of the largest call: per token a dozen model widths (hidden
+    states, their normalized copy, queries, keys, values, attention output, residuals) and three
+    feed-forward widths, in that dtype, and on Wan 2.2 the per-token timestep embeddings (six
+    widths, in fp32, twice). The parameters are counted on the meta device."""
+    run = step.tiny_plan(plan) if tiny else plan
+    model = meta_model(run.arch)
+    config = model.config
+    size = 4 if tiny else (plan.cuda_dtype or torch.float16).itemsize  # the CPU (--tiny) runs fp32
+    parameters = sum(p.numel() for p in model.parameters())
+    width = config.num_attention_heads * config.attention_head_dim
+    grids = [wan_models.token_grid(config, *sides(s), f) for s in run.sizes for f in run.frames or (81,)]
+    tokens = max(f * h * w for f, h, w in grids) * max(run.batches)
+    per_token = size * (12 * width + 3 * config.ffn_dim)
+    if wan_models.is_wan22(config):
+        per_token += 2 * 4 * 6 * width
+    return float(max(4 * parameters, size * parameters + tokens * per_token))
+
+
+def device_memory(device: torch.device) -> float:
+    """Bytes of memory on `device`: the GPU's total, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 @functools.cache

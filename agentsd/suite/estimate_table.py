@@ -22,20 +22,23 @@ def estimates(names: Sequence[str], tiny: bool, budget_s: float) -> list[dict[st
         total += seconds
         built = scenario.model(tiny) or built
         tflop = cost.get("flop", 0.0) / 1e12
+        memory = scenario.memory(tiny) / 2**30 if scenario.memory else None
         rows.append(dict(scenario=name, about=scenario.about, tflop=tflop, calls=int(cost.get("call", 0)),
-                         seconds=seconds, total=total, fits=total <= budget_s))  # fmt: skip
+                         seconds=seconds, total=total, fits=total <= budget_s, memory_gib=memory))  # fmt: skip
     return rows
 
 
 def markdown(rows: list[dict[str, Any]], budget_s: float) -> str:
     """The estimates as a Markdown table, the running total checked against the budget."""
-    lines = ["| scenario | measures | TFLOP timed | model calls | prior s | running total s | within the budget |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| scenario | measures | TFLOP timed | model calls | prior s | running total s | within the budget | "
+             "peak GiB (where estimated) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         tflop = f"{row['tflop']:,.0f}" if row["tflop"] >= 1 else ""
         calls = str(row["calls"]) if row["calls"] else ""
         fits = "yes" if row["fits"] else "no"
-        cells = [row["scenario"], row["about"], tflop, calls, f"{row['seconds']:.0f}", f"{row['total']:.0f}", fits]
+        memory = "" if row["memory_gib"] is None else f"{row['memory_gib']:.1f}"
+        cells = [row["scenario"], row["about"], tflop, calls, f"{row['seconds']:.0f}", f"{row['total']:.0f}", fits,
+                 memory]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     total = rows[-1]["total"] if rows else 0.0
     lines.append("")

@@ -26,7 +26,7 @@ from ..bench.results import run_info
 from . import estimate, estimate_table, pack
 from .budget import Budget
 from .common import PartContext, measured_dtype
-from .scenarios import DEFAULT_ORDER, SCENARIOS
+from .scenarios import DEFAULT_ORDER, SCENARIOS, Scenario
 from .step import ModelCache
 from .summary import SUITE_JSON, Record, RunInfo, suite_json, summary_markdown
 
@@ -78,6 +78,12 @@ def run_scenarios(run: SuiteRun, budget: Budget, context: PartContext) -> bool:
             continue
         decision = budget.decide(cost)
         record.estimate_s = round(decision.estimate_s, 1)
+        too_large = _memory_problem(scenario, context)
+        if too_large:
+            record.status, record.reason = "skipped", too_large
+            logger.warning("%s: skipped: %s", record.name, too_large)
+            run.write(archive=False)
+            continue
         if not decision.runs:
             record.status, record.reason = "skipped", decision.reason
             logger.warning("%s: skipped: %s", record.name, decision.reason)
@@ -111,6 +117,20 @@ def run_scenarios(run: SuiteRun, budget: Budget, context: PartContext) -> bool:
         run.info.used_s = budget.elapsed()
         run.write()
     return not any(r.status == "failed" for r in run.records)
+
+
+def _memory_problem(scenario: Scenario, context: PartContext) -> str:
+    """Why `scenario` would not fit in the device's memory by its own estimate, or ""."""
+    if scenario.memory is None:
+        return ""
+    need, have = scenario.memory(context.tiny), estimate.device_memory(context.device)
+    if need <= have:
+        return ""
+    return f"needs about {_bytes(need)} (its peak-memory estimate) > {_bytes(have)} on {context.device}"
+
+
+def _bytes(count: float) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def build_parser() -> argparse.ArgumentParser:

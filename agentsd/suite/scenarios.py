@@ -14,6 +14,10 @@ Default order (`DEFAULT_ORDER`), most wanted first:
                                       baseline, agent and ToMe phases (and schedule), ceiling
      flux-1024, flux-2048             the whole Flux.1-dev transformer bf16 (12 B parameters, 24 GB)
                                       with the `flux` preset, the same methods
+     wan-480p                         the whole Wan 2.1 1.3B transformer bf16, 81 frames at 480x832
+                                      (32,760 tokens), `wan` preset: baseline (Wan's processor on the
+                                      dispatcher's default backend), agent and ToMe phases (and
+                                      schedule), ceiling-products; its peak memory checked first
   6. highres-2048                     `highres` and the two-level ceiling at 2048 px
   7. compile-agent-1024, compile-ceiling-1024, tests-compile
                                       baseline, agent phase and ceiling under torch.compile at
@@ -29,7 +33,7 @@ Not in the default order (run them with --scenarios): sd21-768, pipeline-1024.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -50,6 +54,8 @@ class Scenario:
         cost: its prior units (`budget.Cost`), given --tiny and the architecture the model cache holds.
         run: runs it and writes its part's files.
         model: the architecture it leaves in the model cache, given --tiny (None: none).
+        memory: its peak memory in bytes given --tiny, where it states one (`estimate.py`): the
+            run skips it, saying so, on a device with less.
     """
 
     name: str
@@ -58,6 +64,7 @@ class Scenario:
     cost: Callable[[bool, str | None], Cost]
     run: Callable[[PartContext], Outcome]
     model: Callable[[bool], str | None] = lambda tiny: None
+    memory: Callable[[bool], float] | None = None
 
 
 def _step(name: str, part: str, about: str, plan: StepPlan) -> Scenario:
@@ -110,6 +117,19 @@ def _flux(size: int) -> Scenario:
     return _step(f"flux-{size}", "flux", about, plan)
 
 
+def _wan(name: str, size: tuple[int, int], frames: int) -> Scenario:
+    plan = StepPlan("wan2.1-1.3b", (size,), (1,), step.WAN_METHODS, cuda_dtype=torch.bfloat16, frames=(frames,))
+    about = (f"Wan 2.1 1.3B transformer bf16, one of a step's 2 calls, {frames} frames at {size[0]}x{size[1]}, "
+             "`wan` preset: agentsd, ceiling-products, on the dispatcher's default backend")  # fmt: skip
+
+    def run(context: PartContext) -> Outcome:
+        outcome = step.run_scenario("wan", plan, context)
+        outcome.headline += f"; attention on the dispatcher's {step.dispatcher_backend()} backend"
+        return outcome
+
+    return replace(_step(name, "wan", about, plan), run=run, memory=lambda tiny: estimate.video_step_memory(plan, tiny))
+
+
 COMPILED_AGENT = StepPlan("sd15", (1024,), (1,), ("baseline", "agentsd-agent", "ceiling"),
                           compiled=("baseline", "agentsd-agent"))  # fmt: skip
 COMPILED_CEILING = StepPlan("sd15", (1024,), (1,), ("baseline", "ceiling"), compiled=("baseline", "ceiling"))
@@ -126,6 +146,7 @@ SCENARIOS: dict[str, Scenario] = {
         _sd35(2048),
         _flux(1024),
         _flux(2048),
+        _wan("wan-480p", (480, 832), 81),
         _tests("tests", "short", "the short CUDA tests: fp16/bf16 patch cycles, identical calls, host syncs"),
         _breakeven(2),
         _breakeven(8),
@@ -159,5 +180,5 @@ SCENARIOS: dict[str, Scenario] = {
     )
 }
 DEFAULT_ORDER = ("sd15-512", "sd15-1024", "sd15-2048", "sdxl-1024", "sdxl-2048", "tests", "breakeven-2",
-                 "breakeven-8", "sd35-1024", "sd35-2048", "flux-1024", "flux-2048", "highres-2048",
+                 "breakeven-8", "sd35-1024", "sd35-2048", "flux-1024", "flux-2048", "wan-480p", "highres-2048",
                  "compile-agent-1024", "compile-ceiling-1024", "tests-compile", "pipeline-512")  # fmt: skip

@@ -1,13 +1,13 @@
 """The one-step scenarios: `agentsd bench` runs (`benchmark.run_benchmark`) on the real UNets
 and diffusion transformers.
 
-Each scenario is one architecture at one image size (`StepPlan`), so the budget can stop
-between sizes. Its rows join those of its part (`sd15`, `sdxl`, `sd35`, `flux`, `sd15-highres`,
-`sd15-compile`, `sd15-compile-ceiling`, `sd21`), whose files are rewritten after every
-scenario. The model is built once per architecture and kept between scenarios (`ModelCache`):
-one model at a time, so the peak memory of a scenario holds its own weights only. A plan may
-name its dtype on CUDA (Flux.1-dev runs in bf16, as its pipeline does); on the CPU (--tiny)
-every model runs in fp32.
+Each scenario is one architecture at one image size (`StepPlan`; a video's height x width and
+frame count), so the budget can stop between sizes. Its rows join those of its part (`sd15`,
+`sdxl`, `sd35`, `flux`, `wan`, `sd15-highres`, `sd15-compile`, `sd15-compile-ceiling`, `sd21`),
+whose files are rewritten after every scenario. The model is built once per architecture and
+kept between scenarios (`ModelCache`): one model at a time, so the peak memory of a scenario
+holds its own weights only. A plan may name its dtype on CUDA (Flux.1-dev and Wan run in bf16,
+as their pipelines do); on the CPU (--tiny) every model runs in fp32.
 
 A compiled scenario times its methods eager and under torch.compile (inductor), one
 compilation per compiled method; the compiled agent phase's share of the compiled ceiling's
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..bench import benchmark
+from ..bench.transformer_models import Size, sides
 from .common import Outcome, PartContext
 from .flops import call_flops
 
@@ -34,14 +35,19 @@ SD15_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "tomesd", "ceiling"
 SDXL_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "tomesd", "ceiling")
 SD35_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "ceiling")  # tomesd patches UNets only
 FLUX_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "ceiling")
+# Wan: the bound of the attention products (projections kept) instead of the whole-layer ceiling,
+# what the video targets are read against.
+WAN_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "ceiling-products")
 HIGHRES_METHODS = ("baseline", "highres", "ceiling-2")
 REPEATS, WARMUP = 10, 2  # per method and scenario on the GPU
 # The tiny stand-ins (agentsd.testing, benchmark's tiny-*) of each architecture; in --tiny mode an
 # image side is divided by TINY_DIVISOR (2048 px -> 256 px: a 32x32 latent on the tiny UNet), a
 # transformer's by 4: its 2x2 patches halve the grid, and at 1024 px / 4 it is 16x16 = 256
-# tokens, where the `sd3` and `flux` presets start to act.
+# tokens, where the `sd3` and `flux` presets start to act. A video's height and width are divided
+# by 4 too, down to whole tokens (480x832 -> 112x208: 7x13 tokens a frame), its frames kept (81:
+# 21 x 7 x 13 = 1,911 tokens).
 TINY_ARCHS = {"sd15": "tiny", "sd21": "tiny-sd2", "sdxl": "tiny-sdxl", "sd35-medium": "tiny-sd35",
-              "flux-dev": "tiny-flux"}  # fmt: skip
+              "flux-dev": "tiny-flux", "wan2.1-1.3b": "tiny-wan"}  # fmt: skip
 TINY_DIVISOR = 8
 TINY_TRANSFORMER_DIVISOR = 4
 
@@ -51,22 +57,25 @@ class StepPlan:
     """One `run_benchmark` call: an architecture's scenario and the methods timed.
 
     Args:
-        arch: `sd15`, `sd21`, `sdxl`, `sd35-medium` or `flux-dev` (whole models).
-        sizes, batches: image sides and images per prompt (every combination is timed).
+        arch: `sd15`, `sd21`, `sdxl`, `sd35-medium`, `flux-dev` or `wan2.1-1.3b` (whole models).
+        sizes, batches: image sides (a video's (height, width)) and images per prompt (every
+            combination is timed).
         methods: the methods to time (those that cannot run here are left out).
         preset: the agentsd preset; None: the architecture's default (`paper`, `sd21`, `sdxl`,
             `sd3`, `flux`).
         compiled: the methods also timed under torch.compile.
         cuda_dtype: the dtype on CUDA; None: the suite's (fp16). The CPU runs fp32 whatever it says.
+        frames: a video's frame counts (4 k + 1), each timed at every size; () for images.
     """
 
     arch: str
-    sizes: tuple[int, ...]
+    sizes: tuple[Size, ...]
     batches: tuple[int, ...]
     methods: tuple[str, ...]
     preset: str | None = None
     compiled: tuple[str, ...] = ()
     cuda_dtype: torch.dtype | None = None
+    frames: tuple[int, ...] = ()
 
     def dtype(self, context: PartContext) -> torch.dtype:
         """The dtype the plan runs in on the context's device."""
@@ -75,10 +84,19 @@ class StepPlan:
 
 def tiny_plan(plan: StepPlan) -> StepPlan:
     """The plan on the tiny stand-in of its architecture, at sides divided by `TINY_DIVISOR`
-    (a transformer's by `TINY_TRANSFORMER_DIVISOR`)."""
+    (a transformer's by `TINY_TRANSFORMER_DIVISOR`; a video's down to whole 16 px tokens)."""
+    if benchmark.is_video(plan.arch):
+        sizes = tuple(tuple(max(64, side // TINY_TRANSFORMER_DIVISOR // 16 * 16) for side in sides(size))
+                      for size in plan.sizes)  # fmt: skip
+        return replace(plan, arch=TINY_ARCHS[plan.arch], sizes=sizes)
     divisor = TINY_TRANSFORMER_DIVISOR if benchmark.is_transformer(plan.arch) else TINY_DIVISOR
     sizes = tuple(max(64, size // divisor) for size in plan.sizes)
     return replace(plan, arch=TINY_ARCHS[plan.arch], sizes=sizes)
+
+
+def row_size(row: dict[str, Any]) -> Size:
+    """The size of a row's scenario as `run_benchmark` took it: a side, or a video's (height, width)."""
+    return row["size"] if row.get("frames") is None else (row["size"], row["width"])
 
 
 def rounds(tiny: bool) -> tuple[int, int]:
@@ -133,6 +151,19 @@ def xformers_runs(device: torch.device) -> bool:
     return True
 
 
+def dispatcher_backend() -> str:
+    """The backend diffusers' attention dispatcher runs when a model names none (`native`: torch's
+    SDPA, unless `DIFFUSERS_ATTN_BACKEND` says otherwise): the baseline's of the models whose
+    processors call the dispatcher (Flux, Wan), and agentsd's there."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        name = _AttentionBackendRegistry.get_active_backend()[0]
+    except (ImportError, AttributeError):  # a diffusers without the dispatcher, or with another registry
+        return "unknown"
+    return str(getattr(name, "value", name))
+
+
 def runnable(methods: tuple[str, ...], context: PartContext) -> list[str]:
     """`methods` without those that cannot run here (xformers off CUDA, not installed or not
     working; tomesd not installed)."""
@@ -185,6 +216,7 @@ def run_scenario(part: str, plan: StepPlan, context: PartContext) -> Outcome:
         progress=False,
         on_rows=save,
         build=lambda arch: context.models.get(arch, dtype),
+        frames=run.frames or None,
     )
     if not new:  # the scenario ran out of memory: the part's files are still written
         benchmark.write_results(rows, folder, context.command)
@@ -192,7 +224,7 @@ def run_scenario(part: str, plan: StepPlan, context: PartContext) -> Outcome:
     measured = {f"build:{plan.arch}": seconds for _, seconds in context.models.builds[builds_before:]}
     base = next((r for r in new if r["method"] == "baseline"), None)
     if base is not None:
-        flops = call_flops(run.arch, base["size"], base["batch"], "baseline", run.preset)
+        flops = call_flops(run.arch, row_size(base), base["batch"], "baseline", run.preset, base.get("frames"))
         measured["flop"] = base["median_ms"] / 1000 / flops
     baseline_ms, speedups = headline(new)
     return Outcome(headline=speedups, baseline_ms=baseline_ms, measured=measured)
