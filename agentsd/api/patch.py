@@ -27,7 +27,7 @@ import logging
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,11 +35,12 @@ from diffusers.models.attention_processor import Attention
 
 from ..core.attention import check_backend
 from ..core.config import AgentSDConfig
+from ..core.plans import Sequence
 from ..core.progress import Clock, ClockCache
 from ..core.state import AgentSDState
 from ..families import family, find_model
 from ..families.unet import attention_layers
-from ..processors.self_attention import AgentSDProcessor
+from ..processors.self_attention import CONTEXT_PARALLEL, AgentSDProcessor
 from .caller import calling_pipeline
 
 __all__ = ["attention_layers", "current_phase", "is_patched", "patch", "patched", "patched_config", "unpatch"]
@@ -403,7 +404,10 @@ class _BeginCall:
         clock = record.clock_of_call(module)
         _sync(record)
         call = family(record.family).read_call(module, args, kwargs)
-        record.state.begin_call(call.sample, call.timestep, call.grid, call.sequence, clock, self.names)
+        sequence = call.sequence
+        if getattr(module, "_parallel_config", None) is not None:  # `enable_parallelism`: every layer exact
+            sequence = replace(sequence or Sequence(), unfit=CONTEXT_PARALLEL)
+        record.state.begin_call(call.sample, call.timestep, call.grid, sequence, clock, self.names)
 
 
 class _EndCall:
