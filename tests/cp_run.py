@@ -19,9 +19,9 @@ torch.accelerator.device_count = lambda: 1
 
 def main(out: str, kind: str, order: str, mode: str = "ulysses") -> None:
     from diffusers import ContextParallelConfig
+    from test_context_parallel import PATCH, model_and_inputs
 
     import agentsd
-    from test_context_parallel import PATCH, model_and_inputs
 
     dist.init_process_group("gloo")
     model, inputs = model_and_inputs(kind)
