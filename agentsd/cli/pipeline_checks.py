@@ -49,7 +49,7 @@ def true_cfg_scale(pipeline: Any, value: float | None = None) -> float | None:
 
 
 class Request(Protocol):
-    """What the checks read of a run's settings (`generation.GenerationSettings` has it)."""
+    """What the checks read of a run's settings (`jobs.GenerationSettings` has it)."""
 
     model: str
     negative_prompt: str | None
