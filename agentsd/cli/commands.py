@@ -16,10 +16,10 @@ from .args import FLAG_NAMES, UsageError, build_parser, config_dest
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # What `agentsd env` reports: the stack, then the optional packages behind adapters and peers
-# (peft, xformers, tomesd, DeepCache) and behind `compare` and `bench`.
+# (peft, xformers, tomesd, DeepCache), behind `compare` and `bench`, and the MP4 writer of videos.
 ENV_PACKAGES = (
     "agentsd", "torch", "diffusers", "transformers", "accelerate", "safetensors", "peft", "xformers", "tomesd",
-    "DeepCache", "torchmetrics", "torch-fidelity", "torchvision", "matplotlib", "psutil",
+    "DeepCache", "torchmetrics", "torch-fidelity", "torchvision", "matplotlib", "psutil", "imageio", "imageio-ffmpeg",
 )  # fmt: skip
 
 __all__ = ["FLAG_NAMES", "UsageError", "agent_config", "build_parser", "environment", "main"]
@@ -126,6 +126,7 @@ def _check_scheduler(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from . import generation as gen
+    from .video import is_video
 
     _check_positive("--num-images", args.num_images)
     if args.compare and args.no_agent:
@@ -146,6 +147,8 @@ def _generate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_sequence_length=args.max_sequence_length,
         true_cfg_scale=args.true_cfg_scale,
+        frames=args.frames,
+        fps=args.fps,
     )
     dtype, device = _device_and_dtype(args)
     _check_backend(config, device)
@@ -161,11 +164,11 @@ def _generate(args: argparse.Namespace) -> int:
             pipe, jobs, out, settings, config, compare=args.compare, scheduler_name=args.scheduler, progress=True
         )
     except KeyboardInterrupt:
-        print(f"interrupted: the finished images are in {out}", file=sys.stderr)
+        print(f"interrupted: the finished {'videos' if is_video(pipe) else 'images'} are in {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     for run in runs:
         per_image = run.seconds_per_image
-        timing = f", {per_image:.3f} s/image" if per_image is not None else ""
+        timing = f", {per_image:.3f} s/{run.noun}" if per_image is not None else ""
         print(f"{run.label}: {len(run.written)} written, {len(run.skipped)} skipped in {run.folder}{timing}")
         if run.config is not None and run.activity.calls:
             from ..api.status import describe_phases
@@ -176,7 +179,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     timed = gen.speedup(*runs) if len(runs) == 2 else None
     if timed is not None:
-        print(f"speedup: {timed[0]:.2f}x (baseline / agentsd, over the {plural(timed[1], 'image')} both made)")
+        print(f"speedup: {timed[0]:.2f}x (baseline / agentsd, over the {plural(timed[1], runs[0].noun)} both made)")
     return 0
 
 

@@ -14,6 +14,7 @@ from ..api.patch import patched
 from ..api.status import Activity
 from ..core.config import AgentSDConfig
 from .loading import GenerationError, check_max_sequence_length
+from .video import check_fps, check_frames
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ def plan_jobs(prompts: Sequence[str], num_images: int, seed: int) -> list[ImageJ
 class GenerationSettings:
     """What every image of a run shares. `max_sequence_length`: the T5 prompt length of SD 3 /
     3.5, PixArt and Flux pipelines (None: the pipeline's default). `true_cfg_scale`: Flux's true
-    classifier-free guidance, which its negative prompt needs (None: the pipeline's default, off)."""
+    classifier-free guidance, which its negative prompt needs (None: the pipeline's default, off).
+    `frames`, `fps`: a video model's frame count (4 k + 1; None: the pipeline's default) and the
+    MP4's frame rate (None: `video.DEFAULT_FPS`); refused for image models."""
 
     model: str
     negative_prompt: str | None = None
@@ -50,6 +53,8 @@ class GenerationSettings:
     overwrite: bool = False
     max_sequence_length: int | None = None
     true_cfg_scale: float | None = None
+    frames: int | None = None
+    fps: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -61,12 +66,15 @@ class GenerationSettings:
         if self.batch_size <= 0:
             raise GenerationError(f"batch size {self.batch_size} must be positive.")
         check_max_sequence_length(self.max_sequence_length, None, "max_sequence_length")
+        check_frames(self.frames, "frames")
+        check_fps(self.fps, "fps")
 
 
 @dataclass
 class MethodRun:
     """One method of a run: its label, how the pipeline runs (an agentsd config, or any
-    `context(pipe)` such as another accelerator's patch), its folder and its timings."""
+    `context(pipe)` such as another accelerator's patch), its folder and its timings; `video`:
+    it makes videos (files `NAME.mp4`, see `video`), not images (`NAME.png`)."""
 
     label: str
     config: AgentSDConfig | None
@@ -77,6 +85,15 @@ class MethodRun:
     skipped: list[Path] = field(default_factory=list)
     activity: Activity = field(default_factory=Activity)
     phases: list[str] = field(default_factory=list)  # of each scheduler step of the latest pipeline call
+    video: bool = False
+
+    @property
+    def noun(self) -> str:
+        return "video" if self.video else "image"
+
+    def path(self, job: ImageJob) -> Path:
+        """The file that holds `job`'s output once it is done (written last)."""
+        return self.folder / f"{job.name}{'.mp4' if self.video else '.png'}"
 
     @property
     def seconds_per_image(self) -> float | None:

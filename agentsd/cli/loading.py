@@ -317,21 +317,24 @@ def check_seeds(first: int, count: int, flag: str = "--seed") -> None:
 
 def check_size(pipe: Any, width: int | None, height: int | None) -> None:
     """Refuse an image size the model cannot take: a diffusion transformer's latent must be whole
-    patches, so its sides are multiples of the VAE's factor times the patch side (16 for SD 3 and
-    PixArt); a UNet takes multiples of the VAE's factor (8), as `GenerationSettings` checks.
+    patches, so its sides are multiples of the VAE's factor times the patch side (16 for SD 3,
+    PixArt and Wan, whose patches are frames x rows x columns); a UNet takes multiples of the VAE's
+    factor (8), as `GenerationSettings` checks.
 
     Raises:
         GenerationError: naming the side, the multiple and the nearest size below that fits.
     """
     _, model = find_model(pipe)
     patch = model.config.get("patch_size") or 1
-    multiple = pipe.vae_scale_factor * patch
+    patch = patch[-1] if isinstance(patch, list | tuple) else patch  # Wan's (1, 2, 2)
+    scale = getattr(pipe, "vae_scale_factor", None) or pipe.vae_scale_factor_spatial  # Wan's: spatial and temporal
+    multiple = scale * patch
     for name, value in (("width", width), ("height", height)):
         if value is not None and value % multiple:
             fits = value - value % multiple or multiple
             raise GenerationError(
                 f"{name} {value} is not a multiple of {multiple}, which {type(model).__name__} needs (the VAE's "
-                f"{pipe.vae_scale_factor}x times its {patch}x{patch} patches): use e.g. {fits}."
+                f"{scale}x times its {patch}x{patch} patches): use e.g. {fits}."
             )
 
 
