@@ -1,7 +1,7 @@
-"""`agentsd generate` on a video model (the tiny Wan 2.1 pipeline saved to a folder): each video an
-MP4, a contact sheet and a sidecar; `--compare` pairs; and the input refused before any folder is
-made (a frame count Wan cannot make, the `video` extra missing, an image- or video-conditioned Wan
-model)."""
+"""`agentsd generate` and `agentsd compare` on a video model (the tiny Wan 2.1 pipeline saved to a
+folder): each video an MP4, a contact sheet and a sidecar; `--compare` pairs; compare's scores
+frame by frame; and the input refused before any folder is made (a frame count Wan cannot make, the
+`video` extra missing, an image- or video-conditioned Wan model, FID on videos)."""
 
 import json
 import sys
@@ -9,6 +9,7 @@ import sys
 import imageio
 import numpy as np
 import pytest
+import torch
 from cli_run import run_main
 from PIL import Image
 
@@ -213,4 +214,102 @@ def test_an_image_or_video_conditioned_wan_model_is_refused_naming_it(tmp_path, 
     out = tmp_path / "out"
     code, _, errors = run_main(capsys, "generate", "--model", folder, "--prompt", "a cat", *SIZE, "--out", out)
     assert code == 2 and f"loads as {pipeline}" in errors[0] and "text-to-video model" in errors[0], errors
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- agentsd compare
+
+
+@pytest.fixture(scope="module")
+def scored(model, tmp_path_factory):
+    """`compare` of the baseline and the `wan` preset on two prompts, 1 step (in the agent phase):
+    its folder and command line."""
+    from agentsd.cli.commands import main
+
+    out = tmp_path_factory.mktemp("compare") / "out"
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    argv = ["compare", "--model", model, "--prompts-file", prompts, "--steps", "1", "--frames", "17", *SIZE,
+            "--no-memory", "--out", out]  # fmt: skip
+    code = main([str(a) for a in argv])
+    assert code == 0
+    return out, argv
+
+
+def test_compare_scores_videos_frame_by_frame(scored):
+    """PSNR to the baseline, computed here with numpy on the frames imageio decodes: per frame,
+    averaged over the videos frame by frame (`per_frame`) and over every frame of every video."""
+    out = scored[0]
+    results = json.loads((out / "results.json").read_text())
+    baseline, wan = results["rows"]
+    assert (baseline["method"], wan["method"]) == ("baseline", "wan") and results["frames"] == 17
+    by_hand = []
+    for name in ("p0000_s0", "p0001_s1"):
+        frames = [read_video(out / "images" / method / f"{name}.mp4")[0] for method in ("baseline", "wan")]
+        by_hand.append([psnr(a, b) for a, b in zip(*frames, strict=True)])
+    assert wan["psnr"] == pytest.approx(np.mean(by_hand), rel=1e-4)
+    assert wan["per_frame"]["psnr"] == pytest.approx(np.mean(by_hand, axis=0).tolist(), rel=1e-4)
+    assert len(wan["per_frame"]["ssim"]) == 17 and 0 < wan["ssim"] < 1
+    assert "psnr" not in baseline and "fid" not in results["settings"]
+    assert results["settings"]["frames"] == 17 and results["settings"]["fps"] == 16
+    assert "FVD is not computed" in results["fvd"] and "I3D" in results["fvd"]
+    report = (out / "results.md").read_text()
+    assert "FVD is not computed" in report and "s/video" in report
+
+
+def test_the_clip_score_of_a_video_is_that_of_its_frames(scored, tmp_path, monkeypatch):
+    """Every decoded frame goes to torchmetrics' CLIPScore with its video's prompt. (CLIPScore itself
+    is stood in for: torchmetrics 1.9 runs no CLIP model under transformers 5, whose
+    `get_image_features` returns a model output, and loads no local folder without "openai" in its
+    path.)"""
+    import torchmetrics.multimodal.clip_score
+
+    from agentsd.cli.metrics import clip_score
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, model_name_or_path):
+            pass
+
+        def update(self, images, texts):
+            seen.extend(zip(images, texts, strict=True))
+
+        def compute(self):
+            return torch.tensor(21.5)
+
+    monkeypatch.setattr(torchmetrics.multimodal.clip_score, "CLIPScore", Recorder)
+    paths = [scored[0] / "images" / "wan" / f"{name}.mp4" for name in ("p0000_s0", "p0001_s1")]
+    assert clip_score(paths, ["a cat", "a dog"], tmp_path, batch_size=5) == 21.5  # batches across the videos
+    prompts = {"p0000_s0": "a cat", "p0001_s1": "a dog"}
+    expected = [(frame, prompts[path.stem]) for path in paths for frame in read_video(path)[0]]
+    assert len(seen) == len(expected) == 34
+    for (image, text), (frame, prompt) in zip(seen, expected, strict=True):
+        assert text == prompt and torch.equal(image, torch.from_numpy(frame).permute(2, 0, 1))
+
+
+def test_compare_samples_show_the_contact_sheets(scored):
+    samples = Image.open(scored[0] / "samples.png")
+    assert samples.size == (2 * 320, 2 * 256)  # 2 prompts x 2 methods, 640 x 512 sheets at 256 px high
+
+
+def test_a_compare_rerun_with_other_frames_is_refused(model, scored, capsys):
+    out, argv = scored
+    before = files(out)
+    at = argv.index("--frames")
+    code, _, errors = run_main(capsys, *argv[:at], "--frames", "13", *argv[at + 2 :])
+    assert code == 2 and "frames 17 (now 13)" in errors[0], errors
+    assert files(out) == before
+
+
+def test_fid_on_videos_is_refused_before_anything(model, tmp_path, capsys, monkeypatch):
+    from agentsd.cli import loading
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    out = tmp_path / "out"
+    code, _, errors = run_main(capsys, "compare", "--model", model, "--num-prompts", "1", *SIZE,
+                               "--reference", reference, "--out", out)  # fmt: skip
+    assert code == 2 and "--reference" in errors[0] and "FVD" in errors[0], errors
     assert not out.exists()

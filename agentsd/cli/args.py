@@ -321,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="output in --out: images/<method>/, results.json (with the settings the images were made with),\n"
         "results.md (also printed), fid_vs_time.png (needs matplotlib; skipped with a warning without it) and\n"
         "samples.png. A rerun resumes: it reuses the images made with the same settings (each image's .json\n"
-        "sidecar says how it was made) and stops, naming the settings, at images made with others.",
+        "sidecar says how it was made) and stops, naming the settings, at images made with others.\n"
+        "Video models (Wan): videos as generate writes them, scored frame by frame (PSNR, SSIM, LPIPS, CLIP);\n"
+        "FVD is not computed (it needs I3D weights that agentsd does not download), FID (--reference) refused.",
     )  # fmt: skip
     cmp.add_argument(
         "--model", default=DEFAULT_MODEL, help="hub id or local folder of a text-to-image model (SD 1.x, 2.x, XL, "

@@ -273,6 +273,8 @@ def _compare(args: argparse.Namespace) -> int:
     from . import compare as cmp
     from . import comparison
     from . import generation as gen
+    from .pipeline_checks import model_pipeline_class
+    from .video import is_video
 
     _check_positive("--images-per-class", args.images_per_class)
     _check_positive("--samples", args.samples)
@@ -296,6 +298,7 @@ def _compare(args: argparse.Namespace) -> int:
     settings = gen.GenerationSettings(
         model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
         batch_size=args.batch_size, overwrite=args.overwrite, max_sequence_length=args.max_sequence_length,
+        frames=args.frames, fps=args.fps,
     )  # fmt: skip
     scoring = comparison.ComparisonSettings(
         reference=args.reference, inception_weights=args.inception_weights, clip_model=args.clip_model,
@@ -304,6 +307,8 @@ def _compare(args: argparse.Namespace) -> int:
     dtype, device = _device_and_dtype(args, cmp.process_state().device)
     for method in methods:
         _check_backend(method.config, device, method.name)
+    if is_video(model_pipeline_class(args.model)):  # where model_index.json can be read without downloading
+        cmp.check_video_scoring(scoring)
     cmp.check_scoring(methods, scoring, device)  # a missing package or weight file fails before any work
     model_setup.check_model_settings(args, settings, len(prompts))
 
@@ -311,6 +316,8 @@ def _compare(args: argparse.Namespace) -> int:
         nonlocal methods
         methods = methods_for(model_setup.default_preset(args, pipe))
         comparison.check_methods(pipe, methods)
+        if is_video(pipe):
+            cmp.check_video_scoring(scoring)
         return [m.config for m in methods]
 
     pipe, _ = model_setup.load_pipeline(args, settings, dtype, device, Path(args.out), configs_for)
