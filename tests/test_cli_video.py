@@ -217,6 +217,25 @@ def test_an_image_or_video_conditioned_wan_model_is_refused_naming_it(tmp_path, 
     assert not out.exists()
 
 
+def test_flow_euler_keeps_the_flow_shift_of_wans_scheduler():
+    """Wan's models come with UniPC shifted by `flow_shift` (3.0 at 480p); `--scheduler flow-euler`
+    built from that config took FlowMatch's own `shift`, 1.0, and sampled an unshifted schedule."""
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from agentsd.cli.loading import set_scheduler
+
+    unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = SimpleNamespace(scheduler=unipc)
+    set_scheduler(pipe, "flow-euler")
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    for scheduler in (pipe.scheduler, reference):
+        scheduler.set_timesteps(4)
+    assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler and pipe.scheduler.config.shift == 3.0
+    assert torch.allclose(pipe.scheduler.sigmas, reference.sigmas)
+
+
 # ---------------------------------------------------------------- agentsd compare
 
 

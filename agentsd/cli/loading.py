@@ -230,8 +230,18 @@ def _scheduler_class(name: str) -> tuple[type, dict[str, Any]]:
     return cls, extra
 
 
+def _flow_shift(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The shift a flow-matching scheduler built from `config` keeps: Wan's models come with a UniPC
+    scheduler whose sigmas are shifted by `flow_shift` (3.0 at 480p), which FlowMatch schedulers
+    call `shift` (default 1.0: no shift at all)."""
+    if cls.__name__.startswith("FlowMatch") and "flow_shift" in config and "shift" not in config:
+        return {"shift": config["flow_shift"]}
+    return {}
+
+
 def set_scheduler(pipe: Any, name: str | None) -> None:
-    """Replace the pipeline's scheduler by name, keeping the model's noise schedule.
+    """Replace the pipeline's scheduler by name, keeping the model's noise schedule (and its flow
+    shift, `_flow_shift`).
 
     Raises:
         GenerationError: an unknown name, or one that does not fit the model (`check_scheduler_fits`).
@@ -240,7 +250,7 @@ def set_scheduler(pipe: Any, name: str | None) -> None:
         cls, extra = _scheduler_class(name)
         check_scheduler_fits(name, type(pipe.scheduler).__name__, pipe.scheduler.config)
         with no_config_warning():
-            pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+            pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra, **_flow_shift(cls, pipe.scheduler.config))
 
 
 def model_scheduler(model: str, name: str | None = None) -> Any | None:
@@ -259,7 +269,7 @@ def model_scheduler(model: str, name: str | None = None) -> Any | None:
         cls, extra = _scheduler_class(name)
         check_scheduler_fits(name, str(config.get("_class_name")), config)
         with no_config_warning():
-            return cls.from_config(config, **extra)
+            return cls.from_config(config, **extra, **_flow_shift(cls, config))
     cls = getattr(diffusers, str(config.get("_class_name")), None)
     return cls.from_config(config) if isinstance(cls, type) else None
 
