@@ -28,8 +28,9 @@ DEFAULT_FPS = 16  # Wan 2.1's and Wan 2.2 A14B's frame rate (Wan 2.2 TI2V 5B mak
 # Wan's VAEs encode the first frame alone, then every 4 frames into one latent frame: its models
 # make 4 k + 1 frames (diffusers' pipelines round any other count down, with a warning).
 TEMPORAL_FACTOR = 4
-# imageio's quality (1-10; libx264's crf = 51 (1 - quality / 10)): 8 is crf 10, visually lossless,
-# so the codec's loss stays far below the differences `compare` measures between two videos.
+# imageio's quality (1-10; libx264's crf = 51 (1 - quality / 10)): 8 is crf 10, visually lossless.
+# `compare` scores the decoded frames, so the codec's (small) loss is in the scores of both videos;
+# x264 is deterministic, so identical videos still decode identically.
 MP4_QUALITY = 8
 # The contact sheet shows every frame of a video of up to this many; of a longer one, every k-th
 # frame (the first and the last always), at most this many: 81 frames -> 21 (every 4th).
