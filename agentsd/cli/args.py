@@ -178,8 +178,8 @@ def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
     parser.add_argument(
         "--max-sequence-length",
         type=int,
-        help="T5 prompt tokens of SD 3/3.5, PixArt and Flux (fewer: faster, longer prompts cut); default: the "
-        "pipeline's (SD 3: 256, PixArt-Sigma: 300, PixArt-alpha: 120, Flux: 512)",
+        help="T5 prompt tokens of SD 3/3.5, PixArt, Flux and Wan (umT5) (fewer: faster, longer prompts cut); "
+        "default: the pipeline's (SD 3: 256, PixArt-Sigma: 300, PixArt-alpha: 120, Flux: 512, Wan: 512)",
     )
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--device", default="auto", help=device_help)
