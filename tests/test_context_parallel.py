@@ -1,11 +1,16 @@
-"""agentsd under diffusers' context parallelism (`enable_parallelism` with Ulysses), two processes
-on this CPU (`torchrun`, gloo over the loopback address; see cp_run.py for the one shim).
+"""agentsd under diffusers' context parallelism (`enable_parallelism`, Ulysses), two processes on
+this CPU (`torchrun`, gloo over the loopback address; cp_run.py holds the one shim).
 
-Each rank holds a shard of the video (Wan) or [text; image] (Flux) tokens. Until agentsd runs
-agent attention on shards, every patched layer must hand its calls to the processor it wraps, with
-the context-parallel configuration reaching that processor whichever was applied first, so the
-output is exactly the unpatched model's, and `status` says why."""
+Wan with whole token frames per rank runs agent attention on the shards: each rank merges its own
+frames by the same shard-local plan, the agents of both ranks gather from every rank's keys, and
+the ranks send each other only the agents and their partial outputs (`agentsd.core.sharded`); the
+ToMe phase attends exactly across the ranks' merged tokens through diffusers. Compared with the
+float64 reference of the same shard-local plan in one process (reference_wan.py), and the elements
+sent counted against the design. Where agentsd cannot act on the shards (Flux; Wan frames that do
+not split) every patched layer hands its calls to the processor it wraps, which gets the parallel
+configuration whichever came first: the output is the unpatched model's, and `status` says why."""
 
+import math
 import os
 import socket
 import subprocess
@@ -14,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_wan import reference_wan_sharded
 
 from agentsd.processors.self_attention import CONTEXT_PARALLEL
 
@@ -22,18 +28,24 @@ if not hasattr(diffusers, "ContextParallelConfig"):
     pytest.skip("this diffusers has no context parallelism", allow_module_level=True)
 
 TESTS = Path(__file__).parent
-PATCH = dict(min_tokens=0, agent_steps=1.0, st=2)
+RANKS = 2
+# The agent phase (2 x 4 x 4 boxes) and the ToMe phase (1 x 2 x 2 boxes), first-token destinations.
+PHASES = {
+    "agent": dict(min_tokens=0, agent_steps=1.0, st=2, agent_ratio=0.9, use_rand=False),
+    "tome": dict(min_tokens=0, agent_steps=0.0, late_st=1, use_rand=False),
+}
+FRAMES = {"wan": 4, "wan-odd": 5}  # token frames: 4 split into 2 per rank, 5 do not split
 
 
 def model_and_inputs(kind):
     """A tiny transformer of `kind` (the same weights in every process) and one call's inputs."""
     torch.manual_seed(0)
-    if kind == "wan":
+    if kind.startswith("wan"):
         from agentsd.testing.tiny_wan import TEXT_WIDTH, tiny_wan_transformer
 
         model = tiny_wan_transformer()
         inputs = dict(
-            hidden_states=torch.randn(1, 16, 5, 16, 16),
+            hidden_states=torch.randn(1, 16, FRAMES[kind], 16, 16),
             timestep=torch.tensor([900.0]),
             encoder_hidden_states=torch.randn(1, 16, TEXT_WIDTH),
         )
@@ -61,11 +73,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_ranks(tmp_path, kind, order, mode="ulysses"):
-    out = tmp_path / f"{kind}-{order}-{mode}.pt"
+def run_ranks(tmp_path, kind, order, phase="agent", mode="ulysses"):
+    out = tmp_path / f"{kind}-{order}-{phase}-{mode}.pt"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(TESTS / "cp_run.py"), str(out), kind, order, mode,
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(TESTS / "cp_run.py"), str(out), kind, order, phase, mode,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]), OMP_NUM_THREADS="1")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -73,12 +85,58 @@ def run_ranks(tmp_path, kind, order, mode="ulysses"):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("kind", ["wan", "flux"])
+class ShardedReference:
+    """A processor computing `reference_wan_sharded` in one process, as a Wan block calls `attn1`."""
+
+    def __init__(self, phase):
+        self.phase, self.agents = phase, []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        frames = hidden_states.shape[1] // 64  # the 8 x 8 token frames of a 128 px video
+        agent = self.phase == "agent"
+        out, used, n = reference_wan_sharded(
+            attn, hidden_states, rotary_emb, (frames // RANKS, 8, 8), (2, 4, 4) if agent else (1, 2, 2), RANKS,
+            ratio=0.4, agent_ratio=0.9 if agent else None,
+        )  # fmt: skip
+        assert used == agent
+        self.agents.append(n)
+        return out.to(hidden_states.dtype)
+
+
+@pytest.mark.parametrize("phase", ["agent", "tome"])
 @pytest.mark.parametrize("order", ["patch-first", "parallel-first"])
-def test_patched_layers_hand_sharded_calls_to_diffusers(tmp_path, kind, order):
+def test_wan_runs_agent_attention_on_the_shards(tmp_path, order, phase):
+    model, inputs = model_and_inputs("wan")
+    with torch.no_grad():
+        unpatched = model(**inputs, return_dict=False)[0]
+        reference = ShardedReference(phase)
+        for block in model.blocks:
+            block.attn1.set_processor(reference)
+        expected = model(**inputs, return_dict=False)[0]
+    got = run_ranks(tmp_path, "wan", order, phase)
+    assert got["modes"] == [phase] and got["reasons"] == ["None"] and got["grids"] == [(2, 8, 8)]
+    error = float((got["output"] - expected).norm() / expected.norm())
+    assert error < 1e-5, error
+    assert not torch.allclose(got["output"], unpatched, atol=1e-3)
+    heads, head_dim, layers = 2, 12, len(model.blocks)
+    if phase == "agent":  # per layer: this rank's agents, then every agent's partial output and log-sum-exp
+        n_local = reference.agents[0]
+        assert got["sent"] == layers * heads * (n_local * head_dim + RANKS * n_local * (head_dim + 1))
+    else:
+        assert got["sent"] == 0  # the ToMe phase sends through diffusers' Ulysses only
+
+
+@pytest.mark.parametrize("kind", ["wan-odd", "flux"])
+@pytest.mark.parametrize("order", ["patch-first", "parallel-first"])
+def test_what_agentsd_cannot_shard_runs_diffusers_exactly(tmp_path, kind, order):
     model, inputs = model_and_inputs(kind)
     with torch.no_grad():
         expected = model(**inputs, return_dict=False)[0]
     got = run_ranks(tmp_path, kind, order)
-    assert got["reasons"] == [CONTEXT_PARALLEL] and got["calls"] == 1
+    if kind == "flux":
+        assert got["reasons"] == [CONTEXT_PARALLEL]
+    else:
+        assert len(got["reasons"]) == 1 and "5 token frames do not split into whole frames" in got["reasons"][0]
+    assert got["modes"] == ["exact"] and got["sent"] == 0
     assert torch.allclose(got["output"], expected, rtol=1e-5, atol=1e-5)
+    assert math.isfinite(float(got["output"].abs().max()))

@@ -403,11 +403,23 @@ class _BeginCall:
         record = self.record
         clock = record.clock_of_call(module)
         _sync(record)
-        call = family(record.family).read_call(module, args, kwargs)
-        sequence = call.sequence
-        if getattr(module, "_parallel_config", None) is not None:  # `enable_parallelism`: every layer exact
-            sequence = replace(sequence or Sequence(), unfit=CONTEXT_PARALLEL)
-        record.state.begin_call(call.sample, call.timestep, call.grid, sequence, clock, self.names)
+        kind = family(record.family)
+        call = kind.read_call(module, args, kwargs)
+        parallel = getattr(module, "_parallel_config", None)
+        if parallel is not None and getattr(parallel, "context_parallel_config", None) is not None:
+            call = _shard(kind, call, parallel.context_parallel_config)
+        record.state.begin_call(call.sample, call.timestep, call.grid, call.sequence, clock, self.names)
+
+
+def _shard(kind: Any, call: Any, config: Any) -> Any:
+    """The call as each rank's layers see it under diffusers' context parallelism (`enable_parallelism`):
+    the family's shard-local call, or every layer exact with the reason."""
+    ranks = config._world_size or (config.ring_degree or 1) * (config.ulysses_degree or 1)
+    fits = call.sequence is None or call.sequence.unfit is None
+    local = kind.shard(call, ranks) if kind.shard is not None and fits else CONTEXT_PARALLEL
+    if isinstance(local, str):
+        return replace(call, sequence=replace(call.sequence or Sequence(), unfit=local))
+    return local
 
 
 class _EndCall:

@@ -78,11 +78,13 @@ class Sequence:
     alone (Flux): `text` text tokens before them where a layer gets the text and the image in
     one sequence (its single-stream blocks), `extra` tokens after them that are never merged
     (a Kontext reference image); `unfit` says why the image tokens do not form the grid (every
-    layer then runs exact attention)."""
+    layer then runs exact attention); `ranks` > 1: the grid is one rank's shard under context
+    parallelism, the same on every rank (`agentsd.core.sharded`)."""
 
     text: int = 0
     extra: int = 0
     unfit: str | None = None
+    ranks: int = 1
 
 
 @dataclass

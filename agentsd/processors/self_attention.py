@@ -184,7 +184,8 @@ class AgentSDProcessor:
         plan = None if call is None else call.plans.get(self.name)
         if plan is None:
             return None
-        reason = CONTEXT_PARALLEL if self._parallel_config is not None else None
+        sharded = self._parallel_config is not None and call.sequence.ranks == 1  # not planned for shards
+        reason = CONTEXT_PARALLEL if sharded else None
         reason = reason or self.unsupported_call(encoder_hidden_states, attention_mask, temb)
         if reason is None:
             reason = self.misfit(attn, hidden_states, encoder_hidden_states, plan, call)
