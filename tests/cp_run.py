@@ -49,7 +49,8 @@ def main(out: str, kind: str, order: str, phase: str, mode: str = "ulysses") -> 
         reasons = sorted({str(layer.reason) for layer in report.layers})
         modes = sorted({str(layer.mode) for layer in report.layers})
         grids = sorted({layer.grid for layer in report.layers if layer.grid})
-        torch.save(dict(output=output, reasons=reasons, modes=modes, grids=grids, sent=sum(sent)), out)
+        result = dict(output=output, reasons=reasons, modes=modes, grids=grids, sent=sum(sent), text=str(report))
+        torch.save(result, out)
     dist.destroy_process_group()
 
 

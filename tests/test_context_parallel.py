@@ -115,6 +115,8 @@ def test_wan_runs_agent_attention_on_the_shards(tmp_path, order, phase):
         expected = model(**inputs, return_dict=False)[0]
     got = run_ranks(tmp_path, "wan", order, phase)
     assert got["modes"] == [phase] and got["reasons"] == ["None"] and got["grids"] == [(2, 8, 8)]
+    layout = "context parallel: ulysses 2 x ring 1 = 2 ranks, 128 tokens per rank (agentsd acts on the shards)"
+    assert got["text"].splitlines()[1] == layout
     error = float((got["output"] - expected).norm() / expected.norm())
     assert error < 1e-5, error
     assert not torch.allclose(got["output"], unpatched, atol=1e-3)
@@ -138,5 +140,6 @@ def test_what_agentsd_cannot_shard_runs_diffusers_exactly(tmp_path, kind, order)
     else:
         assert len(got["reasons"]) == 1 and "5 token frames do not split into whole frames" in got["reasons"][0]
     assert got["modes"] == ["exact"] and got["sent"] == 0
+    assert got["text"].splitlines()[1] == "context parallel: ulysses 2 x ring 1 = 2 ranks"
     assert torch.allclose(got["output"], expected, rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(got["output"].abs().max()))
