@@ -12,7 +12,6 @@ configuration whichever came first: the output is the unpatched model's, and `st
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,17 +66,12 @@ def model_and_inputs(kind):
     return model, inputs
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(tmp_path, kind, order, phase="agent", mode="ulysses"):
     out = tmp_path / f"{kind}-{order}-{phase}-{mode}.pt"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(TESTS / "cp_run.py"), str(out), kind, order, phase, mode,
+        # --standalone: torchrun's own rendezvous on a port it picks free (no race with other processes).
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS),
+        str(TESTS / "cp_run.py"), str(out), kind, order, phase, mode,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]), OMP_NUM_THREADS="1")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
