@@ -41,3 +41,18 @@ def sdpa_dtypes(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     return seen
+
+
+@pytest.fixture(autouse=True)
+def dispatcher_backend():
+    """`model.set_attention_backend(...)` also sets diffusers' process-wide active backend, which
+    every later model call without a backend of its own then uses (and `_native_math` switches
+    torch's SDPA kernel globally, which two threads at once disturb): put it back after each test."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    except ImportError:  # a diffusers without the dispatcher
+        yield
+        return
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)

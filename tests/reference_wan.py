@@ -182,3 +182,68 @@ def reference_wan_self_attention(
         o = _linear(attn.to_out[0], torch.cat(per_head, dim=-1))
         outputs.append(torch.stack([o[slot[p]] for p in range(num)]))
     return torch.stack(outputs), use_agents
+
+
+@torch.no_grad()
+def reference_wan_sharded(
+    attn, x, rotary, local_grid, cells, ranks, ratio, agent_ratio, k_scale2=0.3, k_shortcut=0.075, selection="match"
+):
+    """agentsd on a Wan self-attention layer whose tokens are split into `ranks` equal runs (diffusers'
+    context parallelism), every run merged by its own first-token plan on `local_grid`:
+    (output (B, N, C) float64, used_agents, agents per run).
+
+    Each run's merged tokens and agents are made as in `reference_wan_self_attention`, from its own
+    tokens, with the rotary rows of its own positions. Agents are used when 2 n_run < N'_run. The
+    agents of every run gather, in one softmax, from the merged keys and values of every run; each
+    run's queries then attend over every agent (plus their value shortcut). In the ToMe phase each
+    run's queries attend exactly over every run's merged keys."""
+    cos, sin = (t.reshape(t.shape[-3], t.shape[-1]).double() if t.ndim == 4 else t.double() for t in rotary)
+    num, local = x.shape[1], math.prod(local_grid)
+    assert num == ranks * local == cos.shape[0], "equal runs of the local grid, one rotary row per token"
+    dst = first_token_destinations(local_grid, cells)
+    src = [p for p in range(local) if p not in set(dst)]
+    r = min(len(src), math.floor(local * ratio))
+    use_agents, r_agent, n = False, 0, 0
+    if agent_ratio is not None:
+        r_agent = min(len(src), math.floor(local * agent_ratio))
+        n = len(dst) if selection == "pool" else local - r_agent
+        use_agents = 2 * n < local - r
+    s = (attn.inner_dim // attn.heads) ** -0.5
+    outputs = []
+    for b in range(x.shape[0]):
+        runs = []  # per run: (slot, q, k, v, agents)
+        for run in range(ranks):
+            xr = x[b, run * local : (run + 1) * local].double()
+            best, order = _match(xr, dst, src)
+            merged, slot = _merge(xr, dst, src, best, order, r)
+            rows = [run * local + p for p in representatives(slot, dst)]
+            q = _heads(attn, _rms(attn.norm_q, _linear(attn.to_q, merged)), rows, cos, sin)
+            k = _heads(attn, _rms(attn.norm_k, _linear(attn.to_k, merged)), rows, cos, sin)
+            v = _heads(attn, _linear(attn.to_v, merged))
+            agents = None
+            if use_agents:
+                if selection == "pool":
+                    tokens, agent_rows = box_means(xr, local_grid, cells), box_destinations(dst, local_grid, cells)
+                else:
+                    tokens, agent_slot = _merge(xr, dst, src, best, order, r_agent)
+                    agent_rows = representatives(agent_slot, dst)
+                agent_rows = [run * local + p for p in agent_rows]
+                agents = _heads(attn, _rms(attn.norm_q, _linear(attn.to_q, tokens)), agent_rows, cos, sin)
+            runs.append((slot, q, k, v, agents))
+        out_b = []
+        for slot, q, _, v, _ in runs:
+            per_head = []
+            for hd in range(attn.heads):
+                keys = torch.cat([run[2][hd] for run in runs])
+                values = torch.cat([run[3][hd] for run in runs])
+                if use_agents:
+                    everyone = torch.cat([run[4][hd] for run in runs])
+                    agent_v = _softmax_attention(everyone, keys, values, s)
+                    o = _softmax_attention(q[hd], everyone, agent_v, s**k_scale2) + k_shortcut * v[hd]
+                else:
+                    o = _softmax_attention(q[hd], keys, values, s)
+                per_head.append(o)
+            o = _linear(attn.to_out[0], torch.cat(per_head, dim=-1))
+            out_b.append(torch.stack([o[slot[p]] for p in range(local)]))
+        outputs.append(torch.cat(out_b))
+    return torch.stack(outputs), use_agents, n

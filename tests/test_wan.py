@@ -229,3 +229,23 @@ def test_a_pipeline_without_a_transformer_is_refused_clearly():
     pipe.transformer = None
     with pytest.raises(TypeError, match="does not support WanPipeline"):
         agentsd.patch(pipe)
+
+
+@pytest.mark.parametrize("kind", ["wan-i2v", "wan-v2v", "wan22-5b"])
+def test_image_and_video_to_video_and_wan22_5b_keep_the_patch_cycle(kind):
+    """Wan's other pipelines: agentsd acts on every layer (I2V's image keys stay in the exact
+    cross-attention; 5B's timestep comes per token) and unpatches exactly."""
+    from test_tiny_wan import generate as generate_kind
+
+    pipe = tiny_wan.tiny_wan_pipeline(kind=kind)
+    pipe.set_progress_bar_config(disable=True)
+    baseline = generate_kind(pipe, kind)
+    agentsd.patch(pipe, **PATCH)
+    assert patched_layers(pipe.transformer) == LAYERS
+    patched = generate_kind(pipe, kind)
+    assert np.isfinite(patched).all() and not np.array_equal(patched, baseline)
+    report = agentsd.status(pipe)
+    assert report.activity.ran_agent_attention and report.latent == (5, 8, 8)
+    assert not [layer for layer in report.layers if layer.reason]
+    agentsd.unpatch(pipe)
+    assert np.array_equal(generate_kind(pipe, kind), baseline)

@@ -27,7 +27,7 @@ import logging
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,11 +35,12 @@ from diffusers.models.attention_processor import Attention
 
 from ..core.attention import check_backend
 from ..core.config import AgentSDConfig
+from ..core.plans import Sequence
 from ..core.progress import Clock, ClockCache
 from ..core.state import AgentSDState
 from ..families import family, find_model
 from ..families.unet import attention_layers
-from ..processors.self_attention import AgentSDProcessor
+from ..processors.self_attention import CONTEXT_PARALLEL, AgentSDProcessor
 from .caller import calling_pipeline
 
 __all__ = ["attention_layers", "current_phase", "is_patched", "patch", "patched", "patched_config", "unpatch"]
@@ -402,8 +403,23 @@ class _BeginCall:
         record = self.record
         clock = record.clock_of_call(module)
         _sync(record)
-        call = family(record.family).read_call(module, args, kwargs)
+        kind = family(record.family)
+        call = kind.read_call(module, args, kwargs)
+        parallel = getattr(module, "_parallel_config", None)
+        if parallel is not None and getattr(parallel, "context_parallel_config", None) is not None:
+            call = _shard(kind, call, parallel.context_parallel_config)
         record.state.begin_call(call.sample, call.timestep, call.grid, call.sequence, clock, self.names)
+
+
+def _shard(kind: Any, call: Any, config: Any) -> Any:
+    """The call as each rank's layers see it under diffusers' context parallelism (`enable_parallelism`):
+    the family's shard-local call, or every layer exact with the reason."""
+    ranks = config._world_size or (config.ring_degree or 1) * (config.ulysses_degree or 1)
+    fits = call.sequence is None or call.sequence.unfit is None
+    local = kind.shard(call, ranks) if kind.shard is not None and fits else CONTEXT_PARALLEL
+    if isinstance(local, str):
+        return replace(call, sequence=replace(call.sequence or Sequence(), unfit=local))
+    return local
 
 
 class _EndCall:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -126,7 +127,10 @@ class PatchStatus:
     Attributes:
         latent: the latest call's latent sides (a UNet) or token grid (a transformer): (rows,
             columns), or a video's (frames, rows, columns).
-        size: the same in words: "latent 64x64", "token grid 16x16", "token grid 21x30x52".
+        size: the same in words: "latent 64x64", "token grid 16x16", "token grid 21x30x52"; under
+            context parallelism, each rank's shard of it.
+        parallel: diffusers' context-parallel layout of the model, in words ("context parallel:
+            ulysses 2 x ring 1 = 2 ranks, 5,120 tokens per rank"); None without one.
     """
 
     installed: bool
@@ -137,6 +141,7 @@ class PatchStatus:
     layers: tuple[LayerStatus, ...] = ()
     activity: Activity = field(default_factory=Activity)
     size: str | None = None
+    parallel: str | None = None
 
     def __str__(self) -> str:
         if not self.installed:
@@ -146,6 +151,8 @@ class PatchStatus:
         if self.latent is not None:
             latest = f"latest call: {self.size}, {self.phase} phase"
         lines = [f"{head}; {len(self.layers)} layers; {latest}", self.activity.summary()]
+        if self.parallel:
+            lines.insert(1, self.parallel)
         for layer in self.layers:
             grid = "x".join(map(str, layer.grid)) if layer.grid else "-"
             what = layer.mode or "-"
@@ -219,9 +226,23 @@ def status(pipe_or_unet: Any) -> PatchStatus:
         latent=call.sides if call is not None else None,
         size=call.size if call is not None else None,
         phase=call.phase if call is not None else None,
+        parallel=_parallel_layout(unet, call),
         layers=tuple(layers),
         activity=activity,
     )
+
+
+def _parallel_layout(model: Any, call: Any) -> str | None:
+    """diffusers' context-parallel layout of `model` (`enable_parallelism`), in words."""
+    parallel = getattr(model, "_parallel_config", None)
+    config = getattr(parallel, "context_parallel_config", None)
+    if config is None:
+        return None
+    ulysses, ring = config.ulysses_degree or 1, config.ring_degree or 1
+    line = f"context parallel: ulysses {ulysses} x ring {ring} = {ulysses * ring} ranks"
+    if call is not None and call.sequence.ranks > 1:
+        line += f", {math.prod(call.sides):,} tokens per rank (agentsd acts on the shards)"
+    return line
 
 
 def _sides(plan: Any, call: Any) -> tuple[int, ...]:

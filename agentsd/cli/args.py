@@ -136,7 +136,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--preset",
         help="preset name (see `agentsd presets`) or a YAML file; default: the model's, paper for SD 1.x/2.x, "
-        "sdxl for SDXL, sd3 for SD 3/3.5, pixart for PixArt, flux for Flux",
+        "sdxl for SDXL, sd3 for SD 3/3.5, pixart for PixArt, flux for Flux, wan for Wan",
     )
     group.add_argument("--no-agent", action="store_true", help="run the baseline only, without agent attention")
     for f in dataclasses.fields(AgentSDConfig):
@@ -157,12 +157,19 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
-    """--steps, --guidance, --width, --height, --batch-size, --scheduler, --max-sequence-length,
-    --dtype, --device."""
+    """--steps, --guidance, --width, --height, --frames, --fps, --batch-size, --scheduler,
+    --max-sequence-length, --dtype, --device."""
     from .loading import FLOW_SCHEDULERS, SCHEDULERS
+    from .video import DEFAULT_FPS
 
-    parser.add_argument("--width", type=int, help="image width, a multiple of 8; default: the model's")
-    parser.add_argument("--height", type=int, help="image height, a multiple of 8; default: the model's")
+    parser.add_argument("--width", type=int, help="image width, a multiple of 8 (16 on SD 3, PixArt, Flux, Wan); "
+                        "default: the model's")  # fmt: skip
+    parser.add_argument("--height", type=int, help="image height, a multiple of 8 (16 on SD 3, PixArt, Flux, Wan); "
+                        "default: the model's")  # fmt: skip
+    parser.add_argument("--frames", type=int, help="video models (Wan): frames per video, 4k+1 (e.g. 17, 33, 81); "
+                        "default: the pipeline's (Wan: 81)")  # fmt: skip
+    parser.add_argument("--fps", type=int, help=f"video models (Wan): the MP4's frames per second; default: "
+                        f"{DEFAULT_FPS} (Wan 2.1's; Wan 2.2 TI2V 5B makes 24)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
     parser.add_argument(
         "--guidance",
@@ -180,8 +187,8 @@ def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
     parser.add_argument(
         "--max-sequence-length",
         type=int,
-        help="T5 prompt tokens of SD 3/3.5, PixArt and Flux (fewer: faster, longer prompts cut); default: the "
-        "pipeline's (SD 3: 256, PixArt-Sigma: 300, PixArt-alpha: 120, Flux: 512)",
+        help="T5 prompt tokens of SD 3/3.5, PixArt, Flux and Wan (umT5) (fewer: faster, longer prompts cut); "
+        "default: the pipeline's (SD 3: 256, PixArt-Sigma: 300, PixArt-alpha: 120, Flux: 512, Wan: 512)",
     )
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--device", default="auto", help=device_help)
@@ -215,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="agentsd",
         description="Training-free agent attention for diffusers pipelines: Stable Diffusion 1.x, 2.x, XL, "
-        "3 / 3.5, PixArt and Flux.1.",
+        "3 / 3.5, PixArt, Flux.1 and Wan 2.1 / 2.2 (video).",
         formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -223,14 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     gen = commands.add_parser(
-        "generate", help="text-to-image with agent attention", formatter_class=formatter,
-        description="Text-to-image with agent attention (or the baseline), images written as they finish.",
+        "generate", help="text-to-image (or -video) with agent attention", formatter_class=formatter,
+        description="Text-to-image (or text-to-video) with agent attention (or the baseline), images written as "
+        "they finish.",
         epilog="output: OUT/p{prompt index}_s{seed}.png, each with a .json sidecar (and the same record in the "
-        "PNG);\nwith --compare also OUT/baseline/ and side-by-side pairs in OUT/compare/.",
+        "PNG);\na video model's: OUT/p{prompt index}_s{seed}.mp4, a contact sheet of its frames as .png (up to 25 "
+        "frames:\nall, or every k-th) and the .json sidecar. With --compare also OUT/baseline/ and side-by-side "
+        "pairs\n(baseline left) in OUT/compare/ (videos: the frame pairs as .mp4 and their contact sheet as .png).",
     )  # fmt: skip
     gen.add_argument(
         "--model", default=DEFAULT_MODEL, help="hub id or local folder of a text-to-image model (SD 1.x, 2.x, XL, "
-        "3 / 3.5, PixArt or Flux.1)",
+        "3 / 3.5, PixArt or Flux.1) or text-to-video model (Wan 2.1 / 2.2)",
     )  # fmt: skip
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for more")
     gen.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line")
@@ -334,11 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="output in --out: images/<method>/, results.json (with the settings the images were made with),\n"
         "results.md (also printed), fid_vs_time.png (needs matplotlib; skipped with a warning without it) and\n"
         "samples.png. A rerun resumes: it reuses the images made with the same settings (each image's .json\n"
-        "sidecar says how it was made) and stops, naming the settings, at images made with others.",
+        "sidecar says how it was made) and stops, naming the settings, at images made with others.\n"
+        "Video models (Wan): videos as generate writes them, scored frame by frame (PSNR, SSIM, LPIPS, CLIP);\n"
+        "FVD is not computed (it needs I3D weights that agentsd does not download), FID (--reference) refused.",
     )  # fmt: skip
     cmp.add_argument(
         "--model", default=DEFAULT_MODEL, help="hub id or local folder of a text-to-image model (SD 1.x, 2.x, XL, "
-        "3 / 3.5, PixArt or Flux.1)",
+        "3 / 3.5, PixArt or Flux.1) or text-to-video model (Wan 2.1 / 2.2)",
     )  # fmt: skip
     cmp.add_argument("--method", action="append",
                      help="baseline, a preset (paper), preset:field=value,..., agentsd:field=value, tomesd:RATIO; "

@@ -16,10 +16,10 @@ from .args import FLAG_NAMES, UsageError, build_parser, config_dest
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # What `agentsd env` reports: the stack, then the optional packages behind adapters and peers
-# (peft, xformers, tomesd, DeepCache) and behind `compare` and `bench`.
+# (peft, xformers, tomesd, DeepCache), behind `compare` and `bench`, and the MP4 writer of videos.
 ENV_PACKAGES = (
     "agentsd", "torch", "diffusers", "transformers", "accelerate", "safetensors", "peft", "xformers", "tomesd",
-    "DeepCache", "torchmetrics", "torch-fidelity", "torchvision", "matplotlib", "psutil",
+    "DeepCache", "torchmetrics", "torch-fidelity", "torchvision", "matplotlib", "psutil", "imageio", "imageio-ffmpeg",
 )  # fmt: skip
 
 __all__ = ["FLAG_NAMES", "UsageError", "agent_config", "build_parser", "environment", "main"]
@@ -126,6 +126,7 @@ def _check_scheduler(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from . import generation as gen
+    from .video import is_video
 
     _check_positive("--num-images", args.num_images)
     if args.compare and args.no_agent:
@@ -146,6 +147,8 @@ def _generate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_sequence_length=args.max_sequence_length,
         true_cfg_scale=args.true_cfg_scale,
+        frames=args.frames,
+        fps=args.fps,
     )
     dtype, device = _device_and_dtype(args)
     _check_backend(config, device)
@@ -161,11 +164,11 @@ def _generate(args: argparse.Namespace) -> int:
             pipe, jobs, out, settings, config, compare=args.compare, scheduler_name=args.scheduler, progress=True
         )
     except KeyboardInterrupt:
-        print(f"interrupted: the finished images are in {out}", file=sys.stderr)
+        print(f"interrupted: the finished {'videos' if is_video(pipe) else 'images'} are in {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     for run in runs:
         per_image = run.seconds_per_image
-        timing = f", {per_image:.3f} s/image" if per_image is not None else ""
+        timing = f", {per_image:.3f} s/{run.noun}" if per_image is not None else ""
         print(f"{run.label}: {len(run.written)} written, {len(run.skipped)} skipped in {run.folder}{timing}")
         if run.config is not None and run.activity.calls:
             from ..api.status import describe_phases
@@ -176,7 +179,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     timed = gen.speedup(*runs) if len(runs) == 2 else None
     if timed is not None:
-        print(f"speedup: {timed[0]:.2f}x (baseline / agentsd, over the {plural(timed[1], 'image')} both made)")
+        print(f"speedup: {timed[0]:.2f}x (baseline / agentsd, over the {plural(timed[1], runs[0].noun)} both made)")
     return 0
 
 
@@ -288,6 +291,8 @@ def _compare(args: argparse.Namespace) -> int:
     from . import compare as cmp
     from . import comparison
     from . import generation as gen
+    from .pipeline_checks import model_pipeline_class
+    from .video import is_video
 
     _check_positive("--images-per-class", args.images_per_class)
     _check_positive("--samples", args.samples)
@@ -311,6 +316,7 @@ def _compare(args: argparse.Namespace) -> int:
     settings = gen.GenerationSettings(
         model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
         batch_size=args.batch_size, overwrite=args.overwrite, max_sequence_length=args.max_sequence_length,
+        frames=args.frames, fps=args.fps,
     )  # fmt: skip
     scoring = comparison.ComparisonSettings(
         reference=args.reference, inception_weights=args.inception_weights, clip_model=args.clip_model,
@@ -319,6 +325,8 @@ def _compare(args: argparse.Namespace) -> int:
     dtype, device = _device_and_dtype(args, cmp.process_state().device)
     for method in methods:
         _check_backend(method.config, device, method.name)
+    if is_video(model_pipeline_class(args.model)):  # where model_index.json can be read without downloading
+        cmp.check_video_scoring(scoring)
     cmp.check_scoring(methods, scoring, device)  # a missing package or weight file fails before any work
     model_setup.check_model_settings(args, settings, len(prompts))
 
@@ -326,6 +334,8 @@ def _compare(args: argparse.Namespace) -> int:
         nonlocal methods
         methods = methods_for(model_setup.default_preset(args, pipe))
         comparison.check_methods(pipe, methods)
+        if is_video(pipe):
+            cmp.check_video_scoring(scoring)
         return [m.config for m in methods]
 
     pipe, _ = model_setup.load_pipeline(args, settings, dtype, device, Path(args.out), configs_for)

@@ -14,6 +14,9 @@ scores them from the files on disk:
 - CLIP score (torchmetrics, optional);
 - seconds per image (mean over the images generated, from their sidecars) and peak memory
   per extra image in a batch, as in the paper.
+
+A video model's videos are made as `generate` makes them (`video`) and scored frame by frame
+(`metrics`): the same table per video, no FID (refused) and no FVD (noted in the results).
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ from .generation import (
     run_record,
 )
 from .metrics import (  # MetricsError and image_paths: part of this module's interface too
+    FVD_NOTE,
     MetricsError,  # noqa: F401
     _installed,
     check_scoring,
+    check_video_scoring,
     clip_score,
     fid_metric,
     fid_score,
@@ -53,6 +58,7 @@ from .metrics import (  # MetricsError and image_paths: part of this module's in
     image_paths,  # noqa: F401
     load_reference,
 )
+from .video import is_video
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +129,10 @@ def run_comparison(
 
     Images already in `OUT/images` are reused when their sidecars say they were made with these
     settings (model, scheduler and its config, steps, guidance, size, batch size, device, dtype,
-    prompt, seed, method and its config: `output.SETTING_KEYS`). Images made with other settings
-    raise `GenerationError` naming the settings that differ, before any work, unless
-    `settings.overwrite`, which makes those images again.
+    prompt, seed, method and its config; a video's frames and fps: `output.SETTING_KEYS`). Images
+    made with other settings raise `GenerationError` naming the settings that differ, before any
+    work, unless `settings.overwrite`, which makes those images again. A video model's videos are
+    scored frame by frame; FID is refused for them (`metrics.check_video_scoring`).
 
     Returns:
         The results (also written to `OUT/results.json`, `results.md`, `fid_vs_time.png`,
@@ -133,6 +140,9 @@ def run_comparison(
     """
     scoring = scoring or ComparisonSettings()
     methods = with_baseline(methods)
+    video = is_video(pipe)
+    if video:
+        check_video_scoring(scoring)
     state = process_state()
     if state.is_main_process:  # the main process alone scores
         for skipped in check_scoring(methods, scoring, pipe.device):
@@ -141,7 +151,7 @@ def run_comparison(
     check_methods(pipe, methods)
     check_run(pipe, jobs, settings)
     out = Path(out_dir)
-    runs = [m.run(out / "images" / m.folder_name) for m in methods]
+    runs = [m.run(out / "images" / m.folder_name, video=video) for m in methods]
     record = run_record(pipe, settings)
     stale = check_stale(runs, jobs, record, settings.overwrite)
     prepare_folder(out)
@@ -159,8 +169,10 @@ def run_comparison(
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    results = score(out, methods, jobs, scoring, memory, metric)
+    results = score(out, methods, jobs, scoring, memory, metric, suffix=".mp4" if video else ".png")
     results["settings"] = dict(record, seed=seed)  # what every image was made with (checked above)
+    if video:
+        results.update(frames=record["frames"], fvd=FVD_NOTE)
     results["activity"] = {r.label: r.activity.summary() for r in runs if r.config is not None and r.activity.calls}
     write_report(results, out, scoring.samples)
     return results
@@ -173,15 +185,17 @@ def score(
     scoring: ComparisonSettings,
     memory: dict[str, float | None],
     metric=None,
+    suffix: str = ".png",
 ) -> dict[str, Any]:
     """Every metric of every method, from the image files and sidecars under `out/images`.
 
     Args:
         metric: a FID metric holding the reference statistics (see `fid_metric` and
             `load_reference`); None skips FID.
+        suffix: the files' (`.mp4`: videos, scored frame by frame).
     """
     folders = {m.name: out / "images" / m.folder_name for m in methods}
-    paths = {name: [folder / f"{j.name}.png" for j in jobs] for name, folder in folders.items()}
+    paths = {name: [folder / f"{j.name}{suffix}" for j in jobs] for name, folder in folders.items()}
     missing = [str(p) for ps in paths.values() for p in ps if not p.exists()]
     if missing:
         one = len(missing) == 1
@@ -213,9 +227,11 @@ def score(
 
 
 def markdown_report(results: dict[str, Any]) -> str:
-    """The paper's table layout: method, r, FID, s/image, GB/image, plus the fidelity columns."""
-    columns = [("method", "method"), ("ratio", "r"), ("fid", "FID"), ("seconds_per_image", "s/image"),
-               ("speedup", "speedup"), ("gb_per_image", "GB/image"), ("psnr", "PSNR"), ("ssim", "SSIM"),
+    """The paper's table layout: method, r, FID, s/image, GB/image, plus the fidelity columns (of
+    videos: per video, the fidelity and CLIP columns frame by frame, and why FVD is missing)."""
+    unit = "video" if "frames" in results else "image"
+    columns = [("method", "method"), ("ratio", "r"), ("fid", "FID"), ("seconds_per_image", f"s/{unit}"),
+               ("speedup", "speedup"), ("gb_per_image", f"GB/{unit}"), ("psnr", "PSNR"), ("ssim", "SSIM"),
                ("lpips", "LPIPS"), ("clip_score", "CLIP")]  # fmt: skip
     present = [(k, t) for k, t in columns if any(row.get(k) is not None for row in results["rows"])]
     lines = ["| " + " | ".join(t for _, t in present) + " |", "|" + "---|" * len(present)]
@@ -226,6 +242,8 @@ def markdown_report(results: dict[str, Any]) -> str:
             cells.append("" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     head = f"{plural(results['prompts'], 'prompt')}; FID reference: {results['reference']}"
+    if unit == "video":
+        head = f"{plural(results['prompts'], 'prompt')}, one video each of {results['frames']} frames; {results['fvd']}"
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -260,13 +278,18 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
 
 def _samples_grid(results: dict[str, Any], out: Path, samples: int, thumb: int = 256) -> None:
-    """Rows: the first `samples` prompts; columns: the methods, in order."""
+    """Rows: the first `samples` prompts; columns: the methods, in order. Videos: their contact
+    sheets, `thumb` high, as wide as their shape says."""
     methods = [r["method"] for r in results["rows"]]
     folders = {m: out / "images" / MethodSpec(m).folder_name for m in methods}
     names = sorted(p.name for p in folders[methods[0]].glob("*.png"))[:samples]
-    grid = Image.new("RGB", (thumb * len(methods), thumb * len(names)), "white")
+    width = thumb
+    if "frames" in results and names:
+        with Image.open(folders[methods[0]] / names[0]) as sheet:
+            width = max(1, round(thumb * sheet.width / sheet.height))
+    grid = Image.new("RGB", (width * len(methods), thumb * len(names)), "white")
     for i, name in enumerate(names):
         for j, method in enumerate(methods):
             with Image.open(folders[method] / name) as image:
-                grid.paste(image.convert("RGB").resize((thumb, thumb)), (j * thumb, i * thumb))
+                grid.paste(image.convert("RGB").resize((width, thumb)), (j * width, i * thumb))
     grid.save(out / "samples.png")

@@ -38,12 +38,13 @@ class MethodSpec:
     def folder_name(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.name)
 
-    def run(self, folder: Path) -> MethodRun:
+    def run(self, folder: Path, video: bool = False) -> MethodRun:
+        """Its `MethodRun` into `folder` (of videos, for a video model)."""
         context = None
         if self.tomesd_ratio is not None:
             ratio = self.tomesd_ratio
             context = lambda pipe: _tomesd_patched(pipe, ratio)  # noqa: E731
-        return MethodRun(self.name, self.config, folder, context=context)
+        return MethodRun(self.name, self.config, folder, context=context, video=video)
 
 
 @contextmanager

@@ -1,8 +1,10 @@
-"""Text-to-image with and without agent attention, written to disk as images finish.
+"""Text-to-image (and text-to-video) with and without agent attention, written to disk as images
+finish.
 
 The library side of `agentsd generate`: generating a set of (prompt, seed) images into a
 folder with their parameters embedded, never overwriting unless asked, keeping every finished
-image when interrupted. Loading the pipeline and the checks before any work are in `loading`.
+image when interrupted. Loading the pipeline and the checks before any work are in `loading`;
+a video model's videos are written as `video` says (an MP4, a contact sheet, the sidecar).
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,17 @@ import torch
 from PIL import Image
 
 from .. import __version__
-from ..api.patch import patched
-from ..api.status import Activity, recording_phases, status
+from ..api.status import recording_phases, status
 from ..api.words import plural
 from ..core.config import AgentSDConfig
 from ..families import find_model
+from .jobs import (  # re-exported: `generation` has been their home
+    GenerationSettings,
+    ImageJob,
+    MethodRun,
+    plan_jobs,  # noqa: F401
+    speedup,  # noqa: F401
+)
 from .loading import (  # re-exported: `generation` has been their home
     DEFAULT_MODEL,  # noqa: F401
     DTYPES,  # noqa: F401
@@ -48,93 +55,11 @@ from .loading import (  # re-exported: `generation` has been their home
 from .output import atomic_write, read_sidecar, save_image, setting_differences, side_by_side, stale_message
 from .pipeline_checks import check_flux_scheduler, check_pipeline, true_cfg_scale
 from .step_phases import step_phases
+from .video import call_defaults, is_video, save_video, video_record, write_video_pair
 
 logger = logging.getLogger(__name__)
 
 BASELINE, AGENTSD = "baseline", "agentsd"
-
-
-@dataclass(frozen=True)
-class ImageJob:
-    """One image to make: a prompt and a seed; `name` is its file stem."""
-
-    prompt_index: int
-    prompt: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"p{self.prompt_index:04d}_s{self.seed}"
-
-
-def plan_jobs(prompts: Sequence[str], num_images: int, seed: int) -> list[ImageJob]:
-    """`num_images` per prompt with seeds `seed, seed + 1, ...` (the same seeds for every prompt)."""
-    return [ImageJob(i, p, seed + k) for i, p in enumerate(prompts) for k in range(num_images)]
-
-
-@dataclass
-class GenerationSettings:
-    """What every image of a run shares. `max_sequence_length`: the T5 prompt length of SD 3 /
-    3.5, PixArt and Flux pipelines (None: the pipeline's default). `true_cfg_scale`: Flux's true
-    classifier-free guidance, which its negative prompt needs (None: the pipeline's default, off)."""
-
-    model: str
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int = 50
-    guidance: float | None = None  # None: the pipeline's own default (`loading.guidance_scale`)
-    batch_size: int = 1
-    overwrite: bool = False
-    max_sequence_length: int | None = None
-    true_cfg_scale: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None and (value <= 0 or value % 8):
-                raise GenerationError(f"{name} {value} is not a positive multiple of 8: use e.g. 512 or 768.")
-        if self.steps <= 0:
-            raise GenerationError(f"steps {self.steps} must be positive: use e.g. 50.")
-        if self.batch_size <= 0:
-            raise GenerationError(f"batch size {self.batch_size} must be positive.")
-        check_max_sequence_length(self.max_sequence_length, None, "max_sequence_length")
-
-
-@dataclass
-class MethodRun:
-    """One method of a run: its label, how the pipeline runs (an agentsd config, or any
-    `context(pipe)` such as another accelerator's patch), its folder and its timings."""
-
-    label: str
-    config: AgentSDConfig | None
-    folder: Path
-    context: Callable[[Any], AbstractContextManager] | None = None
-    seconds: dict[ImageJob, float] = field(default_factory=dict)  # of each image this run timed
-    written: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)
-    activity: Activity = field(default_factory=Activity)
-    phases: list[str] = field(default_factory=list)  # of each scheduler step of the latest pipeline call
-
-    @property
-    def seconds_per_image(self) -> float | None:
-        return sum(self.seconds.values()) / len(self.seconds) if self.seconds else None
-
-    def enter(self, pipe: Any) -> AbstractContextManager:
-        """The context the pipeline runs in: `context`, else patched by `config` (None: as is)."""
-        if self.context is not None:
-            return self.context(pipe)
-        return nullcontext() if self.config is None else patched(pipe, self.config)
-
-
-def speedup(baseline: MethodRun, other: MethodRun) -> tuple[float, int] | None:
-    """How many times faster `other` made the images both runs timed (an image only one of them
-    made, as when a run resumes, has nothing to be compared with), and how many those were;
-    None when there were none."""
-    both = baseline.seconds.keys() & other.seconds.keys()
-    if not both:
-        return None
-    return sum(baseline.seconds[j] for j in both) / sum(other.seconds[j] for j in both), len(both)
 
 
 def check_run(pipe: Any, jobs: Sequence[ImageJob], settings: GenerationSettings) -> None:
@@ -173,9 +98,12 @@ def call_pipeline(
         kwargs["negative_prompt"] = [settings.negative_prompt] * len(jobs)
     if settings.true_cfg_scale is not None:
         kwargs["true_cfg_scale"] = settings.true_cfg_scale
+    if run.video:  # each video a list of PIL frames
+        kwargs.update(output_type="pil", **({"num_frames": settings.frames} if settings.frames else {}))
     track = track and run.config is not None
     with run.enter(pipe), recording_phases(pipe) if track else nullcontext() as phases:
-        images = pipe(**kwargs).images
+        output = pipe(**kwargs)
+        images = output.frames if run.video else output.images
         if track:
             run.activity += status(pipe).activity
             run.phases = step_phases(phases, pipe.scheduler, steps)
@@ -187,20 +115,22 @@ def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | No
     fields, see `image_record`): the model, the scheduler (its name and config), steps, guidance
     (and Flux's true-CFG scale; None for the others), size, negative prompt, batch size, the T5
     prompt length (SD 3 / 3.5, PixArt and Flux; None for the others), device type, dtype and the
-    agentsd version."""
+    agentsd version; a video's also its frame count and rate (`video.video_record`)."""
     _, model = find_model(pipe)
-    # The pipeline's own default size: Flux pipelines keep it (`default_sample_size`, in latents),
-    # their transformer has no `sample_size`.
-    side = (getattr(pipe, "default_sample_size", None) or model.config.sample_size) * pipe.vae_scale_factor
-    return dict(
+    if is_video(pipe):  # Wan's pipelines name their default size
+        width, height = call_defaults(pipe)["width"], call_defaults(pipe)["height"]
+    else:  # Flux pipelines keep theirs (`default_sample_size`, in latents); their transformer has no `sample_size`
+        side = getattr(pipe, "default_sample_size", None) or model.config.sample_size
+        width = height = side * pipe.vae_scale_factor
+    record = dict(
         model=settings.model,
         scheduler=scheduler_name or type(pipe.scheduler).__name__,
         scheduler_config=scheduler_record(pipe.scheduler),
         steps=settings.steps,
         guidance=guidance_scale(pipe, settings.guidance),
         true_cfg_scale=true_cfg_scale(pipe, settings.true_cfg_scale),
-        width=settings.width or side,
-        height=settings.height or side,
+        width=settings.width or width,
+        height=settings.height or height,
         negative_prompt=settings.negative_prompt,
         batch_size=settings.batch_size,
         max_sequence_length=prompt_length(pipe, settings.max_sequence_length),
@@ -208,6 +138,7 @@ def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | No
         dtype=str(model.dtype).replace("torch.", ""),
         agentsd_version=__version__,
     )
+    return record | (video_record(pipe, settings.frames, settings.fps) if is_video(pipe) else {})
 
 
 def scheduler_record(scheduler: Any) -> dict[str, Any]:
@@ -225,13 +156,14 @@ def image_record(record: dict[str, Any], run: MethodRun, job: ImageJob) -> dict[
 
 
 def stale_images(runs: Sequence[MethodRun], jobs: Sequence[ImageJob], record: dict[str, Any]) -> dict[Path, list[str]]:
-    """The existing images of `runs` made with other settings than `record` (a `run_record`)
-    says, each with how its sidecar differs (`output.setting_differences`)."""
+    """The existing images (or videos) of `runs` made with other settings than `record` (a
+    `run_record`) says, each with how its sidecar differs (`output.setting_differences`). An output
+    exists once its sidecar is written: another kind of model's output has the same file names."""
     stale = {}
     for run in runs:
         for job in jobs:
-            path = run.folder / f"{job.name}.png"
-            if path.exists():
+            path = run.path(job)
+            if path.exists() or path.with_suffix(".json").exists():
                 differences = setting_differences(read_sidecar(path), image_record(record, run, job))
                 if differences:
                     stale[path] = differences
@@ -293,14 +225,14 @@ def generate(
             `settings.overwrite` (`check_stale`).
     """
     check_run(pipe, jobs, settings)
-    out = Path(out_dir)
+    out, video = Path(out_dir), is_video(pipe)
     if config is None:
-        runs = [MethodRun(BASELINE, None, out)]
+        runs = [MethodRun(BASELINE, None, out, video=video)]
     else:
         check_config_patches(pipe, config)
-        runs = [MethodRun(AGENTSD, config, out)]
+        runs = [MethodRun(AGENTSD, config, out, video=video)]
         if compare:
-            runs.insert(0, MethodRun(BASELINE, None, out / BASELINE))
+            runs.insert(0, MethodRun(BASELINE, None, out / BASELINE, video=video))
     check_stale(runs, jobs, run_record(pipe, settings, scheduler_name), settings.overwrite)
     for run in runs:
         prepare_folder(run.folder)
@@ -338,7 +270,7 @@ def generate_runs(
     for run in runs:
         pending[run.label] = set()
         for job in jobs:
-            path = run.folder / f"{job.name}.png"
+            path = run.path(job)
             if path.exists() and (path not in replace if stale is not None else not settings.overwrite):
                 run.skipped.append(path)
             else:
@@ -346,19 +278,20 @@ def generate_runs(
     skipped = sum(len(r.skipped) for r in runs)
     if skipped:
         note = "pass --overwrite to replace them" if stale is None else "made with the same settings"
-        logger.warning("skipping %s (%s)", plural(skipped, "existing image"), note)
+        logger.warning("skipping %s (%s)", plural(skipped, f"existing {runs[0].noun}"), note)
     todo = [job for job in jobs if any(job in pending[r.label] for r in runs)]
     if compare_dir is not None:
         waiting = set(todo)
         for job in jobs:
-            if job not in waiting and not (compare_dir / f"{job.name}.png").exists():
+            if job not in waiting and not (compare_dir / runs[0].path(job).name).exists():
                 _write_pair(compare_dir, runs[0], runs[1], job)
     if warmup and todo:
         for run in runs:
             call_pipeline(pipe, todo[:1], settings, run, steps=1)
 
     base_meta = run_record(pipe, settings, scheduler_name)
-    bar = tqdm(total=sum(len(v) for v in pending.values()), desc="images", unit="img", disable=not progress)
+    unit = "video" if runs[0].video else "img"
+    bar = tqdm(total=sum(len(v) for v in pending.values()), desc=f"{runs[0].noun}s", unit=unit, disable=not progress)
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
         for run in runs:
@@ -373,8 +306,8 @@ def generate_runs(
             for job, image in zip(mine, images, strict=True):
                 meta = dict(image_record(base_meta, run, job), agentsd_phases=run.phases or None)
                 meta["seconds"] = round(per_image, 4)
-                path = run.folder / f"{job.name}.png"
-                save_image(image, path, meta)
+                path = run.path(job)
+                (save_video if run.video else save_image)(image, path, meta)
                 run.written.append(path)
                 run.seconds[job] = per_image
                 bar.update(1)
@@ -389,10 +322,14 @@ def generate_runs(
 
 
 def _write_pair(compare_dir: Path, left: MethodRun, right: MethodRun, job: ImageJob) -> None:
-    """The side-by-side pair of `job`'s images in `left` and `right` (read from their files), when
-    both exist."""
-    paths = [run.folder / f"{job.name}.png" for run in (left, right)]
-    if all(path.exists() for path in paths):
+    """The side-by-side pair of `job`'s images (or videos: `video.write_video_pair`) in `left` and
+    `right` (read from their files), when both exist."""
+    paths = [run.path(job) for run in (left, right)]
+    if not all(path.exists() for path in paths):
+        return
+    if left.video:
+        write_video_pair(*paths, compare_dir / paths[0].name)
+    else:
         with Image.open(paths[0]) as first, Image.open(paths[1]) as second:
             pair = side_by_side(first, second)
         atomic_write(compare_dir / f"{job.name}.png", lambda f: pair.save(f, format="PNG"))

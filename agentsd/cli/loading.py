@@ -230,8 +230,18 @@ def _scheduler_class(name: str) -> tuple[type, dict[str, Any]]:
     return cls, extra
 
 
+def _flow_shift(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The shift a flow-matching scheduler built from `config` keeps: Wan's models come with a UniPC
+    scheduler whose sigmas are shifted by `flow_shift` (3.0 at 480p), which FlowMatch schedulers
+    call `shift` (default 1.0: no shift at all)."""
+    if cls.__name__.startswith("FlowMatch") and "flow_shift" in config and "shift" not in config:
+        return {"shift": config["flow_shift"]}
+    return {}
+
+
 def set_scheduler(pipe: Any, name: str | None) -> None:
-    """Replace the pipeline's scheduler by name, keeping the model's noise schedule.
+    """Replace the pipeline's scheduler by name, keeping the model's noise schedule (and its flow
+    shift, `_flow_shift`).
 
     Raises:
         GenerationError: an unknown name, or one that does not fit the model (`check_scheduler_fits`).
@@ -240,7 +250,7 @@ def set_scheduler(pipe: Any, name: str | None) -> None:
         cls, extra = _scheduler_class(name)
         check_scheduler_fits(name, type(pipe.scheduler).__name__, pipe.scheduler.config)
         with no_config_warning():
-            pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+            pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra, **_flow_shift(cls, pipe.scheduler.config))
 
 
 def model_scheduler(model: str, name: str | None = None) -> Any | None:
@@ -259,7 +269,7 @@ def model_scheduler(model: str, name: str | None = None) -> Any | None:
         cls, extra = _scheduler_class(name)
         check_scheduler_fits(name, str(config.get("_class_name")), config)
         with no_config_warning():
-            return cls.from_config(config, **extra)
+            return cls.from_config(config, **extra, **_flow_shift(cls, config))
     cls = getattr(diffusers, str(config.get("_class_name")), None)
     return cls.from_config(config) if isinstance(cls, type) else None
 
@@ -317,21 +327,24 @@ def check_seeds(first: int, count: int, flag: str = "--seed") -> None:
 
 def check_size(pipe: Any, width: int | None, height: int | None) -> None:
     """Refuse an image size the model cannot take: a diffusion transformer's latent must be whole
-    patches, so its sides are multiples of the VAE's factor times the patch side (16 for SD 3 and
-    PixArt); a UNet takes multiples of the VAE's factor (8), as `GenerationSettings` checks.
+    patches, so its sides are multiples of the VAE's factor times the patch side (16 for SD 3,
+    PixArt and Wan, whose patches are frames x rows x columns); a UNet takes multiples of the VAE's
+    factor (8), as `GenerationSettings` checks.
 
     Raises:
         GenerationError: naming the side, the multiple and the nearest size below that fits.
     """
     _, model = find_model(pipe)
     patch = model.config.get("patch_size") or 1
-    multiple = pipe.vae_scale_factor * patch
+    patch = patch[-1] if isinstance(patch, list | tuple) else patch  # Wan's (1, 2, 2)
+    scale = getattr(pipe, "vae_scale_factor", None) or pipe.vae_scale_factor_spatial  # Wan's: spatial and temporal
+    multiple = scale * patch
     for name, value in (("width", width), ("height", height)):
         if value is not None and value % multiple:
             fits = value - value % multiple or multiple
             raise GenerationError(
                 f"{name} {value} is not a multiple of {multiple}, which {type(model).__name__} needs (the VAE's "
-                f"{pipe.vae_scale_factor}x times its {patch}x{patch} patches): use e.g. {fits}."
+                f"{scale}x times its {patch}x{patch} patches): use e.g. {fits}."
             )
 
 

@@ -1,7 +1,11 @@
 """The scores of `agentsd compare`, on image files: FID (torchmetrics' FrechetInceptionDistance,
 Inception-v3 weights through torch-fidelity, or any feature extractor), PSNR / SSIM / LPIPS to the
 baseline image of the same seed, the CLIP score; and `check_scoring`, which finds what a chosen
-set of outputs lacks here (packages, weight files, a reference) before any image is generated."""
+set of outputs lacks here (packages, weight files, a reference) before any image is generated.
+
+Videos (MP4 files) are scored frame by frame, every decoded frame a sample: PSNR / SSIM / LPIPS to
+the same frame of the baseline video, the CLIP score of each frame against the video's prompt. FVD,
+the video counterpart of FID, is not computed (`FVD_NOTE`), and FID is refused for videos."""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ import importlib.util
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .generation import GenerationError
+from .video import read_frames
 
 if TYPE_CHECKING:
     from .comparison import ComparisonSettings, MethodSpec
@@ -25,6 +30,10 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 LPIPS_FILE = "alexnet-owt-7be5be79.pth"
 LPIPS_URL = f"https://download.pytorch.org/models/{LPIPS_FILE}"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FVD_NOTE = (
+    "FVD is not computed: it needs the weights of a pretrained I3D video network, which agentsd does not download "
+    "or ship; the videos are scored frame by frame"
+)
 
 
 class MetricsError(GenerationError):
@@ -45,6 +54,13 @@ def load_uint8(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is not None and image.size != size:
             image = image.resize(size, Image.BICUBIC)
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def load_frames(path: Path) -> list[torch.Tensor]:
+    """The frames of an image (one) or video file (each decoded frame) as (3, H, W) uint8 tensors."""
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        return [load_uint8(path)]
+    return [torch.from_numpy(frame.copy()).permute(2, 0, 1) for frame in read_frames(path)]
 
 
 def _batches(paths: Sequence[Path], batch_size: int, size: tuple[int, int] | None) -> Iterator[torch.Tensor]:
@@ -138,6 +154,21 @@ def check_scoring(
     return []
 
 
+def check_video_scoring(scoring: ComparisonSettings) -> None:
+    """Refuse, for a video model, a score that cannot be given to videos: FID against
+    `--reference` (over single frames it would not measure motion; FVD is not computed, `FVD_NOTE`).
+
+    Raises:
+        MetricsError: naming the option to drop.
+    """
+    if scoring.reference is not None:
+        raise MetricsError(
+            "this model makes videos: FID against --reference compares images, and its video counterpart, FVD, "
+            "needs I3D weights that agentsd does not download: leave out --reference (videos are scored frame by "
+            "frame: PSNR, SSIM, LPIPS, CLIP score)."
+        )
+
+
 def _torchmetrics():
     try:
         import torchmetrics
@@ -204,23 +235,31 @@ def fid_score(metric, paths: Sequence[Path], batch_size: int = 32) -> float:
     return float(metric.compute())
 
 
-def fidelity_to_baseline(baseline: Sequence[Path], method: Sequence[Path], lpips: bool = False) -> dict[str, float]:
+def fidelity_to_baseline(baseline: Sequence[Path], method: Sequence[Path], lpips: bool = False) -> dict[str, Any]:
     """Mean PSNR and SSIM (and LPIPS if asked) of each image against the baseline image of the
-    same prompt and seed."""
+    same prompt and seed; of videos, of each frame against the same frame of the baseline video,
+    the mean over every frame of every video, and under `per_frame` each score's mean over the
+    videos, frame by frame (how fidelity runs through a video)."""
     _torchmetrics()
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    psnr, ssim, perceptual = [], [], []
+    scores: dict[str, list[list[float]]] = {"psnr": [], "ssim": [], "lpips": []}  # per file, per frame
     lpips_metric = _lpips_metric() if lpips else None
     for a, b in zip(baseline, method, strict=True):
-        x, y = load_uint8(a).float()[None] / 255, load_uint8(b).float()[None] / 255
-        psnr.append(float(peak_signal_noise_ratio(y, x, data_range=1.0)))
-        ssim.append(float(structural_similarity_index_measure(y, x, data_range=1.0)))
-        if lpips_metric is not None:
-            perceptual.append(float(lpips_metric(y * 2 - 1, x * 2 - 1)))
-    out = {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
-    if perceptual:
-        out["lpips"] = float(np.mean(perceptual))
+        for name in scores:
+            scores[name].append([])
+        for x, y in zip(load_frames(a), load_frames(b), strict=True):
+            x, y = x.float()[None] / 255, y.float()[None] / 255
+            scores["psnr"][-1].append(float(peak_signal_noise_ratio(y, x, data_range=1.0)))
+            scores["ssim"][-1].append(float(structural_similarity_index_measure(y, x, data_range=1.0)))
+            if lpips_metric is not None:
+                scores["lpips"][-1].append(float(lpips_metric(y * 2 - 1, x * 2 - 1)))
+    scores = {name: files for name, files in scores.items() if any(files)}
+    out: dict[str, Any] = {
+        name: float(np.mean([s for frames in files for s in frames])) for name, files in scores.items()
+    }
+    if any(len(frames) > 1 for frames in scores["psnr"]):
+        out["per_frame"] = {name: np.mean(files, axis=0).tolist() for name, files in scores.items()}
     return out
 
 
@@ -243,12 +282,20 @@ def _check_clip_model(model: str | Path) -> None:
 
 
 def clip_score(paths: Sequence[Path], prompts: Sequence[str], model: str | Path, batch_size: int = 16) -> float:
-    """Mean CLIP score of images against their prompts (torchmetrics CLIPScore)."""
+    """Mean CLIP score of images against their prompts (torchmetrics CLIPScore); of videos, of
+    every frame against its video's prompt."""
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     _check_clip_model(model)
     metric = CLIPScore(model_name_or_path=str(model))
-    for start in range(0, len(paths), batch_size):
-        images = [load_uint8(p) for p in paths[start : start + batch_size]]
-        metric.update(images, list(prompts[start : start + batch_size]))
+    images, texts = [], []
+    for path, prompt in zip(paths, prompts, strict=True):
+        for frame in load_frames(path):
+            images.append(frame)
+            texts.append(prompt)
+            if len(images) == batch_size:
+                metric.update(images, texts)
+                images, texts = [], []
+    if images:
+        metric.update(images, texts)
     return float(metric.compute())

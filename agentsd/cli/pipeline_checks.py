@@ -1,5 +1,6 @@
 """What `generate` and `compare` ask of a model's pipeline, checked before any work: that it makes
-images from text alone, that a negative prompt would change the images, and that a Flux pipeline's
+images (or videos) from text alone, that a negative prompt would change the images, that what a
+video needs is there (and video flags go to video models only), and that a Flux pipeline's
 scheduler takes the sigmas the pipeline sets.
 
 The checks read the pipeline's class, so they run before the model is loaded where its
@@ -16,10 +17,12 @@ from typing import Any, Protocol
 import diffusers
 
 from .loading import GenerationError, guidance_scale, read_config
+from .video import check_video_extra, is_video
 
 # Call arguments that make a pipeline image-conditioned (img2img, inpainting, Flux Fill, Kontext,
-# ControlNet): it needs an input image, which `generate` and `compare` do not have.
-IMAGE_INPUTS = ("image", "mask_image", "control_image")
+# ControlNet, Wan's image- and video-to-video): it needs an input image or video, which `generate`
+# and `compare` do not have.
+IMAGE_INPUTS = ("image", "mask_image", "control_image", "video")
 
 
 def model_pipeline_class(model: str) -> type | None:
@@ -49,19 +52,39 @@ def true_cfg_scale(pipeline: Any, value: float | None = None) -> float | None:
 
 
 class Request(Protocol):
-    """What the checks read of a run's settings (`generation.GenerationSettings` has it)."""
+    """What the checks read of a run's settings (`jobs.GenerationSettings` has it)."""
 
     model: str
     negative_prompt: str | None
     guidance: float | None
     true_cfg_scale: float | None
+    frames: int | None
+    fps: int | None
 
 
 def check_pipeline(pipeline: Any, settings: Request) -> None:
     """Refuse what `pipeline` (a pipeline or its class) cannot do with `settings`: make images from
-    text alone (`check_text_to_image`), or use the negative prompt (`check_negative_prompt`)."""
+    text alone (`check_text_to_image`), use the negative prompt (`check_negative_prompt`), write its
+    videos or use the video flags (`check_video`)."""
     check_text_to_image(pipeline, settings.model)
     check_negative_prompt(pipeline, settings.negative_prompt, settings.guidance, settings.true_cfg_scale)
+    check_video(pipeline, settings.frames, settings.fps)
+
+
+def check_video(pipeline: Any, frames: int | None, fps: int | None) -> None:
+    """A video pipeline needs the MP4 writer (`video.check_video_extra`); an image pipeline is
+    refused a frame count or rate, which would change nothing.
+
+    Raises:
+        GenerationError: naming what is missing and how to get it, or the flag to leave out.
+    """
+    if is_video(pipeline):
+        check_video_extra()
+        return
+    for flag, value in (("--frames", frames), ("--fps", fps)):
+        if value is not None:
+            raise GenerationError(f"{flag} is for video models (Wan); this model's {_name(pipeline)} makes images: "
+                                  "leave it out.")  # fmt: skip
 
 
 def check_text_to_image(pipeline: Any, model: str) -> None:
@@ -73,10 +96,13 @@ def check_text_to_image(pipeline: Any, model: str) -> None:
     """
     inputs = [name for name in IMAGE_INPUTS if name in _parameters(pipeline)]
     if inputs:
+        video = is_video(pipeline) or "video" in inputs
+        what = "videos from an input image or video" if video else "images from an input image"
         raise GenerationError(
-            f"model {model!r} loads as {_name(pipeline)}, which makes images from an input image (its "
-            f"{', '.join(inputs)}), not from text alone: generate and compare need a text-to-image model (e.g. "
-            "FLUX.1-dev, not FLUX.1-Fill-dev); this one agentsd patches from Python (agentsd.patch(pipe))."
+            f"model {model!r} loads as {_name(pipeline)}, which makes {what} (its {', '.join(inputs)}), not from "
+            "text alone: generate and compare need a text-to-image model or a text-to-video model (e.g. FLUX.1-dev, "
+            "not FLUX.1-Fill-dev; Wan2.1-T2V, not Wan2.1-I2V); this one agentsd patches from Python "
+            "(agentsd.patch(pipe))."
         )
 
 

@@ -20,11 +20,13 @@ What a transformer call gives the plan:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ..core.config import AgentSDConfig
+from ..core.plans import Sequence
 from ..processors.wan_attention import WanAgentSDProcessor, wan_attention_class
 from .base import Family, Layer, ModelCall
 from .sd3 import blocks_in_range
@@ -57,6 +59,18 @@ def read_call(model: Any, args: tuple, kwargs: dict) -> ModelCall:
     return ModelCall(sample, timestep, (frames // p_t, height // p_h, width // p_w))
 
 
+def shard(call: ModelCall, ranks: int) -> ModelCall | str:
+    """diffusers splits Wan's video tokens (not its text) into `ranks` equal runs, frame-major: with
+    whole frames per rank, each rank's shard is a (frames / ranks) x rows x columns grid."""
+    frames, rows, columns = call.grid
+    if frames % ranks:
+        return (
+            f"context parallelism over {ranks} ranks: the {frames} token frames do not split into whole frames "
+            "per rank, so diffusers attends exactly across the shards"
+        )
+    return replace(call, grid=(frames // ranks, rows, columns), sequence=Sequence(ranks=ranks))
+
+
 def nothing_patched(model: Any, config: AgentSDConfig) -> str:
     blocks = len(model.blocks)
     return f"block_range={config.block_range} selects none of this transformer's {blocks} blocks (0 to {blocks - 1})"
@@ -72,4 +86,5 @@ FAMILY = Family(
     nothing_patched=nothing_patched,
     preset="wan",
     experts=("transformer_2",),
+    shard=shard,
 )

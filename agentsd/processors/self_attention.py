@@ -28,6 +28,11 @@ FUSED_PROCESSORS = tuple(
 )
 
 
+# Why a layer hands its calls over under diffusers' context parallelism: each rank holds a shard of
+# the tokens, which the delegate attends across the ranks (Ulysses or ring).
+CONTEXT_PARALLEL = "context parallelism: diffusers attends exactly across the ranks' shards"
+
+
 def choose_backend(configured: str | None, delegate: Any, device: torch.device) -> str:
     """The attention kernel of agentsd's calls: the configured one; else, where the processor
     agentsd delegates to goes through diffusers' attention dispatcher, the same dispatcher with
@@ -119,6 +124,18 @@ class AgentSDProcessor:
         if hasattr(self.original, "_attention_backend"):
             self.original._attention_backend = backend
 
+    @property
+    def _parallel_config(self) -> Any:
+        """The delegate's context-parallel configuration: `model.enable_parallelism(...)` sets it on
+        every processor that has this attribute, so before or after patching it reaches the
+        delegate, which then attends across the ranks' shards."""
+        return getattr(self.original, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, config: Any) -> None:
+        if hasattr(self.original, "_parallel_config"):
+            self.original._parallel_config = config
+
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "__call__"}  # rebuilt when loaded
 
@@ -167,7 +184,9 @@ class AgentSDProcessor:
         plan = None if call is None else call.plans.get(self.name)
         if plan is None:
             return None
-        reason = self.unsupported_call(encoder_hidden_states, attention_mask, temb)
+        sharded = self._parallel_config is not None and call.sequence.ranks == 1  # not planned for shards
+        reason = CONTEXT_PARALLEL if sharded else None
+        reason = reason or self.unsupported_call(encoder_hidden_states, attention_mask, temb)
         if reason is None:
             reason = self.misfit(attn, hidden_states, encoder_hidden_states, plan, call)
         if reason is not None:
