@@ -33,7 +33,9 @@ PHASES = {
     "agent": dict(min_tokens=0, agent_steps=1.0, st=2, agent_ratio=0.9, use_rand=False),
     "tome": dict(min_tokens=0, agent_steps=0.0, late_st=1, use_rand=False),
 }
-FRAMES = {"wan": 4, "wan-odd": 5}  # token frames: 4 split into 2 per rank, 5 do not split
+# Wan kinds: (batch, token frames, rows, columns). 4 frames split into 2 per rank, 5 do not; 6 x 10
+# tokens per frame leave partial boxes at the bottom and the right of every shard.
+WAN = {"wan": (1, 4, 8, 8), "wan-odd": (1, 5, 8, 8), "wan-batch": (2, 4, 8, 8), "wan-uneven": (1, 4, 6, 10)}
 
 
 def model_and_inputs(kind):
@@ -43,10 +45,11 @@ def model_and_inputs(kind):
         from agentsd.testing.tiny_wan import TEXT_WIDTH, tiny_wan_transformer
 
         model = tiny_wan_transformer()
+        batch, frames, rows, columns = WAN[kind]
         inputs = dict(
-            hidden_states=torch.randn(1, 16, FRAMES[kind], 16, 16),
-            timestep=torch.tensor([900.0]),
-            encoder_hidden_states=torch.randn(1, 16, TEXT_WIDTH),
+            hidden_states=torch.randn(batch, 16, frames, 2 * rows, 2 * columns),
+            timestep=torch.full((batch,), 900.0),
+            encoder_hidden_states=torch.randn(batch, 16, TEXT_WIDTH),
         )
         return model, inputs
     from agentsd.testing.tiny_flux import PACKED, T5_WIDTH, tiny_flux_transformer
@@ -82,34 +85,49 @@ def run_ranks(tmp_path, kind, order, phase="agent", mode="ulysses"):
 class ShardedReference:
     """A processor computing `reference_wan_sharded` in one process, as a Wan block calls `attn1`."""
 
-    def __init__(self, phase):
-        self.phase, self.agents = phase, []
+    def __init__(self, phase, grid):
+        self.phase, self.grid, self.agents = phase, grid, []
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        frames = hidden_states.shape[1] // 64  # the 8 x 8 token frames of a 128 px video
+        frames, rows, columns = self.grid
         agent = self.phase == "agent"
         out, used, n = reference_wan_sharded(
-            attn, hidden_states, rotary_emb, (frames // RANKS, 8, 8), (2, 4, 4) if agent else (1, 2, 2), RANKS,
-            ratio=0.4, agent_ratio=0.9 if agent else None,
+            attn, hidden_states, rotary_emb, (frames // RANKS, rows, columns), (2, 4, 4) if agent else (1, 2, 2),
+            RANKS, ratio=0.4, agent_ratio=0.9 if agent else None,
         )  # fmt: skip
         assert used == agent
         self.agents.append(n)
         return out.to(hidden_states.dtype)
 
 
-@pytest.mark.parametrize("phase", ["agent", "tome"])
-@pytest.mark.parametrize("order", ["patch-first", "parallel-first"])
-def test_wan_runs_agent_attention_on_the_shards(tmp_path, order, phase):
-    model, inputs = model_and_inputs("wan")
+CASES = [
+    ("wan", "patch-first", "agent", "ulysses"),
+    ("wan", "parallel-first", "agent", "ulysses"),
+    ("wan", "patch-first", "tome", "ulysses"),
+    ("wan", "parallel-first", "tome", "ulysses"),
+    ("wan-batch", "patch-first", "agent", "ulysses"),
+    ("wan-uneven", "parallel-first", "agent", "ulysses"),
+    # Ring: agentsd's own collectives in the agent phase (the ToMe phase would go through diffusers'
+    # ring, whose native backend returns no log-sum-exp on a CPU).
+    ("wan", "patch-first", "agent", "ring"),
+]
+
+
+@pytest.mark.parametrize("kind, order, phase, mode", CASES, ids=["-".join(case) for case in CASES])
+def test_wan_runs_agent_attention_on_the_shards(tmp_path, kind, order, phase, mode):
+    model, inputs = model_and_inputs(kind)
+    batch, frames, rows, columns = WAN[kind]
     with torch.no_grad():
         unpatched = model(**inputs, return_dict=False)[0]
-        reference = ShardedReference(phase)
+        reference = ShardedReference(phase, (frames, rows, columns))
         for block in model.blocks:
             block.attn1.set_processor(reference)
         expected = model(**inputs, return_dict=False)[0]
-    got = run_ranks(tmp_path, "wan", order, phase)
-    assert got["modes"] == [phase] and got["reasons"] == ["None"] and got["grids"] == [(2, 8, 8)]
-    layout = "context parallel: ulysses 2 x ring 1 = 2 ranks, 128 tokens per rank (agentsd acts on the shards)"
+    got = run_ranks(tmp_path, kind, order, phase, mode)
+    local = (frames // RANKS, rows, columns)
+    assert got["modes"] == [phase] and got["reasons"] == ["None"] and got["grids"] == [local]
+    degrees = "ulysses 2 x ring 1" if mode == "ulysses" else "ulysses 1 x ring 2"
+    layout = f"context parallel: {degrees} = 2 ranks, {math.prod(local)} tokens per rank (agentsd acts on the shards)"
     assert got["text"].splitlines()[1] == layout
     error = float((got["output"] - expected).norm() / expected.norm())
     assert error < 1e-5, error
@@ -117,7 +135,7 @@ def test_wan_runs_agent_attention_on_the_shards(tmp_path, order, phase):
     heads, head_dim, layers = 2, 12, len(model.blocks)
     if phase == "agent":  # per layer: this rank's agents, then every agent's partial output and log-sum-exp
         n_local = reference.agents[0]
-        assert got["sent"] == layers * heads * (n_local * head_dim + RANKS * n_local * (head_dim + 1))
+        assert got["sent"] == batch * layers * heads * (n_local * head_dim + RANKS * n_local * (head_dim + 1))
     else:
         assert got["sent"] == 0  # the ToMe phase sends through diffusers' Ulysses only
 
