@@ -33,6 +33,7 @@ import math
 
 import torch
 from reference import _merge, _softmax_attention
+from reference_flux import representatives
 from reference_joint import _linear, _match
 
 
@@ -102,20 +103,6 @@ def rotate_pairs(t, cos, sin):
     out[:, 0::2] = t[:, 0::2] * c - t[:, 1::2] * s
     out[:, 1::2] = t[:, 0::2] * s + t[:, 1::2] * c
     return out
-
-
-def representatives(slot, dst):
-    """Each merged slot's representative position: its group's destination, else its one token."""
-    groups = {}
-    for p, j in slot.items():
-        groups.setdefault(j, []).append(p)
-    dst_set = set(dst)
-    reps = []
-    for j in range(len(groups)):
-        in_dst = [p for p in groups[j] if p in dst_set]
-        assert in_dst or len(groups[j]) == 1, f"merged group {groups[j]} has no destination"
-        reps.append(in_dst[0] if in_dst else groups[j][0])
-    return reps
 
 
 def _heads(attn, t, rows=None, cos=None, sin=None):

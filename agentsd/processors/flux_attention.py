@@ -34,7 +34,7 @@ import torch
 
 from ..core.attention import agent_attention, attend
 from ..core.state import AGENT, CallPlan, LayerPlan
-from .self_attention import AgentSDProcessor
+from .self_attention import ModuleAttentionProcessor
 from .shared_weights import SharedWeights
 
 try:  # diffusers 0.35 and later, with FluxAttention
@@ -68,7 +68,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x.float() * cos + turned.float() * sin).to(x.dtype)
 
 
-class FluxAgentSDProcessor(AgentSDProcessor):
+class FluxAgentSDProcessor(ModuleAttentionProcessor):
     """Agent attention for one Flux attention layer (see the module docstring).
 
     Takes the same arguments as `AgentSDProcessor`. Calls it does not act on go to the
@@ -125,10 +125,6 @@ class FluxAgentSDProcessor(AgentSDProcessor):
             f"{hidden_states.shape[1] if hidden_states.ndim == 3 else 'image-shaped'} tokens are not the "
             f"{text} text + {plan.h}x{plan.w} grid + {call.sequence.extra} extra tokens of this call"
         )
-
-    def precision(self, attn: Any) -> torch.dtype | None:
-        """Flux's attention has no upcast flags: only the config's `attn_precision` upcasts."""
-        return torch.float32 if self.state.config.attn_precision == "fp32" else None
 
     def _flux_forward(
         self,
@@ -198,10 +194,6 @@ class FluxAgentSDProcessor(AgentSDProcessor):
         if merge is not None:
             image = torch.cat([merge.unmerge(image[:, :size]), image[:, size:]], dim=1)
         return image, attn.to_add_out(text)
-
-    def fused(self, attn: Any) -> bool:
-        """Flux's attention marks fused projections itself (`fused_projections`)."""
-        return bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_qkv", None) is not None
 
     @staticmethod
     def angles(

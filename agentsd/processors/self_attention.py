@@ -15,7 +15,10 @@ from ..core.attention import DISPATCH, agent_attention, attend
 from ..core.merge import TokenMerge, bipartite_matching, cell_means
 from ..core.state import AGENT, TOME, AgentSDState, CallPlan, LayerPlan
 
-__all__ = ["AGENT", "TOME", "AgentSDProcessor", "AgentSDState", "CallPlan", "LayerPlan", "choose_backend"]
+__all__ = [
+    "AGENT", "TOME", "AgentSDProcessor", "AgentSDState", "CallPlan", "LayerPlan", "ModuleAttentionProcessor",
+    "choose_backend",
+]  # fmt: skip
 
 # Processors that project with the fused `to_qkv` (and `to_added_qkv`) of `fuse_qkv_projections()`.
 FUSED_PROCESSORS = tuple(
@@ -333,3 +336,17 @@ class AgentSDProcessor:
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+
+class ModuleAttentionProcessor(AgentSDProcessor):
+    """The base of agentsd's processors for diffusers' newer attention modules (`AttentionModuleMixin`:
+    Flux's `FluxAttention`, Wan's `WanAttention`): they have no upcast flags, and mark fused
+    projections on the module itself."""
+
+    def precision(self, attn: Any) -> torch.dtype | None:
+        """No upcast flags: only the config's `attn_precision` upcasts."""
+        return torch.float32 if self.state.config.attn_precision == "fp32" else None
+
+    def fused(self, attn: Any) -> bool:
+        """The module marks fused projections itself (`fused_projections`)."""
+        return bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_qkv", None) is not None

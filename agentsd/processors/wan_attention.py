@@ -28,7 +28,7 @@ from ..core.attention import agent_attention, attend
 from ..core.merge import TokenMerge, cell_means
 from ..core.sharded import sharded_agent_attention
 from ..core.state import AGENT, CallPlan, LayerPlan
-from .self_attention import AgentSDProcessor
+from .self_attention import ModuleAttentionProcessor
 
 __all__ = ["WanAgentSDProcessor", "wan_attention_class", "wan_rotate"]
 
@@ -57,7 +57,7 @@ def wan_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
 
 
-class WanAgentSDProcessor(AgentSDProcessor):
+class WanAgentSDProcessor(ModuleAttentionProcessor):
     """Agent attention for one Wan self-attention layer (see the module docstring).
 
     Takes the same arguments as `AgentSDProcessor`. Calls it does not act on go to the processor
@@ -103,14 +103,6 @@ class WanAgentSDProcessor(AgentSDProcessor):
             return None
         got = hidden_states.shape[1] if hidden_states.ndim == 3 else "video-shaped"
         return f"{got} tokens are not the {plan.f}x{plan.h}x{plan.w} token grid of this call (sharded or changed?)"
-
-    def precision(self, attn: Any) -> torch.dtype | None:
-        """Wan's attention has no upcast flags: only the config's `attn_precision` upcasts."""
-        return torch.float32 if self.state.config.attn_precision == "fp32" else None
-
-    def fused(self, attn: Any) -> bool:
-        """Wan's attention marks fused projections itself (`fused_projections`)."""
-        return bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_qkv", None) is not None
 
     def _wan_forward(
         self, attn: Any, hidden_states: torch.Tensor, rotary: Any, plan: LayerPlan, call: CallPlan
@@ -175,14 +167,17 @@ class WanAgentSDProcessor(AgentSDProcessor):
             return agents
         batch = hidden_states.shape[0]
         slots = plan.dst.expand(batch, -1) if agent_merge is None else agent_merge.representatives(plan.dst)
-        cos, sin = (table[0, :, 0][slots].unsqueeze(2) for table in rotary)
-        return wan_rotate(agents, cos, sin)
+        return wan_rotate(agents, *_rows(rotary, slots))
 
     @staticmethod
     def angles(rotary: Any, merge: TokenMerge | None, plan: LayerPlan, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of the merged sequence, each (B or 1, S', 1, D): a slot at its representative's angle."""
         if merge is None:
             return rotary[0], rotary[1]
-        slots = merge.representatives(plan.dst)  # (B, N')
-        cos, sin = (table[0, :, 0][slots].unsqueeze(2) for table in rotary)
-        return cos, sin
+        return _rows(rotary, merge.representatives(plan.dst))
+
+
+def _rows(rotary: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) rows of Wan's rotary tables (1, N, 1, D) at `tokens` (B, S): (B, S, 1, D) each."""
+    cos, sin = (table[0, :, 0][tokens].unsqueeze(2) for table in rotary)
+    return cos, sin
