@@ -1,55 +1,113 @@
 """One rank of a context-parallel run of a tiny transformer (`torchrun --nproc_per_node 2`, gloo on
 the CPU), for tests/test_context_parallel.py.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/cp_run.py OUT KIND ORDER PHASE [MODE]
+    python -m torch.distributed.run --nproc_per_node 2 tests/cp_run.py OUT KIND ORDER PHASE [MODE [PARAM]]
 
 KIND, PHASE: see `model_and_inputs` and `PHASES` there. ORDER: `patch-first` (agentsd.patch, then
-enable_parallelism), `parallel-first` (the other way round). MODE: ulysses (default) or ring. Rank 0
-saves the output, agentsd's status and the elements this rank sent through
-`torch.distributed.all_gather` (agentsd's collectives) to OUT (torch.save)."""
+enable_parallelism), `parallel-first` (the other way round). MODE: ulysses (default) or ring.
+PARAM: a parameter's name, to also run the backward pass of a fixed weighting of the output
+(`output_weights`) and report the gradients of the input and of that parameter. Rank 0 saves the
+output, the first patched layer's output(s) (its shard), agentsd's status, the elements it sent
+through agentsd's collectives (the functional collectives of `agentsd.core.sharded`) and, with
+PARAM, the gradients summed over the ranks to OUT (torch.save)."""
 
+import faulthandler
 import sys
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 # diffusers 0.42 places each rank on device `rank % torch.accelerator.device_count()`, which is 0 on
 # a machine without accelerators (a ZeroDivisionError): one "device", the CPU, for every rank.
 torch.accelerator.device_count = lambda: 1
 
+# The collectives agentsd's sharded attention sends through (diffusers' own Ulysses and ring use
+# other functions of the same module, so they are not counted).
+COUNTED = ("all_gather_single_autograd", "all_gather_tensor_autograd", "all_to_all_single_autograd")
 
-def main(out: str, kind: str, order: str, phase: str, mode: str = "ulysses") -> None:
+
+def count_sent(sent):
+    for name in COUNTED:
+        collective = getattr(funcol, name, None)
+        if collective is None:
+            continue
+
+        def counting(tensor, *args, collective=collective, **kwargs):
+            sent.append(tensor.numel())
+            return collective(tensor, *args, **kwargs)
+
+        setattr(funcol, name, counting)
+
+
+def lse_for_ring():
+    """diffusers' ring attention merges the ranks' partial outputs by their log-sum-exps, which its
+    native backend's forward op does not return (`return_lse=True` raises). On a CPU the flash
+    attention kernel returns one: the op is wrapped to add it, its output left as diffusers makes it."""
+    from diffusers.models import attention_dispatch
+
+    native = attention_dispatch._native_attention_forward_op
+
+    def with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):  # fmt: skip
+        out = native(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
+                     _save_ctx=_save_ctx, _parallel_config=_parallel_config)  # fmt: skip
+        if not return_lse:
+            return out
+        q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))
+        lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[1]
+        return out, lse.permute(0, 2, 1)
+
+    attention_dispatch._native_attention_forward_op = with_lse
+
+
+def main(out: str, kind: str, order: str, phase: str, mode: str = "ulysses", grad: str = "") -> None:
+    faulthandler.enable(all_threads=True)  # where a rank aborts, every thread's Python stack to stderr
     from diffusers import ContextParallelConfig
-    from test_context_parallel import PHASES, model_and_inputs
+    from test_context_parallel import PHASES, model_and_inputs, output_weights
 
     import agentsd
 
     sent = []
-    all_gather = dist.all_gather
-
-    def counting(parts, tensor, *args, **kwargs):
-        sent.append(tensor.numel())
-        return all_gather(parts, tensor, *args, **kwargs)
-
-    dist.all_gather = counting
+    count_sent(sent)
+    if mode == "ring":
+        lse_for_ring()
     dist.init_process_group("gloo")
     model, inputs = model_and_inputs(kind)
     config = ContextParallelConfig(**{f"{mode}_degree": dist.get_world_size()})
+    settings = PHASES[kind.split("-")[0]][phase]
     if order == "patch-first":
-        agentsd.patch(model, **PHASES[phase])
+        agentsd.patch(model, **settings)
     model.enable_parallelism(config=config)
     if order == "parallel-first":
-        agentsd.patch(model, **PHASES[phase])
-    with torch.no_grad():
+        agentsd.patch(model, **settings)
+    result = {}
+    first = model.transformer_blocks[0].attn if kind.startswith("flux") else model.blocks[0].attn1
+
+    def keep(module, args, output):
+        result.setdefault("layer", tuple(output) if isinstance(output, tuple) else (output,))
+
+    first.register_forward_hook(keep)
+    if grad:
+        sample = inputs["hidden_states"].requires_grad_(True)
         output = model(**inputs, return_dict=False)[0]
-    if hasattr(output, "wait"):  # the gather's AsyncCollectiveTensor (Flux): a plain tensor to save
+        (output * output_weights(output)).sum().backward()
+        weight = dict(model.named_parameters())[grad]
+        for name, g in (("input_grad", sample.grad), ("weight_grad", weight.grad)):
+            dist.all_reduce(g)  # each rank holds its shard's part of the gradient
+            result[name] = g
+        output = output.detach()
+    else:
+        with torch.no_grad():
+            output = model(**inputs, return_dict=False)[0]
+    if hasattr(output, "wait"):  # the gather's AsyncCollectiveTensor: a plain tensor to save
         output = output.wait()
     if dist.get_rank() == 0:
         report = agentsd.status(model)
         reasons = sorted({str(layer.reason) for layer in report.layers})
         modes = sorted({str(layer.mode) for layer in report.layers})
         grids = sorted({layer.grid for layer in report.layers if layer.grid})
-        result = dict(output=output, reasons=reasons, modes=modes, grids=grids, sent=sum(sent), text=str(report))
+        result.update(output=output, reasons=reasons, modes=modes, grids=grids, sent=sum(sent), text=str(report))
         torch.save(result, out)
     dist.destroy_process_group()
 

@@ -288,3 +288,72 @@ def diffusers_flux_single(attn, s, rotary):
     """diffusers' own `FluxAttnProcessor` on a single-stream layer: the unprojected output."""
     with torch.no_grad():
         return FluxAttnProcessor()(attn, s, image_rotary_emb=rotary)
+
+
+def reference_flux_sharded(attn, text, text_names, grid, rotary, local_hw, ranks, settings):
+    """agentsd on a Flux attention layer under context parallelism over `ranks` ranks, in float64,
+    in one process: the text (B, T, C) and the grid (B, h w, C) each split into `ranks` equal runs
+    (run r: text tokens r T/ranks.., the grid's rows r h/ranks..), every grid run merged by its own
+    top-left plan on `local_hw` (its agents likewise), with the rotary rows of its own positions
+    (the table's rows follow [text; grid]).
+
+    The agents of every run gather, in one softmax, from the keys and values of every run's [text;
+    merged grid]; each run's grid queries attend over every agent (plus their value shortcut); every
+    text query attends exactly over every run's keys. Agents are used when 2 n_run < N'_run. In the
+    ToMe phase (`settings["agent_ratio"]` None) every query attends exactly over every run's keys.
+
+    Returns (text_out (B, T, inner), grid_out (B, h w, inner) unprojected, used_agents, agents per run)."""
+    h, w = local_hw
+    sx, sy, ratio, agent_ratio = settings["sx"], settings["sy"], settings["ratio"], settings["agent_ratio"]
+    cos, sin = (t.double() for t in rotary)
+    num_text, local = text.shape[1] // ranks, h * w
+    assert text.shape[1] == ranks * num_text and grid.shape[1] == ranks * local == cos.shape[0] - text.shape[1]
+    dst = top_left_destinations(h, w, sx, sy)
+    src = [p for p in range(local) if p not in set(dst)]
+    r = min(len(src), math.floor(local * ratio))
+    use_agents, n = False, 0
+    if agent_ratio is not None:
+        r_agent = min(len(src), math.floor(local * agent_ratio))
+        n = local - r_agent
+        use_agents = 2 * n < local - r
+    s = attn.head_dim**-0.5
+    text_outputs, grid_outputs = [], []
+    for b in range(grid.shape[0]):
+        runs = []  # per run: (slot, q_text, k, v, q_grid, v_grid, agents), k and v over [text; merged grid]
+        for run in range(ranks):
+            xr = grid[b, run * local : (run + 1) * local].double()
+            best, order = _match(xr, dst, src)
+            merged, slot = _merge(xr, dst, src, best, order, r)
+            grid_rows = [text.shape[1] + run * local + p for p in representatives(slot, dst)]
+            text_rows = [run * num_text + i for i in range(num_text)]
+            tr = text[b, run * num_text : (run + 1) * num_text].double()
+            q_txt, k_txt, v_txt = _project(attn, text_names, tr, text_rows, cos, sin)
+            q_grid, k_grid, v_grid = _project(attn, IMAGE_STREAM, merged, grid_rows, cos, sin)
+            agents = None
+            if use_agents:
+                tokens, agent_slot = _merge(xr, dst, src, best, order, r_agent)
+                agent_rows = [text.shape[1] + run * local + p for p in representatives(agent_slot, dst)]
+                agents = _heads(attn, _linear(attn.to_q, tokens), attn.norm_q, agent_rows, cos, sin)
+            keys = [torch.cat([k_txt[hd], k_grid[hd]]) for hd in range(attn.heads)]
+            values = [torch.cat([v_txt[hd], v_grid[hd]]) for hd in range(attn.heads)]
+            runs.append((slot, q_txt, keys, values, q_grid, v_grid, agents))
+        text_b, grid_b = [], []
+        for slot, q_txt, _, _, q_grid, v_grid, _ in runs:
+            text_heads, grid_heads = [], []
+            for hd in range(attn.heads):
+                keys = torch.cat([run[2][hd] for run in runs])
+                values = torch.cat([run[3][hd] for run in runs])
+                text_heads.append(_softmax_attention(q_txt[hd], keys, values, s))
+                if use_agents:
+                    everyone = torch.cat([run[6][hd] for run in runs])
+                    agent_v = _softmax_attention(everyone, keys, values, s)
+                    o = _softmax_attention(q_grid[hd], everyone, agent_v, s ** settings["k_scale2"])
+                    grid_heads.append(o + settings["k_shortcut"] * v_grid[hd])
+                else:
+                    grid_heads.append(_softmax_attention(q_grid[hd], keys, values, s))
+            o_grid = torch.cat(grid_heads, dim=-1)
+            text_b.append(torch.cat(text_heads, dim=-1))
+            grid_b.append(torch.stack([o_grid[slot[p]] for p in range(local)]))
+        text_outputs.append(torch.cat(text_b))
+        grid_outputs.append(torch.cat(grid_b))
+    return torch.stack(text_outputs), torch.stack(grid_outputs), use_agents, n

@@ -15,12 +15,17 @@ What a transformer call gives the plan:
 - the text length: the single-stream layers are given [text; image] and not told where the text
   ends, so it is the length of the call's `encoder_hidden_states`.
 
+Under context parallelism diffusers splits the text and the image tokens each into equal runs, one
+per rank: agentsd acts on the shards when every run of the image holds whole grid rows and no
+tokens follow the grid (`shard`); otherwise its layers hand the calls to diffusers, with the reason.
+
 Reading `img_ids` copies it to the host: one small copy per transformer call, in the forward
 pre-hook, outside any compiled graph.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -88,6 +93,24 @@ def read_call(model: Any, args: tuple, kwargs: dict) -> ModelCall:
     return ModelCall(sample, timestep, grid, Sequence(text_len, extra))
 
 
+def shard(call: ModelCall, ranks: int) -> ModelCall | str:
+    """diffusers splits Flux's image tokens and its text tokens each into `ranks` equal runs: with
+    whole grid rows per rank, each rank's layers see (text / ranks) text tokens and a
+    (rows / ranks) x columns grid."""
+    (rows, columns), sequence = call.grid, call.sequence
+    why = None
+    if sequence.extra:
+        why = f"the {sequence.extra} tokens after the grid (a reference image) share the image's runs"
+    elif rows % ranks:
+        why = f"the {rows} token rows do not split into whole rows per rank"
+    elif sequence.text % ranks:
+        why = f"the {sequence.text} text tokens do not split evenly"
+    if why is not None:
+        return f"context parallelism over {ranks} ranks: {why}, so diffusers attends exactly across the shards"
+    local = replace(sequence, text=sequence.text // ranks, ranks=ranks)
+    return replace(call, grid=(rows // ranks, columns), sequence=local)
+
+
 def nothing_patched(model: Any, config: AgentSDConfig) -> str:
     blocks = len(_blocks(model))
     return (
@@ -105,4 +128,5 @@ FAMILY = Family(
     read_call=read_call,
     nothing_patched=nothing_patched,
     preset="flux",
+    shard=shard,
 )

@@ -24,6 +24,12 @@ representative's (a pooled agent, its cell's destination's). The merged token is
 its group, and the destination stands for the group in position as it does in value: an angle
 averaged over the group would be no token's position (rotations do not average to a rotation),
 and the relative angles between unmerged tokens stay exactly Flux's.
+
+Under diffusers' context parallelism each rank holds a run of the text tokens and a run of whole
+grid rows, with their rotary rows (the family's `shard`): the grid run is merged by the same
+shard-local plan on every rank. In the agent phase the agents and the text queries of every rank
+meet every rank's keys in one pass (`agentsd.core.sharded`); in the ToMe phase every query attends
+exactly across the ranks' merged sequences through diffusers' Ulysses or ring.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 import torch
 
 from ..core.attention import agent_attention, attend
+from ..core.sharded import sharded_agent_attention
 from ..core.state import AGENT, CallPlan, LayerPlan
 from .self_attention import ModuleAttentionProcessor
 from .shared_weights import SharedWeights
@@ -174,13 +181,22 @@ class FluxAgentSDProcessor(ModuleAttentionProcessor):
             agents = self.agents(attn, grid, plan, agent_merge, heads)
             if angles is not None:
                 agents = rotate(agents, *self.agent_angles(rotary, text_len, agent_merge, plan, batch))
-            image = agent_attention(
-                query[:, :, start:stop].to(dtype), keys, values, agents.to(dtype), scale, config.k_scale2,
-                config.k_shortcut, backend, shortcut=values[:, :, start:stop],
-            )  # fmt: skip
-            others = torch.cat([query[:, :, :start], query[:, :, stop:]], dim=2)
-            others = attend(others.to(dtype), keys, values, scale, backend)
+            image_q, agents = query[:, :, start:stop].to(dtype), agents.to(dtype)
+            others = torch.cat([query[:, :, :start], query[:, :, stop:]], dim=2).to(dtype)
+            if sequence.ranks > 1:  # this rank's shard; its text queries answered in the agents' pass
+                image, others = sharded_agent_attention(
+                    image_q, keys, values, agents, scale, config.k_scale2, config.k_shortcut, self.shard_group(),
+                    backend, shortcut=values[:, :, start:stop], exact=others,
+                )  # fmt: skip
+            else:
+                image = agent_attention(
+                    image_q, keys, values, agents, scale, config.k_scale2, config.k_shortcut, backend,
+                    shortcut=values[:, :, start:stop],
+                )  # fmt: skip
+                others = attend(others, keys, values, scale, backend)
             out = torch.cat([others[:, :, :start], image, others[:, :, start:]], dim=2)
+        elif sequence.ranks > 1:  # exact over every rank's [text; merged grid], as diffusers shards it
+            out = self.attend_across_ranks(query.to(dtype), keys, values, scale)
         else:
             out = attend(query.to(dtype), keys, values, scale, backend)
         out = out.to(out_dtype).transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1])

@@ -350,3 +350,21 @@ class ModuleAttentionProcessor(AgentSDProcessor):
     def fused(self, attn: Any) -> bool:
         """The module marks fused projections itself (`fused_projections`)."""
         return bool(getattr(attn, "fused_projections", False)) and getattr(attn, "to_qkv", None) is not None
+
+    def attend_across_ranks(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Exact attention of this rank's queries (B, H, S, D) over every rank's keys, through
+        diffusers' dispatcher with the model's backend and context-parallel configuration (Ulysses
+        or ring), as the module's own processor attends across the shards."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        out = dispatch_attention_fn(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )  # fmt: skip
+        return out.transpose(1, 2)
+
+    def shard_group(self) -> Any:
+        """The process group of every rank holding a shard of the sequence (ring x Ulysses)."""
+        return self._parallel_config.context_parallel_config._flattened_mesh.get_group()

@@ -97,8 +97,6 @@ class WanAgentSDProcessor(ModuleAttentionProcessor):
     def misfit(
         self, attn: Any, hidden_states: torch.Tensor, context: torch.Tensor | None, plan: LayerPlan, call: CallPlan
     ) -> str | None:
-        if call.sequence.ranks > 1 and torch.is_grad_enabled() and hidden_states.requires_grad:
-            return "gradients under context parallelism: agentsd's collectives serve inference only"
         if hidden_states.ndim == 3 and hidden_states.shape[1] == plan.tokens:
             return None
         got = hidden_states.shape[1] if hidden_states.ndim == 3 else "video-shaped"
@@ -126,9 +124,8 @@ class WanAgentSDProcessor(ModuleAttentionProcessor):
         if plan.mode == AGENT:
             agents = self.wan_agents(attn, hidden_states, plan, agent_merge, rotary).transpose(1, 2).to(dtype)
             if call.sequence.ranks > 1:  # this rank's shard: the agents of every rank, over every key
-                group = self._parallel_config.context_parallel_config._flattened_mesh.get_group()
-                out = sharded_agent_attention(
-                    query, key, value, agents, scale, config.k_scale2, config.k_shortcut, group, backend
+                out, _ = sharded_agent_attention(
+                    query, key, value, agents, scale, config.k_scale2, config.k_shortcut, self.shard_group(), backend
                 )
             else:
                 out = agent_attention(query, key, value, agents, scale, config.k_scale2, config.k_shortcut, backend)
@@ -139,19 +136,6 @@ class WanAgentSDProcessor(ModuleAttentionProcessor):
         out = out.transpose(1, 2).flatten(2, 3).to(out_dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return merge.unmerge(out) if merge is not None else out
-
-    def attend_across_ranks(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """Exact attention of this rank's merged tokens over every rank's, through diffusers'
-        dispatcher with the model's context-parallel configuration (Ulysses or ring)."""
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        out = dispatch_attention_fn(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale,
-            backend=self._attention_backend, parallel_config=self._parallel_config,
-        )  # fmt: skip
-        return out.transpose(1, 2)
 
     def wan_agents(
         self, attn: Any, hidden_states: torch.Tensor, plan: LayerPlan, agent_merge: TokenMerge | None, rotary: Any
