@@ -158,8 +158,9 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
     """--steps, --guidance, --width, --height, --frames, --fps, --batch-size, --scheduler,
-    --max-sequence-length, --dtype, --device."""
+    --max-sequence-length, --dtype, --device, --context-parallel."""
     from .loading import FLOW_SCHEDULERS, SCHEDULERS
+    from .parallel import MODES
     from .video import DEFAULT_FPS
 
     parser.add_argument("--width", type=int, help="image width, a multiple of 8 (16 on SD 3, PixArt, Flux, Wan); "
@@ -192,6 +193,9 @@ def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
     )
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--device", default="auto", help=device_help)
+    parser.add_argument("--context-parallel", choices=MODES, help="split each image's (video's) tokens "
+                        "over the P processes of `torchrun --nproc_per_node P -m agentsd ...` with diffusers' context "
+                        "parallelism, degree P (Flux, Wan); rank 0 writes the files")  # fmt: skip
 
 
 def _bench_epilog() -> str:

@@ -91,11 +91,16 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _device_and_dtype(args: argparse.Namespace, auto=None):
-    """The (dtype, device) of --dtype/--device; a CUDA request without CUDA falls back to fp32."""
+def _device_and_dtype(args: argparse.Namespace, auto=None, layout=None):
+    """The (dtype, device) of --dtype/--device; a CUDA request without CUDA falls back to fp32.
+    Under --context-parallel (`layout`), each process's own (`parallel.rank_device`)."""
     from .loading import resolve_device, resolve_dtype
+    from .parallel import rank_device
 
-    device = auto if args.device == "auto" and auto is not None else resolve_device(args.device)
+    if layout is not None:
+        device = rank_device(args.device)
+    else:
+        device = auto if args.device == "auto" and auto is not None else resolve_device(args.device)
     fell_back = device.type == "cpu" and args.device.startswith("cuda")
     return resolve_dtype(None if fell_back else args.dtype, device), device
 
@@ -126,6 +131,7 @@ def _check_scheduler(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from . import generation as gen
+    from . import parallel
     from .video import is_video
 
     _check_positive("--num-images", args.num_images)
@@ -134,6 +140,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.max_sequence_length is not None:
         _check_positive("--max-sequence-length", args.max_sequence_length)
     prompts = _prompts(args)
+    layout = parallel.launch(args.context_parallel)
     config = agent_config(args, model_setup.default_preset(args))  # checked now; final once the model is loaded
     _check_scheduler(args)
     settings = gen.GenerationSettings(
@@ -149,23 +156,27 @@ def _generate(args: argparse.Namespace) -> int:
         true_cfg_scale=args.true_cfg_scale,
         frames=args.frames,
         fps=args.fps,
+        context_parallel=layout,
     )
-    dtype, device = _device_and_dtype(args)
+    dtype, device = _device_and_dtype(args, layout=layout)
     _check_backend(config, device)
     model_setup.check_model_settings(args, settings, args.num_images)
     out = Path(args.out)
-    pipe, (config,) = model_setup.load_pipeline(
-        args, settings, dtype, device, out, lambda pipe: [agent_config(args, model_setup.default_preset(args, pipe))]
-    )
     jobs = gen.plan_jobs(prompts, args.num_images, args.seed)
     runs = []
-    try:
-        runs = gen.generate(
-            pipe, jobs, out, settings, config, compare=args.compare, scheduler_name=args.scheduler, progress=True
+    with parallel.owned_process_group(layout):
+        pipe, (config,) = model_setup.load_pipeline(
+            args, settings, dtype, device, out, lambda p: [agent_config(args, model_setup.default_preset(args, p))]
         )
-    except KeyboardInterrupt:
-        print(f"interrupted: the finished {'videos' if is_video(pipe) else 'images'} are in {out}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        try:
+            runs = gen.generate(
+                pipe, jobs, out, settings, config, compare=args.compare, scheduler_name=args.scheduler, progress=True
+            )
+        except KeyboardInterrupt:
+            print(f"interrupted: the finished {'videos' if is_video(pipe) else 'images'} are in {out}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    if not settings.writes:  # rank 0 reports
+        return 0
     for run in runs:
         per_image = run.seconds_per_image
         timing = f", {per_image:.3f} s/{run.noun}" if per_image is not None else ""
@@ -175,6 +186,8 @@ def _generate(args: argparse.Namespace) -> int:
 
             print(run.activity.summary())
             print(f"agentsd steps: {describe_phases(run.phases)}")
+            if run.parallel:
+                print(run.parallel)
     from ..api.words import plural
 
     timed = gen.speedup(*runs) if len(runs) == 2 else None
@@ -289,7 +302,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from . import compare as cmp
-    from . import comparison
+    from . import comparison, parallel
     from . import generation as gen
     from .pipeline_checks import model_pipeline_class
     from .video import is_video
@@ -305,6 +318,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.num_prompts is not None:
         _check_positive("--num-prompts", args.num_prompts)
         prompts = prompts[: args.num_prompts]
+    layout = parallel.launch(args.context_parallel)
 
     def methods_for(preset: str) -> list:  # the default methods: the baseline and the model family's preset
         return comparison.with_baseline(
@@ -316,13 +330,13 @@ def _compare(args: argparse.Namespace) -> int:
     settings = gen.GenerationSettings(
         model=args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
         batch_size=args.batch_size, overwrite=args.overwrite, max_sequence_length=args.max_sequence_length,
-        frames=args.frames, fps=args.fps,
+        frames=args.frames, fps=args.fps, context_parallel=layout,
     )  # fmt: skip
     scoring = comparison.ComparisonSettings(
         reference=args.reference, inception_weights=args.inception_weights, clip_model=args.clip_model,
         lpips=args.lpips, measure_memory=not args.no_memory, samples=args.samples,
     )  # fmt: skip
-    dtype, device = _device_and_dtype(args, cmp.process_state().device)
+    dtype, device = _device_and_dtype(args, cmp.process_state().device, layout)
     for method in methods:
         _check_backend(method.config, device, method.name)
     if is_video(model_pipeline_class(args.model)):  # where model_index.json can be read without downloading
@@ -338,12 +352,13 @@ def _compare(args: argparse.Namespace) -> int:
             cmp.check_video_scoring(scoring)
         return [m.config for m in methods]
 
-    pipe, _ = model_setup.load_pipeline(args, settings, dtype, device, Path(args.out), configs_for)
-    try:
-        results = cmp.run_comparison(pipe, prompts, methods, args.out, settings, scoring, seed=args.seed)
-    except KeyboardInterrupt:
-        print(f"interrupted: finished images are kept in {args.out}/images; rerun to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with parallel.owned_process_group(layout):
+        pipe, _ = model_setup.load_pipeline(args, settings, dtype, device, Path(args.out), configs_for)
+        try:
+            results = cmp.run_comparison(pipe, prompts, methods, args.out, settings, scoring, seed=args.seed)
+        except KeyboardInterrupt:
+            print(f"interrupted: finished images are kept in {args.out}/images; rerun to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
     if results is not None:
         print(cmp.markdown_report(results))
         for label, summary in results.get("activity", {}).items():

@@ -125,7 +125,8 @@ def run_comparison(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any] | None:
-    """Generate (this process's shard of) every method's images, then score on the main process.
+    """Generate (this process's shard of) every method's images, then score on the main process;
+    under context parallelism (`settings.context_parallel`) every process works on every image.
 
     Images already in `OUT/images` are reused when their sidecars say they were made with these
     settings (model, scheduler and its config, steps, guidance, size, batch size, device, dtype,
@@ -154,17 +155,21 @@ def run_comparison(
     runs = [m.run(out / "images" / m.folder_name, video=video) for m in methods]
     record = run_record(pipe, settings)
     stale = check_stale(runs, jobs, record, settings.overwrite)
-    prepare_folder(out)
+    if settings.writes:
+        prepare_folder(out)
     metric = None
     if scoring.reference is not None and state.is_main_process:
         # Built before generating: a missing package, weight file or reference fails now, not hours later.
         metric = fid_metric(scoring.feature_extractor, scoring.inception_weights)
         load_reference(metric, scoring.reference)
-    for run in runs:
+    for run in runs if settings.writes else ():
         prepare_folder(run.folder)
-    generate_runs(pipe, shard_jobs(jobs), runs, settings, progress=progress and state.is_main_process, stale=stale)
+    # Under context parallelism every process works on every image (and rank 0 alone writes); else
+    # each makes its share of the images.
+    mine = jobs if settings.context_parallel else shard_jobs(jobs)
+    generate_runs(pipe, mine, runs, settings, progress=progress and state.is_main_process, stale=stale)
     memory = {}
-    if scoring.measure_memory and state.is_main_process:
+    if scoring.measure_memory and (state.is_main_process or settings.context_parallel):  # the same calls on every rank
         memory = {m.name: memory_per_image(pipe, r, settings, prompts[0]) for m, r in zip(methods, runs, strict=True)}
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -174,6 +179,8 @@ def run_comparison(
     if video:
         results.update(frames=record["frames"], fvd=FVD_NOTE)
     results["activity"] = {r.label: r.activity.summary() for r in runs if r.config is not None and r.activity.calls}
+    if settings.context_parallel:  # what agentsd did with the shards, from `status`
+        results["context_parallel"] = {r.label: r.parallel for r in runs if r.parallel}
     write_report(results, out, scoring.samples)
     return results
 

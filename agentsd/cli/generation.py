@@ -105,8 +105,9 @@ def call_pipeline(
         output = pipe(**kwargs)
         images = output.frames if run.video else output.images
         if track:
-            run.activity += status(pipe).activity
-            run.phases = step_phases(phases, pipe.scheduler, steps)
+            report = status(pipe)
+            run.activity += report.activity
+            run.phases, run.parallel = step_phases(phases, pipe.scheduler, steps), report.parallel
     return images
 
 
@@ -114,8 +115,9 @@ def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | No
     """What every image of a run records about how it was made (its sidecar adds the image's own
     fields, see `image_record`): the model, the scheduler (its name and config), steps, guidance
     (and Flux's true-CFG scale; None for the others), size, negative prompt, batch size, the T5
-    prompt length (SD 3 / 3.5, PixArt and Flux; None for the others), device type, dtype and the
-    agentsd version; a video's also its frame count and rate (`video.video_record`)."""
+    prompt length (SD 3 / 3.5, PixArt and Flux; None for the others), device type, dtype, the
+    context-parallel layout (mode and degree; None in one process) and the agentsd version; a
+    video's also its frame count and rate (`video.video_record`)."""
     _, model = find_model(pipe)
     if is_video(pipe):  # Wan's pipelines name their default size
         width, height = call_defaults(pipe)["width"], call_defaults(pipe)["height"]
@@ -136,6 +138,7 @@ def run_record(pipe: Any, settings: GenerationSettings, scheduler_name: str | No
         max_sequence_length=prompt_length(pipe, settings.max_sequence_length),
         device=pipe.device.type,
         dtype=str(model.dtype).replace("torch.", ""),
+        context_parallel=None if settings.context_parallel is None else settings.context_parallel.record(),
         agentsd_version=__version__,
     )
     return record | (video_record(pipe, settings.frames, settings.fps) if is_video(pipe) else {})
@@ -234,9 +237,9 @@ def generate(
         if compare:
             runs.insert(0, MethodRun(BASELINE, None, out / BASELINE, video=video))
     check_stale(runs, jobs, run_record(pipe, settings, scheduler_name), settings.overwrite)
-    for run in runs:
+    for run in runs if settings.writes else ():
         prepare_folder(run.folder)
-    compare_dir = prepare_folder(out / "compare") if compare and config is not None else None
+    compare_dir = prepare_folder(out / "compare") if compare and config is not None and settings.writes else None
     return generate_runs(pipe, jobs, runs, settings, compare_dir, scheduler_name, progress, warmup=compare)
 
 
@@ -261,6 +264,9 @@ def generate_runs(
         stale: existing images to replace, found to be made with other settings (see
             `stale_images`); the other existing images are skipped, whatever `settings.overwrite`.
             None: every existing image is skipped, unless `settings.overwrite`.
+
+    Under context parallelism every process makes the same calls and rank 0 alone writes
+    (`settings.writes`): the others pass no `compare_dir`.
     """
     from tqdm.auto import tqdm
 
@@ -291,7 +297,8 @@ def generate_runs(
 
     base_meta = run_record(pipe, settings, scheduler_name)
     unit = "video" if runs[0].video else "img"
-    bar = tqdm(total=sum(len(v) for v in pending.values()), desc=f"{runs[0].noun}s", unit=unit, disable=not progress)
+    total = sum(len(v) for v in pending.values())
+    bar = tqdm(total=total, desc=f"{runs[0].noun}s", unit=unit, disable=not (progress and settings.writes))
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
         for run in runs:
@@ -306,9 +313,12 @@ def generate_runs(
             for job, image in zip(mine, images, strict=True):
                 meta = dict(image_record(base_meta, run, job), agentsd_phases=run.phases or None)
                 meta["seconds"] = round(per_image, 4)
+                if run.parallel:
+                    meta["agentsd_context_parallel"] = run.parallel
                 path = run.path(job)
-                (save_video if run.video else save_image)(image, path, meta)
-                run.written.append(path)
+                if settings.writes:
+                    (save_video if run.video else save_image)(image, path, meta)
+                    run.written.append(path)
                 run.seconds[job] = per_image
                 bar.update(1)
         if compare_dir is not None:

@@ -41,7 +41,8 @@ class GenerationSettings:
     3.5, PixArt and Flux pipelines (None: the pipeline's default). `true_cfg_scale`: Flux's true
     classifier-free guidance, which its negative prompt needs (None: the pipeline's default, off).
     `frames`, `fps`: a video model's frame count (4 k + 1; None: the pipeline's default) and the
-    MP4's frame rate (None: `video.DEFAULT_FPS`); refused for image models."""
+    MP4's frame rate (None: `video.DEFAULT_FPS`); refused for image models. `context_parallel`: the
+    run's `parallel.Layout` under `--context-parallel` (None: each process makes whole images)."""
 
     model: str
     negative_prompt: str | None = None
@@ -55,6 +56,12 @@ class GenerationSettings:
     true_cfg_scale: float | None = None
     frames: int | None = None
     fps: int | None = None
+    context_parallel: Any = None
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the files: every process, but under context parallelism rank 0 alone."""
+        return self.context_parallel is None or self.context_parallel.writes
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -85,6 +92,7 @@ class MethodRun:
     skipped: list[Path] = field(default_factory=list)
     activity: Activity = field(default_factory=Activity)
     phases: list[str] = field(default_factory=list)  # of each scheduler step of the latest pipeline call
+    parallel: str | None = None  # agentsd's context-parallel layout in the latest pipeline call (`status`)
     video: bool = False
 
     @property

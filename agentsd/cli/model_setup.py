@@ -29,14 +29,16 @@ def no_empty_folder_on_error(folder: Path) -> Iterator[None]:
 def check_model_settings(args: argparse.Namespace, settings, images: int) -> None:
     """Before loading the model: the seeds of `images` images from --seed; and, where the model's
     config files can be read without loading it, --scheduler and --steps for its scheduler,
-    --max-sequence-length for its family, and what its pipeline takes (`pipeline_checks`)."""
-    from . import loading, pipeline_checks
+    --max-sequence-length for its family, what its pipeline takes (`pipeline_checks`) and whether
+    its model can be split under --context-parallel (`parallel`)."""
+    from . import loading, parallel, pipeline_checks
 
     loading.check_seeds(args.seed, images)
     pipeline = pipeline_checks.model_pipeline_class(args.model)
     if pipeline is not None:
         pipeline_checks.check_pipeline(pipeline, settings)
     family = loading.model_family(args.model)
+    parallel.check_family(family, settings.context_parallel)
     loading.check_max_sequence_length(args.max_sequence_length, family)
     scheduler = loading.model_scheduler(args.model, args.scheduler)
     if scheduler is not None:
@@ -57,14 +59,16 @@ def default_preset(args: argparse.Namespace, pipe=None) -> str:
 def load_pipeline(args: argparse.Namespace, settings, dtype, device, out: Path, configs_for):
     """Create `out` (writable), then load --model on `device` in `dtype` with --scheduler and
     refuse what only the loaded model tells (sizes, --max-sequence-length, --scheduler and
-    --steps, what the pipeline takes, the configs `configs_for(pipe)` gives that patch nothing):
-    on an error (or Ctrl-C) the folder is removed again if this made it. Returns the pipeline and
-    those configs."""
+    --steps, what the pipeline takes, the configs `configs_for(pipe)` gives that patch nothing,
+    what --context-parallel cannot split), then enable context parallelism if asked: on an error
+    (or Ctrl-C) the folder is removed again if this made it. Under context parallelism rank 0
+    alone makes the folder. Returns the pipeline and those configs."""
     from ..families import find_model
-    from . import loading, pipeline_checks
+    from . import loading, parallel, pipeline_checks
 
     with no_empty_folder_on_error(out):
-        loading.prepare_folder(out)
+        if settings.writes:
+            loading.prepare_folder(out)
         pipe = loading.load_pipeline(args.model, dtype, device)
         pipeline_checks.check_pipeline(pipe, settings)
         family = find_model(pipe)[0].name
@@ -76,4 +80,6 @@ def load_pipeline(args: argparse.Namespace, settings, dtype, device, out: Path, 
         for config in filter(None, configs):
             loading.check_config_patches(pipe, config)
         loading.check_steps(pipe.scheduler, args.steps)
+        parallel.check_pipeline(pipe, settings.context_parallel, settings)
+        parallel.enable(pipe, settings.context_parallel)
     return pipe, configs

@@ -63,12 +63,13 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
 SETTING_KEYS = (
     "model", "scheduler", "scheduler_config", "steps", "guidance", "true_cfg_scale", "width", "height",
     "negative_prompt", "batch_size", "device", "dtype", "method", "agentsd_config", "prompt", "seed",
-    "max_sequence_length", "frames", "fps",
+    "max_sequence_length", "frames", "fps", "context_parallel",
 )  # fmt: skip
 # Keys added to the sidecar later whose absence meant no value (None): an image's sidecar has no
-# `frames` and `fps` (a video's has). Not `batch_size` and `device`: an older sidecar does not say
-# what they were, so its image cannot be reused.
-NEWER_KEYS = ("max_sequence_length", "true_cfg_scale", "frames", "fps")
+# `frames` and `fps` (a video's has); one made before `--context-parallel` was made in one process.
+# Not `batch_size` and `device`: an older sidecar does not say what they were, so its image cannot
+# be reused.
+NEWER_KEYS = ("max_sequence_length", "true_cfg_scale", "frames", "fps", "context_parallel")
 
 
 def read_sidecar(image: Path) -> dict[str, Any] | None:
