@@ -8,36 +8,34 @@ enable_parallelism), `parallel-first` (the other way round). MODE: ulysses (defa
 PARAM: a parameter's name, to also run the backward pass of a fixed weighting of the output
 (`output_weights`) and report the gradients of the input and of that parameter. Rank 0 saves the
 output, the first patched layer's output(s) (its shard), agentsd's status, the elements it sent
-through agentsd's collectives (the functional collectives of `agentsd.core.sharded`) and, with
+through agentsd's collectives (those of `agentsd.core.sharded`) and, with
 PARAM, the gradients summed over the ranks to OUT (torch.save)."""
 
 import faulthandler
+import gc
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 
 # diffusers 0.42 places each rank on device `rank % torch.accelerator.device_count()`, which is 0 on
 # a machine without accelerators (a ZeroDivisionError): one "device", the CPU, for every rank.
 torch.accelerator.device_count = lambda: 1
 
 # The collectives agentsd's sharded attention sends through (diffusers' own Ulysses and ring use
-# other functions of the same module, so they are not counted).
-COUNTED = ("all_gather_single_autograd", "all_gather_tensor_autograd", "all_to_all_single_autograd")
+# the functional collectives, so they are not counted).
+COUNTED = ("all_gather_into_tensor", "all_to_all_single")
 
 
 def count_sent(sent):
     for name in COUNTED:
-        collective = getattr(funcol, name, None)
-        if collective is None:
-            continue
+        collective = getattr(dist, name)
 
-        def counting(tensor, *args, collective=collective, **kwargs):
+        def counting(output, tensor, *args, collective=collective, **kwargs):
             sent.append(tensor.numel())
-            return collective(tensor, *args, **kwargs)
+            return collective(output, tensor, *args, **kwargs)
 
-        setattr(funcol, name, counting)
+        setattr(dist, name, counting)
 
 
 def lse_for_ring():
@@ -109,6 +107,11 @@ def main(out: str, kind: str, order: str, phase: str, mode: str = "ulysses", gra
         grids = sorted({layer.grid for layer in report.layers if layer.grid})
         result.update(output=output, reasons=reasons, modes=modes, grids=grids, sent=sum(sent), text=str(report))
         torch.save(result, out)
+    # Every rank waits for rank 0 to save, and drops the model (its hooks and parallel configuration
+    # hold the process groups) before the groups go: nothing of the group outlives its destruction.
+    dist.barrier()
+    del model, output, first
+    gc.collect()
     dist.destroy_process_group()
 
 

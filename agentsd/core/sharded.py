@@ -19,36 +19,63 @@ m_local x (d + 1) per rank pair), merged there by their log-sum-exps.
 
 So a layer sends O((n + m) d) per rank, whatever the image or video length, where an exact
 attention across the shards (Ulysses) moves every token's query, key, value and output. The
-collectives are torch's functional collectives (NCCL on GPUs, gloo on CPUs) in their
-autograd-aware form: gradients flow back through them to every rank's tokens.
+collectives are torch.distributed's (NCCL on GPUs, gloo on CPUs), each with its backward here:
+gradients flow back through them to every rank's tokens.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from .attention import attend
 
 
-def _done(t: torch.Tensor) -> torch.Tensor:
-    """A functional collective's result, waited for."""
-    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
+class _Gather(torch.autograd.Function):
+    """All-gather along a new leading dim; backward: each rank's gradient is the sum over ranks of
+    the gradient of its row (an all-to-all of the rows, summed)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        ranks = dist.get_world_size(group)
+        out = t.new_empty((ranks * t.shape[0], *t.shape[1:]))  # every rank's t along dim 0
+        dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+        return out.unflatten(0, (ranks, t.shape[0]))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _Exchange.forward(ctx, grad, ctx.group).sum(dim=0), None
+
+
+class _Exchange(torch.autograd.Function):
+    """All-to-all along dim 0; its backward is the all-to-all of the gradient back."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        t = t.contiguous()  # the collective reads and writes rows of contiguous memory
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _Exchange.forward(ctx, grad, ctx.group), None
 
 
 def gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """`t` of every rank of `group` stacked in rank order, (P, *t.shape) (every rank's `t` has the
     same shape); gradients go back to each rank's `t`."""
-    # torch 2.13 names it all_gather_single_autograd; earlier releases all_gather_tensor_autograd.
-    collective = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-    return _done(collective(t.contiguous().unsqueeze(0), gather_dim=0, group=group))
+    return _Gather.apply(t, group)
 
 
 def exchange(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """All-to-all along dim 0 (P, ...): row r goes to rank r; row r of the result came from rank r."""
-    return _done(funcol.all_to_all_single_autograd(t.contiguous(), None, None, group=group))
+    return _Exchange.apply(t, group)
 
 
 def attend_with_lse(
