@@ -173,33 +173,40 @@ def reference_wan_self_attention(
 
 @torch.no_grad()
 def reference_wan_sharded(
-    attn, x, rotary, local_grid, cells, ranks, ratio, agent_ratio, k_scale2=0.3, k_shortcut=0.075, selection="match"
-):
+    attn, x, rotary, local_grid, cells, ranks, ratio, agent_ratio, k_scale2=0.3, k_shortcut=0.075, selection="match",
+    leads=None,
+):  # fmt: skip
     """agentsd on a Wan self-attention layer whose tokens are split into `ranks` equal runs (diffusers'
-    context parallelism), every run merged by its own first-token plan on `local_grid`:
-    (output (B, N, C) float64, used_agents, agents per run).
+    context parallelism), every run merged by its own first-token plan on `local_grid` placed after
+    the run's first `leads[run]` tokens (0 when None): (output (B, N, C) float64, used_agents,
+    agents per run).
 
-    Each run's merged tokens and agents are made as in `reference_wan_self_attention`, from its own
-    tokens, with the rotary rows of its own positions. Agents are used when 2 n_run < N'_run. The
-    agents of every run gather, in one softmax, from the merged keys and values of every run; each
-    run's queries then attend over every agent (plus their value shortcut). In the ToMe phase each
-    run's queries attend exactly over every run's merged keys."""
+    A run's tokens outside its grid (before and after it) are sources. Each run's merged tokens and
+    agents are made as in `reference_wan_self_attention`, from its own tokens, with the rotary rows
+    of its own positions; merge counts and agents count every token of the run. Agents are used
+    when 2 n_run < N'_run. The agents of every run gather, in one softmax, from the merged keys
+    and values of every run; each run's queries then attend over every agent (plus their value
+    shortcut). In the ToMe phase each run's queries attend exactly over every run's merged keys."""
     cos, sin = (t.reshape(t.shape[-3], t.shape[-1]).double() if t.ndim == 4 else t.double() for t in rotary)
-    num, local = x.shape[1], math.prod(local_grid)
-    assert num == ranks * local == cos.shape[0], "equal runs of the local grid, one rotary row per token"
-    dst = first_token_destinations(local_grid, cells)
-    src = [p for p in range(local) if p not in set(dst)]
-    r = min(len(src), math.floor(local * ratio))
-    use_agents, r_agent, n = False, 0, 0
-    if agent_ratio is not None:
-        r_agent = min(len(src), math.floor(local * agent_ratio))
-        n = len(dst) if selection == "pool" else local - r_agent
-        use_agents = 2 * n < local - r
+    num, grid_tokens = x.shape[1], math.prod(local_grid)
+    local = num // ranks
+    assert num == ranks * local == cos.shape[0], "equal runs, one rotary row per token"
+    leads = leads or [0] * ranks
+    assert all(0 <= lead and lead + grid_tokens <= local for lead in leads), "each run's grid lies inside the run"
     s = (attn.inner_dim // attn.heads) ** -0.5
-    outputs = []
+    outputs, n = [], 0
     for b in range(x.shape[0]):
         runs = []  # per run: (slot, q, k, v, agents)
         for run in range(ranks):
+            lead = leads[run]
+            dst = [lead + p for p in first_token_destinations(local_grid, cells)]
+            src = [p for p in range(local) if p not in set(dst)]
+            r = min(len(src), math.floor(local * ratio))
+            use_agents = False
+            if agent_ratio is not None:
+                r_agent = min(len(src), math.floor(local * agent_ratio))
+                n = len(dst) if selection == "pool" else local - r_agent
+                use_agents = 2 * n < local - r
             xr = x[b, run * local : (run + 1) * local].double()
             best, order = _match(xr, dst, src)
             merged, slot = _merge(xr, dst, src, best, order, r)
@@ -210,7 +217,8 @@ def reference_wan_sharded(
             agents = None
             if use_agents:
                 if selection == "pool":
-                    tokens, agent_rows = box_means(xr, local_grid, cells), box_destinations(dst, local_grid, cells)
+                    tokens = box_means(xr[lead : lead + grid_tokens], local_grid, cells)
+                    agent_rows = [lead + p for p in box_destinations([p - lead for p in dst], local_grid, cells)]
                 else:
                     tokens, agent_slot = _merge(xr, dst, src, best, order, r_agent)
                     agent_rows = representatives(agent_slot, dst)

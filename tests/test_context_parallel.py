@@ -1,16 +1,16 @@
 """agentsd under diffusers' context parallelism (`enable_parallelism`, Ulysses and ring), two
 processes on this CPU (`torchrun`, gloo over the loopback address; cp_run.py holds the shims).
 
-Wan with whole token frames per rank, and Flux with whole grid rows per rank, run agent attention
-on the shards: each rank merges its own tokens by the same shard-local plan, the agents (and
-Flux's text queries) of every rank meet every rank's keys, and the ranks send each other only
-those and their partial outputs (`agentsd.core.sharded`); the ToMe phase attends exactly across
-the ranks' merged tokens through diffusers. Compared with float64 references of the same
-shard-local plan in one process (reference_wan.py, reference_flux.py), gradients included, and
-the elements sent counted against the design. Where agentsd cannot act on the shards (Wan frames
-or Flux rows that do not split) every patched layer hands its calls to the processor it wraps,
-which gets the parallel configuration whichever came first: the output is the unpatched model's,
-and `status` says why."""
+Wan (each rank's run of tokens as its whole token frames, cut frames around them) and Flux (whole
+grid rows per rank) run agent attention on the shards: each rank merges its own tokens by the
+same shard-local plan, the agents (and Flux's text queries) of every rank meet every rank's keys,
+and the ranks send each other only those and their partial outputs (`agentsd.core.sharded`); the
+ToMe phase attends exactly across the ranks' merged tokens through diffusers. Compared with
+float64 references of the same shard-local plan in one process (reference_wan.py,
+reference_flux.py), gradients included, and the elements sent counted against the design. Where
+agentsd cannot act on the shards (a Wan run without a whole frame, Flux rows that do not split)
+every patched layer hands its calls to the processor it wraps, which gets the parallel
+configuration whichever came first: the output is the unpatched model's, and `status` says why."""
 
 import math
 import os
@@ -45,9 +45,13 @@ PHASES = {
                      **FLUX_CELLS),
     },
 }  # fmt: skip
-# Wan kinds: (batch, token frames, rows, columns). 4 frames split into 2 per rank, 5 do not; 6 x 10
-# tokens per frame leave partial boxes at the bottom and the right of every shard.
-WAN = {"wan": (1, 4, 8, 8), "wan-odd": (1, 5, 8, 8), "wan-batch": (2, 4, 8, 8), "wan-uneven": (1, 4, 6, 10)}
+# Wan kinds: (batch, token frames, rows, columns). 4 frames split into 2 per rank; 5 cut the third
+# frame in two (each rank: 2 whole frames and half a frame); 1 frame leaves no rank a whole frame;
+# 6 x 10 tokens per frame leave partial boxes at the bottom and the right of every shard.
+WAN = {
+    "wan": (1, 4, 8, 8), "wan-cut": (1, 5, 8, 8), "wan-thin": (1, 1, 8, 8), "wan-batch": (2, 4, 8, 8),
+    "wan-uneven": (1, 4, 6, 10),
+}  # fmt: skip
 # Flux kinds: (batch, rows, columns); 16 text tokens. 15 rows do not split into whole rows per rank.
 FLUX = {"flux": (1, 16, 16), "flux-odd": (1, 15, 16), "flux-batch": (2, 16, 16)}
 FLUX_TEXT = 16
@@ -103,6 +107,18 @@ def run_ranks(tmp_path, kind, order, phase="agent", mode="ulysses", param=""):
     return torch.load(out)
 
 
+def wan_runs(frames, rows, columns):
+    """Each rank's run of the video tokens: the frames wholly inside every run, as many on each
+    (the fewest any run holds), and where they start in each run: (depth, leads)."""
+    per_frame = rows * columns
+    run = frames * per_frame // RANKS
+    inside = [
+        [t for t in range(frames) if t * per_frame >= r * run and (t + 1) * per_frame <= (r + 1) * run]
+        for r in range(RANKS)
+    ]
+    return min(map(len, inside)), [whole[0] * per_frame - r * run for r, whole in enumerate(inside)]
+
+
 class ShardedReference:
     """A processor computing `reference_wan_sharded` in one process, as a Wan block calls `attn1`."""
 
@@ -113,10 +129,11 @@ class ShardedReference:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         frames, rows, columns = self.grid
+        depth, leads = wan_runs(*self.grid)
         agent = self.phase == "agent"
         out, used, n = self.reference(
-            attn, hidden_states, rotary_emb, (frames // RANKS, rows, columns), (2, 4, 4) if agent else (1, 2, 2),
-            RANKS, ratio=0.4, agent_ratio=0.9 if agent else None,
+            attn, hidden_states, rotary_emb, (depth, rows, columns), (2, 4, 4) if agent else (1, 2, 2),
+            RANKS, ratio=0.4, agent_ratio=0.9 if agent else None, leads=leads,
         )  # fmt: skip
         assert used == agent
         self.agents.append(n)
@@ -164,11 +181,12 @@ def install_reference(model, kind, phase, autograd=False):
 
 
 def local_grid(kind):
+    """Each rank's grid, and its tokens (Wan: those of its run, cut frames included)."""
     if kind.startswith("wan"):
         _, frames, rows, columns = WAN[kind]
-        return (frames // RANKS, rows, columns)
+        return (wan_runs(frames, rows, columns)[0], rows, columns), frames * rows * columns // RANKS
     _, rows, columns = FLUX[kind]
-    return (rows // RANKS, columns)
+    return (rows // RANKS, columns), rows * columns // RANKS
 
 
 def expected_sent(kind, n_local, model):
@@ -191,6 +209,8 @@ CASES = [
     ("wan", "parallel-first", "tome", "ulysses"),
     ("wan-batch", "patch-first", "agent", "ulysses"),
     ("wan-uneven", "parallel-first", "agent", "ulysses"),
+    ("wan-cut", "patch-first", "agent", "ulysses"),
+    ("wan-cut", "parallel-first", "tome", "ulysses"),
     ("wan", "patch-first", "agent", "ring"),
     ("wan", "parallel-first", "tome", "ring"),
     ("flux", "patch-first", "agent", "ulysses"),
@@ -218,10 +238,10 @@ def test_agentsd_acts_on_the_shards(tmp_path, kind, order, phase, mode):
         first_run = full[:, : full.shape[1] // RANKS]
         error = float((mine - first_run).norm() / first_run.norm())
         assert error < 1e-5, error
-    local = local_grid(kind)
+    local, tokens = local_grid(kind)
     assert got["modes"] == [phase] and got["reasons"] == ["None"] and got["grids"] == [local]
     degrees = "ulysses 2 x ring 1" if mode == "ulysses" else "ulysses 1 x ring 2"
-    layout = f"context parallel: {degrees} = 2 ranks, {math.prod(local)} tokens per rank (agentsd acts on the shards)"
+    layout = f"context parallel: {degrees} = 2 ranks, {tokens} tokens per rank (agentsd acts on the shards)"
     assert got["text"].splitlines()[1] == layout
     error = float((got["output"] - expected).norm() / expected.norm())
     assert error < 1e-5, error
@@ -249,14 +269,14 @@ def test_gradients_flow_through_the_collectives(tmp_path, kind, param):
         assert error < 1e-5, (name, error)
 
 
-@pytest.mark.parametrize("kind", ["wan-odd", "flux-odd"])
+@pytest.mark.parametrize("kind", ["wan-thin", "flux-odd"])
 @pytest.mark.parametrize("order", ["patch-first", "parallel-first"])
 def test_what_agentsd_cannot_shard_runs_diffusers_exactly(tmp_path, kind, order):
     model, inputs = model_and_inputs(kind)
     with torch.no_grad():
         expected = model(**inputs, return_dict=False)[0]
     got = run_ranks(tmp_path, kind, order)
-    why = "5 token frames do not split into whole frames" if kind == "wan-odd" else "15 token rows do not split"
+    why = "32 tokens holds no whole token frame" if kind == "wan-thin" else "15 token rows do not split"
     assert len(got["reasons"]) == 1 and why in got["reasons"][0]
     assert got["modes"] == ["exact"] and got["sent"] == 0
     assert got["text"].splitlines()[1] == "context parallel: ulysses 2 x ring 1 = 2 ranks"

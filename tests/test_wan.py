@@ -249,3 +249,29 @@ def test_image_and_video_to_video_and_wan22_5b_keep_the_patch_cycle(kind):
     assert not [layer for layer in report.layers if layer.reason]
     agentsd.unpatch(pipe)
     assert np.array_equal(generate_kind(pipe, kind), baseline)
+
+
+@pytest.mark.parametrize(("frames", "ranks"), [(21, 2), (21, 4), (21, 8), (20, 4), (2, 8)])
+def test_each_rank_sees_its_run_as_whole_frames_with_cut_frames_around(frames, ranks):
+    """Wan 2.1 480p at 81 video frames (21 token frames of 30 x 52) over 2, 4 and 8 ranks: every rank's
+    run of tokens holds a grid of whole frames as deep as on every other rank (the fewest any run
+    holds), starting at its first whole frame; what is left of the run lies before and after it.
+    Too few frames per rank: the reason, and diffusers attends exactly."""
+    from agentsd.families.base import ModelCall
+    from agentsd.families.wan import shard
+
+    rows, columns = 30, 52
+    per_frame, call = rows * columns, ModelCall(torch.zeros(1), 900.0, (frames, rows, columns))
+    run = frames * per_frame // ranks
+    starts = [r * run for r in range(ranks)]
+    inside = [[t for t in range(frames) if s <= t * per_frame and (t + 1) * per_frame <= s + run] for s in starts]
+    depth = min(len(frames_in) for frames_in in inside)
+    for rank in range(ranks):
+        local = shard(call, ranks, rank)
+        if depth == 0:
+            assert isinstance(local, str) and "holds no whole token frame" in local
+            continue
+        lead = inside[rank][0] * per_frame - starts[rank]
+        assert local.grid == (depth, rows, columns)
+        assert (local.sequence.ranks, local.sequence.lead) == (ranks, lead)
+        assert lead + depth * per_frame + local.sequence.tail == run

@@ -416,7 +416,10 @@ def _shard(kind: Any, call: Any, config: Any) -> Any:
     the family's shard-local call, or every layer exact with the reason."""
     ranks = config._world_size or (config.ring_degree or 1) * (config.ulysses_degree or 1)
     fits = call.sequence is None or call.sequence.unfit is None
-    local = kind.shard(call, ranks) if kind.shard is not None and fits else CONTEXT_PARALLEL
+    if kind.shard is not None and fits:
+        local = kind.shard(call, ranks, torch.distributed.get_rank(config._flattened_mesh.get_group()))
+    else:
+        local = CONTEXT_PARALLEL
     if isinstance(local, str):
         return replace(call, sequence=replace(call.sequence or Sequence(), unfit=local))
     return local

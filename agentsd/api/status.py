@@ -241,7 +241,8 @@ def _parallel_layout(model: Any, call: Any) -> str | None:
     ulysses, ring = config.ulysses_degree or 1, config.ring_degree or 1
     line = f"context parallel: ulysses {ulysses} x ring {ring} = {ulysses * ring} ranks"
     if call is not None and call.sequence.ranks > 1:
-        line += f", {math.prod(call.sides):,} tokens per rank (agentsd acts on the shards)"
+        tokens = math.prod(call.sides) + call.sequence.lead + call.sequence.tail
+        line += f", {tokens:,} tokens per rank (agentsd acts on the shards)"
     return line
 
 

@@ -34,7 +34,8 @@ class LayerPlan:
     """What one layer does in one model call: the mode, the grid and its cells, the destination
     and source positions, the merge sizes (`r` ToMe-merged, `r_agent` merged into agents) and
     whether the agents are cell means (`pool`) rather than a merge. A video grid has `f` frames
-    and cells `st` frames deep; an image grid one frame."""
+    and cells `st` frames deep; an image grid one frame. `lead` and `tail` tokens before and after
+    the grid (a shard's cut frames, see `Sequence`) are sources: the positions count them."""
 
     mode: str
     h: int
@@ -48,11 +49,13 @@ class LayerPlan:
     pool: bool = False
     f: int = 1
     st: int = 1
+    lead: int = 0
+    tail: int = 0
 
     @property
     def tokens(self) -> int:
-        """N: the grid's tokens (frames x rows x columns)."""
-        return self.f * self.h * self.w
+        """N: the layer's tokens, the grid's (frames x rows x columns) and any lead and tail."""
+        return self.lead + self.f * self.h * self.w + self.tail
 
     @property
     def matches(self) -> bool:
@@ -79,12 +82,16 @@ class Sequence:
     one sequence (its single-stream blocks), `extra` tokens after them that are never merged
     (a Kontext reference image); `unfit` says why the image tokens do not form the grid (every
     layer then runs exact attention); `ranks` > 1: the grid is one rank's shard under context
-    parallelism, the same on every rank (`agentsd.core.sharded`)."""
+    parallelism, the same on every rank (`agentsd.core.sharded`); `lead` and `tail`: a shard's
+    tokens before and after its grid of whole frames, where the rank's run of tokens cuts frames
+    (Wan): part of the layer's tokens, merged as sources, never destinations."""
 
     text: int = 0
     extra: int = 0
     unfit: str | None = None
     ranks: int = 1
+    lead: int = 0
+    tail: int = 0
 
 
 @dataclass

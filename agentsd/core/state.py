@@ -172,7 +172,7 @@ class AgentSDState:
                 plans[name], reasons[name] = None, sequence.unfit
             else:
                 plans[name], reasons[name] = self._plan(
-                    latent_hw, downsample, settings, randomize, generator, sample, frames or 1
+                    latent_hw, downsample, settings, randomize, generator, sample, frames or 1, sequence
                 )
         self._send_indices([p for p in plans.values() if p is not None], sample.device)
         reasons = {n: r for n, r in reasons.items() if r is not None}
@@ -201,16 +201,19 @@ class AgentSDState:
         generator: torch.Generator,
         sample: torch.Tensor,
         frames: int = 1,
+        sequence: Sequence | None = None,
     ) -> tuple[LayerPlan | None, str | None]:
-        """A layer's plan at `downsample` (of a grid of `frames` frames), with its positions still
-        on the CPU when drawn; or None, handing its calls to the original processor, and the
-        reason. A video shorter than the cells' depth gets cells as deep as the video."""
+        """A layer's plan at `downsample` (of a grid of `frames` frames, after `sequence.lead`
+        tokens and before `sequence.tail`), with its positions still on the CPU when drawn; or
+        None, handing its calls to the original processor, and the reason. A video shorter than
+        the cells' depth gets cells as deep as the video."""
         if downsample > self.config.max_downsample:
             return None, f"downsampled {downsample}x, beyond max_downsample={self.config.max_downsample}"
         height, width = latent_hw
         h, w = -(-height // downsample), -(-width // downsample)
         f, st = frames, min(s.st, frames)
-        num_tokens = f * h * w
+        lead, tail = (sequence.lead, sequence.tail) if sequence is not None else (0, 0)
+        num_tokens = lead + f * h * w + tail
         sides = f"{h}x{w}" if frames == 1 else f"{f}x{h}x{w}"
         if num_tokens < self.config.min_tokens:
             return None, f"{SMALL_GRID} {sides} = {num_tokens} tokens < min_tokens={self.config.min_tokens}"
@@ -218,34 +221,43 @@ class AgentSDState:
             cell = f"{s.sx}x{s.sy} cell" if frames == 1 else f"{st}x{s.sy}x{s.sx} (frames x rows x columns) box"
             return None, f"{SMALL_GRID} {sides} holds no whole {cell}"
         if randomize:
-            dst = destination_indices(h, w, s.sx, s.sy, generator, f, st)
+            dst = destination_indices(h, w, s.sx, s.sy, generator, f, st) + lead
             src = source_indices(num_tokens, dst)
         else:
-            dst, src = self._fixed_positions(h, w, s.sx, s.sy, sample.device, f, st)
+            dst, src = self._fixed_positions(h, w, s.sx, s.sy, sample.device, f, st, lead, tail)
         r = merge_count(src.numel(), num_tokens, s.ratio)
         if s.agent_ratio is not None:
             pool = self.config.agent_selection == "pool"
             r_agent = 0 if pool else merge_count(src.numel(), num_tokens, s.agent_ratio)
             num_agents = dst.numel() if pool else num_tokens - r_agent
             if 2 * num_agents < num_tokens - r:
-                return LayerPlan(AGENT, h, w, s.sx, s.sy, dst, src, r, r_agent, pool, f, st), None
+                return LayerPlan(AGENT, h, w, s.sx, s.sy, dst, src, r, r_agent, pool, f, st, lead, tail), None
         if r == 0:
             why = f"{BY_DESIGN}: exact attention after the agent phase" if s.agent_ratio is None else "merges nothing"
             return None, why
-        return LayerPlan(TOME, h, w, s.sx, s.sy, dst, src, r, 0, False, f, st), None
+        return LayerPlan(TOME, h, w, s.sx, s.sy, dst, src, r, 0, False, f, st, lead, tail), None
 
     def _fixed_positions(
-        self, h: int, w: int, sx: int, sy: int, device: torch.device, frames: int = 1, st: int = 1
+        self,
+        h: int,
+        w: int,
+        sx: int,
+        sy: int,
+        device: torch.device,
+        frames: int = 1,
+        st: int = 1,
+        lead: int = 0,
+        tail: int = 0,
     ) -> tuple:
-        """The top-left destinations and their sources, cached on `device` for later calls. Made
-        outside inference mode: a cache filled during a `torch.inference_mode()` call must still
-        serve a training step later."""
-        key = (frames, h, w, st, sx, sy, device)
+        """The top-left destinations and their sources (`lead` and `tail` tokens around the grid),
+        cached on `device` for later calls. Made outside inference mode: a cache filled during a
+        `torch.inference_mode()` call must still serve a training step later."""
+        key = (frames, h, w, st, sx, sy, lead, tail, device)
         cached = self._fixed.get(key)
         if cached is None:
             with torch.inference_mode(False):
-                dst = destination_indices(h, w, sx, sy, None, frames, st)
-                cached = (dst.to(device), source_indices(frames * h * w, dst).to(device))
+                dst = destination_indices(h, w, sx, sy, None, frames, st) + lead
+                cached = (dst.to(device), source_indices(lead + frames * h * w + tail, dst).to(device))
             self._fixed[key] = cached
         return cached
 

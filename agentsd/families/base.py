@@ -59,9 +59,10 @@ class Family:
         noun: what its model is called in reports ("UNet", "transformer").
         experts: further attributes where a pipeline may hold more models of the family that one
             patch covers with one state (Wan 2.2 A14B's `transformer_2`).
-        shard: under context parallelism over `ranks` ranks, the call as one rank's layers see it
-            (its shard-local grid, `Sequence.ranks` set), or why agentsd cannot act on the shards;
-            None: the family's layers hand sharded calls to diffusers.
+        shard: under context parallelism over `ranks` ranks, the call as the layers of rank `rank`
+            see it (its shard-local grid, `Sequence.ranks` set; the grid's shape the same on every
+            rank), or why agentsd cannot act on the shards; None: the family's layers hand
+            sharded calls to diffusers.
     """
 
     name: str
@@ -74,7 +75,7 @@ class Family:
     preset: str = "paper"
     noun: str = "transformer"
     experts: tuple[str, ...] = ()
-    shard: Callable[[ModelCall, int], ModelCall | str] | None = None
+    shard: Callable[[ModelCall, int, int], ModelCall | str] | None = None
 
     def models_of(self, obj: Any) -> list[tuple[str, torch.nn.Module]]:
         """(attribute, model) of every model of this family `obj` holds, in `attribute`, then

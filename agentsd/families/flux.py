@@ -93,7 +93,7 @@ def read_call(model: Any, args: tuple, kwargs: dict) -> ModelCall:
     return ModelCall(sample, timestep, grid, Sequence(text_len, extra))
 
 
-def shard(call: ModelCall, ranks: int) -> ModelCall | str:
+def shard(call: ModelCall, ranks: int, rank: int) -> ModelCall | str:
     """diffusers splits Flux's image tokens and its text tokens each into `ranks` equal runs: with
     whole grid rows per rank, each rank's layers see (text / ranks) text tokens and a
     (rows / ranks) x columns grid."""

@@ -12,6 +12,7 @@ What a transformer call gives the plan:
 - the grid: the latent (B, C, frames, height, width) in the transformer's `patch_size` (Wan:
   1 x 2 x 2) patches, frame-major, as its patch embedding flattens them; read from the call,
   never guessed (Wan 2.2 5B's VAE compresses 16x in space, its transformer still 2x);
+- under context parallelism, each rank's run of the video tokens as a grid of whole frames (`shard`);
 - the timestep: the pipelines pass training timesteps in [0, 1000] (flow matching: sigma * 1000),
   one per sample; Wan 2.2 5B's pipeline passes one per token (B, tokens), 0 on the tokens of a
   conditioning first frame: the call's timestep is then its largest, the noise level of the
@@ -59,16 +60,31 @@ def read_call(model: Any, args: tuple, kwargs: dict) -> ModelCall:
     return ModelCall(sample, timestep, (frames // p_t, height // p_h, width // p_w))
 
 
-def shard(call: ModelCall, ranks: int) -> ModelCall | str:
-    """diffusers splits Wan's video tokens (not its text) into `ranks` equal runs, frame-major: with
-    whole frames per rank, each rank's shard is a (frames / ranks) x rows x columns grid."""
+def shard(call: ModelCall, ranks: int, rank: int) -> ModelCall | str:
+    """diffusers splits Wan's video tokens (not its text) into `ranks` equal runs, frame-major. Each
+    rank's layers see its run as a grid of whole token frames, as deep on every rank (the fewest
+    any run holds: the collectives need equal shapes), with the run's other tokens, cut frames
+    (and the whole frames beyond that depth), before it (`lead`) and after it (`tail`): those are
+    merged as sources, never destinations, so boxes never cross a cut."""
     frames, rows, columns = call.grid
-    if frames % ranks:
+    per_frame = rows * columns
+    run, cut = divmod(frames * per_frame, ranks)
+    if cut:
+        return f"context parallelism over {ranks} ranks: {frames * per_frame} video tokens do not split evenly"
+
+    def whole_frames(r: int) -> tuple[int, int]:  # (first whole frame of run r, how many)
+        first = -(-(r * run) // per_frame)
+        return first, max(0, (r + 1) * run // per_frame - first)
+
+    depth = min(whole_frames(r)[1] for r in range(ranks))
+    if depth == 0:
         return (
-            f"context parallelism over {ranks} ranks: the {frames} token frames do not split into whole frames "
-            "per rank, so diffusers attends exactly across the shards"
+            f"context parallelism over {ranks} ranks: a run of {run} tokens holds no whole token frame of "
+            f"{rows}x{columns} on some rank, so diffusers attends exactly across the shards"
         )
-    return replace(call, grid=(frames // ranks, rows, columns), sequence=Sequence(ranks=ranks))
+    lead = whole_frames(rank)[0] * per_frame - rank * run
+    local = Sequence(ranks=ranks, lead=lead, tail=run - lead - depth * per_frame)
+    return replace(call, grid=(depth, rows, columns), sequence=local)
 
 
 def nothing_patched(model: Any, config: AgentSDConfig) -> str:

@@ -100,7 +100,8 @@ class WanAgentSDProcessor(ModuleAttentionProcessor):
         if hidden_states.ndim == 3 and hidden_states.shape[1] == plan.tokens:
             return None
         got = hidden_states.shape[1] if hidden_states.ndim == 3 else "video-shaped"
-        return f"{got} tokens are not the {plan.f}x{plan.h}x{plan.w} token grid of this call (sharded or changed?)"
+        around = f" with {plan.lead} + {plan.tail} cut-frame tokens" if plan.lead or plan.tail else ""
+        return f"{got} tokens are not the {plan.f}x{plan.h}x{plan.w} token grid{around} of this call"
 
     def _wan_forward(
         self, attn: Any, hidden_states: torch.Tensor, rotary: Any, plan: LayerPlan, call: CallPlan
@@ -143,7 +144,8 @@ class WanAgentSDProcessor(ModuleAttentionProcessor):
         """The agents (B, n, H, D): the agent tokens (a merge, or the box means) through the query
         projection and `norm_q`, rotated by their representatives' angles."""
         if plan.pool:
-            tokens = cell_means(hidden_states, plan.h, plan.w, plan.sx, plan.sy, plan.f, plan.st)
+            grid = hidden_states[:, plan.lead : plan.tokens - plan.tail]
+            tokens = cell_means(grid, plan.h, plan.w, plan.sx, plan.sy, plan.f, plan.st)
         else:
             tokens = agent_merge.merge(hidden_states)
         agents = attn.norm_q(self.project_q(attn, tokens)).unflatten(2, (attn.heads, -1))
