@@ -76,7 +76,7 @@ def test_the_backend_set_on_the_model_reaches_agentsds_calls_and_the_delegate(mo
 
     import agentsd
     import agentsd.core.attention
-    from agentsd.api.patch import _delegate_of
+    from agentsd.api.follow import delegate_of as _delegate_of
     from agentsd.testing import tiny_pipeline
 
     seen = []

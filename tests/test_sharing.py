@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import agentsd
-from agentsd.api.patch import _delegate_of
+from agentsd.api.follow import delegate_of as _delegate_of
 from agentsd.processors.self_attention import AgentSDProcessor
 from agentsd.testing import tiny_pipeline, tiny_unet
 

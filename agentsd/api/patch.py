@@ -27,7 +27,7 @@ import logging
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,23 +35,19 @@ from diffusers.models.attention_processor import Attention
 
 from ..core.attention import check_backend
 from ..core.config import AgentSDConfig
-from ..core.plans import Sequence
 from ..core.progress import Clock, ClockCache
 from ..core.state import AgentSDState
 from ..families import family, find_model
 from ..families.unet import attention_layers
-from ..processors.self_attention import CONTEXT_PARALLEL, AgentSDProcessor
+from ..processors.self_attention import AgentSDProcessor
 from .caller import calling_pipeline
+from .follow import BeginCall, EndCall, blocker, delegate_of, is_ours, sync
 
 __all__ = ["attention_layers", "current_phase", "is_patched", "patch", "patched", "patched_config", "unpatch"]
 
 logger = logging.getLogger(__name__)
 
 PATCH_ATTR = "_agentsd_patch"
-TOMESD_REASON = (
-    "its transformer block is token-merged by ToMe for SD, so agentsd never sees the layer's tokens: "
-    "call tomesd.remove_patch(pipe) for agentsd to act"
-)
 
 
 @dataclass
@@ -208,9 +204,9 @@ def _install(record: _Patch) -> None:
     try:
         for earlier in previous.values():  # layers of an earlier patch that this one leaves alone
             for layer in earlier.layers:
-                if id(layer.module) not in modules and _is_ours(layer.module.processor, earlier):
-                    layer.module.set_processor(_delegate_of(layer.module.processor))
-        _sync(record)
+                if id(layer.module) not in modules and is_ours(layer.module.processor, earlier):
+                    layer.module.set_processor(delegate_of(layer.module.processor))
+        sync(record)
     except BaseException:
         for module, processor in saved.items():  # put back what was there, the earlier patch included
             if module.processor is not processor:
@@ -221,9 +217,9 @@ def _install(record: _Patch) -> None:
     hooks = []
     for model in record.models:
         names = frozenset(layer.name for layer in record.layers if layer.model is model)
-        hooks.append(model.register_forward_pre_hook(_BeginCall(record, names), with_kwargs=True))
+        hooks.append(model.register_forward_pre_hook(BeginCall(record, names), with_kwargs=True))
         # always_call: a call that raises is counted too.
-        hooks.append(model.register_forward_hook(_EndCall(record), always_call=True))
+        hooks.append(model.register_forward_hook(EndCall(record), always_call=True))
         if callable(getattr(type(model), "set_default_attn_processor", None)):
             model.set_default_attn_processor = _DefaultProcessors(model, record)
         setattr(model, PATCH_ATTR, record)
@@ -244,7 +240,7 @@ def unpatch(pipe_or_unet: Any) -> Any:
     for layer in record.layers:
         current = layer.module.processor
         if isinstance(current, AgentSDProcessor) and current.state in (record.state, None):
-            layer.module.set_processor(_delegate_of(current))
+            layer.module.set_processor(delegate_of(current))
     _detach(record)
     return pipe_or_unet
 
@@ -260,7 +256,7 @@ def _detach(record: _Patch) -> None:
         stash = getattr(model, "original_attn_processors", None)
         if isinstance(stash, dict):
             for name, processor in stash.items():
-                stash[name] = _delegate_of(processor)
+                stash[name] = delegate_of(processor)
         if getattr(model, PATCH_ATTR, None) is record:
             delattr(model, PATCH_ATTR)
     record.state.active = False  # a stale agentsd processor put back later only delegates
@@ -275,7 +271,7 @@ def is_patched(pipe_or_unet: Any) -> bool:
     except TypeError:
         return False
     record = getattr(model, PATCH_ATTR, None)
-    return record is not None and any(_blocker(layer, record) is None for layer in record.layers)
+    return record is not None and any(blocker(layer, record) is None for layer in record.layers)
 
 
 def patched_config(pipe_or_unet: Any) -> AgentSDConfig | None:
@@ -335,106 +331,6 @@ def _model_of(obj: Any) -> torch.nn.Module:
     return find_model(obj)[1]
 
 
-def _is_ours(processor: Any, record: _Patch) -> bool:
-    return isinstance(processor, AgentSDProcessor) and processor.state is record.state
-
-
-def _delegate_of(processor: Any) -> Any:
-    """The processor an agentsd processor delegates to (any other processor is its own)."""
-    while isinstance(processor, AgentSDProcessor):
-        processor = processor.original
-    return processor
-
-
-def _blocker(layer: PatchedLayer, record: _Patch) -> str | None:
-    """Why agentsd cannot act on `layer` as the model is now; None when it can."""
-    if _token_merged(layer.block):
-        return TOMESD_REASON
-    processor = layer.module.processor
-    if _is_ours(processor, record):
-        return None
-    delegate = _delegate_of(processor)
-    if layer.processor.serving(delegate) is None:
-        return (
-            f"its processor {type(delegate).__name__} holds weights of its own, which wrapping it would take "
-            "out of the model: agentsd leaves it alone"
-        )
-    return None
-
-
-def _token_merged(block: torch.nn.Module) -> bool:
-    """Whether ToMe for SD patched this transformer block: it swaps the block's class for a
-    `ToMeBlock` subclass while applied (and leaves `_tome_info` behind when removed)."""
-    return type(block).__name__ == "ToMeBlock" and hasattr(block, "_tome_info")
-
-
-def _sync(record: _Patch) -> None:
-    """Make every patched layer run agentsd over the processor it holds now, or record why it
-    cannot (and warn once per reason)."""
-    blocked = {}
-    for layer in record.layers:
-        reason = _blocker(layer, record)
-        current = layer.module.processor
-        if reason is not None:
-            blocked[layer.name] = reason
-        elif not _is_ours(current, record):  # ours may also come back, e.g. by unfuse_qkv_projections
-            delegate = _delegate_of(current)
-            wrapper = layer.processor.serving(delegate)
-            layer.module.set_processor(wrapper(delegate, record.state, layer.name, layer.downsample))
-    record.state.blocked = blocked
-    for reason in dict.fromkeys(blocked.values()):
-        names = [name for name, r in blocked.items() if r == reason]
-        key = reason + "|" + ",".join(names)
-        if key not in record.warned:
-            record.warned.add(key)
-            logger.warning("agentsd cannot act on %s: %s.", ", ".join(names), reason)
-
-
-class _BeginCall:
-    """The model's forward pre-hook: follows processor and scheduler changes, then plans the call
-    of the model's layers (`names`) from what the family reads off its inputs (latent, timestep,
-    token grid)."""
-
-    def __init__(self, record: _Patch, names: frozenset[str] | None = None):
-        self.record, self.names = record, names
-
-    @torch.compiler.disable
-    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        record = self.record
-        clock = record.clock_of_call(module)
-        _sync(record)
-        kind = family(record.family)
-        call = kind.read_call(module, args, kwargs)
-        parallel = getattr(module, "_parallel_config", None)
-        if parallel is not None and getattr(parallel, "context_parallel_config", None) is not None:
-            call = _shard(kind, call, parallel.context_parallel_config)
-        record.state.begin_call(call.sample, call.timestep, call.grid, call.sequence, clock, self.names)
-
-
-def _shard(kind: Any, call: Any, config: Any) -> Any:
-    """The call as each rank's layers see it under diffusers' context parallelism (`enable_parallelism`):
-    the family's shard-local call, or every layer exact with the reason."""
-    ranks = config._world_size or (config.ring_degree or 1) * (config.ulysses_degree or 1)
-    fits = call.sequence is None or call.sequence.unfit is None
-    if kind.shard is not None and fits:
-        local = kind.shard(call, ranks, torch.distributed.get_rank(config._flattened_mesh.get_group()))
-    else:
-        local = CONTEXT_PARALLEL
-    if isinstance(local, str):
-        return replace(call, sequence=replace(call.sequence or Sequence(), unfit=local))
-    return local
-
-
-class _EndCall:
-    """The model's forward hook: counts what the call did."""
-
-    def __init__(self, record: _Patch):
-        self.record = record
-
-    def __call__(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        self.record.state.end_call()
-
-
 class _DefaultProcessors:
     """`model.set_default_attn_processor()` on a patched model: diffusers' own method, run on the
     processors agentsd delegates to; agentsd then wraps the default processors it sets. It holds
@@ -446,8 +342,8 @@ class _DefaultProcessors:
     def __call__(self) -> None:
         try:
             for layer in self.record.layers:
-                if layer.model in (self.model, None) and _is_ours(layer.module.processor, self.record):
-                    layer.module.set_processor(_delegate_of(layer.module.processor))
+                if layer.model in (self.model, None) and is_ours(layer.module.processor, self.record):
+                    layer.module.set_processor(delegate_of(layer.module.processor))
             type(self.model).set_default_attn_processor(self.model)
         finally:
-            _sync(self.record)
+            sync(self.record)

@@ -18,7 +18,10 @@ from ..core.config import AgentSDConfig
 from ..core.state import AGENT, EXACT, TOME
 from ..families import find_model
 from ..processors.self_attention import choose_backend
-from .patch import PATCH_ATTR, _blocker, _delegate_of, _is_ours, _model_of, current_phase
+from .follow import blocker as _blocker
+from .follow import delegate_of as _delegate_of
+from .follow import is_ours as _is_ours
+from .patch import PATCH_ATTR, _model_of, current_phase
 from .words import plural
 
 
