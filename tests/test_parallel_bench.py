@@ -145,3 +145,20 @@ def test_two_processes_count_what_the_formulas_say(tmp_path):
     assert "| tiny-wan, 1 block | 256x256, 5 frames (2 latent) | ulysses | agentsd-agent | agent x1 | 1 | 1,216 |" in (
         done.stdout)  # rank 0 prints the table once  # fmt: skip
     assert done.stdout.count("| tiny-wan, 1 block |") == 6
+
+
+def test_the_count_table_script_writes_its_files(tmp_path):
+    """scripts/traffic_table.py: a row per case, frame count and P; Ulysses left out where the heads
+    do not split; the files record the command."""
+    out = tmp_path / "traffic"
+    script = ROOT / "scripts" / "traffic_table.py"
+    done = subprocess.run([sys.executable, str(script), "--case", "wan2.1-1.3b", "480x832", "--frames", "93",
+                           "--ranks", "4", "8", "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    data = json.loads((out / "results.json").read_text())
+    expected = f"python scripts/traffic_table.py --case wan2.1-1.3b 480x832 --frames 93 --ranks 4 8 --out {out}"
+    assert data["command"] == expected
+    by_ranks = {r["ranks"]: r for r in data["rows"]}
+    assert by_ranks[4]["layer_agent"] == 2_171_568 and by_ranks[4]["layer_ulysses"] == 4 * 12 * 128 * 9360
+    assert by_ranks[8]["layer_ulysses"] is None and by_ranks[8]["layer_ring"] == 2 * 12 * 128 * 4680
+    assert "| wan2.1-1.3b | 480x832, 93 frames (24 latent) | 4 |" in (out / "results.md").read_text()
