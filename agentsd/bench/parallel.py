@@ -21,8 +21,9 @@ Per method, two things:
 
 Where the machine has no accelerator, diffusers needs two shims (`collectives.cpu_shims`): a
 device count of 1, and for ring attention a native forward op that returns the log-sum-exp (CPU
-ring timings use that shim; diffusers' native backend returns none). On CUDA, ring runs diffusers'
-`_native_cudnn` backend, which returns it (fp16 or bf16); Ulysses runs the model's default backend.
+ring timings use that shim; diffusers' native backend returns none). On CUDA both modes run the
+model's backend, diffusers' active one (`DIFFUSERS_ATTN_BACKEND`), except that ring replaces the
+native backend, which cannot serve it, by `_native_cudnn` (fp16 or bf16), which returns the log-sum-exp.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from .transformer_models import ALL_TRANSFORMERS, Size, sides
 from .wan_models import DEFAULT_FRAMES
 
 PARALLEL_METHODS = ("baseline", "agentsd-agent", "agentsd-tome")
-RING_CUDA_BACKEND = "_native_cudnn"  # returns the log-sum-exp ring attention needs
+RING_CUDA_BACKEND = "_native_cudnn"  # ring's backend on CUDA where the active one is native: it returns the lse
 CPU_RING_NOTE = (
     "CPU ring timing uses a log-sum-exp shim: diffusers' native attention backend returns no log-sum-exp, which "
     "ring attention needs, so on the CPU its forward op runs torch's CPU flash-attention kernel, which returns one."
@@ -168,7 +169,7 @@ def _scenario(
     config = load_preset(preset or DEFAULT_PRESETS[name])
     torch.manual_seed(0)  # the same weights on every rank
     model = build_model(arch, device, dtype)
-    if mode == "ring" and device.type == "cuda":
+    if mode == "ring" and device.type == "cuda" and _active_backend() == "native":
         model.set_attention_backend(RING_CUDA_BACKEND)
     model.enable_parallelism(config=ContextParallelConfig(**{f"{mode}_degree": ranks}))
     args, kwargs = model_inputs(model, size, batch, frames=frames)
@@ -192,6 +193,14 @@ def _scenario(
             sent = row[f"{kind}_elements"]
             row[f"{kind}_ratio"] = round(base[f"{kind}_elements"] / sent, 3) if sent else None
     return [{k: row.get(k) for k in PARALLEL_FIELDS} for row in rows]
+
+
+def _active_backend() -> str:
+    """The backend diffusers' dispatcher runs for a model that names none (`DIFFUSERS_ATTN_BACKEND`, else native)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    name = _AttentionBackendRegistry.get_active_backend()[0]
+    return str(getattr(name, "value", name))
 
 
 def _measured(method: str, everyone: list, layout: ShardLayout, mode: str, repeats: int) -> dict[str, Any]:
