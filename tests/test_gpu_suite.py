@@ -5,6 +5,7 @@ a SIGTERM in the middle, and the report from the archive into copies of the docs
 suite's pure helpers. No timing is asserted."""
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import torch
 import agentsd
 from agentsd.bench.results import RUN_FIELDS
 from agentsd.suite import DEFAULT_ORDER, PART_NAMES, SCENARIOS, breakeven, estimate, gpu_tests, pack, report, runner
+from agentsd.suite import multi_gpu as multi_gpu_scenario
 from agentsd.suite import step as step_scenarios
 from agentsd.suite.budget import Budget
 from agentsd.suite.common import Outcome, PartContext
@@ -39,7 +41,9 @@ NUMBERS = {
     "pipeline": ("seconds_per_image", "speedup", "gb_per_image", "ratio"),
     "breakeven": ("baseline_us", "agentsd_us", "speedup", "tokens"),
 }
-DEFAULT_PARTS = {SCENARIOS[name].part for name in DEFAULT_ORDER}
+# The parts the default order writes on a machine with fewer than two GPUs (this CPU): the
+# context-parallel scenario is skipped there.
+DEFAULT_PARTS = {SCENARIOS[name].part for name in DEFAULT_ORDER if name != "context-parallel"}
 
 
 def unpacked(out: Path, dest: Path) -> Path:
@@ -90,7 +94,11 @@ def test_out_holds_a_few_plain_files_and_the_archive_every_part(suite_run, tmp_p
                                                                                 stage.rglob("*"))  # fmt: skip
     suite = json.loads((folder / "suite.json").read_text())
     assert [s["name"] for s in suite["scenarios"]] == list(DEFAULT_ORDER)
-    assert {s["status"] for s in suite["scenarios"]} == {"done"} and suite["state"] == "finished"
+    status = {s["name"]: s for s in suite["scenarios"]}
+    parallel = status.pop("context-parallel")
+    assert {s["status"] for s in status.values()} == {"done"} and suite["state"] == "finished"
+    if multi_gpu_scenario.gpus() < 2:
+        assert parallel["status"] == "skipped" and parallel["reason"].endswith("context parallelism needs 2 or more")
     summary = (out / pack.SUMMARY).read_text()
     assert "## Headline" in summary and all(f"| {name} |" in summary for name in DEFAULT_ORDER)
     assert "sd15-2048: done" in (out / pack.LOG).read_text()
@@ -529,3 +537,43 @@ def test_flop_table_reads_the_share_of_the_products_and_the_bounds(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["command"].startswith("python scripts/flop_table.py --arch tiny-wan") and len(data["rows"]) == 1
     assert data["rows"][0]["products_share"] == pytest.approx(row["products_share"])
+
+
+def test_context_parallel_scenario_is_skipped_with_fewer_than_two_gpus(tmp_path, monkeypatch):
+    """The context-parallel row runs only where the machine has two or more GPUs; with one the run
+    skips it, saying so in the summary, and goes on. Where it runs, P is the largest of 2, 3 and 4
+    the GPUs allow (Wan 1.3B's 12 heads and 24 latent frames split over each)."""
+    scenario = SCENARIOS["context-parallel"]
+    assert scenario.part == "context-parallel" and DEFAULT_ORDER[-1] == "context-parallel"
+    for count, ranks in ((2, 2), (3, 3), (8, 4)):
+        monkeypatch.setattr(multi_gpu_scenario, "gpus", lambda count=count: count)
+        assert scenario.unavailable(None) == "" and multi_gpu_scenario.ranks() == ranks
+        command = multi_gpu_scenario.command("OUT")
+        assert command[command.index("--context-parallel") + 1] == str(ranks) and "--frames" in command
+    assert multi_gpu_scenario.command("OUT", tiny=True)[4:6] == ["--context-parallel", "2"]
+
+    monkeypatch.setattr(multi_gpu_scenario, "gpus", lambda: 1)
+    monkeypatch.setitem(SCENARIOS, "context-parallel", dataclasses.replace(scenario, run=lambda c: pytest.fail("ran")))
+    code, out, suite = tiny_run(tmp_path, 900, ["context-parallel", "sd15-512"])
+    assert code == 0
+    status = {s["name"]: s for s in suite["scenarios"]}
+    assert status["context-parallel"]["status"] == "skipped" and status["sd15-512"]["status"] == "done"
+    assert status["context-parallel"]["reason"] == "1 GPU: context parallelism needs 2 or more"
+    assert "- context-parallel (skipped): 1 GPU: context parallelism needs 2 or more" in (
+        out / pack.SUMMARY).read_text()  # fmt: skip
+
+
+def test_report_shows_the_context_parallel_part(tmp_path):
+    """A context-parallel part (written by `agentsd bench --context-parallel` on a machine with two
+    or more GPUs) gets its own section in the docs: the bench's table of its rows."""
+    row = dict(arch="wan2.1-1.3b", blocks=None, size=480, width=832, frames=93, batch=1, ranks=2, mode="ulysses",
+               method="agentsd-agent", agentsd="agent x30", layers=30, layer_elements=2_603_184,
+               formula_layer_elements=2_603_184, layer_ratio=44.18, forward_elements=79_293_600,
+               formula_forward_elements=79_293_600, forward_ratio=43.53, median_ms=900.0, p10_ms=890.0, p90_ms=910.0,
+               speedup=1.9, device="NVIDIA H100", torch="2.11", diffusers="0.42.1", commit="abc",
+               date="today")  # fmt: skip
+    results = {"context-parallel": dict(rows=[row], date="today", command="agentsd bench", folder=tmp_path)}
+    section = report.docs_section(results, tmp_path / "benchmarks.md")
+    assert "### Across GPUs: context parallelism" in section
+    line = "| wan2.1-1.3b | 480x832, 93 frames (24 latent) | ulysses | agentsd-agent | agent x30 | 30 | 2,603,184 |"
+    assert line in section

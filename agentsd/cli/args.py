@@ -340,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time every method under torch.compile (BACKEND defaults to inductor)",
     )  # fmt: skip
     bench.add_argument("--out", default="bench-out", help="output folder")
+    bench.add_argument(
+        "--context-parallel", type=int, metavar="P",
+        help="run flux-dev or wan* (or tiny-flux, tiny-wan*) under diffusers' context parallelism over P processes: "
+        "the baseline (diffusers' exact attention across the ranks), agentsd-agent and agentsd-tome, each timed per "
+        "forward and its elements sent per rank counted per layer and per forward; started through `python -m "
+        "torch.distributed.run --standalone --nproc_per_node P` unless already under torchrun",
+    )  # fmt: skip
+    bench.add_argument("--context-parallel-mode", nargs="+", choices=["ulysses", "ring"], metavar="MODE",
+                       help="with --context-parallel: ulysses (all-to-alls, the heads split over the ranks) and/or "
+                       "ring (keys and values gathered); default: both")  # fmt: skip
 
     cmp = commands.add_parser(
         "compare", help="FID, fidelity and speed of methods on one prompt set", formatter_class=formatter,

@@ -248,7 +248,8 @@ def _check_bench_args(args: argparse.Namespace, device) -> None:
         backends = torch._dynamo.list_backends(exclude_tags=())
         if args.compile not in backends:
             raise UsageError(f"unknown torch.compile backend {args.compile!r}: use one of {', '.join(backends)}.")
-    needed = ["matplotlib"] + (["psutil"] if device.type != "cuda" else [])  # speedup.png; CPU memory
+    # speedup.png and the CPU's memory (a --context-parallel run writes no plot and measures no memory)
+    needed = [] if args.context_parallel else ["matplotlib"] + (["psutil"] if device.type != "cuda" else [])
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise UsageError(f"agentsd bench needs {' and '.join(missing)}: pip install 'agentsd[bench]'.")
@@ -263,6 +264,10 @@ def _bench(args: argparse.Namespace) -> int:
     dtype = DTYPES.get(args.dtype)
     device = None if args.device == "auto" else resolve_device(args.device, fallback=False)
     _check_bench_args(args, device)
+    if args.context_parallel is not None or args.context_parallel_mode:
+        from .parallel_bench import bench_parallel
+
+        return bench_parallel(args)
     out = Path(args.out)
     command = "agentsd " + " ".join(shlex.quote(a) for a in args.argv)
     rows: list[dict] = []

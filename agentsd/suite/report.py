@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..bench.parallel import parallel_markdown
 from ..bench.targets import CEILING_TARGET, TARGETS_FROM, size_text, target_checks
 from . import pack
 from .common import PART_NAMES, format_cell
@@ -227,6 +228,11 @@ def docs_section(results: dict[str, dict[str, Any]], docs: Path, folders: Sequen
     if _rows(results, "breakeven"):
         out += ["", "### One layer against SDPA: the `min_tokens` break-even", ""]
         out += breakeven_table(results["breakeven"])
+    if _rows(results, "context-parallel"):
+        note = ("Elements each GPU sends per layer and per forward, and the time per forward, under diffusers' "
+                "context parallelism (`agentsd bench --context-parallel`).")  # fmt: skip
+        out += ["", "### Across GPUs: context parallelism", "", note, ""]
+        out += parallel_markdown(_rows(results, "context-parallel")).rstrip().splitlines()
     for part in TEST_PARTS:
         if part in results:
             title = "GPU tests" if part == "tests" else "GPU tests: inductor"

@@ -78,10 +78,10 @@ def run_scenarios(run: SuiteRun, budget: Budget, context: PartContext) -> bool:
             continue
         decision = budget.decide(cost)
         record.estimate_s = round(decision.estimate_s, 1)
-        too_large = _memory_problem(scenario, context)
-        if too_large:
-            record.status, record.reason = "skipped", too_large
-            logger.warning("%s: skipped: %s", record.name, too_large)
+        cannot = _cannot_run(scenario, context)
+        if cannot:
+            record.status, record.reason = "skipped", cannot
+            logger.warning("%s: skipped: %s", record.name, cannot)
             run.write(archive=False)
             continue
         if not decision.runs:
@@ -119,8 +119,11 @@ def run_scenarios(run: SuiteRun, budget: Budget, context: PartContext) -> bool:
     return not any(r.status == "failed" for r in run.records)
 
 
-def _memory_problem(scenario: Scenario, context: PartContext) -> str:
-    """Why `scenario` would not fit in the device's memory by its own estimate, or ""."""
+def _cannot_run(scenario: Scenario, context: PartContext) -> str:
+    """Why `scenario` cannot run on this machine (`Scenario.unavailable`: too few GPUs), or would not
+    fit in the device's memory by its own estimate, or ""."""
+    if scenario.unavailable is not None and (why := scenario.unavailable(context)):
+        return why
     if scenario.memory is None:
         return ""
     need, have = scenario.memory(context.tiny), estimate.device_memory(context.device)

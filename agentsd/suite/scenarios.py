@@ -23,6 +23,8 @@ Default order (`DEFAULT_ORDER`), most wanted first:
                                       baseline, agent phase and ceiling under torch.compile at
                                       1024 px (two compilations each), the inductor CUDA test
   8. pipeline-512                     the 50-step pipeline s/image at 512 px, the paper's figures beside
+  9. context-parallel                 `agentsd bench --context-parallel` over 2-4 GPUs (Wan 2.1 1.3B, 480p,
+                                      93 frames, Ulysses and ring); skipped, saying so, with fewer than 2 GPUs
 The diffusion transformers follow SDXL after the short CUDA tests and break-even grids: those
 take about two minutes together, and they are what a first GPU run must bring back (whether the
 kernels are right on CUDA, and the `min_tokens` per device), while the transformers' builds and
@@ -37,7 +39,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import breakeven, estimate, full_generation, gpu_tests, step
+from . import breakeven, estimate, full_generation, gpu_tests, multi_gpu, step
 from .budget import Cost
 from .common import Outcome, PartContext
 from .step import StepPlan
@@ -56,6 +58,8 @@ class Scenario:
         model: the architecture it leaves in the model cache, given --tiny (None: none).
         memory: its peak memory in bytes given --tiny, where it states one (`estimate.py`): the
             run skips it, saying so, on a device with less.
+        unavailable: why it cannot run on this machine ("" where it can), where it needs more than
+            one device: the run skips it, saying why.
     """
 
     name: str
@@ -65,6 +69,7 @@ class Scenario:
     run: Callable[[PartContext], Outcome]
     model: Callable[[bool], str | None] = lambda tiny: None
     memory: Callable[[bool], float] | None = None
+    unavailable: Callable[[PartContext], str] | None = None
 
 
 def _step(name: str, part: str, about: str, plan: StepPlan) -> Scenario:
@@ -130,6 +135,13 @@ def _wan(name: str, size: tuple[int, int], frames: int) -> Scenario:
     return replace(_step(name, "wan", about, plan), run=run, memory=lambda tiny: estimate.video_step_memory(plan, tiny))
 
 
+def _context_parallel() -> Scenario:
+    about = (f"agentsd bench --context-parallel over 2-4 GPUs: {multi_gpu.ARCH} bf16, {multi_gpu.FRAMES} frames at "
+             f"{multi_gpu.SIZE}, Ulysses and ring: time and elements sent")  # fmt: skip
+    return Scenario("context-parallel", multi_gpu.PART, about, cost=multi_gpu.cost, run=multi_gpu.run,
+                    unavailable=multi_gpu.unavailable)  # fmt: skip
+
+
 COMPILED_AGENT = StepPlan("sd15", (1024,), (1,), ("baseline", "agentsd-agent", "ceiling"),
                           compiled=("baseline", "agentsd-agent"))  # fmt: skip
 COMPILED_CEILING = StepPlan("sd15", (1024,), (1,), ("baseline", "ceiling"), compiled=("baseline", "ceiling"))
@@ -171,6 +183,7 @@ SCENARIOS: dict[str, Scenario] = {
         _tests("tests-compile", "compile", "the inductor CUDA test: a compiled patched UNet, no recompiles"),
         _pipeline(512),
         _pipeline(1024),
+        _context_parallel(),
         _step(
             "sd21-768",
             "sd21",
@@ -181,4 +194,5 @@ SCENARIOS: dict[str, Scenario] = {
 }
 DEFAULT_ORDER = ("sd15-512", "sd15-1024", "sd15-2048", "sdxl-1024", "sdxl-2048", "tests", "breakeven-2",
                  "breakeven-8", "sd35-1024", "sd35-2048", "flux-1024", "flux-2048", "wan-480p", "highres-2048",
-                 "compile-agent-1024", "compile-ceiling-1024", "tests-compile", "pipeline-512")  # fmt: skip
+                 "compile-agent-1024", "compile-ceiling-1024", "tests-compile", "pipeline-512",
+                 "context-parallel")  # fmt: skip
