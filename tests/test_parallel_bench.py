@@ -72,7 +72,9 @@ def test_formulas_give_the_counts_worked_out_by_hand():
     px, 93 frames over 4 ranks: 24 x 30 x 52 tokens, 6 token frames per rank; 12 heads of 128;
     the `wan` preset's 2x4x4 boxes leave 9,360 - floor(0.97 x 9,360) = 281 agents (273 whole
     boxes, partial ones at the bottom and right). At the pipelines' 81 frames (21 token frames)
-    no rank holds whole frames over 2 ranks: agentsd hands over."""
+    over 2 ranks each run of 16,380 tokens (10.5 frames) plans its 10 whole frames, 5 x 7 x 13 =
+    455 boxes, and 16,380 - floor(0.97 x 16,380) = 492 agents; 2 frames over 8 ranks leave a run
+    of 390 tokens, no whole frame: agentsd hands over."""
     flux = shard_layout("flux-dev", 1024, None, 2, load_preset("flux"))
     agent, tome = flux.plan("agentsd-agent"), flux.plan("agentsd-tome")
     assert (flux.tokens, flux.text, agent.agents, tome.merged, flux.layers) == (2048, 256, 128, 1229, 19 + 38)
@@ -88,9 +90,13 @@ def test_formulas_give_the_counts_worked_out_by_hand():
     assert wan.layer_elements("ulysses") == 4 * 12 * 128 * 9360
     assert wan.layer_elements("ulysses", agent) == 12 * (281 * 128 + 4 * 281 * 129) == 2_171_568
     assert wan.forward_elements("ring", agent) == 30 * 2_171_568 + 9360 * 64
-    handed = shard_layout("wan2.1-1.3b", (480, 832), 81, 2, load_preset("wan"))
+    cut = shard_layout("wan2.1-1.3b", (480, 832), 81, 2, load_preset("wan"))
+    agent = cut.plan("agentsd-agent")
+    assert (cut.grid, cut.tokens, agent.agents) == ((10, 30, 52), 16380, 492)
+    assert cut.layer_elements("ulysses", agent) == 12 * (492 * 128 + 2 * 492 * 129) == 2_278_944
+    handed = shard_layout("wan2.1-1.3b", (480, 832), 5, 8, load_preset("wan"))
     assert handed.grid is None and handed.plan("agentsd-agent").action == "exact"
-    assert handed.layer_elements("ulysses", handed.plan("agentsd-agent")) == 4 * 12 * 128 * 21 * 30 * 52 // 2
+    assert handed.layer_elements("ulysses", handed.plan("agentsd-agent")) == 4 * 12 * 128 * 2 * 30 * 52 // 8
 
 
 # Hand counts of the 2-process run below, per rank, batch 1. tiny-wan, 1 block (2 heads of 12), at

@@ -20,10 +20,11 @@ block's self-attention, its cross-attention is local) the gather of the output a
 end, B N_l C_out (C_out: `proj_out`'s channels per token), the same for every method.
 
 The agent count n_l and the merged tokens N'_l are those of the shard-local plan: each rank
-merges its own tokens by the preset's cells (Wan: its whole token frames, F / P x rows x
-columns; Flux: its whole rows, rows / P x columns), as `agentsd.core.state` plans a grid. Where
-the shards are not whole frames (Wan) or rows (Flux), or the plan runs exact attention, agentsd
-hands the layer to diffusers and sends the baseline's elements.
+merges its own tokens by the preset's cells (Wan: the whole token frames of its run, as many on
+every rank, `agentsd.families.wan.shard`, the cut frames around them sources; Flux: its whole
+rows, rows / P x columns), as `agentsd.core.state` plans a grid. Where a Wan run holds no whole
+frame, Flux's shards are not whole rows, or the plan runs exact attention, agentsd hands the
+layer to diffusers and sends the baseline's elements.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 from ..core.config import AgentSDConfig
 from ..core.merge import merge_count
 from ..core.plans import AGENT, EXACT, TOME
+from ..families.base import ModelCall
+from ..families.wan import shard as wan_shard
 from .transformer_models import ALL_TRANSFORMERS, FLUX_TEXT_TOKENS, Size, sides, transformer_config
 from .wan_models import token_grid
 
@@ -125,8 +128,9 @@ def shard_layout(
         frames_total, rows, columns = token_grid(model, height, width, frames)
         layers, text = model["num_layers"], 0
         out_channels = model["out_channels"] * math.prod(model["patch_size"])
-        grid = (frames_total // ranks, rows, columns) if frames_total % ranks == 0 else None
         total = frames_total * rows * columns
+        local = wan_shard(ModelCall(None, 0.0, (frames_total, rows, columns)), ranks, 0)
+        grid = None if isinstance(local, str) else local.grid
     else:
         rows = columns = height // 16  # the VAE's 8x and Flux's packed 2x2 patches
         layers, text = model["num_layers"] + model["num_single_layers"], FLUX_TEXT_TOKENS
@@ -141,20 +145,26 @@ def shard_layout(
     plans = {}
     if grid is not None:
         c = config
-        plans["agentsd-agent"] = _plan(grid, (c.st, c.sy, c.sx), c.ratio, c.agent_ratio, c)
-        plans["agentsd-tome"] = _plan(grid, (c.late_st, c.late_sy, c.late_sx), c.late_ratio, None, c)
+        run = total // ranks
+        plans["agentsd-agent"] = _plan(grid, run, (c.st, c.sy, c.sx), c.ratio, c.agent_ratio, c)
+        plans["agentsd-tome"] = _plan(grid, run, (c.late_st, c.late_sy, c.late_sx), c.late_ratio, None, c)
     heads, head_dim = model["num_attention_heads"], model["attention_head_dim"]
     return ShardLayout(ranks, heads, head_dim, layers, total // ranks, text, out_channels, grid, plans, batch)
 
 
 def _plan(
-    grid: tuple[int, int, int], cells: tuple[int, int, int], ratio: float, agent_ratio: float | None, c: AgentSDConfig
+    grid: tuple[int, int, int],
+    tokens: int,
+    cells: tuple[int, int, int],
+    ratio: float,
+    agent_ratio: float | None,
+    c: AgentSDConfig,
 ) -> ShardPlan:
-    """A shard's plan as `AgentSDState` makes it for a grid: one destination per whole box, N'
-    after the ToMe merge, agent attention only where 2 n < N', exact where nothing merges."""
+    """A shard's plan as `AgentSDState` makes it for a grid within a rank's `tokens` (Wan: the cut
+    frames around it are sources): one destination per whole box, N' after the ToMe merge, agent
+    attention only where 2 n < N', exact where nothing merges."""
     frames, rows, columns = grid
     depth, cell_rows, cell_columns = min(cells[0], frames), cells[1], cells[2]
-    tokens = frames * rows * columns
     if tokens < c.min_tokens or rows < cell_rows or columns < cell_columns:
         return EXACT_PLAN
     boxes = (frames // depth) * (rows // cell_rows) * (columns // cell_columns)
