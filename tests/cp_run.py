@@ -24,12 +24,14 @@ torch.accelerator.device_count = lambda: 1
 
 # The collectives agentsd's sharded attention sends through (diffusers' own Ulysses and ring use
 # the functional collectives, so they are not counted).
-COUNTED = ("all_gather_into_tensor", "all_to_all_single")
+COUNTED = ("all_gather_single", "all_gather_into_tensor", "all_to_all_single")
 
 
 def count_sent(sent):
     for name in COUNTED:
-        collective = getattr(dist, name)
+        collective = getattr(dist, name, None)  # all_gather_single: torch 2.13 and later
+        if collective is None:
+            continue
 
         def counting(output, tensor, *args, collective=collective, **kwargs):
             sent.append(tensor.numel())

@@ -8,7 +8,8 @@ attention layer the call was made in (found through forward hooks on the model's
 modules) or outside any (the output gather at the model's end). The count is what this rank
 hands to the collectives: an all-to-all's whole input (1/P of which stays on the rank), an
 all-gather's own part, an all-reduce's tensor; a collective that calls another (torch's
-deprecated `all_gather_tensor` calls `all_gather_single`) is counted once.
+deprecated `all_gather_tensor` calls `all_gather_single`, and so does `all_gather_into_tensor`) is
+counted once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.distributed._functional_collectives as funcol
 COLLECTIVES = (
     (dist, "all_gather", 1, "tensor"),
     (dist, "all_gather_into_tensor", 1, "input_tensor"),
+    (dist, "all_gather_single", 1, "input_tensor"),
     (dist, "all_to_all_single", 1, "input"),
     (dist, "all_to_all", 1, "input_tensor_list"),
     (dist, "all_reduce", 0, "tensor"),

@@ -43,7 +43,9 @@ class _Gather(torch.autograd.Function):
         ctx.group = group
         ranks = dist.get_world_size(group)
         out = t.new_empty((ranks * t.shape[0], *t.shape[1:]))  # every rank's t along dim 0
-        dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+        # torch 2.13 names it all_gather_single; earlier releases all_gather_into_tensor.
+        collective = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        collective(out, t.contiguous(), group=group)
         return out.unflatten(0, (ranks, t.shape[0]))
 
     @staticmethod

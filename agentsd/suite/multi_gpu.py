@@ -1,8 +1,7 @@
 """The context-parallel scenario: `agentsd bench --context-parallel P` over the machine's GPUs.
 
-Wan 2.1 1.3B, the whole transformer in bf16, at 480x832 px and 93 frames (24 latent frames, whole
-frames per rank for 2, 3 and 4 ranks; the pipelines' 81 frames, 21 latent, split over 3 or 7 only),
-Ulysses and ring: the baseline (diffusers' exact attention across the GPUs), agentsd's agent and
+Wan 2.1 1.3B, the whole transformer in bf16, at 480x832 px and the pipelines' 81 frames (21 latent
+frames, which the ranks' runs cut: each rank plans the whole frames of its run), Ulysses and ring: the baseline (diffusers' exact attention across the GPUs), agentsd's agent and
 ToMe phases, time per forward and the elements each GPU sends. P is the largest of 2, 3 and 4 the
 machine has GPUs for (Ulysses splits Wan 1.3B's 12 heads over the ranks). The command runs in a
 subprocess (it starts torchrun itself), writing its part's files (--tiny: the tiny Wan at 256 px,
@@ -27,7 +26,7 @@ from .common import Outcome, PartContext
 logger = logging.getLogger(__name__)
 
 PART = "context-parallel"
-ARCH, SIZE, FRAMES = "wan2.1-1.3b", "480x832", 93
+ARCH, SIZE, FRAMES = "wan2.1-1.3b", "480x832", 81
 RANKS = (2, 3, 4)  # divide Wan 1.3B's 12 heads and the 24 latent frames
 REPEATS, WARMUP = 5, 1
 # torchrun's start, two builds of the 1.3B model (one per mode) and 3 methods x 2 modes x 7 calls

@@ -24,7 +24,7 @@ Default order (`DEFAULT_ORDER`), most wanted first:
                                       1024 px (two compilations each), the inductor CUDA test
   8. pipeline-512                     the 50-step pipeline s/image at 512 px, the paper's figures beside
   9. context-parallel                 `agentsd bench --context-parallel` over 2-4 GPUs (Wan 2.1 1.3B, 480p,
-                                      93 frames, Ulysses and ring); skipped, saying so, with fewer than 2 GPUs
+                                      81 frames, Ulysses and ring); skipped, saying so, with fewer than 2 GPUs
 The diffusion transformers follow SDXL after the short CUDA tests and break-even grids: those
 take about two minutes together, and they are what a first GPU run must bring back (whether the
 kernels are right on CUDA, and the `min_tokens` per device), while the transformers' builds and
