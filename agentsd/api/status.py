@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.config import AgentSDConfig
+from ..core.plans import COMPUTED, SKIPPED
 from ..core.state import AGENT, EXACT, TOME
 from ..families import find_model
 from ..processors.self_attention import choose_backend
@@ -39,7 +40,7 @@ class LayerStatus:
         merged: N', the tokens attention ran over after the ToMe merge.
         agents: n, the agent count, in the agent mode.
         reason: why it ran exact attention, or why agentsd cannot act on it.
-        calls: UNet calls since patching, per mode.
+        calls: UNet calls since patching, per mode ("cached": a step cache skipped its block).
     """
 
     name: str
@@ -64,6 +65,9 @@ class Activity:
         layer_calls: per layer, its calls per mode ("agent", "tome", "exact").
         reasons: per layer that ran exact attention or was out of reach, the latest reason.
         model: what the calls went to, for the summary: "UNet" or "transformer".
+        cache_calls: calls in which every patched layer ran ("computed"), and those in which a step
+            cache (`transformer.enable_cache`) skipped the blocks of some ("skipped"); the model
+            call happens either way, and its phase is the schedule's.
     """
 
     phase_calls: dict[str, int] = field(default_factory=dict)
@@ -71,6 +75,7 @@ class Activity:
     layer_calls: dict[str, dict[str, int]] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     model: str = "UNet"
+    cache_calls: dict[str, int] = field(default_factory=dict)
 
     def __add__(self, other: Activity) -> Activity:
         layers: dict[str, Counter] = {}
@@ -83,6 +88,7 @@ class Activity:
             {name: dict(calls) for name, calls in layers.items()},
             {**self.reasons, **other.reasons},
             self.model if self.calls else other.model,
+            dict(Counter(self.cache_calls) + Counter(other.cache_calls)),
         )
 
     @property
@@ -92,6 +98,11 @@ class Activity:
     @property
     def ran_agent_attention(self) -> bool:
         return self.acting_calls.get(AGENT, 0) > 0
+
+    @property
+    def skipped_calls(self) -> int:
+        """Calls in which a step cache skipped the blocks of some patched layers."""
+        return self.cache_calls.get(SKIPPED, 0)
 
     def layers_running(self, mode: str) -> list[str]:
         return [name for name, calls in self.layer_calls.items() if calls.get(mode, 0) > 0]
@@ -117,6 +128,9 @@ class Activity:
             name, reason = next(iter(exact.items()))
             more = f" and {len(exact) - 1} more" if len(exact) > 1 else ""
             line += f"; always exact: {_short(name)}{more} ({reason})"
+        if self.skipped_calls:
+            computed = self.cache_calls.get(COMPUTED, 0)
+            line += f"; calls: {computed} computed, {self.skipped_calls} skipped (their blocks cached)"
         return line
 
     def _acting_layers(self) -> set[str]:
@@ -187,7 +201,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
     state = record.state
     call = state.view  # the current thread's latest call, else the latest in any thread
     blocked = {layer.name: _blocker(layer, record) for layer in record.layers}
-    phases, acting, per_layer = state.counts()
+    phases, acting, per_layer, cache = state.counts()
     modes = call.modes() if call is not None else {}
     latest_reasons = {**call.reasons, **call.handed_over} if call is not None else {}
     reasons = {**latest_reasons, **{n: r for n, r in blocked.items() if r}}
@@ -221,6 +235,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
         {name: dict(calls) for name, calls in per_layer.items()},
         {name: reasons[name] for name in reasons if name in {layer.name for layer in record.layers}},
         kind.noun,
+        dict(cache),
     )
     return PatchStatus(
         installed=True,
