@@ -145,3 +145,35 @@ def test_status_counts_computed_and_skipped_calls_and_the_cached_layers():
     pipe.transformer.disable_cache()
     generate(pipe, "flux")
     assert agentsd.status(pipe).activity.cache_calls == {"computed": computed + STEPS, "skipped": skipped}
+
+
+def test_a_step_whose_patched_layers_were_all_cached_keeps_its_phase():
+    """TaylorSeer's lite mode on Wan predicts whole blocks between computed steps: on those steps
+    no patched layer runs, yet the step's phase (read in `callback_on_step_end`) is the one it has
+    without the cache, since it comes from the step's timestep; `status` names the layers cached."""
+
+    def run(pipe):
+        steps = []
+
+        def record(pipe, step, timestep, kwargs):
+            report = agentsd.status(pipe)
+            steps.append((agentsd.current_phase(pipe), {layer.mode for layer in report.layers}, str(report)))
+            return kwargs
+
+        generator = torch.Generator().manual_seed(0)
+        args = dict(
+            num_inference_steps=STEPS, output_type="np", callback_on_step_end=record, **tiny_wan.CALL_KWARGS["wan"]
+        )
+        pipe("a red cube", generator=generator, **args)
+        return steps
+
+    pipe = pipeline("wan")
+    agentsd.patch(pipe, **PATCH["wan"])
+    alone = run(pipe)
+    pipe.transformer.enable_cache(CACHES["taylorseer"](pipe, "wan"))
+    stacked = run(pipe)
+    assert [phase for phase, _, _ in stacked] == [phase for phase, _, _ in alone]
+    assert {phase for phase, _, _ in stacked} == {"agent", "tome"}
+    cached = [text for _, modes, text in stacked if modes == {"cached"}]
+    assert cached and all("its block skipped by a step cache" in text for text in cached)
+    assert all(modes <= {"agent", "tome"} for _, modes, _ in alone)

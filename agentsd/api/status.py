@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.config import AgentSDConfig
-from ..core.plans import COMPUTED, SKIPPED
+from ..core.plans import CACHED, COMPUTED, SKIPPED
 from ..core.state import AGENT, EXACT, TOME
 from ..families import find_model
 from ..processors.self_attention import choose_backend
@@ -35,7 +35,8 @@ class LayerStatus:
         downsample: its level's downsampling relative to the latent.
         processor: the class of the processor agentsd delegates to (the user's latest).
         backend: the attention kernel agentsd's calls use on the model's device.
-        mode: what it did in the latest UNet call: "agent", "tome" or "exact"; None before one.
+        mode: what it did in the latest UNet call: "agent", "tome" or "exact", or "cached" when a
+            step cache skipped its block; None before one.
         grid: its token grid in the latest call: (rows, columns), or a video's (frames, rows, columns).
         merged: N', the tokens attention ran over after the ToMe merge.
         agents: n, the agent count, in the agent mode.
@@ -177,6 +178,8 @@ class PatchStatus:
                 what += f" (N'={layer.merged}, n={layer.agents})"
             elif layer.mode == TOME:
                 what += f" (N'={layer.merged})"
+            elif layer.mode == CACHED:
+                what += ": its block skipped by a step cache"
             if layer.reason:
                 what += f": {layer.reason}"
             lines.append(
@@ -202,7 +205,9 @@ def status(pipe_or_unet: Any) -> PatchStatus:
     call = state.view  # the current thread's latest call, else the latest in any thread
     blocked = {layer.name: _blocker(layer, record) for layer in record.layers}
     phases, acting, per_layer, cache = state.counts()
-    modes = call.modes() if call is not None else {}
+    # A layer whose block a step cache skipped in the (ended) latest call did nothing in it.
+    cached = call.cached() if call is not None and call.counted else set()
+    modes = {} if call is None else {name: CACHED if name in cached else m for name, m in call.modes().items()}
     latest_reasons = {**call.reasons, **call.handed_over} if call is not None else {}
     reasons = {**latest_reasons, **{n: r for n, r in blocked.items() if r}}
     layers = []
@@ -223,7 +228,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
                 backend=choose_backend(state.config.attention_backend, delegate, unet.device),
                 mode=mode,
                 grid=_sides(plan, call) if plan is not None else _grid(call, layer.downsample),
-                merged=plan.merged_tokens if plan is not None and mode != EXACT else None,
+                merged=plan.merged_tokens if plan is not None and mode in (AGENT, TOME) else None,
                 agents=plan.agents if plan is not None and mode == AGENT else None,
                 reason=reason if mode in (None, EXACT) or not ours else None,
                 calls=dict(per_layer.get(layer.name, {})),
