@@ -3,6 +3,8 @@ stack runs and differs from the cache alone, each part comes off leaving exactly
 schedule's phase per call is the one without the cache (it comes from the timestep, not from
 counting calls), and `status` counts the calls whose patched layers a cache skipped apart."""
 
+from pathlib import Path
+
 import diffusers
 import numpy as np
 import pytest
@@ -97,12 +99,11 @@ def stack(pipe, family, cache, order):
         agentsd.patch(pipe, **PATCH[family])
 
 
+STACKS = [(family, cache) for family in ("flux", "wan") for cache in CACHES if family in ON.get(cache, (family,))]
+
+
 @pytest.mark.parametrize("order", ["patch-then-cache", "cache-then-patch"])
-@pytest.mark.parametrize(
-    "family, cache",
-    [(family, cache) for family in ("flux", "wan") for cache in CACHES if family in ON.get(cache, (family,))]
-    + [("sd3", "first-block"), ("pixart", "first-block")],
-)
+@pytest.mark.parametrize("family, cache", STACKS + [("sd3", "first-block"), ("pixart", "first-block")])
 def test_a_step_cache_stacks_with_agentsd_and_each_comes_off_exactly(family, cache, order):
     pipe = pipeline(family)
     pipe.transformer.enable_cache(CACHES[cache](pipe, family))
@@ -183,3 +184,10 @@ def test_a_step_whose_patched_layers_were_all_cached_keeps_its_phase():
     cached = [text for _, modes, text in stacked if modes == {"cached"}]
     assert cached and all("its block skipped by a step cache" in text for text in cached)
     assert all(modes <= {"agent", "tome"} for _, modes, _ in alone)
+
+
+def test_the_readme_stacking_table_names_every_stack_tested_here():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Stacking") : readme.index("## Compatibility")]
+    for family, cache in STACKS:
+        assert f"[{family}-{cache}-patch-then-cache]" in table and f"[{family}-{cache}-cache-then-patch]" in table
