@@ -205,9 +205,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
     call = state.view  # the current thread's latest call, else the latest in any thread
     blocked = {layer.name: _blocker(layer, record) for layer in record.layers}
     phases, acting, per_layer, cache = state.counts()
-    # A layer whose block a step cache skipped in the (ended) latest call did nothing in it.
-    cached = call.cached() if call is not None and call.counted else set()
-    modes = {} if call is None else {name: CACHED if name in cached else m for name, m in call.modes().items()}
+    modes = call.outcomes(ended=call.counted) if call is not None else {}
     latest_reasons = {**call.reasons, **call.handed_over} if call is not None else {}
     reasons = {**latest_reasons, **{n: r for n, r in blocked.items() if r}}
     layers = []

@@ -146,6 +146,12 @@ class CallPlan:
         their block); meaningful once the call is over."""
         return set(self.expected - self.ran)
 
+    def outcomes(self, ended: bool = True) -> dict[str, str]:
+        """What each patched layer did: its mode, or `CACHED` where a step cache skipped its block
+        (told only of a call that is over: `ended`)."""
+        cached = self.cached() if ended else set()
+        return {name: CACHED if name in cached else mode for name, mode in self.modes().items()}
+
     @property
     def acting(self) -> bool:
         """Whether some layer ran agent attention or token merging."""

@@ -161,7 +161,8 @@ class AgentSDState:
                 (Wan 2.2's two experts); every registered layer when None.
         """
         sequence = sequence or Sequence()
-        self._count(self._calls.call)  # a call that never reached `end_call` (it raised)
+        # A call that never reached `end_call` (it raised): the layers it did not reach were not cached.
+        self._count(self._calls.call, ended=False)
         frames = None
         if grid is not None and len(grid) == 3:
             frames, grid = int(grid[0]), (int(grid[1]), int(grid[2]))
@@ -318,10 +319,10 @@ class AgentSDState:
                 _add(call, phases, acting, layers, cache, ended=False)
         return phases, acting, layers, cache
 
-    def _count(self, call: CallPlan | None) -> None:
+    def _count(self, call: CallPlan | None, ended: bool = True) -> None:
         with self._lock:
             if call is not None and not call.counted:
-                _add(call, self.phase_calls, self.acting_calls, self.layer_calls, self.cache_calls)
+                _add(call, self.phase_calls, self.acting_calls, self.layer_calls, self.cache_calls, ended)
                 call.counted = True
 
     def _check_timestep(self, t: float, clock: Clock) -> None:
@@ -356,10 +357,9 @@ def _add(
 ) -> None:
     """Add one call to the counters. The phase is the schedule's whether or not a cache skipped
     blocks; a layer whose block was skipped counts as `CACHED`, not as its planned mode."""
-    cached = call.cached() if ended else set()
-    modes = {name: CACHED if name in cached else mode for name, mode in call.modes().items()}
+    modes = call.outcomes(ended)
     phases[call.phase] += 1
     acting.update(set(modes.values()) - {EXACT, CACHED})
-    cache[SKIPPED if cached else COMPUTED] += 1
+    cache[SKIPPED if CACHED in modes.values() else COMPUTED] += 1
     for name, mode in modes.items():
         layers.setdefault(name, Counter())[mode] += 1
