@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.config import AgentSDConfig
+from ..core.plans import CACHED, COMPUTED, SKIPPED
 from ..core.state import AGENT, EXACT, TOME
 from ..families import find_model
 from ..processors.self_attention import choose_backend
@@ -34,12 +35,13 @@ class LayerStatus:
         downsample: its level's downsampling relative to the latent.
         processor: the class of the processor agentsd delegates to (the user's latest).
         backend: the attention kernel agentsd's calls use on the model's device.
-        mode: what it did in the latest UNet call: "agent", "tome" or "exact"; None before one.
+        mode: what it did in the latest UNet call: "agent", "tome" or "exact", or "cached" when a
+            step cache skipped its block; None before one.
         grid: its token grid in the latest call: (rows, columns), or a video's (frames, rows, columns).
         merged: N', the tokens attention ran over after the ToMe merge.
         agents: n, the agent count, in the agent mode.
         reason: why it ran exact attention, or why agentsd cannot act on it.
-        calls: UNet calls since patching, per mode.
+        calls: UNet calls since patching, per mode ("cached": a step cache skipped its block).
     """
 
     name: str
@@ -64,6 +66,9 @@ class Activity:
         layer_calls: per layer, its calls per mode ("agent", "tome", "exact").
         reasons: per layer that ran exact attention or was out of reach, the latest reason.
         model: what the calls went to, for the summary: "UNet" or "transformer".
+        cache_calls: calls in which every patched layer ran ("computed"), and those in which a step
+            cache (`transformer.enable_cache`) skipped the blocks of some ("skipped"); the model
+            call happens either way, and its phase is the schedule's.
     """
 
     phase_calls: dict[str, int] = field(default_factory=dict)
@@ -71,6 +76,7 @@ class Activity:
     layer_calls: dict[str, dict[str, int]] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     model: str = "UNet"
+    cache_calls: dict[str, int] = field(default_factory=dict)
 
     def __add__(self, other: Activity) -> Activity:
         layers: dict[str, Counter] = {}
@@ -83,6 +89,7 @@ class Activity:
             {name: dict(calls) for name, calls in layers.items()},
             {**self.reasons, **other.reasons},
             self.model if self.calls else other.model,
+            dict(Counter(self.cache_calls) + Counter(other.cache_calls)),
         )
 
     @property
@@ -92,6 +99,11 @@ class Activity:
     @property
     def ran_agent_attention(self) -> bool:
         return self.acting_calls.get(AGENT, 0) > 0
+
+    @property
+    def skipped_calls(self) -> int:
+        """Calls in which a step cache skipped the blocks of some patched layers."""
+        return self.cache_calls.get(SKIPPED, 0)
 
     def layers_running(self, mode: str) -> list[str]:
         return [name for name, calls in self.layer_calls.items() if calls.get(mode, 0) > 0]
@@ -117,6 +129,9 @@ class Activity:
             name, reason = next(iter(exact.items()))
             more = f" and {len(exact) - 1} more" if len(exact) > 1 else ""
             line += f"; always exact: {_short(name)}{more} ({reason})"
+        if self.skipped_calls:
+            computed = self.cache_calls.get(COMPUTED, 0)
+            line += f"; calls: {computed} computed, {self.skipped_calls} skipped (their blocks cached)"
         return line
 
     def _acting_layers(self) -> set[str]:
@@ -163,6 +178,8 @@ class PatchStatus:
                 what += f" (N'={layer.merged}, n={layer.agents})"
             elif layer.mode == TOME:
                 what += f" (N'={layer.merged})"
+            elif layer.mode == CACHED:
+                what += ": its block skipped by a step cache"
             if layer.reason:
                 what += f": {layer.reason}"
             lines.append(
@@ -187,8 +204,8 @@ def status(pipe_or_unet: Any) -> PatchStatus:
     state = record.state
     call = state.view  # the current thread's latest call, else the latest in any thread
     blocked = {layer.name: _blocker(layer, record) for layer in record.layers}
-    phases, acting, per_layer = state.counts()
-    modes = call.modes() if call is not None else {}
+    phases, acting, per_layer, cache = state.counts()
+    modes = call.outcomes(ended=call.counted) if call is not None else {}
     latest_reasons = {**call.reasons, **call.handed_over} if call is not None else {}
     reasons = {**latest_reasons, **{n: r for n, r in blocked.items() if r}}
     layers = []
@@ -209,7 +226,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
                 backend=choose_backend(state.config.attention_backend, delegate, unet.device),
                 mode=mode,
                 grid=_sides(plan, call) if plan is not None else _grid(call, layer.downsample),
-                merged=plan.merged_tokens if plan is not None and mode != EXACT else None,
+                merged=plan.merged_tokens if plan is not None and mode in (AGENT, TOME) else None,
                 agents=plan.agents if plan is not None and mode == AGENT else None,
                 reason=reason if mode in (None, EXACT) or not ours else None,
                 calls=dict(per_layer.get(layer.name, {})),
@@ -221,6 +238,7 @@ def status(pipe_or_unet: Any) -> PatchStatus:
         {name: dict(calls) for name, calls in per_layer.items()},
         {name: reasons[name] for name in reasons if name in {layer.name for layer in record.layers}},
         kind.noun,
+        dict(cache),
     )
     return PatchStatus(
         installed=True,

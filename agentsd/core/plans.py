@@ -12,6 +12,9 @@ from .merge import TokenMerge
 AGENT = "agent"
 TOME = "tome"
 EXACT = "exact"
+CACHED = "cached"  # the layer did not run in the call: a step cache skipped its block
+COMPUTED = "computed"  # a model call in which every patched layer ran
+SKIPPED = "skipped"  # a model call in which a step cache skipped the blocks of some patched layers
 
 # Why a layer runs exact attention in a call (the first word of the reason it reports).
 SMALL_GRID = "grid"  # fewer tokens than min_tokens, or no whole cell: the image is too small there
@@ -112,6 +115,10 @@ class CallPlan:
     counted: bool = False
     token_grid: bool = False
     frames: int | None = None
+    # The layers whose processor ran in the call (a step cache may skip the blocks of the others),
+    # and those expected to: every planned layer agentsd's processor serves.
+    ran: set[str] = field(default_factory=set)
+    expected: frozenset[str] = frozenset()
 
     @property
     def sides(self) -> tuple[int, ...]:
@@ -133,6 +140,17 @@ class CallPlan:
         return {
             name: EXACT if plan is None or name in self.handed_over else plan.mode for name, plan in self.plans.items()
         }
+
+    def cached(self) -> set[str]:
+        """The layers expected to run whose processor never ran in the call (a step cache skipped
+        their block); meaningful once the call is over."""
+        return set(self.expected - self.ran)
+
+    def outcomes(self, ended: bool = True) -> dict[str, str]:
+        """What each patched layer did: its mode, or `CACHED` where a step cache skipped its block
+        (told only of a call that is over: `ended`)."""
+        cached = self.cached() if ended else set()
+        return {name: CACHED if name in cached else mode for name, mode in self.modes().items()}
 
     @property
     def acting(self) -> bool:

@@ -26,7 +26,20 @@ import torch
 
 from .config import AgentSDConfig
 from .merge import destination_indices, merge_count, source_indices
-from .plans import AGENT, BY_DESIGN, EXACT, SMALL_GRID, TOME, CallPlan, LayerPlan, PhaseSettings, Sequence
+from .plans import (
+    AGENT,
+    BY_DESIGN,
+    CACHED,
+    COMPUTED,
+    EXACT,
+    SKIPPED,
+    SMALL_GRID,
+    TOME,
+    CallPlan,
+    LayerPlan,
+    PhaseSettings,
+    Sequence,
+)
 from .progress import Clock, TrainingTimesteps
 
 logger = logging.getLogger(__name__)
@@ -72,6 +85,8 @@ class AgentSDState:
         self.phase_calls: Counter[str] = Counter()
         self.acting_calls: Counter[str] = Counter()
         self.layer_calls: dict[str, Counter[str]] = {}
+        # Calls in which every expected layer ran (computed), or a step cache skipped some (skipped).
+        self.cache_calls: Counter[str] = Counter()
         self._fixed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._warned: set = set()
 
@@ -83,6 +98,7 @@ class AgentSDState:
 
     def __setstate__(self, state: dict) -> None:
         counters = {k: state.pop(k) for k in ("phase_calls", "acting_calls", "layer_calls")}
+        counters["cache_calls"] = state.pop("cache_calls", Counter())  # absent from states saved before it
         self.__dict__.update(state)
         self._setup()
         self.__dict__.update(counters)
@@ -145,7 +161,8 @@ class AgentSDState:
                 (Wan 2.2's two experts); every registered layer when None.
         """
         sequence = sequence or Sequence()
-        self._count(self._calls.call)  # a call that never reached `end_call` (it raised)
+        # A call that never reached `end_call` (it raised): the layers it did not reach were not cached.
+        self._count(self._calls.call, ended=False)
         frames = None
         if grid is not None and len(grid) == 3:
             frames, grid = int(grid[0]), (int(grid[1]), int(grid[2]))
@@ -177,6 +194,7 @@ class AgentSDState:
         self._send_indices([p for p in plans.values() if p is not None], sample.device)
         reasons = {n: r for n, r in reasons.items() if r is not None}
         call = CallPlan(latent_hw, agent_phase, plans, reasons, sequence, token_grid=grid is not None, frames=frames)
+        call.expected = frozenset(name for name in plans if name not in self.blocked)
         self._calls.call = self.latest = call
         self._warn_if_too_small(call)
         return call
@@ -287,21 +305,24 @@ class AgentSDState:
         """What each patched layer did in the latest call: agent, tome or exact."""
         return self.view.modes() if self.view is not None else {}
 
-    def counts(self) -> tuple[Counter[str], Counter[str], dict[str, Counter[str]]]:
-        """UNet calls per phase, calls in which some layer ran each mode, and per layer the calls
-        per mode, since patching (the latest call included, if it is still running)."""
+    def counts(self) -> tuple[Counter[str], Counter[str], dict[str, Counter[str]], Counter[str]]:
+        """UNet calls per phase, calls in which some layer ran each mode, per layer the calls per
+        mode (`CACHED` where a step cache skipped its block), and the calls computed and skipped
+        (some layer's block cached), since patching (the latest call included, if it is still
+        running: as computed, since its layers may yet run)."""
         with self._lock:
             phases, acting = Counter(self.phase_calls), Counter(self.acting_calls)
             layers = {name: Counter(c) for name, c in self.layer_calls.items()}
+            cache = Counter(self.cache_calls)
         for call in {id(c): c for c in (self.latest, self._calls.call) if c is not None}.values():
             if not call.counted:
-                _add(call, phases, acting, layers)
-        return phases, acting, layers
+                _add(call, phases, acting, layers, cache, ended=False)
+        return phases, acting, layers, cache
 
-    def _count(self, call: CallPlan | None) -> None:
+    def _count(self, call: CallPlan | None, ended: bool = True) -> None:
         with self._lock:
             if call is not None and not call.counted:
-                _add(call, self.phase_calls, self.acting_calls, self.layer_calls)
+                _add(call, self.phase_calls, self.acting_calls, self.layer_calls, self.cache_calls, ended)
                 call.counted = True
 
     def _check_timestep(self, t: float, clock: Clock) -> None:
@@ -331,9 +352,14 @@ class AgentSDState:
             )
 
 
-def _add(call: CallPlan, phases: Counter, acting: Counter, layers: dict[str, Counter]) -> None:
-    modes = call.modes()
+def _add(
+    call: CallPlan, phases: Counter, acting: Counter, layers: dict[str, Counter], cache: Counter, ended: bool = True
+) -> None:
+    """Add one call to the counters. The phase is the schedule's whether or not a cache skipped
+    blocks; a layer whose block was skipped counts as `CACHED`, not as its planned mode."""
+    modes = call.outcomes(ended)
     phases[call.phase] += 1
-    acting.update(set(modes.values()) - {EXACT})
+    acting.update(set(modes.values()) - {EXACT, CACHED})
+    cache[SKIPPED if CACHED in modes.values() else COMPUTED] += 1
     for name, mode in modes.items():
         layers.setdefault(name, Counter())[mode] += 1

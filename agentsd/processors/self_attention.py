@@ -184,6 +184,8 @@ class AgentSDProcessor:
         if self.state is None or not self.state.active:
             return None
         call = call if call is not None else self.state.call
+        if call is not None:
+            call.ran.add(self.name)  # its block ran: no step cache skipped it in this call
         plan = None if call is None else call.plans.get(self.name)
         if plan is None:
             return None

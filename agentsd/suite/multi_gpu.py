@@ -1,12 +1,13 @@
 """The context-parallel scenario: `agentsd bench --context-parallel P` over the machine's GPUs.
 
 Wan 2.1 1.3B, the whole transformer in bf16, at 480x832 px and the pipelines' 81 frames (21 latent
-frames, which the ranks' runs cut: each rank plans the whole frames of its run), Ulysses and ring: the baseline (diffusers' exact attention across the GPUs), agentsd's agent and
-ToMe phases, time per forward and the elements each GPU sends. P is the largest of 2, 3 and 4 the
-machine has GPUs for (Ulysses splits Wan 1.3B's 12 heads over the ranks). The command runs in a
-subprocess (it starts torchrun itself), writing its part's files (--tiny: the tiny Wan at 256 px,
-one call per method, on the same GPUs). On a machine with fewer than two GPUs the scenario is
-skipped, saying how many it has.
+frames, which the ranks' runs cut: each rank plans the whole frames of its run), Ulysses and ring:
+the baseline (diffusers' exact attention across the GPUs), agentsd's agent and ToMe phases, time
+per forward and the elements each GPU sends. P is the largest of 2, 3 and 4 the machine has GPUs
+for (Ulysses splits Wan 1.3B's 12 heads over the ranks). The command runs in a subprocess (it
+starts torchrun itself), writing its part's files (--tiny: the tiny Wan at 256 px, one call per
+method, on the same GPUs). On a machine with fewer than two GPUs the scenario is skipped, saying
+how many it has.
 """
 
 from __future__ import annotations
