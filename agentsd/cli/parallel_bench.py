@@ -25,7 +25,7 @@ def check_parallel_args(args: argparse.Namespace) -> list[str]:
     import torch
 
     from ..bench.benchmark import default_sizes, is_video
-    from ..bench.parallel import PARALLEL_METHODS, parallel_problem
+    from ..bench.ranks import PARALLEL_METHODS, parallel_problem
     from ..bench.traffic import MODES
     from ..bench.wan_models import DEFAULT_FRAMES
 
@@ -112,7 +112,7 @@ def _launch(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, modes: list[str], out: Path) -> int:
     import shlex
 
-    from ..bench import parallel
+    from ..bench import ranks as parallel
     from .loading import DTYPES
 
     first = int(os.environ.get("RANK", 0)) == 0

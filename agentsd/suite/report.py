@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..bench.parallel import parallel_markdown
+from ..bench.ranks import parallel_markdown
 from ..bench.targets import CEILING_TARGET, TARGETS_FROM, size_text, target_checks
 from . import pack
 from .common import PART_NAMES, format_cell
