@@ -18,10 +18,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-# diffusers 0.42 places each rank on device `rank % torch.accelerator.device_count()`, which is 0 on
-# a machine without accelerators (a ZeroDivisionError): one "device", the CPU, for every rank.
-torch.accelerator.device_count = lambda: 1
-
 # The collectives agentsd's sharded attention sends through (diffusers' own Ulysses and ring use
 # the functional collectives, so they are not counted).
 COUNTED = ("all_gather_single", "all_gather_into_tensor", "all_to_all_single")
@@ -40,27 +36,6 @@ def count_sent(sent):
         setattr(dist, name, counting)
 
 
-def lse_for_ring():
-    """diffusers' ring attention merges the ranks' partial outputs by their log-sum-exps, which its
-    native backend's forward op does not return (`return_lse=True` raises). On a CPU the flash
-    attention kernel returns one: the op is wrapped to add it, its output left as diffusers makes it."""
-    from diffusers.models import attention_dispatch
-
-    native = attention_dispatch._native_attention_forward_op
-
-    def with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                 enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):  # fmt: skip
-        out = native(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
-                     _save_ctx=_save_ctx, _parallel_config=_parallel_config)  # fmt: skip
-        if not return_lse:
-            return out
-        q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))
-        lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[1]
-        return out, lse.permute(0, 2, 1)
-
-    attention_dispatch._native_attention_forward_op = with_lse
-
-
 def main(out: str, kind: str, order: str, phase: str, mode: str = "ulysses", grad: str = "") -> None:
     faulthandler.enable(all_threads=True)  # where a rank aborts, every thread's Python stack to stderr
     from diffusers import ContextParallelConfig
@@ -70,8 +45,6 @@ def main(out: str, kind: str, order: str, phase: str, mode: str = "ulysses", gra
 
     sent = []
     count_sent(sent)
-    if mode == "ring":
-        lse_for_ring()
     dist.init_process_group("gloo")
     model, inputs = model_and_inputs(kind)
     config = ContextParallelConfig(**{f"{mode}_degree": dist.get_world_size()})
@@ -118,4 +91,10 @@ def main(out: str, kind: str, order: str, phase: str, mode: str = "ulysses", gra
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    from agentsd.bench.collectives import cpu_shims
+
+    # diffusers 0.42 on a machine without accelerators: its device lookup divides by
+    # torch.accelerator.device_count() (0 here), and its native backend returns no log-sum-exp, which
+    # ring attention needs (agentsd's bench carries both shims, documented there).
+    with cpu_shims():
+        main(*sys.argv[1:])

@@ -1,5 +1,5 @@
 """agentsd under diffusers' context parallelism (`enable_parallelism`, Ulysses and ring), two
-processes on this CPU (`torchrun`, gloo over the loopback address; cp_run.py holds the shims).
+processes on this CPU (`torchrun`, gloo over the loopback address; cp_run.py applies the CPU shims).
 
 Wan (each rank's run of tokens as its whole token frames, cut frames around them) and Flux (whole
 grid rows per rank) run agent attention on the shards: each rank merges its own tokens by the
