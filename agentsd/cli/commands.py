@@ -10,11 +10,11 @@ import platform
 import sys
 from pathlib import Path
 
-from . import model_setup
+from . import bench_command, model_setup
 from .args import FLAG_NAMES, UsageError, build_parser, config_dest
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = model_setup.EXIT_INTERRUPTED
 # What `agentsd env` reports: the stack, then the optional packages behind adapters and peers
 # (peft, xformers, tomesd, DeepCache), behind `compare` and `bench`, and the MP4 writer of videos.
 ENV_PACKAGES = (
@@ -105,23 +105,6 @@ def _device_and_dtype(args: argparse.Namespace, auto=None, layout=None):
     return resolve_dtype(None if fell_back else args.dtype, device), device
 
 
-def _check_backend(config, device, method: str | None = None) -> None:
-    """Refuse an attention backend that cannot run on `device` (xformers missing, or not CUDA)."""
-    from ..core.attention import check_backend
-
-    if config is None:
-        return
-    try:
-        check_backend(config.attention_backend, device)
-    except ValueError as err:
-        raise UsageError(f"method {method!r}: {err}" if method else str(err)) from None
-
-
-def _check_positive(flag: str, value: int, minimum: int = 1) -> None:
-    if value < minimum:
-        raise UsageError(f"{flag} {value} must be {'positive' if minimum == 1 else f'>= {minimum}'}.")
-
-
 def _check_scheduler(args: argparse.Namespace) -> None:
     from .loading import SCHEDULERS
 
@@ -134,11 +117,11 @@ def _generate(args: argparse.Namespace) -> int:
     from . import parallel
     from .video import is_video
 
-    _check_positive("--num-images", args.num_images)
+    model_setup.check_positive("--num-images", args.num_images)
     if args.compare and args.no_agent:
         raise UsageError("--compare runs the baseline next to agent attention: drop --no-agent (or --compare).")
     if args.max_sequence_length is not None:
-        _check_positive("--max-sequence-length", args.max_sequence_length)
+        model_setup.check_positive("--max-sequence-length", args.max_sequence_length)
     prompts = _prompts(args)
     layout = parallel.launch(args.context_parallel)
     config = agent_config(args, model_setup.default_preset(args))  # checked now; final once the model is loaded
@@ -159,7 +142,7 @@ def _generate(args: argparse.Namespace) -> int:
         context_parallel=layout,
     )
     dtype, device = _device_and_dtype(args, layout=layout)
-    _check_backend(config, device)
+    model_setup.check_backend(config, device)
     model_setup.check_model_settings(args, settings, args.num_images)
     out = Path(args.out)
     jobs = gen.plan_jobs(prompts, args.num_images, args.seed)
@@ -196,115 +179,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_bench_args(args: argparse.Namespace, device) -> None:
-    """Everything `bench` can refuse before building a UNet (which takes ~15 s at SD size)."""
-    import importlib.util
-
-    import torch
-
-    from ..api.presets import load_preset
-    from ..bench import benchmark
-    from ..bench.transformer_models import sides, size_problem
-    from ..bench.wan_models import frames_problem
-    from ..core.config import AgentSDConfig
-
-    _check_positive("--repeats", args.repeats)
-    _check_positive("--warmup", args.warmup, minimum=0)
-    for batch in args.batches:
-        _check_positive("--batches", batch)
-    for size in args.sizes or ():
-        shown = "x".join(map(str, sides(size))) if isinstance(size, tuple) else str(size)
-        if any(side <= 0 or side % 8 for side in sides(size)):
-            raise UsageError(
-                f"--sizes {shown} is not a positive multiple of 8: use e.g. 512 or 768 (480x832 for videos)."
-            )
-        for arch in args.arch:
-            if benchmark.is_transformer(arch):
-                problem = size_problem(arch, size)
-            elif isinstance(size, tuple) and size[0] != size[1]:
-                problem = (
-                    f"{arch} takes square images: give one side, e.g. 512 (HxW sizes are for the video transformers)"
-                )
-            else:
-                continue
-            if problem:
-                raise UsageError(f"--sizes {shown}: {problem}.")
-    if args.frames is not None:
-        if not any(map(benchmark.is_video, args.arch)):
-            raise UsageError("--frames applies to the video transformers (wan*) only: add one to --arch or drop it.")
-        for frames in args.frames:
-            if problem := frames_problem(frames):
-                raise UsageError(f"--frames {frames}: {problem}.")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = load_preset(args.preset) if args.preset else AgentSDConfig()
-    _check_backend(config, device)
-    if args.methods and "xformers" in args.methods:
-        _check_backend(AgentSDConfig(attention_backend="xformers"), device, "xformers")
-    if args.methods and "tomesd" in args.methods and importlib.util.find_spec("tomesd") is None:
-        raise UsageError("--methods tomesd needs ToMe for SD: pip install tomesd (or 'agentsd[bench]'), or drop it.")
-    if args.compile is not None:
-        import torch._dynamo
-
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if args.compile not in backends:
-            raise UsageError(f"unknown torch.compile backend {args.compile!r}: use one of {', '.join(backends)}.")
-    # speedup.png and the CPU's memory (a --context-parallel run writes no plot and measures no memory)
-    needed = [] if args.context_parallel else ["matplotlib"] + (["psutil"] if device.type != "cuda" else [])
-    missing = [name for name in needed if importlib.util.find_spec(name) is None]
-    if missing:
-        raise UsageError(f"agentsd bench needs {' and '.join(missing)}: pip install 'agentsd[bench]'.")
-
-
-def _bench(args: argparse.Namespace) -> int:
-    import shlex
-
-    from ..bench import benchmark
-    from .loading import DTYPES, prepare_folder, resolve_device
-
-    dtype = DTYPES.get(args.dtype)
-    device = None if args.device == "auto" else resolve_device(args.device, fallback=False)
-    _check_bench_args(args, device)
-    if args.context_parallel is not None or args.context_parallel_mode:
-        from .parallel_bench import bench_parallel
-
-        return bench_parallel(args)
-    out = Path(args.out)
-    command = "agentsd " + " ".join(shlex.quote(a) for a in args.argv)
-    rows: list[dict] = []
-
-    def save(new_rows: list[dict]) -> None:  # after every scenario: an interrupted run keeps them
-        rows.extend(new_rows)
-        benchmark.write_results(rows, args.out, command)
-
-    try:
-        with model_setup.no_empty_folder_on_error(out):
-            prepare_folder(out)
-            benchmark.run_benchmark(
-                archs=args.arch,
-                sizes=args.sizes,
-                batches=args.batches,
-                methods=args.methods,
-                preset=args.preset,
-                repeats=args.repeats,
-                warmup=args.warmup,
-                device=device,
-                dtype=dtype,
-                compile=args.compile,
-                on_rows=save,
-                frames=args.frames,
-            )
-    except KeyboardInterrupt:
-        from ..api.words import plural
-
-        kept = f"{plural(len(rows), 'row')} of finished scenarios {'is' if len(rows) == 1 else 'are'}"
-        print(f"interrupted: {kept} in {args.out}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    print(benchmark.markdown_table(rows))
-    print("\n".join(benchmark.target_lines(rows)))
-    print(f"results in {args.out}/results.{{json,csv,md}} and {args.out}/speedup.png")
-    return 0
-
-
 def _compare(args: argparse.Namespace) -> int:
     from . import compare as cmp
     from . import comparison, parallel
@@ -312,16 +186,16 @@ def _compare(args: argparse.Namespace) -> int:
     from .pipeline_checks import model_pipeline_class
     from .video import is_video
 
-    _check_positive("--images-per-class", args.images_per_class)
-    _check_positive("--samples", args.samples)
+    model_setup.check_positive("--images-per-class", args.images_per_class)
+    model_setup.check_positive("--samples", args.samples)
     if args.max_sequence_length is not None:
-        _check_positive("--max-sequence-length", args.max_sequence_length)
+        model_setup.check_positive("--max-sequence-length", args.max_sequence_length)
     if args.prompts_file:
         prompts = _prompts(args)
     else:
         prompts = cmp.imagenet_prompts(args.images_per_class)
     if args.num_prompts is not None:
-        _check_positive("--num-prompts", args.num_prompts)
+        model_setup.check_positive("--num-prompts", args.num_prompts)
         prompts = prompts[: args.num_prompts]
     layout = parallel.launch(args.context_parallel)
 
@@ -343,7 +217,7 @@ def _compare(args: argparse.Namespace) -> int:
     )  # fmt: skip
     dtype, device = _device_and_dtype(args, cmp.process_state().device, layout)
     for method in methods:
-        _check_backend(method.config, device, method.name)
+        model_setup.check_backend(method.config, device, method.name)
     if is_video(model_pipeline_class(args.model)):  # where model_index.json can be read without downloading
         cmp.check_video_scoring(scoring)
     cmp.check_scoring(methods, scoring, device)  # a missing package or weight file fails before any work
@@ -372,7 +246,7 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": _generate, "bench": _bench, "compare": _compare, "presets": _presets, "env": _env}
+COMMANDS = {"generate": _generate, "bench": bench_command.bench, "compare": _compare, "presets": _presets, "env": _env}
 
 
 def main(argv: list[str] | None = None) -> int:

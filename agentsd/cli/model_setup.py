@@ -9,6 +9,10 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from .args import UsageError
+
+EXIT_INTERRUPTED = 130
+
 
 @contextlib.contextmanager
 def no_empty_folder_on_error(folder: Path) -> Iterator[None]:
@@ -83,3 +87,20 @@ def load_pipeline(args: argparse.Namespace, settings, dtype, device, out: Path, 
         parallel.check_pipeline(pipe, settings.context_parallel, settings)
         parallel.enable(pipe, settings.context_parallel)
     return pipe, configs
+
+
+def check_backend(config, device, method: str | None = None) -> None:
+    """Refuse an attention backend that cannot run on `device` (xformers missing, or not CUDA)."""
+    from ..core.attention import check_backend
+
+    if config is None:
+        return
+    try:
+        check_backend(config.attention_backend, device)
+    except ValueError as err:
+        raise UsageError(f"method {method!r}: {err}" if method else str(err)) from None
+
+
+def check_positive(flag: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise UsageError(f"{flag} {value} must be {'positive' if minimum == 1 else f'>= {minimum}'}.")
