@@ -158,7 +158,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
     """--steps, --guidance, --width, --height, --frames, --fps, --batch-size, --scheduler,
-    --max-sequence-length, --dtype, --device, --context-parallel."""
+    --max-sequence-length, --dtype, --device, --context-parallel, --cache."""
+    from ..api.caches import CACHES, cache_names
     from .loading import FLOW_SCHEDULERS, SCHEDULERS
     from .parallel import MODES
     from .video import DEFAULT_FPS
@@ -196,6 +197,10 @@ def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
     parser.add_argument("--context-parallel", choices=MODES, help="split each image's (video's) tokens "
                         "over the P processes of `torchrun --nproc_per_node P -m agentsd ...` with diffusers' context "
                         "parallelism, degree P (Flux, Wan); rank 0 writes the files")  # fmt: skip
+    names = ", ".join(f"{name} ({CACHES[name].number}, default {CACHES[name].default:g})" for name in cache_names())
+    parser.add_argument("--cache", metavar="NAME[:NUMBER]", help="a step cache (Flux, Wan; see README, Stacking): "
+                        f"{names or 'none installed'}; generate: every run under it; compare: the methods cache and "
+                        "cache+METHOD")  # fmt: skip
 
 
 def _bench_epilog() -> str:

@@ -123,6 +123,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.max_sequence_length is not None:
         model_setup.check_positive("--max-sequence-length", args.max_sequence_length)
     prompts = _prompts(args)
+    cache = model_setup.cache_spec(args)
     layout = parallel.launch(args.context_parallel)
     config = agent_config(args, model_setup.default_preset(args))  # checked now; final once the model is loaded
     _check_scheduler(args)
@@ -153,8 +154,9 @@ def _generate(args: argparse.Namespace) -> int:
         )
         try:
             runs = gen.generate(
-                pipe, jobs, out, settings, config, compare=args.compare, scheduler_name=args.scheduler, progress=True
-            )
+                pipe, jobs, out, settings, config, compare=args.compare, scheduler_name=args.scheduler, progress=True,
+                cache=cache,
+            )  # fmt: skip
         except KeyboardInterrupt:
             print(f"interrupted: the finished {'videos' if is_video(pipe) else 'images'} are in {out}", file=sys.stderr)
             return EXIT_INTERRUPTED
@@ -164,6 +166,10 @@ def _generate(args: argparse.Namespace) -> int:
         per_image = run.seconds_per_image
         timing = f", {per_image:.3f} s/{run.noun}" if per_image is not None else ""
         print(f"{run.label}: {len(run.written)} written, {len(run.skipped)} skipped in {run.folder}{timing}")
+        if run.skip_fraction is not None:
+            computed, skipped = run.cache_calls["computed"], run.cache_calls["skipped"]
+            print(f"cache {run.cache.label}: {computed} model calls computed, {skipped} skipped "
+                  f"(skip fraction {run.skip_fraction:.2f})")  # fmt: skip
         if run.config is not None and run.activity.calls:
             from ..api.status import describe_phases
 
@@ -199,10 +205,15 @@ def _compare(args: argparse.Namespace) -> int:
         prompts = prompts[: args.num_prompts]
     layout = parallel.launch(args.context_parallel)
 
+    cache = model_setup.cache_spec(args)
+
     def methods_for(preset: str) -> list:  # the default methods: the baseline and the model family's preset
-        return comparison.with_baseline(
-            [comparison.parse_method(spec) for spec in (args.method or ["baseline", preset])]
-        )
+        default = ["baseline", preset] + (["cache", f"cache+{preset}"] if cache else [])  # and both under --cache
+        methods = [comparison.parse_method(spec, cache) for spec in (args.method or default)]
+        if cache is not None and not any(method.cache for method in methods):
+            raise UsageError(f"--cache {args.cache} names the cache of the methods cache and cache+METHOD: add "
+                             "--method cache (and e.g. --method cache+agentsd), or drop --cache.")  # fmt: skip
+        return comparison.with_baseline(methods)
 
     methods = methods_for(model_setup.default_preset(args))  # checked now; final once the model is loaded
     _check_scheduler(args)

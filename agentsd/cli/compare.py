@@ -221,6 +221,8 @@ def score(
             gb_per_image=memory.get(method.name),
             fid=None if metric is None else fid_score(metric, paths[method.name]),
             agentsd_config=None if method.config is None else method.config.to_dict(),
+            cache=None if method.cache is None else method.cache.label,
+            skip_fraction=_skip_fraction(sidecars) if method.cache is not None else None,
         )
         if method.name != "baseline":
             row.update(fidelity_to_baseline(paths["baseline"], paths[method.name], scoring.lpips))
@@ -233,13 +235,21 @@ def score(
     return dict(rows=rows, prompts=len(jobs), reference=None if scoring.reference is None else str(scoring.reference))
 
 
+def _skip_fraction(sidecars: Sequence[dict[str, Any]]) -> float | None:
+    """The fraction of the model calls a step cache skipped, over the pipeline calls that made the
+    images (their sidecars' `cache_calls`; a batch's call is counted once per image it made)."""
+    counts = [sidecar["cache_calls"] for sidecar in sidecars if sidecar.get("cache_calls")]
+    calls = sum(count["computed"] + count["skipped"] for count in counts)
+    return round(sum(count["skipped"] for count in counts) / calls, 4) if calls else None
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     """The paper's table layout: method, r, FID, s/image, GB/image, plus the fidelity columns (of
     videos: per video, the fidelity and CLIP columns frame by frame, and why FVD is missing)."""
     unit = "video" if "frames" in results else "image"
     columns = [("method", "method"), ("ratio", "r"), ("fid", "FID"), ("seconds_per_image", f"s/{unit}"),
-               ("speedup", "speedup"), ("gb_per_image", f"GB/{unit}"), ("psnr", "PSNR"), ("ssim", "SSIM"),
-               ("lpips", "LPIPS"), ("clip_score", "CLIP")]  # fmt: skip
+               ("speedup", "speedup"), ("skip_fraction", "skipped"), ("gb_per_image", f"GB/{unit}"),
+               ("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("clip_score", "CLIP")]  # fmt: skip
     present = [(k, t) for k, t in columns if any(row.get(k) is not None for row in results["rows"])]
     lines = ["| " + " | ".join(t for _, t in present) + " |", "|" + "---|" * len(present)]
     for row in results["rows"]:

@@ -4,6 +4,7 @@ comparison (`compare.py`), its scores (`metrics.py`) and the GPU suite."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,19 +15,22 @@ from typing import Any
 import torch
 import yaml
 
+from ..api.caches import CacheSpec
 from ..api.presets import load_preset
 from ..core.config import AgentSDConfig
 from ..families import find_model
-from .generation import GenerationError, MethodRun
+from .generation import GenerationError, MethodRun, check_pipeline_cache
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method to compare: the baseline, an agentsd config, or ToMe for SD at a ratio."""
+    """A method to compare: the baseline, an agentsd config, or ToMe for SD at a ratio; any of
+    them under a step cache (`cache`)."""
 
     name: str
     config: AgentSDConfig | None = None
     tomesd_ratio: float | None = None
+    cache: CacheSpec | None = None
 
     @property
     def ratio(self) -> float:
@@ -44,7 +48,7 @@ class MethodSpec:
         if self.tomesd_ratio is not None:
             ratio = self.tomesd_ratio
             context = lambda pipe: _tomesd_patched(pipe, ratio)  # noqa: E731
-        return MethodRun(self.name, self.config, folder, context=context, video=video)
+        return MethodRun(self.name, self.config, folder, context=context, video=video, cache=self.cache)
 
 
 @contextmanager
@@ -58,9 +62,18 @@ def _tomesd_patched(pipe: Any, ratio: float) -> Iterator[None]:
         tomesd.remove_patch(pipe)
 
 
-def parse_method(spec: str) -> MethodSpec:
+def parse_method(spec: str, cache: CacheSpec | None = None) -> MethodSpec:
     """`baseline`, `tomesd:RATIO`, or a preset name / YAML path with optional overrides:
-    `paper`, `paper:ratio=0.5,agent_ratio=0.9`, `agentsd:ratio=0.5` (defaults + overrides)."""
+    `paper`, `paper:ratio=0.5,agent_ratio=0.9`, `agentsd:ratio=0.5` (defaults + overrides);
+    `cache` (the baseline under the step cache `cache`, from --cache) and `cache+METHOD` (METHOD
+    under it: `cache+agentsd`, `cache+flux:ratio=0.5`)."""
+    if spec == "cache" or spec.startswith("cache+"):
+        if cache is None:
+            raise GenerationError(f"method {spec!r} runs under a step cache: name it with --cache NAME[:NUMBER].")
+        inner = MethodSpec(spec) if spec == "cache" else parse_method(spec.removeprefix("cache+"))
+        if inner.name == "baseline" and spec != "cache":
+            raise GenerationError(f"method {spec!r}: the baseline under the cache is the method 'cache'.")
+        return dataclasses.replace(inner, name=spec, cache=cache)
     if spec == "baseline":
         return MethodSpec(spec)
     head, _, tail = spec.partition(":")
@@ -91,9 +104,12 @@ def parse_method(spec: str) -> MethodSpec:
 
 def check_methods(pipe: Any, methods: Sequence[MethodSpec]) -> None:
     """Refuse a method the pipeline's model cannot run: ToMe for SD (`tomesd:RATIO`) patches
-    Stable Diffusion UNets only, not SD 3's or PixArt's transformers."""
+    Stable Diffusion UNets only, not SD 3's or PixArt's transformers; a step cache runs on the
+    models `api.caches.check_cache` lets through."""
     kind, model = find_model(pipe)
     for method in methods:
+        if method.cache is not None:
+            check_pipeline_cache(pipe, method.cache)
         if method.tomesd_ratio is not None and kind.name != "unet":
             raise GenerationError(
                 f"method {method.name!r}: ToMe for SD patches Stable Diffusion UNets only, and this model is a "

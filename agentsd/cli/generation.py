@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .. import __version__
+from ..api.caches import CacheSpec, check_cache, counting_skips
 from ..api.status import recording_phases, status
 from ..api.words import plural
 from ..core.config import AgentSDConfig
@@ -100,14 +101,19 @@ def call_pipeline(
         kwargs["true_cfg_scale"] = settings.true_cfg_scale
     if run.video:  # each video a list of PIL frames
         kwargs.update(output_type="pil", **({"num_frames": settings.frames} if settings.frames else {}))
+    count = track and run.cache is not None
     track = track and run.config is not None
-    with run.enter(pipe), recording_phases(pipe) if track else nullcontext() as phases:
-        output = pipe(**kwargs)
+    with run.enter(pipe, steps), recording_phases(pipe) if track else nullcontext() as phases:
+        with counting_skips(pipe, run.config) if count else nullcontext() as calls:
+            output = pipe(**kwargs)
         images = output.frames if run.video else output.images
         if track:
             report = status(pipe)
             run.activity += report.activity
             run.phases, run.parallel = step_phases(phases, pipe.scheduler, steps), report.parallel
+    if count:
+        run.latest_cache_calls = dict(computed=calls.computed, skipped=calls.skipped)
+        run.cache_calls.update(run.latest_cache_calls)
     return images
 
 
@@ -155,7 +161,7 @@ def image_record(record: dict[str, Any], run: MethodRun, job: ImageJob) -> dict[
     """The run's `record` with what is the image's own: its prompt, seed and method."""
     config = None if run.config is None else run.config.to_dict()
     return dict(record, prompt=job.prompt, prompt_index=job.prompt_index, seed=job.seed, method=run.label,
-                agentsd_config=config)  # fmt: skip
+                agentsd_config=config, cache=None if run.cache is None else run.cache.label)  # fmt: skip
 
 
 def stale_images(runs: Sequence[MethodRun], jobs: Sequence[ImageJob], record: dict[str, Any]) -> dict[Path, list[str]]:
@@ -189,6 +195,14 @@ def check_stale(
     return stale
 
 
+def check_pipeline_cache(pipe: Any, cache: CacheSpec) -> None:
+    """Refuse, before any work, a step cache the pipeline's model cannot run (`api.caches.check_cache`)."""
+    try:
+        check_cache(pipe, cache)
+    except ValueError as err:
+        raise GenerationError(str(err)) from None
+
+
 def _sync(pipe: Any) -> None:
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
@@ -203,6 +217,7 @@ def generate(
     compare: bool = False,
     scheduler_name: str | None = None,
     progress: bool = True,
+    cache: CacheSpec | None = None,
 ) -> list[MethodRun]:
     """Generate `jobs` into `out_dir`, image files appearing as their batch finishes.
 
@@ -217,6 +232,7 @@ def generate(
         compare: also run the baseline with the same seeds, batch by batch, for timing.
         scheduler_name: recorded in the metadata.
         progress: show a progress bar over images.
+        cache: a step cache every run makes its images under (`api.caches`), the baseline's too.
 
     Returns:
         One `MethodRun` per method with its seconds per image and the files written.
@@ -228,14 +244,16 @@ def generate(
             `settings.overwrite` (`check_stale`).
     """
     check_run(pipe, jobs, settings)
+    if cache is not None:
+        check_pipeline_cache(pipe, cache)
     out, video = Path(out_dir), is_video(pipe)
     if config is None:
-        runs = [MethodRun(BASELINE, None, out, video=video)]
+        runs = [MethodRun(BASELINE, None, out, video=video, cache=cache)]
     else:
         check_config_patches(pipe, config)
-        runs = [MethodRun(AGENTSD, config, out, video=video)]
+        runs = [MethodRun(AGENTSD, config, out, video=video, cache=cache)]
         if compare:
-            runs.insert(0, MethodRun(BASELINE, None, out / BASELINE, video=video))
+            runs.insert(0, MethodRun(BASELINE, None, out / BASELINE, video=video, cache=cache))
     check_stale(runs, jobs, run_record(pipe, settings, scheduler_name), settings.overwrite)
     for run in runs if settings.writes else ():
         prepare_folder(run.folder)
@@ -315,6 +333,8 @@ def generate_runs(
                 meta["seconds"] = round(per_image, 4)
                 if run.parallel:
                     meta["agentsd_context_parallel"] = run.parallel
+                if run.latest_cache_calls is not None:  # of the pipeline call that made it (its whole batch)
+                    meta["cache_calls"] = run.latest_cache_calls
                 path = run.path(job)
                 if settings.writes:
                     (save_video if run.video else save_image)(image, path, meta)

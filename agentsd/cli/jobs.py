@@ -4,12 +4,14 @@ and the speed-up between two runs. `generation` makes them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..api.caches import CacheSpec, enabled_cache
 from ..api.patch import patched
 from ..api.status import Activity
 from ..core.config import AgentSDConfig
@@ -81,7 +83,10 @@ class GenerationSettings:
 class MethodRun:
     """One method of a run: its label, how the pipeline runs (an agentsd config, or any
     `context(pipe)` such as another accelerator's patch), its folder and its timings; `video`:
-    it makes videos (files `NAME.mp4`, see `video`), not images (`NAME.png`)."""
+    it makes videos (files `NAME.mp4`, see `video`), not images (`NAME.png`). `cache`: a step cache
+    the pipeline runs under, with the patch or `context` (`api.caches`); `cache_calls` counts the
+    model calls it computed and skipped over the run's timed pipeline calls, `latest_cache_calls`
+    those of the latest."""
 
     label: str
     config: AgentSDConfig | None
@@ -94,6 +99,9 @@ class MethodRun:
     phases: list[str] = field(default_factory=list)  # of each scheduler step of the latest pipeline call
     parallel: str | None = None  # agentsd's context-parallel layout in the latest pipeline call (`status`)
     video: bool = False
+    cache: CacheSpec | None = None
+    cache_calls: Counter = field(default_factory=Counter)
+    latest_cache_calls: dict[str, int] | None = None
 
     @property
     def noun(self) -> str:
@@ -107,11 +115,23 @@ class MethodRun:
     def seconds_per_image(self) -> float | None:
         return sum(self.seconds.values()) / len(self.seconds) if self.seconds else None
 
-    def enter(self, pipe: Any) -> AbstractContextManager:
-        """The context the pipeline runs in: `context`, else patched by `config` (None: as is)."""
-        if self.context is not None:
-            return self.context(pipe)
-        return nullcontext() if self.config is None else patched(pipe, self.config)
+    @contextmanager
+    def enter(self, pipe: Any, steps: int) -> Iterator[None]:
+        """The context a pipeline call of `steps` steps runs in: under `cache` (None: none), `context`,
+        else patched by `config` (None: as is)."""
+        with enabled_cache(pipe, self.cache, steps) if self.cache is not None else nullcontext():
+            if self.context is not None:
+                with self.context(pipe):
+                    yield
+            else:
+                with nullcontext() if self.config is None else patched(pipe, self.config):
+                    yield
+
+    @property
+    def skip_fraction(self) -> float | None:
+        """The fraction of the model calls (of the timed pipeline calls) the cache skipped; None without one."""
+        calls = sum(self.cache_calls.values())
+        return self.cache_calls["skipped"] / calls if self.cache is not None and calls else None
 
 
 def speedup(baseline: MethodRun, other: MethodRun) -> tuple[float, int] | None:

@@ -64,11 +64,12 @@ def load_pipeline(args: argparse.Namespace, settings, dtype, device, out: Path, 
     """Create `out` (writable), then load --model on `device` in `dtype` with --scheduler and
     refuse what only the loaded model tells (sizes, --max-sequence-length, --scheduler and
     --steps, what the pipeline takes, the configs `configs_for(pipe)` gives that patch nothing,
-    what --context-parallel cannot split), then enable context parallelism if asked: on an error
-    (or Ctrl-C) the folder is removed again if this made it. Under context parallelism rank 0
-    alone makes the folder. Returns the pipeline and those configs."""
+    what --context-parallel cannot split, a --cache the model cannot run), then enable context
+    parallelism if asked: on an error (or Ctrl-C) the folder is removed again if this made it.
+    Under context parallelism rank 0 alone makes the folder. Returns the pipeline and those configs."""
     from ..families import find_model
     from . import loading, parallel, pipeline_checks
+    from .generation import check_pipeline_cache
 
     with no_empty_folder_on_error(out):
         if settings.writes:
@@ -84,6 +85,8 @@ def load_pipeline(args: argparse.Namespace, settings, dtype, device, out: Path, 
         for config in filter(None, configs):
             loading.check_config_patches(pipe, config)
         loading.check_steps(pipe.scheduler, args.steps)
+        if getattr(args, "cache", None) is not None:
+            check_pipeline_cache(pipe, cache_spec(args))
         parallel.check_pipeline(pipe, settings.context_parallel, settings)
         parallel.enable(pipe, settings.context_parallel)
     return pipe, configs
@@ -104,3 +107,15 @@ def check_backend(config, device, method: str | None = None) -> None:
 def check_positive(flag: str, value: int, minimum: int = 1) -> None:
     if value < minimum:
         raise UsageError(f"{flag} {value} must be {'positive' if minimum == 1 else f'>= {minimum}'}.")
+
+
+def cache_spec(args: argparse.Namespace):
+    """The step cache of --cache (`api.caches.CacheSpec`), or None."""
+    from ..api.caches import parse_cache
+
+    if getattr(args, "cache", None) is None:
+        return None
+    try:
+        return parse_cache(args.cache)
+    except ValueError as err:
+        raise UsageError(f"--cache {args.cache}: {err}") from None

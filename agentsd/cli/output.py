@@ -63,13 +63,14 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
 SETTING_KEYS = (
     "model", "scheduler", "scheduler_config", "steps", "guidance", "true_cfg_scale", "width", "height",
     "negative_prompt", "batch_size", "device", "dtype", "method", "agentsd_config", "prompt", "seed",
-    "max_sequence_length", "frames", "fps", "context_parallel",
+    "max_sequence_length", "frames", "fps", "context_parallel", "cache",
 )  # fmt: skip
 # Keys added to the sidecar later whose absence meant no value (None): an image's sidecar has no
-# `frames` and `fps` (a video's has); one made before `--context-parallel` was made in one process.
+# `frames` and `fps` (a video's has); one made before `--context-parallel` was made in one process,
+# one made before `--cache` without a step cache.
 # Not `batch_size` and `device`: an older sidecar does not say what they were, so its image cannot
 # be reused.
-NEWER_KEYS = ("max_sequence_length", "true_cfg_scale", "frames", "fps", "context_parallel")
+NEWER_KEYS = ("max_sequence_length", "true_cfg_scale", "frames", "fps", "context_parallel", "cache")
 
 
 def read_sidecar(image: Path) -> dict[str, Any] | None:
