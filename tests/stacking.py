@@ -1,0 +1,76 @@
+"""What the stacking tests share (test_stack_caches.py, test_stack_cache_dit.py): the tiny Flux and
+Wan pipelines, one generation of each, and the check that a step cache stacked with agentsd runs,
+leaves the schedule alone, and comes off (either part) leaving exactly the other."""
+
+import numpy as np
+import pytest
+import torch
+
+import agentsd
+from agentsd.api.status import recording_phases
+from agentsd.testing import tiny_pipeline
+
+# Skips the importing test module where diffusers lacks either model.
+tiny_flux = pytest.importorskip("agentsd.testing.tiny_flux", reason="this diffusers has no Flux")
+tiny_wan = pytest.importorskip("agentsd.testing.tiny_wan", reason="this diffusers has no Wan")
+
+STEPS = 4
+PATCH = {"flux": dict(min_tokens=0), "wan": dict(min_tokens=0, st=2)}  # act at the tiny sizes
+BOTH = ("patch-then-cache", "cache-then-patch")
+
+
+def pipeline(family):
+    pipe = tiny_pipeline("flux") if family == "flux" else tiny_wan.tiny_wan_pipeline()
+    pipe.transformer.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, family):
+    generator = torch.Generator().manual_seed(0)
+    if family == "flux":
+        size = tiny_flux.SIZE
+        args = dict(height=size, width=size, **tiny_flux.CALL_KWARGS["flux"])
+        return pipe("a red cube", generator=generator, num_inference_steps=STEPS, output_type="np", **args).images
+    args = tiny_wan.CALL_KWARGS["wan"]
+    return pipe("a red cube", generator=generator, num_inference_steps=STEPS, output_type="np", **args).frames
+
+
+def stack(pipe, family, enable_cache, order):
+    """agentsd and the cache (`enable_cache(pipe)`) on `pipe`, put on in `order`."""
+    if order == "patch-then-cache":
+        agentsd.patch(pipe, **PATCH[family])
+        enable_cache(pipe)
+    else:
+        enable_cache(pipe)
+        agentsd.patch(pipe, **PATCH[family])
+
+
+def check_stack_and_each_part_off(pipe, family, enable_cache, disable_cache, order):
+    """The stack in `order` is finite and differs from either part alone; the cache skipped the
+    blocks of patched layers on some calls while each call kept the phase it has without the cache;
+    `agentsd.unpatch` leaves the cache-only output and `disable_cache(pipe)` the agentsd-only one,
+    bit for bit."""
+    enable_cache(pipe)
+    cache_only = generate(pipe, family)
+    disable_cache(pipe)
+    with agentsd.patched(pipe, **PATCH[family]), recording_phases(pipe) as phases_alone:
+        agentsd_only = generate(pipe, family)
+
+    stack(pipe, family, enable_cache, order)
+    with recording_phases(pipe) as phases:
+        stacked = generate(pipe, family)
+    assert np.isfinite(stacked).all()
+    assert not np.array_equal(stacked, cache_only) and not np.array_equal(stacked, agentsd_only)
+    activity = agentsd.status(pipe).activity
+    assert activity.skipped_calls > 0 and activity.cache_calls["computed"] + activity.skipped_calls == len(phases)
+    assert phases == phases_alone and set(phases) == {"agent", "tome"}
+
+    agentsd.unpatch(pipe)
+    assert np.array_equal(generate(pipe, family), cache_only)
+    disable_cache(pipe)
+
+    stack(pipe, family, enable_cache, order)
+    disable_cache(pipe)
+    assert np.array_equal(generate(pipe, family), agentsd_only)
+    assert agentsd.status(pipe).activity.skipped_calls == 0  # a new patch counts afresh: none skipped
