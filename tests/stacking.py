@@ -1,5 +1,5 @@
-"""What the stacking tests share (test_stack_caches.py, test_stack_cache_dit.py): the tiny Flux and
-Wan pipelines, one generation of each, and the check that a step cache stacked with agentsd runs,
+"""What the stacking tests share (test_stack_caches.py, test_stack_cache_dit.py, ...): the tiny Flux,
+Wan, SD 3 and PixArt pipelines, one generation of each, and the check that a step cache stacked with agentsd runs,
 leaves the schedule alone, and comes off (either part) leaving exactly the other."""
 
 import numpy as np
@@ -10,30 +10,34 @@ import agentsd
 from agentsd.api.status import recording_phases
 from agentsd.testing import tiny_pipeline
 
-# Skips the importing test module where diffusers lacks either model.
+# Skips the importing test module where diffusers lacks one of the models.
+tiny_dit = pytest.importorskip("agentsd.testing.tiny_dit", reason="this diffusers has no SD3 or PixArt-Sigma")
 tiny_flux = pytest.importorskip("agentsd.testing.tiny_flux", reason="this diffusers has no Flux")
 tiny_wan = pytest.importorskip("agentsd.testing.tiny_wan", reason="this diffusers has no Wan")
 
 STEPS = 4
-PATCH = {"flux": dict(min_tokens=0), "wan": dict(min_tokens=0, st=2)}  # act at the tiny sizes
+# Act at the tiny sizes (16x16 token grids for the images).
+PATCH = {"flux": dict(min_tokens=0), "wan": dict(min_tokens=0, st=2), "sd3": dict(min_tokens=0)}
+PATCH["pixart"] = PATCH["sd3"]
 BOTH = ("patch-then-cache", "cache-then-patch")
 
 
 def pipeline(family):
-    pipe = tiny_pipeline("flux") if family == "flux" else tiny_wan.tiny_wan_pipeline()
+    pipe = tiny_wan.tiny_wan_pipeline() if family == "wan" else tiny_pipeline(family)
     pipe.transformer.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def generate(pipe, family):
+    if family == "wan":
+        args = tiny_wan.CALL_KWARGS["wan"]
+    else:
+        size, kwargs = (tiny_flux.SIZE, tiny_flux.CALL_KWARGS) if family == "flux" else (128, tiny_dit.CALL_KWARGS)
+        args = dict(height=size, width=size, **kwargs[family])
     generator = torch.Generator().manual_seed(0)
-    if family == "flux":
-        size = tiny_flux.SIZE
-        args = dict(height=size, width=size, **tiny_flux.CALL_KWARGS["flux"])
-        return pipe("a red cube", generator=generator, num_inference_steps=STEPS, output_type="np", **args).images
-    args = tiny_wan.CALL_KWARGS["wan"]
-    return pipe("a red cube", generator=generator, num_inference_steps=STEPS, output_type="np", **args).frames
+    out = pipe("a red cube", generator=generator, num_inference_steps=STEPS, output_type="np", **args)
+    return out.frames if family == "wan" else out.images
 
 
 def stack(pipe, family, enable_cache, order):

@@ -1,5 +1,7 @@
-"""agentsd stacked with cache-dit's DBCache (`cache_dit.enable_cache(pipe, ...)`), in either order,
-on tiny Flux and Wan: the same checks as diffusers' step caches get in test_stack_caches.py."""
+"""agentsd stacked with cache-dit's DBCache (`cache_dit.enable_cache(pipe, ...)`) on tiny Flux, Wan,
+SD 3 and PixArt-Sigma, in either order: the same checks as diffusers' step caches get in
+test_stack_caches.py. cache-dit wraps the pipeline's call and the transformer's blocks itself, so it
+also serves SD 3 and PixArt, whose transformers have no `enable_cache` in diffusers."""
 
 import os
 
@@ -23,7 +25,11 @@ def enable_dbcache(pipe):
     cache_dit.enable_cache(pipe, cache_config=config)
 
 
-@pytest.mark.parametrize("order", BOTH)
-@pytest.mark.parametrize("family", ["flux", "wan"])
+# Both orders on Flux and Wan; one each on SD 3 and PixArt, alternating, to keep the file quick.
+STACKS = [("flux", order) for order in BOTH] + [("wan", order) for order in BOTH]
+STACKS += [("sd3", BOTH[0]), ("pixart", BOTH[1])]
+
+
+@pytest.mark.parametrize("family, order", STACKS)
 def test_dbcache_stacks_with_agentsd_and_each_comes_off_exactly(family, order):
     check_stack_and_each_part_off(pipeline(family), family, enable_dbcache, cache_dit.disable_cache, order)

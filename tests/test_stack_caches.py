@@ -16,7 +16,7 @@ if not hasattr(hooks, "TaylorSeerCacheConfig"):
     pytest.skip("diffusers' step caches with TaylorSeer come with diffusers 0.36", allow_module_level=True)
 
 from stacking import BOTH, PATCH, STEPS, check_stack_and_each_part_off, generate, tiny_wan  # noqa: E402
-from stacking import pipeline as flux_or_wan_pipeline  # noqa: E402
+from stacking import pipeline as tiny_stack_pipeline  # noqa: E402
 
 MODELS = {
     "flux": diffusers.FluxTransformer2DModel,
@@ -69,7 +69,7 @@ def pipeline(family):
         # pipelines open no cache context, which the caches' hooks need (applied directly, they
         # raise "No cache context is set"): nothing to stack yet, until a diffusers adds them.
         pytest.skip(f"{MODELS[family].__name__} has no enable_cache in this diffusers: no step cache to stack")
-    return flux_or_wan_pipeline(family)
+    return tiny_stack_pipeline(family)
 
 
 def enabler(cache, family):
