@@ -2,6 +2,8 @@
 Wan, SD 3 and PixArt pipelines, one generation of each, and the check that a step cache stacked with agentsd runs,
 leaves the schedule alone, and comes off (either part) leaving exactly the other."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,12 @@ STEPS = 4
 PATCH = {"flux": dict(min_tokens=0), "wan": dict(min_tokens=0, st=2), "sd3": dict(min_tokens=0)}
 PATCH["pixart"] = PATCH["sd3"]
 BOTH = ("patch-then-cache", "cache-then-patch")
+
+
+def readme_stacking_table():
+    """The README's section "Stacking", whose table names the tests behind each stack."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return readme[readme.index("## Stacking") : readme.index("## Compatibility")]
 
 
 def pipeline(family):

@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
 cache_dit = pytest.importorskip("cache_dit", reason="cache-dit not installed (pip install --no-deps cache-dit)")
 
-from stacking import BOTH, check_stack_and_each_part_off, pipeline  # noqa: E402
+from stacking import BOTH, check_stack_and_each_part_off, pipeline, readme_stacking_table  # noqa: E402
 
 
 def enable_dbcache(pipe):
@@ -33,3 +33,9 @@ STACKS += [("sd3", BOTH[0]), ("pixart", BOTH[1])]
 @pytest.mark.parametrize("family, order", STACKS)
 def test_dbcache_stacks_with_agentsd_and_each_comes_off_exactly(family, order):
     check_stack_and_each_part_off(pipeline(family), family, enable_dbcache, cache_dit.disable_cache, order)
+
+
+def test_the_readme_stacking_table_names_every_stack_tested_here():
+    table = readme_stacking_table()
+    for family, order in STACKS:
+        assert f"[{family}-{order}]" in table

@@ -3,8 +3,6 @@ stack runs and differs from the cache alone, each part comes off leaving exactly
 schedule's phase per call is the one without the cache (it comes from the timestep, not from
 counting calls), and `status` counts the calls whose patched layers a cache skipped apart."""
 
-from pathlib import Path
-
 import diffusers
 import pytest
 import torch
@@ -15,7 +13,7 @@ hooks = pytest.importorskip("diffusers.hooks", reason="this diffusers has no ste
 if not hasattr(hooks, "TaylorSeerCacheConfig"):
     pytest.skip("diffusers' step caches with TaylorSeer come with diffusers 0.36", allow_module_level=True)
 
-from stacking import BOTH, PATCH, STEPS, check_stack_and_each_part_off, generate, tiny_wan  # noqa: E402
+from stacking import BOTH, PATCH, STEPS, check_stack_and_each_part_off, generate, readme_stacking_table, tiny_wan  # noqa: E402
 from stacking import pipeline as tiny_stack_pipeline  # noqa: E402
 
 MODELS = {
@@ -155,7 +153,6 @@ def test_a_step_whose_patched_layers_were_all_cached_keeps_its_phase():
 
 
 def test_the_readme_stacking_table_names_every_stack_tested_here():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme[readme.index("## Stacking") : readme.index("## Compatibility")]
+    table = readme_stacking_table()
     for family, cache, order in STACKS:
         assert f"[{family}-{cache}-{order}]" in table
