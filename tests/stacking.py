@@ -2,6 +2,7 @@
 Wan, SD 3 and PixArt pipelines, one generation of each, and the check that a step cache stacked with agentsd runs,
 leaves the schedule alone, and comes off (either part) leaving exactly the other."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,26 @@ def generate(pipe, family):
     generator = torch.Generator().manual_seed(0)
     out = pipe("a red cube", generator=generator, num_inference_steps=STEPS, output_type="np", **args)
     return out.frames if family == "wan" else out.images
+
+
+def cache_dit_or_skip():
+    """cache-dit, or the test skipped where it is not installed. It logs each generation's cache
+    decisions at INFO through handlers of its own; its documented switch, read when it is first
+    imported, keeps the test output to its warnings."""
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
+    return pytest.importorskip("cache_dit", reason="cache-dit not installed (pip install --no-deps cache-dit)")
+
+
+def enable_dbcache(pipe):
+    """cache-dit's DBCache computing the first block only (F1B0) and skipping the rest while its
+    residual changes less than 0.5: that skips at 4 steps with random weights; one warm-up step
+    (nothing to reuse before it). cache-dit's adapter for Wan caches the guided and unguided calls
+    apart."""
+    cache_dit = cache_dit_or_skip()
+    config = cache_dit.DBCacheConfig(
+        Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.5, max_warmup_steps=1
+    )
+    cache_dit.enable_cache(pipe, cache_config=config)
 
 
 def stack(pipe, family, enable_cache, order):

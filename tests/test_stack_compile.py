@@ -1,5 +1,6 @@
 """A step cache and `torch.compile` together with agentsd: diffusers' FirstBlockCache on the patched
-tiny Flux and Wan, the transformer compiled whole (aot_eager, as the other compile tests)."""
+tiny Flux and Wan, cache-dit's DBCache on SD 3, the transformer compiled whole (aot_eager, as the
+other compile tests)."""
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ hooks = pytest.importorskip("diffusers.hooks", reason="this diffusers has no ste
 if not hasattr(hooks, "FirstBlockCacheConfig"):
     pytest.skip("this diffusers has no FirstBlockCache", allow_module_level=True)
 
-from stacking import PATCH, generate, pipeline  # noqa: E402
+from stacking import PATCH, enable_dbcache, generate, pipeline  # noqa: E402
 
 
 @pytest.mark.parametrize("family", ["flux", "wan"])
@@ -36,3 +37,22 @@ def test_a_compiled_stack_matches_eager_and_stops_recompiling_from_the_third_gen
         compiled.append(generate(pipe, family))
     assert all(np.allclose(out, eager, atol=1e-4) for out in compiled)
     assert agentsd.status(pipe).activity.cache_calls == {kind: 4 * n for kind, n in per_generation.items()}
+
+
+def test_a_compiled_cache_dit_stack_matches_eager_without_recompiling_after_the_first_generation():
+    """Unlike diffusers' FirstBlockCache above, cache-dit's DBCache needs no second warm generation:
+    on SD 3 (where diffusers offers no step cache) the first compiles every path, the second none."""
+    torch._dynamo.reset()
+    pipe = pipeline("sd3")
+    agentsd.patch(pipe, **PATCH["sd3"])
+    enable_dbcache(pipe)
+    eager = generate(pipe, "sd3")
+    per_generation = agentsd.status(pipe).activity.cache_calls
+    assert per_generation["skipped"] > 0
+
+    pipe.transformer = torch.compile(pipe.transformer, backend="aot_eager")
+    compiled = [generate(pipe, "sd3")]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled.append(generate(pipe, "sd3"))
+    assert all(np.allclose(out, eager, atol=1e-4) for out in compiled)
+    assert agentsd.status(pipe).activity.cache_calls == {kind: 3 * n for kind, n in per_generation.items()}
