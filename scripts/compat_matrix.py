@@ -27,7 +27,7 @@ START, END = "<!-- compat-matrix:start -->", "<!-- compat-matrix:end -->"
 CYCLE = "patch cycle"
 SCHEDULERS = ("ddim", "pndm", "euler", "euler-a", "dpm++2m", "dpm++2m-karras", "unipc", "lcm")
 KINDS = ("sd15", "sd2", "sdxl")
-VERSIONS = ("torch", "diffusers", "transformers", "accelerate", "peft", "DeepCache")
+VERSIONS = ("torch", "diffusers", "transformers", "accelerate", "peft", "DeepCache", "cache-dit")
 
 
 @dataclass(frozen=True)

@@ -3,31 +3,25 @@ stack runs and differs from the cache alone, each part comes off leaving exactly
 schedule's phase per call is the one without the cache (it comes from the timestep, not from
 counting calls), and `status` counts the calls whose patched layers a cache skipped apart."""
 
-from pathlib import Path
-
 import diffusers
-import numpy as np
 import pytest
 import torch
 
 import agentsd
-from agentsd.api.status import recording_phases
-from agentsd.testing import tiny_pipeline
 
 hooks = pytest.importorskip("diffusers.hooks", reason="this diffusers has no step caches")
-tiny_flux = pytest.importorskip("agentsd.testing.tiny_flux", reason="this diffusers has no Flux")
-tiny_wan = pytest.importorskip("agentsd.testing.tiny_wan", reason="this diffusers has no Wan")
 if not hasattr(hooks, "TaylorSeerCacheConfig"):
     pytest.skip("diffusers' step caches with TaylorSeer come with diffusers 0.36", allow_module_level=True)
 
-STEPS = 4
+from stacking import BOTH, PATCH, STEPS, check_stack_and_each_part_off, generate, readme_stacking_table, tiny_wan  # noqa: E402
+from stacking import pipeline as tiny_stack_pipeline  # noqa: E402
+
 MODELS = {
     "flux": diffusers.FluxTransformer2DModel,
     "wan": diffusers.WanTransformer3DModel,
     "sd3": diffusers.SD3Transformer2DModel,
     "pixart": diffusers.PixArtTransformer2DModel,
 }
-PATCH = {"flux": dict(min_tokens=0), "wan": dict(min_tokens=0, st=2)}  # act at the tiny sizes
 
 # Settings that make each cache skip at 4 steps. FirstBlockCache skips every block after the first
 # while the first block's output changes little; TaylorSeer predicts the hooked modules' outputs
@@ -73,35 +67,20 @@ def pipeline(family):
         # pipelines open no cache context, which the caches' hooks need (applied directly, they
         # raise "No cache context is set"): nothing to stack yet, until a diffusers adds them.
         pytest.skip(f"{MODELS[family].__name__} has no enable_cache in this diffusers: no step cache to stack")
-    pipe = tiny_pipeline("flux") if family == "flux" else tiny_wan.tiny_wan_pipeline()
-    pipe.transformer.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_stack_pipeline(family)
 
 
-def generate(pipe, family):
-    generator = torch.Generator().manual_seed(0)
-    if family == "flux":
-        size = tiny_flux.SIZE
-        args = dict(height=size, width=size, **tiny_flux.CALL_KWARGS["flux"])
-        return pipe("a red cube", generator=generator, num_inference_steps=STEPS, output_type="np", **args).images
-    args = tiny_wan.CALL_KWARGS["wan"]
-    return pipe("a red cube", generator=generator, num_inference_steps=STEPS, output_type="np", **args).frames
+def enabler(cache, family):
+    """`enable_cache(pipe)` for diffusers' `cache` on `family`."""
+    return lambda pipe: pipe.transformer.enable_cache(CACHES[cache](pipe, family))
 
 
-def stack(pipe, family, cache, order):
-    """agentsd and the cache on `pipe`, put on in `order`."""
-    if order == "patch-then-cache":
-        agentsd.patch(pipe, **PATCH[family])
-        pipe.transformer.enable_cache(CACHES[cache](pipe, family))
-    else:
-        pipe.transformer.enable_cache(CACHES[cache](pipe, family))
-        agentsd.patch(pipe, **PATCH[family])
+def disable(pipe):
+    pipe.transformer.disable_cache()
 
 
 # Both orders for the two caches users run most; one each for the others, alternating, to keep the
 # file quick on two cores (the orders differ only in which hook comes first, whatever the cache).
-BOTH = ("patch-then-cache", "cache-then-patch")
 ORDERS = {"first-block": BOTH, "taylorseer": BOTH, "mag": BOTH[:1], "pyramid-attention-broadcast": BOTH[1:]}
 ORDERS |= {"faster": BOTH[:1], "sea": BOTH[1:]}
 STACKS = [
@@ -117,32 +96,7 @@ STACKS = [
     "family, cache, order", STACKS + [("sd3", "first-block", BOTH[0]), ("pixart", "first-block", BOTH[0])]
 )
 def test_a_step_cache_stacks_with_agentsd_and_each_comes_off_exactly(family, cache, order):
-    pipe = pipeline(family)
-    pipe.transformer.enable_cache(CACHES[cache](pipe, family))
-    cache_only = generate(pipe, family)
-    pipe.transformer.disable_cache()
-    with agentsd.patched(pipe, **PATCH[family]), recording_phases(pipe) as phases_alone:
-        agentsd_only = generate(pipe, family)
-
-    stack(pipe, family, cache, order)
-    with recording_phases(pipe) as phases:
-        stacked = generate(pipe, family)
-    assert np.isfinite(stacked).all()
-    assert not np.array_equal(stacked, cache_only) and not np.array_equal(stacked, agentsd_only)
-    # The cache skipped the blocks of patched layers on some calls, and the schedule did not move:
-    # each call's phase is the one it has without the cache.
-    activity = agentsd.status(pipe).activity
-    assert activity.skipped_calls > 0 and activity.cache_calls["computed"] + activity.skipped_calls == len(phases)
-    assert phases == phases_alone and set(phases) == {"agent", "tome"}
-
-    agentsd.unpatch(pipe)
-    assert np.array_equal(generate(pipe, family), cache_only)
-    pipe.transformer.disable_cache()
-
-    stack(pipe, family, cache, order)
-    pipe.transformer.disable_cache()
-    assert np.array_equal(generate(pipe, family), agentsd_only)
-    assert agentsd.status(pipe).activity.skipped_calls == 0  # a new patch counts afresh: none skipped
+    check_stack_and_each_part_off(pipeline(family), family, enabler(cache, family), disable, order)
 
 
 def test_status_counts_computed_and_skipped_calls_and_the_cached_layers():
@@ -199,7 +153,6 @@ def test_a_step_whose_patched_layers_were_all_cached_keeps_its_phase():
 
 
 def test_the_readme_stacking_table_names_every_stack_tested_here():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme[readme.index("## Stacking") : readme.index("## Compatibility")]
+    table = readme_stacking_table()
     for family, cache, order in STACKS:
         assert f"[{family}-{cache}-{order}]" in table
