@@ -3,11 +3,11 @@
 # node, the project's GPU machine) that already has torch and transformers:
 #
 #     scripts/wheelhouse.sh [DIR [PYTHON_VERSION]]   # here, with internet (default: wheelhouse/, Python 3.12)
-#     pip install --no-index --find-links DIR 'agentsd[bench]' DeepCache    # there
+#     pip install --no-index --find-links DIR 'agentsd[bench]' DeepCache cache-dit    # there
 #
 # (`bash scripts/gpu_run.sh OUT` installs from wheelhouse/ itself, without touching the machine's
 # environment.) It downloads, for the given Python version, the pure-Python wheels agentsd needs
-# beyond torch: diffusers, ToMe for SD and DeepCache (the benchmark's and tests' peers), and the
+# beyond torch: diffusers, ToMe for SD, DeepCache and cache-dit (the benchmark's and tests' peers), and the
 # pure-Python requirements of diffusers that a torch + transformers installation may lack
 # (importlib-metadata and lazy-importer, requests and theirs; a huggingface-hub recent enough for
 # diffusers and still accepted by transformers 5), then builds agentsd's own wheel from this
@@ -32,6 +32,7 @@ wheels=(
     "diffusers==0.42.1"
     "tomesd==0.1.3"
     "DeepCache==0.1.1"
+    "cache-dit==1.5.3"
     # diffusers 0.42 needs >= 1.32; transformers 5 needs < 2 (and huggingface-hub 2 needs httpx2).
     "huggingface-hub>=1.32.0,<2"
     "importlib-metadata"
@@ -58,4 +59,4 @@ echo "$commit" >"$dir/agentsd-commit.txt"
 
 echo "wheels in $dir ($(du -sh "$dir" | cut -f1), agentsd at commit $commit):"
 ls -1 "$dir"
-echo "install there with: pip install --no-index --find-links $dir 'agentsd[bench]' DeepCache"
+echo "install there with: pip install --no-index --find-links $dir 'agentsd[bench]' DeepCache cache-dit"

@@ -477,7 +477,16 @@ def test_env_lists_the_optional_packages_and_version_prints_the_version(capsys):
     from agentsd.cli.commands import environment
 
     info = environment()
-    for package in ("peft", "tomesd", "DeepCache", "torchmetrics", "torch-fidelity", "matplotlib", "xformers"):
+    for package in (
+        "peft",
+        "tomesd",
+        "DeepCache",
+        "cache-dit",
+        "torchmetrics",
+        "torch-fidelity",
+        "matplotlib",
+        "xformers",
+    ):
         assert package in info
     with pytest.raises(SystemExit) as stop:
         from agentsd.cli.commands import build_parser

@@ -16,10 +16,11 @@ from .args import FLAG_NAMES, UsageError, build_parser, config_dest
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = model_setup.EXIT_INTERRUPTED
 # What `agentsd env` reports: the stack, then the optional packages behind adapters and peers
-# (peft, xformers, tomesd, DeepCache), behind `compare` and `bench`, and the MP4 writer of videos.
+# (peft, xformers, tomesd, DeepCache, cache-dit), behind `compare` and `bench`, and the MP4 writer of videos.
 ENV_PACKAGES = (
     "agentsd", "torch", "diffusers", "transformers", "accelerate", "safetensors", "peft", "xformers", "tomesd",
-    "DeepCache", "torchmetrics", "torch-fidelity", "torchvision", "matplotlib", "psutil", "imageio", "imageio-ffmpeg",
+    "DeepCache", "cache-dit", "torchmetrics", "torch-fidelity", "torchvision", "matplotlib", "psutil", "imageio",
+    "imageio-ffmpeg",
 )  # fmt: skip
 
 __all__ = ["FLAG_NAMES", "UsageError", "agent_config", "build_parser", "environment", "main"]
