@@ -176,10 +176,10 @@ def test_what_does_not_fit_is_refused_once_loaded_when_the_configs_cannot_be_rea
 ):
     """A hub model that is not cached: its family and scheduler are known once loaded, still
     before any image and without leaving the output folder behind."""
-    from agentsd.cli import generation
+    from agentsd.cli import generation, schedulers
 
     monkeypatch.setattr(loading, "_model_config", lambda model: None)
-    monkeypatch.setattr(loading, "model_scheduler", lambda model, name=None: None)
+    monkeypatch.setattr(schedulers, "model_scheduler", lambda model, name=None: None)
     monkeypatch.setattr(generation, "generate_runs", lambda *a, **k: pytest.fail("generation started"))
     monkeypatch.setitem(sys.modules, "tomesd", types.ModuleType("tomesd"))  # installed or not
     out = tmp_path / "new" / "out"

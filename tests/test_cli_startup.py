@@ -136,9 +136,9 @@ def test_steps_are_refused_after_loading_when_the_scheduler_config_cannot_be_rea
 ):
     """A hub model that is not cached: its scheduler is known once loaded, still before any image
     and without leaving the output folder behind."""
-    from agentsd.cli import generation, loading
+    from agentsd.cli import generation, schedulers
 
-    monkeypatch.setattr(loading, "model_scheduler", lambda model, name=None: None)
+    monkeypatch.setattr(schedulers, "model_scheduler", lambda model, name=None: None)
     monkeypatch.setattr(generation, "generate_runs", lambda *a, **k: pytest.fail("generation started"))
     out = tmp_path / "new" / "out"
     code, errors = run_main(capsys, "generate", "--prompt", "x", "--model", model, "--steps", "1001", "--out", out)

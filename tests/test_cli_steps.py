@@ -43,7 +43,7 @@ def test_steps_are_the_schedulers_not_the_model_calls(tmp_path, capsys, kind, sc
     model = tmp_path / kind
     pipe = tiny_pipeline(kind)
     pipe.save_pretrained(model)
-    from agentsd.cli.loading import set_scheduler
+    from agentsd.cli.schedulers import set_scheduler
 
     set_scheduler(pipe, scheduler)
     preset = load_preset("sd3" if kind == "sd3" else "paper")

@@ -224,7 +224,7 @@ def test_flow_euler_keeps_the_flow_shift_of_wans_scheduler():
 
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-    from agentsd.cli.loading import set_scheduler
+    from agentsd.cli.schedulers import set_scheduler
 
     unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipe = SimpleNamespace(scheduler=unipc)

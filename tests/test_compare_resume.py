@@ -7,7 +7,7 @@ import pytest
 
 from agentsd.cli import compare, comparison
 from agentsd.cli.generation import GenerationError, GenerationSettings
-from agentsd.cli.loading import set_scheduler
+from agentsd.cli.schedulers import set_scheduler
 from agentsd.testing import tiny_pipeline
 
 PROMPTS = ["a red cube", "a blue ball"]

@@ -160,8 +160,8 @@ def _run_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
     """--steps, --guidance, --width, --height, --frames, --fps, --batch-size, --scheduler,
     --max-sequence-length, --dtype, --device, --context-parallel, --cache."""
     from ..api.caches import CACHES, cache_names
-    from .loading import FLOW_SCHEDULERS, SCHEDULERS
     from .parallel import MODES
+    from .schedulers import FLOW_SCHEDULERS, SCHEDULERS
     from .video import DEFAULT_FPS
 
     parser.add_argument("--width", type=int, help="image width, a multiple of 8 (16 on SD 3, PixArt, Flux, Wan); "

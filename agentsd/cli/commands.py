@@ -107,7 +107,7 @@ def _device_and_dtype(args: argparse.Namespace, auto=None, layout=None):
 
 
 def _check_scheduler(args: argparse.Namespace) -> None:
-    from .loading import SCHEDULERS
+    from .schedulers import SCHEDULERS
 
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {args.scheduler!r}: use one of {', '.join(SCHEDULERS)}.")

@@ -37,24 +37,22 @@ from .jobs import (  # re-exported: `generation` has been their home
 from .loading import (  # re-exported: `generation` has been their home
     DEFAULT_MODEL,  # noqa: F401
     DTYPES,  # noqa: F401
-    SCHEDULERS,  # noqa: F401
     GenerationError,
     call_options,
     check_config_patches,
     check_max_sequence_length,
     check_seeds,
     check_size,
-    check_steps,
     guidance_scale,
     load_pipeline,  # noqa: F401
     prepare_folder,
     prompt_length,
     resolve_device,  # noqa: F401
     resolve_dtype,  # noqa: F401
-    set_scheduler,  # noqa: F401
 )
 from .output import atomic_write, read_sidecar, save_image, setting_differences, side_by_side, stale_message
 from .pipeline_checks import check_flux_scheduler, check_pipeline, true_cfg_scale
+from .schedulers import SCHEDULERS, check_steps, set_scheduler  # noqa: F401 (re-exported)
 from .step_phases import step_phases
 from .video import call_defaults, is_video, save_video, video_record, write_video_pair
 

@@ -35,7 +35,7 @@ def check_model_settings(args: argparse.Namespace, settings, images: int) -> Non
     config files can be read without loading it, --scheduler and --steps for its scheduler,
     --max-sequence-length for its family, what its pipeline takes (`pipeline_checks`) and whether
     its model can be split under --context-parallel (`parallel`)."""
-    from . import loading, parallel, pipeline_checks
+    from . import loading, parallel, pipeline_checks, schedulers
 
     loading.check_seeds(args.seed, images)
     pipeline = pipeline_checks.model_pipeline_class(args.model)
@@ -44,10 +44,10 @@ def check_model_settings(args: argparse.Namespace, settings, images: int) -> Non
     family = loading.model_family(args.model)
     parallel.check_family(family, settings.context_parallel)
     loading.check_max_sequence_length(args.max_sequence_length, family)
-    scheduler = loading.model_scheduler(args.model, args.scheduler)
+    scheduler = schedulers.model_scheduler(args.model, args.scheduler)
     if scheduler is not None:
         pipeline_checks.check_flux_scheduler(scheduler, family)
-        loading.check_steps(scheduler, args.steps)
+        schedulers.check_steps(scheduler, args.steps)
 
 
 def default_preset(args: argparse.Namespace, pipe=None) -> str:
@@ -68,7 +68,7 @@ def load_pipeline(args: argparse.Namespace, settings, dtype, device, out: Path, 
     parallelism if asked: on an error (or Ctrl-C) the folder is removed again if this made it.
     Under context parallelism rank 0 alone makes the folder. Returns the pipeline and those configs."""
     from ..families import find_model
-    from . import loading, parallel, pipeline_checks
+    from . import loading, parallel, pipeline_checks, schedulers
     from .generation import check_pipeline_cache
 
     with no_empty_folder_on_error(out):
@@ -79,12 +79,12 @@ def load_pipeline(args: argparse.Namespace, settings, dtype, device, out: Path, 
         family = find_model(pipe)[0].name
         loading.check_size(pipe, args.width, args.height)
         loading.check_max_sequence_length(args.max_sequence_length, family)
-        loading.set_scheduler(pipe, args.scheduler)
+        schedulers.set_scheduler(pipe, args.scheduler)
         pipeline_checks.check_flux_scheduler(pipe.scheduler, family)
         configs = configs_for(pipe)
         for config in filter(None, configs):
             loading.check_config_patches(pipe, config)
-        loading.check_steps(pipe.scheduler, args.steps)
+        schedulers.check_steps(pipe.scheduler, args.steps)
         if getattr(args, "cache", None) is not None:
             check_pipeline_cache(pipe, cache_spec(args))
         parallel.check_pipeline(pipe, settings.context_parallel, settings)
