@@ -3,16 +3,18 @@ agentsd alone, per computed step and per skipped step.
 
 A step cache decides from the model's outputs which calls to skip, and random weights make that
 decision meaningless, so the bench does not time a generation: it times the two kinds of call
-apart and leaves the mix to the user's model. Each round runs, interleaved, one call of the
-baseline, one of agentsd alone (the preset's agent phase), then the cache alone and the cache
-with agentsd (`STACK_METHODS`): each switched on afresh (`api.caches.enabled_cache`), one
-untimed call that fills it (two for FasterCache), then timed calls in one cache context until the cache has both
-computed and skipped a call (`CHUNK_CALLS` at most). The inputs repeat and change in turns (A, B,
-B, A, ...), so a cache that compares outputs (FirstBlockCache) skips a repeated call and computes
-a changed one, paying its own check; interval caches (TaylorSeer, Pyramid Attention Broadcast)
-alternate by themselves. Each timed call is classified by `counting_skips`: computed when every
-patched layer ran, skipped otherwise. A step at skip fraction f then takes (1 - f) x computed +
-f x skipped (`stack_rows`); the user's model tells f, `agentsd compare --cache` records it.
+apart and leaves the mix to the user's model. Each round runs, interleaved, the cache alone
+then the baseline, the cache with agentsd (the preset's agent phase) then agentsd alone
+(`STACK_METHODS`): the cache switched on afresh (`api.caches.enabled_cache`), one untimed call
+that fills it (two for FasterCache), timed calls in one cache context until the cache has both
+computed and skipped a call (`CHUNK_CALLS` at most), then the cache off and one timed call
+without it, so that agentsd's call alone is, as the stack's, not the first after its patch. The
+inputs repeat and change in turns (A, B, B, A, ...), so a cache that compares outputs
+(FirstBlockCache) skips a repeated call and computes a changed one, paying its own check;
+interval caches (TaylorSeer, Pyramid Attention Broadcast) alternate by themselves. Each timed
+call is classified by `counting_skips`: computed when every patched layer ran, skipped
+otherwise. A step at skip fraction f then takes (1 - f) x computed + f x skipped
+(`stack_rows`); the user's model tells f, `agentsd compare --cache` records it.
 """
 
 from __future__ import annotations
@@ -72,14 +74,23 @@ def cache_problem(arch: str, spec: CacheSpec) -> str:
         return (f"{spec.name} is cache-dit's, which is switched on through a pipeline (cache_dit.enable_cache(pipe)), "
                 "and the bench builds a bare transformer: time it in a real run with `agentsd compare --cache "
                 f"{spec.label}`, or use one of {theirs}")  # fmt: skip
-    name = split_arch(arch)[0]
+    name, blocks = split_arch(arch)
     spec_of = ALL_TRANSFORMERS.get(name)
     family = spec_of.family if spec_of else "unet"
     if family not in cache.families:
         stacks = f"diffusers' caches stack with agentsd on {', '.join(cache.families)}"
         why = f"it needs {cache.need}" if cache.need else stacks
         return f"{spec.name} does not run on {name} ({family}): {why}"  # fmt: skip
+    if spec.name == "first-block" and blocks == 1 and family != "flux":  # Flux's 1 is 1 + 2 blocks
+        return f"FirstBlockCache runs the first block and caches the others: build {name} with --blocks 2 or more"
     return ""
+
+
+def calls_per_round(spec: CacheSpec) -> int:
+    """Model calls of one round of `time_stack` for a cache that computes and skips in turn
+    (FirstBlockCache, TaylorSeer after its first calls): the baseline's and agentsd's, then per
+    cache method its filling calls and two timed ones (`CHUNK_CALLS` at most otherwise)."""
+    return 2 + 2 * (FILL_CALLS.get(spec.name, 1) + 2)
 
 
 def _inputs_in_turn(inputs: tuple[tuple, dict[str, Any]]) -> list[tuple[tuple, dict[str, Any]]]:
@@ -99,38 +110,38 @@ def time_stack(
     warmup: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """Milliseconds per call of the baseline, agentsd alone, and the cache alone and with agentsd
-    by kind (`cache:computed`, `cache+agentsd:skipped`, ...), interleaved round by round; see the
-    module docstring. Keys as `benchmark.time_methods`'s, with `calls` per cache method: how many
-    of each kind it timed."""
+    by kind (`cache:computed`, `cache+agentsd:skipped`, ...), interleaved round by round (see the
+    module docstring); keyed as `benchmark.time_methods`'s results. With `warmup=0`, one untimed
+    call of the plain model comes first."""
     turns = _inputs_in_turn(inputs)
     loop = SimpleNamespace(transformer=model, current_timestep=FILL_TIMESTEP)  # what the caches read of a pipe
     results: dict[str, dict[str, Any]] = {}
+    if warmup == 0:  # the cold start (allocations, kernel selection) charged to no method
+        with torch.no_grad():
+            model(*inputs[0], **inputs[1])
     for round_index in range(warmup + repeats):
-        for method in STACK_METHODS:
-            agentsd = AGENT if method in (AGENT, "cache+agentsd") else "baseline"
-            with torch.no_grad(), method_context(agentsd, model, config):
-                if not method.startswith("cache"):
-                    with counting_skips(model, config):  # the same hooks as the cache's calls carry
-                        elapsed, peak_mb = _timed_call(model, inputs, model.device)
-                    if round_index >= warmup:
-                        _record(results, method, elapsed, peak_mb, model)
-                    continue
+        for plain, cached in (("baseline", "cache"), (AGENT, "cache+agentsd")):
+            with torch.no_grad(), method_context(plain, model, config):
                 with enabled_cache(loop, spec, STEPS), model.cache_context("bench"):
-                    args, kwargs = inputs
                     loop.current_timestep = FILL_TIMESTEP
                     for _ in range(FILL_CALLS.get(spec.name, 1)):  # untimed: a cache's first calls compute
-                        model(*args, **kwargs)
+                        model(*inputs[0], **inputs[1])
                     loop.current_timestep = CURRENT_TIMESTEP
                     seen: set[str] = set()
                     for call_inputs in turns:
                         with counting_skips(model, config) as calls:
                             elapsed, peak_mb = _timed_call(model, call_inputs, model.device)
-                        kind = KINDS[calls.skipped]
-                        seen.add(kind)
+                        seen.add(KINDS[calls.skipped])
                         if round_index >= warmup:
-                            _record(results, f"{method}:{kind}", elapsed, peak_mb, model)
+                            _record(results, f"{cached}:{KINDS[calls.skipped]}", elapsed, peak_mb, model)
                         if seen == set(KINDS):
                             break
+                # The cache off again, agentsd (when on) as patched for the cache's calls: none of them
+                # the first call after the patch.
+                with counting_skips(model, config):  # the same hooks as the cache's calls carry
+                    elapsed, peak_mb = _timed_call(model, inputs, model.device)
+                if round_index >= warmup:
+                    _record(results, plain, elapsed, peak_mb, model)
     return results
 
 

@@ -39,9 +39,10 @@ def _scenario_checks(key: tuple, by: dict[tuple[str, str, Any], dict[str, Any]])
 
     agentsd, base = by.get((AGENT, "every", None)), by.get(("baseline", "every", None))
     stack, alone = by.get(("cache+agentsd", "computed", None)), by.get(("cache", "computed", None))
-    missing = [f"{m} {k}" for m in ("cache", "cache+agentsd") for k in KINDS if (m, k, None) not in by]
-    if missing:
-        check("not run", f"the cache did no {', '.join(missing)} call in the calls timed: no verdict", None)
+    missing = {kind: [m for m in ("cache", "cache+agentsd") if (m, kind, None) not in by] for kind in KINDS}
+    if any(missing.values()):
+        said = "; ".join(f"no {kind} call of {', '.join(methods)}" for kind, methods in missing.items() if methods)
+        check("not run", f"{said} among the calls timed", None)
     if agentsd is None or base is None or stack is None or alone is None:
         return checks
     if agentsd.get("agentsd_acted") is False or stack.get("agentsd_acted") is False:
@@ -69,8 +70,8 @@ def stack_checks(rows: Sequence[dict[str, Any]]) -> list[Check]:
     """Per scenario: the computed step of the stack against agentsd's alone (`COMPUTED_TARGET`,
     the CPU target: the cache adds nothing to agentsd's step), the stack's speedup over the cache
     alone per computed step as a share of agentsd's own over the baseline (`SHARE_TARGET`, the
-    GPU target), and each skip fraction's step (unjudged). No verdict where agentsd did not act
-    or the cache did not do both kinds of call."""
+    GPU target), and each skip fraction's step (unjudged); which kinds of call the cache did not
+    do in the calls timed (no step at a skip fraction then). No verdict where agentsd did not act."""
     return [check for key, by in _scenarios(rows).items() for check in _scenario_checks(key, by)]
 
 
