@@ -435,7 +435,9 @@ def test_flux_scenarios_follow_sd35_and_the_budget_skips_them_when_they_cannot_f
     12 B model on the meta device takes a while)."""
     order = list(DEFAULT_ORDER)
     after = order.index("sd35-2048") + 1
-    assert order[after : after + 3] == ["flux-1024", "flux-2048", "wan-480p"] and order[after + 3] == "highres-2048"
+    # The stacked scenario (FirstBlockCache with and without agentsd) follows, on the model they leave built.
+    assert order[after : after + 4] == ["flux-1024", "flux-2048", "stack-flux-1024", "wan-480p"]
+    assert order[after + 4] == "highres-2048"
     # The short CUDA tests and the break-even grids come before the transformers, after SDXL.
     assert order.index("sdxl-2048") < order.index("tests") < order.index("breakeven-8") < order.index("sd35-1024")
     for name in ("flux-1024", "flux-2048"):

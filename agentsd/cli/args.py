@@ -355,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--context-parallel-mode", nargs="+", choices=["ulysses", "ring"], metavar="MODE",
                        help="with --context-parallel: ulysses (all-to-alls, the heads split over the ranks) and/or "
                        "ring (keys and values gathered); default: both")  # fmt: skip
+    bench.add_argument("--cache", metavar="NAME[:N]",
+                       help="time a step cache (first-block:0.05, taylorseer:5, ...; flux-dev and wan*) alone and "
+                       "with agentsd (its agent phase) beside the baseline and agentsd alone, per computed and per "
+                       "skipped step, instead of the methods")  # fmt: skip
+    bench.add_argument("--skip-fraction", nargs="+", type=float, metavar="F",
+                       help="with --cache: the fractions of steps the cache skips on your model (random weights "
+                       "decide nothing; `agentsd compare --cache` records it), each read as a step of (1 - F) "
+                       "computed + F skipped; default: 0.5")  # fmt: skip
 
     cmp = commands.add_parser(
         "compare", help="FID, fidelity and speed of methods on one prompt set", formatter_class=formatter,

@@ -63,11 +63,38 @@ def check_bench_args(args: argparse.Namespace, device) -> None:
         backends = torch._dynamo.list_backends(exclude_tags=())
         if args.compile not in backends:
             raise UsageError(f"unknown torch.compile backend {args.compile!r}: use one of {', '.join(backends)}.")
+    check_cache_args(args)
     # speedup.png and the CPU's memory (a --context-parallel run writes no plot and measures no memory)
     needed = [] if args.context_parallel else ["matplotlib"] + (["psutil"] if device.type != "cuda" else [])
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise UsageError(f"agentsd bench needs {' and '.join(missing)}: pip install 'agentsd[bench]'.")
+
+
+def check_cache_args(args: argparse.Namespace) -> None:
+    """`--cache` and `--skip-fraction`: a cache the bench can time on every architecture named, and
+    none of the flags that pick what a plain run times."""
+    if args.cache is None:
+        if args.skip_fraction is not None:
+            raise UsageError("--skip-fraction applies with --cache only: add --cache NAME or drop it.")
+        return
+    from ..api.caches import parse_cache
+    from ..bench.stack import cache_problem
+
+    try:
+        spec = parse_cache(args.cache)
+    except ValueError as err:
+        raise UsageError(f"--cache: {err}") from None
+    for flag, value in (("--methods", args.methods), ("--compile", args.compile),
+                        ("--context-parallel", args.context_parallel)):  # fmt: skip
+        if value is not None:
+            raise UsageError(f"{flag} does not apply with --cache, which times its own rows: drop one of them.")
+    for arch in args.arch:
+        if problem := cache_problem(arch, spec):
+            raise UsageError(f"--cache {spec.label}: {problem}.")
+    for fraction in args.skip_fraction or ():
+        if not 0 <= fraction <= 1:
+            raise UsageError(f"--skip-fraction {fraction:g}: a fraction of steps, from 0 to 1, e.g. 0.5.")
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -85,28 +112,36 @@ def bench(args: argparse.Namespace) -> int:
         return bench_parallel(args)
     out = Path(args.out)
     command = "agentsd " + " ".join(shlex.quote(a) for a in args.argv)
+    if args.cache is None:
+        run, write = benchmark.run_benchmark, benchmark.write_results
+        chosen = dict(methods=args.methods, compile=args.compile)
+    else:  # the step cache alone and with agentsd (`bench/stack.py`)
+        from ..api.caches import parse_cache
+        from ..bench import stack, stack_report
+
+        run, write = stack.run_stack_benchmark, stack_report.write_stack_results
+        chosen = dict(spec=parse_cache(args.cache), skip_fractions=args.skip_fraction or stack.DEFAULT_SKIP_FRACTIONS)
     rows: list[dict] = []
 
     def save(new_rows: list[dict]) -> None:  # after every scenario: an interrupted run keeps them
         rows.extend(new_rows)
-        benchmark.write_results(rows, args.out, command)
+        write(rows, args.out, command)
 
     try:
         with model_setup.no_empty_folder_on_error(out):
             prepare_folder(out)
-            benchmark.run_benchmark(
+            run(
                 archs=args.arch,
                 sizes=args.sizes,
                 batches=args.batches,
-                methods=args.methods,
                 preset=args.preset,
                 repeats=args.repeats,
                 warmup=args.warmup,
                 device=device,
                 dtype=dtype,
-                compile=args.compile,
                 on_rows=save,
                 frames=args.frames,
+                **chosen,
             )
     except KeyboardInterrupt:
         from ..api.words import plural
@@ -114,6 +149,11 @@ def bench(args: argparse.Namespace) -> int:
         kept = f"{plural(len(rows), 'row')} of finished scenarios {'is' if len(rows) == 1 else 'are'}"
         print(f"interrupted: {kept} in {args.out}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if args.cache is not None:
+        print(stack_report.stack_table(rows))
+        print("\n".join(stack_report.stack_lines(rows)))
+        print(f"results in {args.out}/results.{{json,csv,md}}")
+        return 0
     print(benchmark.markdown_table(rows))
     print("\n".join(benchmark.target_lines(rows)))
     print(f"results in {args.out}/results.{{json,csv,md}} and {args.out}/speedup.png")

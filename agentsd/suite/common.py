@@ -15,7 +15,7 @@ from ..bench.results import RUN_FIELDS, run_info, write_tables
 
 # The result folders (parts) the scenarios write, in the order the report shows them; a part
 # gathers the rows of its scenarios (`sd15` those of sd15-512, sd15-1024 and sd15-2048).
-PART_NAMES = ("sd15", "sdxl", "sd35", "flux", "wan", "tests", "breakeven", "sd15-highres", "sd15-compile",
+PART_NAMES = ("sd15", "sdxl", "sd35", "flux", "flux-stack", "wan", "tests", "breakeven", "sd15-highres", "sd15-compile",
               "sd15-compile-ceiling", "tests-compile", "pipeline", "sd21", "context-parallel")  # fmt: skip
 
 

@@ -20,7 +20,9 @@ import os
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..api.caches import parse_cache
 from ..bench import wan_models
+from ..bench.stack import calls_per_round
 from ..bench.transformer_models import sides
 from . import breakeven, full_generation, gpu_tests, step
 from .budget import Cost
@@ -53,11 +55,14 @@ def step_cost(plan: step.StepPlan, tiny: bool, built: str | None = None) -> Cost
     unless `built` (the model cache's architecture) is it already, and its compilations."""
     run = step.tiny_plan(plan) if tiny else plan
     repeats, warmup = step.rounds(tiny)
+    # A stacked scenario (`plan.cache`) makes `stack.calls_per_round` calls a round, each counted
+    # at the baseline's FLOPs (pessimistic: skipped and agentsd calls cost less).
+    methods = ("baseline",) * calls_per_round(parse_cache(run.cache)) if run.cache else run.methods
     flops, calls = 0.0, 0
     for size in run.sizes:
         for frames in run.frames or (None,):
             for images in run.batches:
-                for method in run.methods:
+                for method in methods:
                     flops += (repeats + warmup) * call_flops(run.arch, size, images, method, run.preset, frames)
                     calls += repeats + warmup
                 for method in run.compiled:

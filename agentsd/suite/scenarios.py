@@ -14,6 +14,9 @@ Default order (`DEFAULT_ORDER`), most wanted first:
                                       baseline, agent and ToMe phases (and schedule), ceiling
      flux-1024, flux-2048             the whole Flux.1-dev transformer bf16 (12 B parameters, 24 GB)
                                       with the `flux` preset, the same methods
+     stack-flux-1024                  the same model at 1024 px with FirstBlockCache alone and with
+                                      agentsd (`agentsd bench --cache`), per computed and skipped step:
+                                      the stack over the cache alone against agentsd's own speedup
      wan-480p                         the whole Wan 2.1 1.3B transformer bf16, 81 frames at 480x832
                                       (32,760 tokens), `wan` preset: baseline (Wan's processor on the
                                       dispatcher's default backend), agent and ToMe phases (and
@@ -122,6 +125,13 @@ def _flux(size: int) -> Scenario:
     return _step(f"flux-{size}", "flux", about, plan)
 
 
+def _stack(size: int) -> Scenario:
+    plan = StepPlan("flux-dev", (size,), (1,), (), cuda_dtype=torch.bfloat16, cache=step.STACK_CACHE)
+    about = (f"Flux.1-dev transformer bf16 at {size} px, {step.STACK_CACHE} (FirstBlockCache) alone and with agentsd, "
+             "per computed and skipped step")  # fmt: skip
+    return _step(f"stack-flux-{size}", "flux-stack", about, plan)
+
+
 def _wan(name: str, size: tuple[int, int], frames: int) -> Scenario:
     plan = StepPlan("wan2.1-1.3b", (size,), (1,), step.WAN_METHODS, cuda_dtype=torch.bfloat16, frames=(frames,))
     about = (f"Wan 2.1 1.3B transformer bf16, one of a step's 2 calls, {frames} frames at {size[0]}x{size[1]}, "
@@ -158,6 +168,7 @@ SCENARIOS: dict[str, Scenario] = {
         _sd35(2048),
         _flux(1024),
         _flux(2048),
+        _stack(1024),
         _wan("wan-480p", (480, 832), 81),
         _tests("tests", "short", "the short CUDA tests: fp16/bf16 patch cycles, identical calls, host syncs"),
         _breakeven(2),
@@ -193,6 +204,6 @@ SCENARIOS: dict[str, Scenario] = {
     )
 }
 DEFAULT_ORDER = ("sd15-512", "sd15-1024", "sd15-2048", "sdxl-1024", "sdxl-2048", "tests", "breakeven-2",
-                 "breakeven-8", "sd35-1024", "sd35-2048", "flux-1024", "flux-2048", "wan-480p", "highres-2048",
-                 "compile-agent-1024", "compile-ceiling-1024", "tests-compile", "pipeline-512",
+                 "breakeven-8", "sd35-1024", "sd35-2048", "flux-1024", "flux-2048", "stack-flux-1024", "wan-480p",
+                 "highres-2048", "compile-agent-1024", "compile-ceiling-1024", "tests-compile", "pipeline-512",
                  "context-parallel")  # fmt: skip

@@ -39,6 +39,7 @@ FLUX_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "ceiling")
 # what the video targets are read against.
 WAN_METHODS = ("baseline", "agentsd-agent", "agentsd-tome", "ceiling-products")
 HIGHRES_METHODS = ("baseline", "highres", "ceiling-2")
+STACK_CACHE = "first-block:0.05"  # the stacked scenario's cache: diffusers' FirstBlockCache at its default
 REPEATS, WARMUP = 10, 2  # per method and scenario on the GPU
 # The tiny stand-ins (agentsd.testing, benchmark's tiny-*) of each architecture; in --tiny mode an
 # image side is divided by TINY_DIVISOR (2048 px -> 256 px: a 32x32 latent on the tiny UNet), a
@@ -66,6 +67,9 @@ class StepPlan:
         compiled: the methods also timed under torch.compile.
         cuda_dtype: the dtype on CUDA; None: the suite's (fp16). The CPU runs fp32 whatever it says.
         frames: a video's frame counts (4 k + 1), each timed at every size; () for images.
+        cache: a step cache (`first-block:0.05`): time it alone and with agentsd, beside the
+            baseline and agentsd alone, per computed and skipped step (`bench/stack.py`), instead
+            of the methods.
     """
 
     arch: str
@@ -76,6 +80,7 @@ class StepPlan:
     compiled: tuple[str, ...] = ()
     cuda_dtype: torch.dtype | None = None
     frames: tuple[int, ...] = ()
+    cache: str | None = None
 
     def dtype(self, context: PartContext) -> torch.dtype:
         """The dtype the plan runs in on the context's device."""
@@ -188,6 +193,8 @@ def run_scenario(part: str, plan: StepPlan, context: PartContext) -> Outcome:
     (`benchmark.write_results`); the baseline's time per FLOP calibrates the budget."""
 
     run = tiny_plan(plan) if context.tiny else plan
+    if run.cache is not None:
+        return _run_stack(part, plan, run, context)
     rows = context.rows.setdefault(part, [])
     new: list[dict[str, Any]] = []
     folder = context.folder(part)
@@ -220,11 +227,45 @@ def run_scenario(part: str, plan: StepPlan, context: PartContext) -> Outcome:
     )
     if not new:  # the scenario ran out of memory: the part's files are still written
         benchmark.write_results(rows, folder, context.command)
-    # Priors and rates are keyed by the real architecture, also for its tiny stand-in.
+    baseline_ms, speedups = headline(new)
+    return Outcome(headline=speedups, baseline_ms=baseline_ms, measured=_rates(plan, run, new, context, builds_before))
+
+
+def _rates(plan: StepPlan, run: StepPlan, new: list[dict[str, Any]], context: PartContext, builds_before: int):
+    """The seconds per unit a scenario measured: its model's build, and the baseline's per FLOP.
+    Keyed by the real architecture, also for its tiny stand-in."""
     measured = {f"build:{plan.arch}": seconds for _, seconds in context.models.builds[builds_before:]}
     base = next((r for r in new if r["method"] == "baseline"), None)
     if base is not None:
         flops = call_flops(run.arch, row_size(base), base["batch"], "baseline", run.preset, base.get("frames"))
         measured["flop"] = base["median_ms"] / 1000 / flops
-    baseline_ms, speedups = headline(new)
-    return Outcome(headline=speedups, baseline_ms=baseline_ms, measured=measured)
+    return measured
+
+
+def _run_stack(part: str, plan: StepPlan, run: StepPlan, context: PartContext) -> Outcome:
+    """A stacked scenario (`run.cache`): the cache alone and with agentsd per computed and skipped
+    step (`stack.run_stack_benchmark`, the code of `agentsd bench --cache`), its rows added to the
+    part's and the part's files rewritten; the headline reads the two stack targets. `run` is
+    `plan` as run here (its tiny stand-in in --tiny mode)."""
+    from ..api.caches import parse_cache
+    from ..bench import stack, stack_report
+
+    rows = context.rows.setdefault(part, [])
+    new: list[dict[str, Any]] = []
+
+    def save(scenario_rows: list[dict[str, Any]]) -> None:
+        rows.extend(scenario_rows)
+        new.extend(scenario_rows)
+        stack_report.write_stack_results(rows, context.folder(part), context.command)
+
+    builds_before = len(context.models.builds)
+    repeats, warmup = rounds(context.tiny)
+    dtype = plan.dtype(context)
+    stack.run_stack_benchmark([run.arch], parse_cache(run.cache), run.sizes, run.batches, preset=run.preset,
+                              repeats=repeats, warmup=warmup, device=context.device, dtype=dtype,
+                              frames=run.frames or None, on_rows=save,
+                              build=lambda arch: context.models.get(arch, dtype))  # fmt: skip
+    judged = [c.text.split(": ", 1)[1] for c in stack_report.stack_checks(new) if c.name != "mix"]
+    baseline_ms = next((r["median_ms"] for r in new if r["method"] == "baseline"), None)
+    return Outcome(headline="; ".join(judged) or "no rows (see suite.log)", baseline_ms=baseline_ms,
+                   measured=_rates(plan, run, new, context, builds_before))  # fmt: skip
