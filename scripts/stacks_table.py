@@ -64,7 +64,7 @@ def render(stacks: list[Stack]) -> str:
     ]
     for stack in stacks:
         if stack.job == MAIN:
-            runs = "the whole suite, newest releases (the versions last seen)"
+            runs = "the whole suite (the default one, then the slow job), newest releases (the versions last seen)"
         else:
             runs = "the smoke subset, pinned"
         rows.append(f"| `{stack.job}` | " + " | ".join(stack.versions[p] for p in PACKAGES) + f" | {runs} |")

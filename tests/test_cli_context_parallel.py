@@ -19,6 +19,9 @@ import pytest
 from cli_cp_run import recorded
 from cli_run import run_main
 
+# Slow (two processes launched through torchrun per test): `python -m pytest -m slow` runs it (README, Set-up).
+pytestmark = pytest.mark.slow
+
 diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "ContextParallelConfig"):
     pytest.skip("this diffusers has no context parallelism", allow_module_level=True)

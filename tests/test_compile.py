@@ -10,6 +10,9 @@ import torch
 import agentsd
 from agentsd.testing import tiny_unet
 
+# Slow (torch.compile): `python -m pytest -m slow` runs it (README, Set-up).
+pytestmark = pytest.mark.slow
+
 TIMESTEPS = (981, 961, 941, 581, 561, 541)  # three agent-phase and three ToMe-phase steps
 
 

@@ -24,6 +24,9 @@ from reference_flux import IMAGE_STREAM, TEXT_STREAM, reference_flux_sharded
 from reference_joint import _linear
 from reference_wan import reference_wan_sharded
 
+# Slow (two processes launched through torchrun per test): `python -m pytest -m slow` runs it (README, Set-up).
+pytestmark = pytest.mark.slow
+
 diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "ContextParallelConfig"):
     pytest.skip("this diffusers has no context parallelism", allow_module_level=True)

@@ -28,6 +28,9 @@ from agentsd.suite.budget import Budget
 from agentsd.suite.common import Outcome, PartContext
 from agentsd.suite.scenarios import Scenario
 
+# Slow (the GPU suite rehearsed on the CPU, scenario by scenario): `python -m pytest -m slow` runs it (README, Set-up).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).parents[1]
 WRAPPER = ROOT / "scripts" / "gpu_run.sh"
 PLOTS = {"sd15": "speedup.png", "sdxl": "speedup.png", "sd35": "speedup.png", "flux": "speedup.png",

@@ -15,6 +15,9 @@ from cli_run import run_main
 from agentsd.api.presets import load_preset
 from agentsd.bench.traffic import shard_layout
 
+# Slow (the bench's runs launched through torchrun): `python -m pytest -m slow` runs it (README, Set-up).
+pytestmark = pytest.mark.slow
+
 diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "ContextParallelConfig"):
     pytest.skip("this diffusers has no context parallelism", allow_module_level=True)

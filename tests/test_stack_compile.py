@@ -14,6 +14,9 @@ if not hasattr(hooks, "FirstBlockCacheConfig"):
 
 from stacking import PATCH, enable_dbcache, generate, pipeline  # noqa: E402
 
+# Slow (torch.compile with a step cache): `python -m pytest -m slow` runs it (README, Set-up).
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("family", ["flux", "wan"])
 def test_a_compiled_stack_matches_eager_and_stops_recompiling_from_the_third_generation(family):
