@@ -35,7 +35,7 @@ def test_each_timed_call_has_the_kind_of_what_the_model_ran(tiny_flux, monkeypat
     model, inputs = tiny_flux
     ran, seen = [], []
     hook = model.single_transformer_blocks[-1].norm.register_forward_pre_hook(lambda *args: ran.append(True))
-    timed, record = stack._timed_call, stack._record
+    timed, record = stack.timed_call, stack._record
 
     def watched_call(*args):
         ran.clear()
@@ -45,7 +45,7 @@ def test_each_timed_call_has_the_kind_of_what_the_model_ran(tiny_flux, monkeypat
         seen.append((method, bool(ran)))
         record(results, method, *args)
 
-    monkeypatch.setattr(stack, "_timed_call", watched_call)
+    monkeypatch.setattr(stack, "timed_call", watched_call)
     monkeypatch.setattr(stack, "_record", watched_record)
     try:
         timings = stack.time_stack(model, inputs, parse_cache("first-block"), load_preset("flux"), 2, 0)

@@ -24,7 +24,6 @@ speedups and ceiling fractions are against the compiled baseline and the compile
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,6 +51,7 @@ from .methods import (
 )
 from .results import FIELDS, markdown_table, plot_speedups, run_info, scenario_rows, write_results
 from .targets import CEILING_TARGET, TOMESD_TARGET, target_lines
+from .timing import timed_call
 from .transformer_models import (
     ALL_TRANSFORMERS,
     TRANSFORMERS,
@@ -152,57 +152,6 @@ def model_inputs(
     return transformer_inputs(model, size, images, timestep_device, frames)
 
 
-class PeakMemory:
-    """Peak memory of the code inside: CUDA's max allocated (weights included), or on the CPU
-    the growth of the process RSS over its value on entry, sampled every 5 ms."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_mb = 0.0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            import psutil
-
-            self._process = psutil.Process()
-            self._stop = threading.Event()
-            self._start = self._rss = self._process.memory_info().rss
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self._rss = max(self._rss, self._process.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_mb = (max(self._rss, self._process.memory_info().rss) - self._start) / 2**20
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_call(model: Callable, inputs: tuple[tuple, dict[str, Any]], device: torch.device) -> tuple[float, float]:
-    """(milliseconds, peak MB) of one call of `model` on `inputs`."""
-    args, kwargs = inputs
-    with PeakMemory(device) as memory:
-        _synchronize(device)
-        start = time.perf_counter()
-        model(*args, **kwargs)
-        _synchronize(device)
-        elapsed = (time.perf_counter() - start) * 1000
-    return elapsed, memory.peak_mb
-
-
 def _record(results: dict[str, dict[str, Any]], method: str, elapsed: float, peak_mb: float, model) -> None:
     """Add a timed call of `method`; for an agentsd method (patched in now), also whether some
     layer ran agent attention or token merging in the calls so far ("acted"), else why not."""
@@ -236,7 +185,7 @@ def time_methods(
     for round_index in range(warmup + repeats):
         for method in methods:
             with torch.no_grad(), method_context(method, model, config):
-                elapsed, peak_mb = _timed_call(model, inputs, model.device)
+                elapsed, peak_mb = timed_call(model, inputs, model.device)
                 if round_index >= warmup:
                     _record(results, method, elapsed, peak_mb, model)
     return results
@@ -263,7 +212,7 @@ def time_compiled(
         warm = max(warmup, 1)
         with torch.no_grad(), method_context(method, model, config):
             for round_index in range(warm + repeats):
-                elapsed, peak_mb = _timed_call(compiled, inputs, model.device)
+                elapsed, peak_mb = timed_call(compiled, inputs, model.device)
                 if round_index >= warm:
                     _record(results, method + COMPILE_SUFFIX, elapsed, peak_mb, model)
     torch._dynamo.reset()

@@ -30,9 +30,10 @@ import torch
 
 from ..api.caches import CACHES, CacheSpec, counting_skips, enabled_cache
 from ..core.config import AgentSDConfig
-from .benchmark import _record, _timed_call, default_sizes, is_video, model_inputs, split_arch
+from .benchmark import _record, default_sizes, is_video, model_inputs, split_arch
 from .methods import method_context
 from .results import FIELDS, _percentile, run_info
+from .timing import timed_call
 from .transformer_models import ALL_TRANSFORMERS, Size, sides
 from .wan_models import DEFAULT_FRAMES
 
@@ -130,7 +131,7 @@ def time_stack(
                     seen: set[str] = set()
                     for call_inputs in turns:
                         with counting_skips(model, config) as calls:
-                            elapsed, peak_mb = _timed_call(model, call_inputs, model.device)
+                            elapsed, peak_mb = timed_call(model, call_inputs, model.device)
                         seen.add(KINDS[calls.skipped])
                         if round_index >= warmup:
                             _record(results, f"{cached}:{KINDS[calls.skipped]}", elapsed, peak_mb, model)
@@ -139,7 +140,7 @@ def time_stack(
                 # The cache off again, agentsd (when on) as patched for the cache's calls: none of them
                 # the first call after the patch.
                 with counting_skips(model, config):  # the same hooks as the cache's calls carry
-                    elapsed, peak_mb = _timed_call(model, inputs, model.device)
+                    elapsed, peak_mb = timed_call(model, inputs, model.device)
                 if round_index >= warmup:
                     _record(results, plain, elapsed, peak_mb, model)
     return results

@@ -101,7 +101,7 @@ def report_files() -> list[str]:
 def memory_per_image(pipe: Any, run: MethodRun, settings: GenerationSettings, prompt: str) -> float | None:
     """Growth of peak memory (GB) from a batch of 1 to a batch of 2 images, 2 steps each:
     CUDA's max allocated memory; the process RSS growth on the CPU."""
-    from ..bench.benchmark import PeakMemory
+    from ..bench.timing import PeakMemory
 
     peaks = []
     for count in (1, 2):
