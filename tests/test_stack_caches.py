@@ -79,16 +79,13 @@ def disable(pipe):
     pipe.transformer.disable_cache()
 
 
-# Both orders for the two caches users run most; one each for the others, alternating, to keep the
-# file quick on two cores (the orders differ only in which hook comes first, whatever the cache).
-ORDERS = {"first-block": BOTH, "taylorseer": BOTH, "mag": BOTH[:1], "pyramid-attention-broadcast": BOTH[1:]}
-ORDERS |= {"faster": BOTH[:1], "sea": BOTH[1:]}
+# Every cache in both orders: agentsd's patch before the cache's hooks, and after them.
 STACKS = [
     (family, cache, order)
     for family in ("flux", "wan")
     for cache in CACHES
     if family in ON.get(cache, (family,))
-    for order in ORDERS[cache]
+    for order in BOTH
 ]
 
 
