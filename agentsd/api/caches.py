@@ -193,13 +193,20 @@ def check_cache(pipe: Any, spec: CacheSpec) -> None:
             f"cache {spec.name!r}: this diffusers' {type(model).__name__} has no enable_cache, so no diffusers step "
             "cache runs on it: drop --cache."
         )
-    if family.name not in cache.families:
+    why = family_reason(cache, family.name)
+    if why is not None:
         runs = [n for n in cache_names() if family.name in CACHES[n].families and CACHES[n].library == cache.library]
-        why = f"it needs {cache.need}" if cache.need else f"agentsd stacks it on {', '.join(cache.families)} only"
         raise ValueError(
             f"cache {spec.name!r} does not run on {type(model).__name__}: {why}. "
             f"Use one of {', '.join(runs) or 'none'}."
         )
+
+
+def family_reason(cache: Cache, family: str) -> str | None:
+    """Why `cache` does not run on the model family named `family`, in words; None where it does."""
+    if family in cache.families:
+        return None
+    return f"it needs {cache.need}" if cache.need else f"agentsd stacks it on {', '.join(cache.families)} only"
 
 
 @contextmanager
@@ -251,7 +258,9 @@ def counting_skips(pipe: Any, config: AgentSDConfig | None = None) -> Iterator[S
     whether agentsd is on or not: a layer ran when its projections did. A cache replaces the
     forward of a block or attention module it skips, so their children do not run; the
     projections are children no cache hooks. Eager models only: the hooks go on the
-    modules, which a compiled model would have to guard on."""
+    modules, which a compiled model would have to guard on. The hooks count every call of the
+    model during the block, so give the count a model that serves one call at a time (as a
+    cached model must anyway: diffusers keeps a cache's state per model)."""
     family, _ = find_model(pipe)
     layers = {
         model: [layer.module for layer in family.layers(model, config or AgentSDConfig()).values()]

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..api.caches import CACHES, CacheSpec, counting_skips, enabled_cache
+from ..api.caches import CACHES, CacheSpec, counting_skips, enabled_cache, family_reason
 from ..core.config import AgentSDConfig
 from .benchmark import _record, default_sizes, is_video, model_inputs, split_arch
 from .methods import method_context
@@ -78,10 +78,9 @@ def cache_problem(arch: str, spec: CacheSpec) -> str:
     name, blocks = split_arch(arch)
     spec_of = ALL_TRANSFORMERS.get(name)
     family = spec_of.family if spec_of else "unet"
-    if family not in cache.families:
-        stacks = f"diffusers' caches stack with agentsd on {', '.join(cache.families)}"
-        why = f"it needs {cache.need}" if cache.need else stacks
-        return f"{spec.name} does not run on {name} ({family}): {why}"  # fmt: skip
+    why = family_reason(cache, family)
+    if why is not None:
+        return f"{spec.name} does not run on {name} ({family}): {why}"
     if spec.name == "first-block" and blocks == 1 and family != "flux":  # Flux's 1 is 1 + 2 blocks
         return f"FirstBlockCache runs the first block and caches the others: build {name} with --blocks 2 or more"
     return ""
